@@ -1,0 +1,37 @@
+# make pipeline | make test | make ui | make flow
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed-stamp
+
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+
+.PHONY: setup pipeline test ui flow clean-outputs
+
+setup: $(STAMP)
+
+# torch first and pinned (a CPU build where one is available), then everything else under the
+# same constraints, so pip never swaps in a CUDA torch
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+pipeline: $(STAMP)
+	LMCORE_PIPELINE_RUN=$${LMCORE_PIPELINE_RUN:-make-$$(date +%Y%m%d-%H%M%S)} dvc repro
+	dvc metrics show
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+flow: $(STAMP)
+	$(BIN)/python -m flows.pipeline
+
+ui: $(STAMP)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --host 127.0.0.1 --port 5000 --workers 1 \
+		--backend-store-uri sqlite:///mlflow.db

@@ -1,0 +1,64 @@
+"""``lmcore <stage>``: load ``params.yaml``, run one stage, print a one-line summary.
+
+Errors a user can fix (a bad param, a missing or malformed input) print one line naming the
+file, line or key, and exit with status 2; nothing already written is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+
+from lmcore.config import ConfigError
+from lmcore.io import StageError
+from lmcore.stages import ORDER
+
+
+def _summary(result: object) -> str:
+    if dataclasses.is_dataclass(result):
+        parts = []
+        for f in dataclasses.fields(result):
+            v = getattr(result, f.name)
+            if isinstance(v, float):
+                v = f"{v:.4g}"
+            elif isinstance(v, dict) and len(str(v)) > 200:
+                v = "{...}"
+            parts.append(f"{f.name}={v}")
+        return ", ".join(parts)
+    return str(result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lmcore", description="Small language models, from raw text to evaluation.")
+    parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
+    parser.add_argument("--root", default=".", help="project folder holding data/, runs/, metrics/")
+    sub = parser.add_subparsers(dest="stage", required=True)
+    for name in ORDER:
+        sub.add_parser(name, help=f"run the {name} stage")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from lmcore import config
+    from lmcore.layout import Layout
+    from lmcore.stages import run_stage
+
+    try:
+        params = config.load(args.params)
+        result = run_stage(args.stage, params, Layout(Path(args.root)))
+    except (ConfigError, StageError) as e:
+        print(f"lmcore {args.stage}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lmcore {args.stage}: interrupted", file=sys.stderr)
+        return 130
+    print(f"lmcore {args.stage}: done: {_summary(result)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

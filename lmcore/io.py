@@ -1,0 +1,122 @@
+"""Atomic writes, hashing and JSONL helpers shared by every stage.
+
+Every output goes to a temporary name in the same folder and is renamed into place only when it
+is complete, so a failed or killed stage never leaves a half-written file that a later stage
+would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+class StageError(RuntimeError):
+    """An error a user can act on (bad input, missing file): shown as one line, no traceback."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
+
+    Works for files and folders: write a file or create a folder at the yielded path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if not target.exists():
+            raise RuntimeError(f"nothing was written to {path}")
+        if path.is_dir() and not path.is_symlink():
+            old = tmp / (path.name + ".old")
+            os.replace(path, old)
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path}: file not found (has the stage that writes it run?)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise StageError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write rows as JSON lines atomically; return how many were written."""
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False))
+            f.write("\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Yield the objects of a JSONL file; a bad line raises :class:`StageError` naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise StageError(f"{path}: line {lineno}: invalid UTF-8 ({e.reason})") from None
+            except json.JSONDecodeError as e:
+                raise StageError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise StageError(f"{path}: line {lineno}: expected a JSON object")
+            yield obj
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(*paths: str | Path) -> str:
+    """A content hash of files and folders (names and bytes), e.g. for cache keys."""
+    h = hashlib.sha256()
+    for p in paths:
+        p = Path(p)
+        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+        for f in files:
+            h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+            h.update(sha256_file(f).encode() if f.exists() else b"<missing>")
+    return h.hexdigest()
+
+
+def require(path: str | Path, what: str) -> Path:
+    """Return ``path`` if it exists, else raise a :class:`StageError` saying what is missing."""
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path}: {what} not found (run the stage that produces it first)")
+    return path

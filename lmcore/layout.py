@@ -1,0 +1,60 @@
+"""Default locations of every stage's inputs and outputs (relative to the project root).
+
+``dvc.yaml``, the CLI defaults and the Prefect flow all use this layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    root: Path = Path(".")
+
+    def __truediv__(self, other: str) -> Path:
+        return self.root / other
+
+    @property
+    def raw(self) -> Path:
+        return self / "data/raw"
+
+    @property
+    def tasks(self) -> Path:
+        return self / "data/raw/tasks"
+
+    @property
+    def clean(self) -> Path:
+        return self / "data/clean"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self / "data/tokenizer"
+
+    @property
+    def tokens(self) -> Path:
+        return self / "data/tokens"
+
+    @property
+    def pretrain(self) -> Path:
+        return self / "runs/pretrain"
+
+    @property
+    def pretrained(self) -> Path:
+        return self / "runs/pretrain/final"
+
+    @property
+    def finetune(self) -> Path:
+        return self / "runs/finetune"
+
+    @property
+    def evaluate(self) -> Path:
+        return self / "runs/evaluate"
+
+    def metrics(self, stage: str) -> Path:
+        return self / f"metrics/{stage}.json"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self / "metrics/plots/pretrain_loss.csv"

@@ -1,0 +1,54 @@
+"""The same pipeline as a Prefect flow (real Prefect, isolated database and result storage)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import mlflow_runs, read_json
+
+STAGES = ["prepare", "clean", "tokenizer", "encode", "pretrain", "finetune", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("prefect-results")
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(storage)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+    os.environ.pop("PREFECT_RESULTS_LOCAL_STORAGE_PATH", None)
+
+
+def test_flow_runs_every_stage_then_uses_its_cache(prefect_harness, tiny_project, monkeypatch):
+    monkeypatch.chdir(tiny_project)
+    monkeypatch.delenv("LMCORE_PIPELINE_RUN", raising=False)
+    from flows.pipeline import pipeline
+
+    results = pipeline(str(tiny_project / "params.yaml"), str(tiny_project))
+    assert list(results) == STAGES
+    assert (tiny_project / "runs/finetune/sst2/model.safetensors").exists()
+    ev = read_json(tiny_project / "metrics/evaluate.json")
+    assert ev["lm.val_bpb"] > 0
+
+    runs = mlflow_runs(tiny_project / "mlflow.db")
+    parents = [r for r in runs if r.data.tags.get("lmcore.kind") == "pipeline"]
+    assert len(parents) == 1 and parents[0].data.tags["lmcore.pipeline_key"].startswith("prefect-")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["lmcore.stage"] for r in children) == sorted(STAGES)
+
+    # a second run with nothing changed takes every stage from Prefect's cache: no new MLflow runs
+    pipeline(str(tiny_project / "params.yaml"), str(tiny_project))
+    assert len(mlflow_runs(tiny_project / "mlflow.db")) == len(runs)
+
+    # a changed evaluate param reruns evaluate only
+    import yaml
+
+    params = yaml.safe_load((tiny_project / "params.yaml").read_text())
+    params["evaluate"]["max_new_tokens"] = 2
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
+    pipeline(str(tiny_project / "params.yaml"), str(tiny_project))
+    after = mlflow_runs(tiny_project / "mlflow.db")
+    new = [r for r in after if r.info.run_id not in {x.info.run_id for x in runs}]
+    assert sorted(r.data.tags.get("lmcore.stage", "parent") for r in new) == ["evaluate", "parent"]

@@ -1,0 +1,69 @@
+"""The whole pipeline through the real `dvc repro`, on tiny data, in a temporary repository."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import yaml
+from conftest import BIN, mlflow_runs, read_json, run_env
+
+STAGES = ["prepare", "clean", "tokenizer", "encode", "pretrain", "finetune", "evaluate"]
+
+
+def dvc(proj, *args, check=True):
+    res = subprocess.run([str(BIN / "dvc"), *args], cwd=proj, env=run_env(), capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+def test_dvc_repro_end_to_end(tiny_project):
+    proj = tiny_project
+    dvc(proj, "repro")
+
+    # every stage's outputs exist and hold what the next stage needs
+    manifest = read_json(proj / "data/tokens/manifest.json")
+    assert manifest["dtype"] == "uint16" and manifest["vocab_size"] == 400
+    train = np.memmap(proj / "data/tokens/train.bin", dtype=np.uint16, mode="r")
+    assert len(train) == manifest["splits"]["train"]["tokens"] > 0
+    assert (train == manifest["eot_id"]).sum() == manifest["splits"]["train"]["documents"]
+    assert (proj / "runs/pretrain/final/model.safetensors").exists()
+    assert (proj / "runs/pretrain/state/trainer.json").exists()
+    assert (proj / "runs/finetune/sst2/model.safetensors").exists()
+    clean = read_json(proj / "metrics/clean.json")
+    assert clean["exact_dedup.dropped_docs.duplicate"] == 1
+    assert clean["min_length.dropped_docs.too_short"] == 1
+    ev = read_json(proj / "metrics/evaluate.json")
+    assert 0 < ev["lm.val_bpb"] < ev["lm.unigram_val_bpb"] * 1.5
+    assert 0.0 <= ev["sst2.accuracy"] <= 1.0
+
+    # one MLflow parent run for this execution, one child per stage
+    runs = mlflow_runs(proj / "mlflow.db")
+    parents = [r for r in runs if r.data.tags.get("lmcore.kind") == "pipeline"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["lmcore.stage"] for r in children) == sorted(STAGES)
+    pre = next(r for r in children if r.data.tags["lmcore.stage"] == "pretrain")
+    assert pre.data.params["pretrain.max_steps"] == "12"
+    assert "val_bpb" in pre.data.metrics and "tokens_per_second" in pre.data.metrics
+    import mlflow
+
+    history = mlflow.MlflowClient(f"sqlite:///{proj / 'mlflow.db'}").get_metric_history(pre.info.run_id, "train_loss")
+    assert [m.step for m in history] == [3, 6, 9, 12]
+    assert all(r.info.status == "FINISHED" for r in children)
+
+    # metrics show works, and a second repro does nothing
+    shown = dvc(proj, "metrics", "show")
+    assert "lm.val_bpb" in shown.stdout
+    again = dvc(proj, "repro")
+    assert "up to date" in again.stdout
+    assert len(mlflow_runs(proj / "mlflow.db")) == len(runs)
+
+    # changing one evaluate param reruns only evaluate
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["evaluate"]["max_new_tokens"] = 3
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = dvc(proj, "repro")
+    ran = [s for s in STAGES if f"Running stage '{s}'" in third.stdout]
+    assert ran == ["evaluate"], third.stdout
