@@ -207,7 +207,7 @@ class PretrainConfig(Section):
 
 
 class FinetuneConfig(Section):
-    epochs: int = Field(default=3, ge=1)
+    epochs: int = Field(default=2, ge=1)
     """Passes over the training split; the best epoch on validation is kept."""
     batch_size: int = Field(default=32, ge=1)
     """Examples per batch."""
