@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import yaml
@@ -14,7 +15,8 @@ def lmcore(proj, stage):
 
 def one_error_line(res, *needles):
     assert res.returncode == 2, res.stderr
-    lines = [line for line in res.stderr.strip().splitlines() if not line.startswith(("INFO", "WARNING"))]
+    log_line = re.compile(r"^(\d{4}/\d\d/\d\d [\d:]+ )?(INFO|WARNING) ")
+    lines = [line for line in res.stderr.strip().splitlines() if not log_line.match(line)]
     assert len(lines) == 1, res.stderr
     assert "Traceback" not in res.stderr
     for n in needles:

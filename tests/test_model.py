@@ -29,7 +29,7 @@ def test_overfits_one_batch():
     first = None
     for _ in range(150):
         _, loss = model(x[:, :-1], x[:, 1:])
-        first = first if first is not None else float(loss)
+        first = first if first is not None else float(loss.detach())
         opt.zero_grad()
         loss.backward()
         opt.step()
