@@ -24,12 +24,17 @@ from tasks import STAGE_TASKS
 def pipeline(params_file: str = "params.yaml", root: str = ".", force: bool = False) -> dict[str, Any]:
     """Run every stage; a stage whose inputs and params are unchanged and whose outputs exist is
     taken from Prefect's cache. All stages log under one MLflow parent run."""
-    os.environ[PIPELINE_ENV] = f"prefect-{flow_run.get_id()}"
+    previous = os.environ.get(PIPELINE_ENV)
+    os.environ[PIPELINE_ENV] = previous or f"prefect-{flow_run.get_id()}"
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     results: dict[str, Any] = {}
-    for name in ORDER:
-        refresh = force or not outputs_exist(name, Layout(Path(root)))
-        results[name] = STAGE_TASKS[name].with_options(refresh_cache=refresh)(params_file, root)
+    try:
+        for name in ORDER:
+            refresh = force or not outputs_exist(name, Layout(Path(root)))
+            results[name] = STAGE_TASKS[name].with_options(refresh_cache=refresh)(params_file, root)
+    finally:
+        if previous is None:
+            os.environ.pop(PIPELINE_ENV, None)
     return results
 
 

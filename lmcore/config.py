@@ -8,14 +8,19 @@ and what is allowed. Every field carries a docstring (pydantic reads them as des
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
     """A bad ``params.yaml``: the message names the file, key, value and what is allowed."""
+
+
+# YAML 1.1 (PyYAML, and DVC when it rewrites params.yaml for `dvc exp run -S`) reads a bare
+# `no` as False: accept that spelling of "no".
+Precision = Annotated[Literal["no", "bf16"], BeforeValidator(lambda v: "no" if v is False else v)]
 
 
 class Section(BaseModel):
@@ -182,7 +187,7 @@ class PretrainConfig(Section):
     """AdamW beta2."""
     grad_clip: float = Field(default=1.0, ge=0)
     """Clip the global gradient norm to this (0: off)."""
-    mixed_precision: Literal["no", "bf16"] = "bf16"
+    mixed_precision: Precision = "bf16"
     """Autocast precision. fp16 is not offered: it is ~100x slower than fp32 on CPUs."""
     eval_interval: int = Field(default=100, ge=1)
     """Measure validation loss every this many steps (and at the end)."""
@@ -223,7 +228,7 @@ class FinetuneConfig(Section):
     """Truncate inputs to this many tokens (also capped by the model's context)."""
     dropout: float = Field(default=0.1, ge=0, lt=1)
     """Dropout before the head."""
-    mixed_precision: Literal["no", "bf16"] = "bf16"
+    mixed_precision: Precision = "bf16"
     """Autocast precision."""
     seed: int = 1337
     """Seed for the head and the batch order."""
@@ -268,6 +273,13 @@ class Params(Section):
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _stride(self) -> "Params":
+        block = self.pretrain.model.block_size
+        if self.evaluate.stride is not None and self.evaluate.stride > block:
+            raise ValueError(f"evaluate.stride ({self.evaluate.stride}) must be <= pretrain.model.block_size ({block})")
+        return self
 
 
 def _describe(err: dict[str, Any], source: str) -> str:

@@ -247,5 +247,7 @@ def finetune(cfg: FinetuneConfig, tasks_dir: Path, pretrained: Path, tokenizer_d
             tr.metrics({f"{spec.name}.{k}": v for k, v in results[spec.name].items()})
         if accelerator.is_main_process:
             write_json(metrics, results)
-            tr.dict(results, "finetune_metrics.json")
+            tr.json(results, "finetune_metrics.json")
+            for task in results:
+                tr.artifact(out / task, f"model/{task}")
     return FinetuneResult({t: out / t for t in results}, results)

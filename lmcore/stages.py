@@ -83,17 +83,20 @@ STAGE_IO: dict[str, StageIO] = {
 
 
 def cache_key(name: str, params: Params, layout: Layout) -> str:
-    """A key that changes when the stage's params sections or input files change."""
+    """A key that changes when the stage's params sections, its input files or lmcore's code
+    change (the Prefect cache key)."""
     import hashlib
     import json
 
     from lmcore.io import fingerprint
 
     io = STAGE_IO[name]
-    code_root = Path(__file__).resolve().parent.parent
-    paths = [code_root / d if d.startswith(("lmcore/", "configs/")) else layout / d for d in io.deps]
+    package = Path(__file__).resolve().parent
+    paths = [package.parent / d if d.startswith(("lmcore/", "configs/")) else layout / d for d in io.deps]
     sections = {s: getattr(params, s).model_dump(mode="json") for s in io.params}
-    payload = json.dumps([name, sections, fingerprint(*paths)], sort_keys=True)
+    # any change to lmcore's code invalidates the key: stricter than dvc.yaml, never stale
+    code = fingerprint(*sorted(package.rglob("*.py")))
+    payload = json.dumps([name, sections, fingerprint(*paths), code], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

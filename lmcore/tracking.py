@@ -105,7 +105,7 @@ class Tracker:
 
         mlflow.log_text(text, name)
 
-    def dict(self, obj: dict[str, Any], name: str) -> None:
+    def json(self, obj: dict[str, Any], name: str) -> None:
         if not self.active:
             return
         import mlflow
@@ -173,8 +173,16 @@ def stage_run(
     if commit:
         tags["lmcore.git_commit"] = commit
     tracker = Tracker(True)
-    with mlflow.start_run(run_name=stage, tags=tags) as run:
-        tracker.run_id = run.info.run_id
-        if params:
-            tracker.params(params)
-        yield tracker
+    try:
+        with mlflow.start_run(run_name=stage, tags=tags) as run:
+            tracker.run_id = run.info.run_id
+            if params:
+                tracker.params(params)
+                tracker.json(params, f"config/{stage}.json")
+            yield tracker
+    except BaseException:
+        if key:  # the pipeline execution failed with this stage
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient().set_terminated(tags["mlflow.parentRunId"], "FAILED")
+        raise

@@ -66,3 +66,16 @@ def test_every_field_is_documented():
 
     missing = [f"{m}.{n}" for m, n, f in walk(config.Params) if m != "Params" and not f.description]
     assert not missing, f"fields without a docstring: {missing}"
+
+
+def test_yaml_bare_no_means_no(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("pretrain:\n  mixed_precision: no\nfinetune:\n  mixed_precision: bf16\n")
+    params = config.load(p)
+    assert params.pretrain.mixed_precision == "no" and params.finetune.mixed_precision == "bf16"
+
+
+def test_stride_must_fit_the_context(tmp_path):
+    p = _write(tmp_path, {"evaluate": {"stride": 512}, "pretrain": {"model": {"block_size": 256}}})
+    with pytest.raises(ConfigError, match="evaluate.stride"):
+        config.load(p)

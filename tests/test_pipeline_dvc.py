@@ -67,3 +67,12 @@ def test_dvc_repro_end_to_end(tiny_project):
     third = dvc(proj, "repro")
     ran = [s for s in STAGES if f"Running stage '{s}'" in third.stdout]
     assert ran == ["evaluate"], third.stdout
+
+    # an experiment variant through `dvc exp run -S` (needs a commit to branch from)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], cwd=proj, check=True)
+    subprocess.run([*git, "commit", "-qm", "base"], cwd=proj, check=True)
+    exp = dvc(proj, "exp", "run", "-S", "evaluate.temperature=0", "-n", "greedy")
+    assert "Running stage 'evaluate'" in exp.stdout and "Running stage 'pretrain'" not in exp.stdout
+    shown = dvc(proj, "exp", "show", "--json")
+    assert "greedy" in shown.stdout

@@ -38,3 +38,15 @@ def test_lmcore_imports_neither_prefect_nor_dvc():
                 names = [node.module]
             for n in names:
                 assert n.split(".")[0] not in {"prefect", "dvc"}, f"{path} imports {n}"
+
+
+def test_prefect_yaml_deploys_the_pipeline_flow_on_a_process_pool():
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (dep,) = spec["deployments"]
+    flow = load_flow_from_entrypoint(str(ROOT / dep["entrypoint"]))
+    assert flow.name == "lmcore-pipeline"
+    assert set(dep["parameters"]) <= set(flow.parameters.properties)
+    assert dep["work_pool"]["name"] == "lmcore-process"
+    assert dep["schedules"][0]["cron"] and dep["schedules"][0]["active"] is False
