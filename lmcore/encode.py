@@ -39,6 +39,16 @@ def load_tokens(tokens_dir: Path, split: str) -> np.memmap:
     return np.memmap(path, dtype=np.dtype(manifest["dtype"]), mode="r")
 
 
+def _write_batch(f, tok, texts: list[str], eot: int, dtype: np.dtype) -> int:
+    """Encode texts (the tokenizer runs them in parallel) and append each, plus end-of-text."""
+    n = 0
+    for enc in tok.encode_batch(texts):
+        arr = np.asarray(enc.ids + [eot], dtype=dtype)
+        f.write(arr.tobytes())
+        n += len(arr)
+    return n
+
+
 @dataclasses.dataclass
 class EncodeResult:
     manifest: Path
@@ -66,22 +76,14 @@ def encode(cfg: EncodeConfig, clean_dir: Path, tokenizer_dir: Path, out: Path, m
                 n_tok = n_docs = n_bytes = 0
                 with open(tmp / f"{split}.bin", "wb") as f:
                     batch: list[str] = []
-
-                    def flush() -> None:
-                        nonlocal n_tok
-                        for enc in tok.encode_batch(batch):
-                            arr = np.asarray(enc.ids + [eot], dtype=dtype)
-                            f.write(arr.tobytes())
-                            n_tok += len(arr)
-                        batch.clear()
-
                     for doc in tqdm(read_jsonl(src), desc=f"encode {split}", unit="doc", mininterval=2):
                         batch.append(doc["text"])
                         n_docs += 1
                         n_bytes += len(doc["text"].encode("utf-8"))
                         if len(batch) >= cfg.batch_size:
-                            flush()
-                    flush()
+                            n_tok += _write_batch(f, tok, batch, eot, dtype)
+                            batch = []
+                    n_tok += _write_batch(f, tok, batch, eot, dtype)
                 if n_tok == 0:
                     raise StageError(f"{src}: no documents to encode")
                 manifest["splits"][split] = {"tokens": n_tok, "documents": n_docs, "bytes": n_bytes,

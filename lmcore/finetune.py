@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmcore import glue
+from lmcore.accel import make_accelerator
 from lmcore.checkpoint import load_gpt, read_config, save_model
 from lmcore.config import FinetuneConfig, TrackingConfig, flatten
 from lmcore.io import StageError, read_json, read_jsonl, require, write_json
@@ -171,7 +172,7 @@ def _train_task(cfg: FinetuneConfig, spec: glue.TaskSpec, splits: dict[str, list
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)  # scheduler stepped by hand, once per step
     raw = accelerator.unwrap_model(model)
 
     best: dict[str, Any] = {"score": -math.inf}
@@ -225,8 +226,6 @@ def _train_task(cfg: FinetuneConfig, spec: glue.TaskSpec, splits: dict[str, list
 def finetune(cfg: FinetuneConfig, tasks_dir: Path, pretrained: Path, tokenizer_dir: Path, out: Path, metrics: Path,
              tracking: TrackingConfig = TrackingConfig()) -> FinetuneResult:
     """Fine-tune the pretrained model on every task folder under ``tasks_dir``."""
-    from accelerate import Accelerator
-
     from lmcore import tokenizer as tokmod
     from lmcore.tracking import stage_run
 
@@ -238,7 +237,7 @@ def finetune(cfg: FinetuneConfig, tasks_dir: Path, pretrained: Path, tokenizer_d
         raise StageError(f"{tasks_dir}: no prepared tasks (expected <task>/task.json)")
     require(Path(pretrained) / "model.safetensors", "pretrained model")
     tok = tokmod.load(tokenizer_dir)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(cfg.mixed_precision)
     results: dict[str, dict[str, float]] = {}
     with stage_run("finetune", tracking, flatten(cfg, "finetune."), active=accelerator.is_main_process) as tr:
         for folder in folders:

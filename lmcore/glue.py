@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -243,9 +243,3 @@ def majority_baseline(spec: TaskSpec, train_labels: Sequence[Any], eval_labels: 
         return compute_metrics(spec, [mean] * len(eval_labels), eval_labels)
     top = Counter(train_labels).most_common(1)[0][0]
     return compute_metrics(spec, [top] * len(eval_labels), eval_labels)
-
-
-def iter_task_examples(folder: Path, split: str) -> Iterator[dict[str, Any]]:
-    from lmcore.io import read_jsonl
-
-    yield from read_jsonl(folder / f"{split}.jsonl")

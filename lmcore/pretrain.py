@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmcore.accel import make_accelerator
 from lmcore.checkpoint import save_gpt
 from lmcore.config import ModelConfig, PretrainConfig, TrackingConfig, flatten
 from lmcore.encode import load_manifest, load_tokens
@@ -123,7 +124,6 @@ def evaluate_windows(model: torch.nn.Module, windows: torch.Tensor, batch: int, 
 
 def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, plots: Path | None = None,
              tracking: TrackingConfig = TrackingConfig()) -> PretrainResult:
-    from accelerate import Accelerator
     from tqdm import tqdm
 
     from lmcore.tracking import stage_run
@@ -137,7 +137,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
     val_info = manifest["splits"]["validation"]
     tokens_per_byte = val_info["tokens"] / max(val_info["bytes"], 1)
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(cfg.mixed_precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(cfg.seed)
     gcfg = gpt_config(cfg.model, manifest["vocab_size"])
@@ -149,7 +149,10 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # the scheduler is stepped by hand once per optimizer step: Accelerate's wrapper would step
+    # it once per process (it assumes its own data loader); it is still saved in the state
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     raw_model = accelerator.unwrap_model(model)
 
     state_dir = out / "state"
@@ -204,7 +207,9 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
                                      "lower pretrain.lr or use pretrain.mixed_precision: 'no'")
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            loss_val = loss_sum
+            # the mean over processes (each computed the loss of its own windows)
+            loss_val = float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "mean")) \
+                if world > 1 else loss_sum
             done = step + 1
             tok_last += tokens_per_step
             if done % cfg.log_interval == 0 or done == cfg.max_steps:

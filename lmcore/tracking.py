@@ -58,7 +58,9 @@ def _git_commit() -> str | None:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
 
 
 class Tracker:
@@ -97,13 +99,6 @@ class Tracker:
             mlflow.log_artifacts(str(path), artifact_path=folder)
         else:
             mlflow.log_artifact(str(path), artifact_path=folder)
-
-    def text(self, text: str, name: str) -> None:
-        if not self.active:
-            return
-        import mlflow
-
-        mlflow.log_text(text, name)
 
     def json(self, obj: dict[str, Any], name: str) -> None:
         if not self.active:

@@ -1,0 +1,25 @@
+"""Creating the Accelerator, with a guard against a silent multi-process trap.
+
+On a machine without GPUs, ``accelerate launch --multi_gpu --num_processes 2`` (or ``torchrun``)
+without ``ACCELERATE_USE_CPU=true`` starts two processes that each believe they are alone: each
+trains on all the data and the run "succeeds". lmcore refuses to train in that state.
+"""
+
+from __future__ import annotations
+
+import os
+
+from lmcore.io import StageError
+
+
+def make_accelerator(mixed_precision: str):
+    from accelerate import Accelerator
+
+    acc = Accelerator(mixed_precision=mixed_precision)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc.num_processes:
+        raise StageError(
+            f"the launcher started {launched} processes but Accelerate sees {acc.num_processes}: each would "
+            "train alone on all the data. On CPUs set ACCELERATE_USE_CPU=true (see configs/accelerate/cpu-2proc.yaml)"
+        )
+    return acc
