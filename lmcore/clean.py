@@ -174,7 +174,7 @@ class CleanResult:
 
 
 def clean(cfg: CleanConfig, raw: Path, out: Path, metrics: Path, tracking: TrackingConfig = TrackingConfig()) -> CleanResult:
-    """Clean ``raw`` (prepare's ``corpus.jsonl``) into ``out/{train,validation}.jsonl``."""
+    """Clean ``raw`` (prepare's ``corpus.jsonl``) into ``out/{train,validation}/*.jsonl`` shards."""
     from lmcore.tracking import stage_run
 
     raw, out = Path(raw), Path(out)
@@ -185,7 +185,9 @@ def clean(cfg: CleanConfig, raw: Path, out: Path, metrics: Path, tracking: Track
         chars = Counter()
         with atomic_path(out) as tmp:
             tmp.mkdir()
-            files = {s: open(tmp / f"{s}.jsonl", "w", encoding="utf-8") for s in ("train", "validation")}
+            for s in ("train", "validation"):
+                (tmp / s).mkdir()
+            files = {s: open(tmp / s / "00000.jsonl", "w", encoding="utf-8") for s in ("train", "validation")}
             try:
                 for doc, reason in tqdm(cleaner(read_jsonl(corpus)), desc="clean", unit="doc", mininterval=2):
                     counts["input"] += 1
@@ -215,10 +217,4 @@ def clean(cfg: CleanConfig, raw: Path, out: Path, metrics: Path, tracking: Track
         }
         write_json(metrics, stats)
         tr.metrics(stats)
-        return CleanResult(out / "train.jsonl", out / "validation.jsonl", stats)
-
-
-def iter_texts(path: Path) -> Iterator[str]:
-    """The texts of a clean split file."""
-    for doc in read_jsonl(path):
-        yield doc["text"]
+        return CleanResult(out / "train", out / "validation", stats)

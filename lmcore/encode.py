@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmcore.config import EncodeConfig, TrackingConfig, flatten
-from lmcore.io import StageError, atomic_path, read_json, read_jsonl, require, sha256_file, write_json
+from lmcore.io import StageError, atomic_path, iter_field, read_json, require, sha256_file, split_shards, write_json
 
 SPLITS = ("train", "validation")
 
@@ -72,22 +72,22 @@ def encode(cfg: EncodeConfig, clean_dir: Path, tokenizer_dir: Path, out: Path, m
         with atomic_path(out) as tmp:
             tmp.mkdir()
             for split in SPLITS:
-                src = require(clean_dir / f"{split}.jsonl", f"clean {split} split")
+                srcs = split_shards(clean_dir, split)
                 n_tok = n_docs = n_bytes = 0
                 with open(tmp / f"{split}.bin", "wb") as f:
                     batch: list[str] = []
-                    for doc in tqdm(read_jsonl(src), desc=f"encode {split}", unit="doc", mininterval=2):
-                        batch.append(doc["text"])
+                    for text in tqdm(iter_field(srcs), desc=f"encode {split}", unit="doc", mininterval=2):
+                        batch.append(text)
                         n_docs += 1
-                        n_bytes += len(doc["text"].encode("utf-8"))
+                        n_bytes += len(text.encode("utf-8"))
                         if len(batch) >= cfg.batch_size:
                             n_tok += _write_batch(f, tok, batch, eot, dtype)
                             batch = []
                     n_tok += _write_batch(f, tok, batch, eot, dtype)
                 if n_tok == 0:
-                    raise StageError(f"{src}: no documents to encode")
+                    raise StageError(f"{clean_dir / split}: no documents to encode")
                 manifest["splits"][split] = {"tokens": n_tok, "documents": n_docs, "bytes": n_bytes,
-                                             "source": str(src), "source_sha256": sha256_file(src)}
+                                             "sources": {str(s): sha256_file(s) for s in srcs}}
             write_json(tmp / "manifest.json", manifest)
         seconds = time.perf_counter() - t0
         counts = {s: v["tokens"] for s, v in manifest["splits"].items()}

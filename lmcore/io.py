@@ -94,6 +94,22 @@ def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
             yield obj
 
 
+def split_shards(folder: str | Path, split: str) -> list[Path]:
+    """The shards of one split of a sharded JSONL dataset: ``folder/<split>/*.jsonl``, sorted."""
+    d = Path(folder) / split
+    shards = sorted(d.glob("*.jsonl")) if d.is_dir() else []
+    if not shards:
+        raise StageError(f"{d}: no *.jsonl shards of the {split} split (run the stage that produces it first)")
+    return shards
+
+
+def iter_field(paths: Iterable[str | Path], field: str = "text") -> Iterator[str]:
+    """One field (default ``text``) of every object in the given JSONL files, in order."""
+    for p in paths:
+        for obj in read_jsonl(p):
+            yield obj[field]
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

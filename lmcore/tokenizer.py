@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 
 from lmcore.config import TokenizerConfig, TrackingConfig, flatten
-from lmcore.io import StageError, atomic_path, require, sha256_file, write_json
+from lmcore.io import StageError, atomic_path, iter_field, require, sha256_file, split_shards, write_json
 
 
 def build_trainer(cfg: TokenizerConfig):
@@ -64,18 +64,17 @@ class TokenizerResult:
 
 def train_tokenizer(cfg: TokenizerConfig, clean_dir: Path, out: Path, metrics: Path,
                     tracking: TrackingConfig = TrackingConfig()) -> TokenizerResult:
-    """Train on ``clean_dir/train.jsonl``; save ``out/tokenizer.json``; report bytes per token
+    """Train on the shards of ``clean_dir/train/``; save ``out/tokenizer.json``; report bytes per token
     on the validation split."""
-    from lmcore.clean import iter_texts
     from lmcore.tracking import stage_run
 
     clean_dir = Path(clean_dir)
-    train = require(clean_dir / "train.jsonl", "clean train split")
-    valid = require(clean_dir / "validation.jsonl", "clean validation split")
+    train = split_shards(clean_dir, "train")
+    valid = split_shards(clean_dir, "validation")
     with stage_run("tokenizer", tracking, flatten(cfg, "tokenizer.")) as tr:
         tok, trainer = build_trainer(cfg)
-        tok.train_from_iterator(iter_texts(train), trainer=trainer)
-        texts = list(iter_texts(valid))
+        tok.train_from_iterator(iter_field(train), trainer=trainer)
+        texts = list(iter_field(valid))
         n_bytes = sum(len(t.encode("utf-8")) for t in texts)
         n_tokens = sum(len(e.ids) for e in tok.encode_batch(texts))
         n_words = sum(len(t.split()) for t in texts)

@@ -51,9 +51,9 @@ def test_clean_counts_drops_and_is_deterministic(prepared):
     assert a.stats["exact_dedup.dropped_docs.duplicate"] == 1
     assert a.stats["min_length.dropped_docs.too_short"] == 1
     assert a.stats["train_documents"] + a.stats["validation_documents"] == 12
-    first = (tmp / "clean/train.jsonl").read_bytes()
+    first = (tmp / "clean/train/00000.jsonl").read_bytes()
     clean(cfg, tmp / "raw", tmp / "clean", tmp / "m/clean.json", OFF)
-    assert (tmp / "clean/train.jsonl").read_bytes() == first
+    assert (tmp / "clean/train/00000.jsonl").read_bytes() == first
 
 
 def test_cleaner_normalises():
@@ -96,7 +96,7 @@ def test_encode_matches_tokenizer_and_manifest(encoded):
     manifest = json.loads((tmp / "tokens/manifest.json").read_text())
     for split in ("train", "validation"):
         arr = load_tokens(tmp / "tokens", split)
-        docs = [json.loads(x)["text"] for x in (tmp / f"clean/{split}.jsonl").read_text().splitlines()]
+        docs = [json.loads(x)["text"] for x in (tmp / f"clean/{split}/00000.jsonl").read_text().splitlines()]
         expected = [i for d in docs for i in tok.encode(d).ids + [manifest["eot_id"]]]
         assert arr.dtype == np.uint16 and arr.tolist() == expected
         assert manifest["splits"][split]["bytes"] == sum(len(d.encode()) for d in docs)
