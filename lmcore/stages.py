@@ -70,7 +70,7 @@ class StageIO:
 
 STAGE_IO: dict[str, StageIO] = {
     "prepare": StageIO(("prepare",), ("lmcore/prepare.py", "lmcore/glue.py"), ("data/raw",)),
-    "clean": StageIO(("clean",), ("lmcore/clean.py", "data/raw/corpus.jsonl"), ("data/clean",)),
+    "clean": StageIO(("clean",), ("lmcore/clean", "data/raw/corpus.jsonl"), ("data/clean",)),
     "tokenizer": StageIO(("tokenizer",), ("lmcore/tokenizer.py", "data/clean"), ("data/tokenizer",)),
     "encode": StageIO(("encode",), ("lmcore/encode.py", "data/clean", "data/tokenizer"), ("data/tokens",)),
     "pretrain": StageIO(("pretrain",), ("lmcore/model.py", "lmcore/pretrain.py", "configs/accelerate/cpu.yaml",
