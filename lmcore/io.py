@@ -123,7 +123,7 @@ def fingerprint(*paths: str | Path) -> str:
     h = hashlib.sha256()
     for p in paths:
         p = Path(p)
-        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+        files = sorted(x for x in p.rglob("*") if x.is_file() and "__pycache__" not in x.parts) if p.is_dir() else [p]
         for f in files:
             h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
             h.update(sha256_file(f).encode() if f.exists() else b"<missing>")
