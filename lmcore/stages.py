@@ -21,10 +21,10 @@ def _prepare(p: Params, L: Layout) -> Any:
     return prepare(p.prepare, L.raw, L.metrics("prepare"), p.tracking)
 
 
-def _clean(p: Params, L: Layout) -> Any:
+def _clean(p: Params, L: Layout, map_shards: Callable | None = None) -> Any:
     from lmcore.clean import clean
 
-    return clean(p.clean, L.raw, L.clean, L.metrics("clean"), p.tracking)
+    return clean(p.clean, L.raw, L.clean, L.metrics("clean"), p.tracking, map_shards=map_shards)
 
 
 def _tokenizer(p: Params, L: Layout) -> Any:
@@ -70,7 +70,7 @@ class StageIO:
 
 STAGE_IO: dict[str, StageIO] = {
     "prepare": StageIO(("prepare",), ("lmcore/prepare.py", "lmcore/glue.py"), ("data/raw",)),
-    "clean": StageIO(("clean",), ("lmcore/clean", "data/raw/corpus.jsonl"), ("data/clean",)),
+    "clean": StageIO(("clean",), ("lmcore/clean", "data/raw/corpus"), ("data/clean",)),
     "tokenizer": StageIO(("tokenizer",), ("lmcore/tokenizer.py", "data/clean"), ("data/tokenizer",)),
     "encode": StageIO(("encode",), ("lmcore/encode.py", "data/clean", "data/tokenizer"), ("data/tokens",)),
     "pretrain": StageIO(("pretrain",), ("lmcore/model.py", "lmcore/pretrain.py", "configs/accelerate/cpu.yaml",
@@ -83,8 +83,8 @@ STAGE_IO: dict[str, StageIO] = {
 
 
 def cache_key(name: str, params: Params, layout: Layout) -> str:
-    """A key that changes when the stage's params sections, its input files or lmcore's code
-    change (the Prefect cache key)."""
+    """A key that changes when the stage's params sections, its input files, lmcore's code or
+    the project folder change (the Prefect cache key)."""
     import hashlib
     import json
 
@@ -96,7 +96,7 @@ def cache_key(name: str, params: Params, layout: Layout) -> str:
     sections = {s: getattr(params, s).model_dump(mode="json") for s in io.params}
     # any change to lmcore's code invalidates the key: stricter than dvc.yaml, never stale
     code = fingerprint(*sorted(package.rglob("*.py")))
-    payload = json.dumps([name, sections, fingerprint(*paths), code], sort_keys=True)
+    payload = json.dumps([name, str(layout.root.resolve()), sections, fingerprint(*paths), code], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -104,7 +104,7 @@ def outputs_exist(name: str, layout: Layout) -> bool:
     return all((layout / o).exists() for o in STAGE_IO[name].outs)
 
 
-STAGES: dict[str, Callable[[Params, Layout], Any]] = {
+STAGES: dict[str, Callable[..., Any]] = {
     "prepare": _prepare,
     "clean": _clean,
     "tokenizer": _tokenizer,
@@ -116,6 +116,8 @@ STAGES: dict[str, Callable[[Params, Layout], Any]] = {
 ORDER = list(STAGES)
 
 
-def run_stage(name: str, params: Params, layout: Layout = Layout()) -> Any:
-    """Run one stage with its section of ``params`` on ``layout``; return what it produced."""
-    return STAGES[name](params, layout)
+def run_stage(name: str, params: Params, layout: Layout = Layout(), **options: Any) -> Any:
+    """Run one stage with its section of ``params`` on ``layout``; return what it produced.
+    ``options`` go to the stage (``clean`` takes ``map_shards``, a function mapping its shard
+    jobs over an orchestrator's workers)."""
+    return STAGES[name](params, layout, **options)

@@ -1,40 +1,148 @@
-"""Stage ``tokenizer``: train a byte-level BPE tokenizer with HF ``tokenizers``.
+"""Stage ``tokenizer``: train a byte-level BPE or a Unigram tokenizer with HF ``tokenizers``.
 
-Byte-level BPE maps any UTF-8 string to tokens and back exactly. The special tokens come from
-``params.yaml``: the first ends a document, the second pads, the third joins sentence pairs.
+The tokenizer is trained from a stream of the clean training split (``data/clean/train/*.jsonl``)
+and saved as ``tokenizer.json`` (loads in ``tokenizers.Tokenizer.from_file``) plus
+``tokenizer_config.json`` and ``special_tokens_map.json``, so that
+``transformers.PreTrainedTokenizerFast.from_pretrained(folder)`` (and ``AutoTokenizer``) gets the
+end-of-text (``eos``), padding (``pad``) and separator (``sep``) tokens. The special tokens come
+from ``params.yaml`` and get ids 0, 1, 2, ... in that order: the first ends a document, the second
+pads, the third joins sentence pairs (:func:`special_ids`).
+
+Models (``tokenizer.kind``) and what ``decode(encode(text))`` gives back:
+
+- ``byte_bpe`` (default): byte-level BPE. Text is split into words (GPT-2 regex) whose UTF-8
+  bytes are merged into tokens; all 256 bytes are in the vocabulary, so there is no unknown token.
+  With ``normalizer: none`` every string (any UTF-8: CJK, emoji, control characters, ``\\x00``)
+  round-trips exactly: ``tok.decode(tok.encode(t).ids, skip_special_tokens=False) == t`` (a
+  property test checks it). With ``nfc``/``nfkc`` the result is the normalised text.
+- ``unigram``: a Unigram language model over characters (SentencePiece's algorithm), with
+  byte fallback: the 256 tokens ``<0x00>``..``<0xFF>`` are added to the vocabulary, so a character
+  never seen in training is encoded as its UTF-8 bytes and decodes back exactly (no ``<unk>`` in
+  practice). The ``metaspace`` pre-tokenizer replaces every space by ``▁`` (U+2581), prepends one
+  ``▁`` to the text and splits before each ``▁``; decoding turns every ``▁`` back into a space and
+  removes the one it prepended. So it round-trips exactly except that (1) a literal ``▁`` in the
+  text comes back as a space, and (2) a text that starts with a space loses that first space.
+  Tabs, newlines and runs of spaces are kept. ``whitespace_digits`` does the same and also puts
+  every digit in a token of its own.
+
+Special-token strings inside a text (``"<|endoftext|>"``) are matched as the special token by
+``encode``; the ``encode`` stage turns that off, so a document cannot inject an end-of-text token.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from lmcore.config import TokenizerConfig, TrackingConfig, flatten
 from lmcore.io import StageError, atomic_path, iter_field, require, sha256_file, split_shards, write_json
 
+log = logging.getLogger(__name__)
+
+METASPACE = "\u2581"
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+TRAIN_BATCH = 1000  # documents handed to the trainer per call (fewer Python -> Rust crossings)
+BATCH_CHARS = 1 << 20  # characters encoded per call at most: bounds the memory of the encodings
+
+
+def _normalizer(name: str):
+    from tokenizers import normalizers
+
+    return {"none": None, "nfc": normalizers.NFC(), "nfkc": normalizers.NFKC()}[name]
+
 
 def build_trainer(cfg: TokenizerConfig):
+    """An untrained ``tokenizers.Tokenizer`` set up as ``cfg`` says, and its trainer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size,
-        min_frequency=cfg.min_frequency,
-        special_tokens=list(cfg.special_tokens),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    digits = pre_tokenizers.Digits(individual_digits=True)
+    if cfg.kind == "byte_bpe":
+        tok = Tokenizer(models.BPE())
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.pre_tokenizer = byte_level if cfg.pre_tokenizer == "byte_level" else \
+            pre_tokenizers.Sequence([digits, byte_level])
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=cfg.vocab_size,
+            min_frequency=cfg.min_frequency,
+            special_tokens=list(cfg.special_tokens),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+    elif cfg.kind == "unigram":
+        tok = Tokenizer(models.Unigram())
+        meta = pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="always", split=True)
+        tok.pre_tokenizer = meta if cfg.pre_tokenizer == "metaspace" else pre_tokenizers.Sequence([meta, digits])
+        tok.decoder = decoders.Sequence([
+            decoders.ByteFallback(),
+            decoders.Metaspace(replacement=METASPACE, prepend_scheme="always", split=True),
+        ])
+        trainer = trainers.UnigramTrainer(
+            vocab_size=cfg.vocab_size - len(BYTE_TOKENS),  # the byte tokens are added after training
+            special_tokens=[*cfg.special_tokens, cfg.unk_token],
+            unk_token=cfg.unk_token,
+            show_progress=False,
+        )
+    else:  # pragma: no cover - the config's Literal rules it out
+        raise StageError(f"tokenizer.kind = {cfg.kind!r} is not supported")
+    norm = _normalizer(cfg.normalizer)
+    if norm is not None:
+        tok.normalizer = norm
     return tok, trainer
 
 
+def _add_byte_fallback(tok):
+    """The trained Unigram ``tok`` with the 256 byte tokens appended (scored below every piece)
+    and byte fallback on."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(tok.to_str())
+    model = data["model"]
+    vocab = model["vocab"]
+    have = {piece for piece, _ in vocab}
+    floor = min(score for _, score in vocab) - 10.0
+    vocab.extend([b, floor] for b in BYTE_TOKENS if b not in have)
+    model["byte_fallback"] = True
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def batched(texts: Iterable[str], n: int, max_chars: int | None = None) -> Iterator[list[str]]:
+    """Lists of ``n`` texts, or fewer once they hold ``max_chars`` characters."""
+    batch: list[str] = []
+    chars = 0
+    for t in texts:
+        batch.append(t)
+        chars += len(t)
+        if len(batch) >= n or (max_chars is not None and chars >= max_chars):
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def train(cfg: TokenizerConfig, texts: Iterable[str]):
+    """Train a tokenizer on a stream of texts; return the ``tokenizers.Tokenizer``."""
+    tok, trainer = build_trainer(cfg)
+    tok.train_from_iterator(batched(texts, TRAIN_BATCH), trainer=trainer)
+    if cfg.kind == "unigram":
+        tok = _add_byte_fallback(tok)
+    return tok
+
+
 def load(path: str | Path):
-    """Load a saved ``tokenizer.json``."""
+    """Load a saved ``tokenizer.json`` (or the folder holding it)."""
     from tokenizers import Tokenizer
 
     path = require(Path(path) / "tokenizer.json" if Path(path).is_dir() else path, "tokenizer")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on a malformed file
+        raise StageError(f"{path}: not a valid tokenizer.json ({e})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,38 +162,93 @@ def special_ids(tok) -> SpecialIds:
     return SpecialIds(*ids[:3])
 
 
+def hf_config(cfg: TokenizerConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``tokenizer_config.json`` and ``special_tokens_map.json`` for ``transformers``."""
+    eos, pad, sep, *extra = cfg.special_tokens
+    special: dict[str, Any] = {"eos_token": eos, "pad_token": pad, "sep_token": sep}
+    if cfg.kind == "unigram":
+        special["unk_token"] = cfg.unk_token
+    if extra:
+        special["additional_special_tokens"] = list(extra)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "clean_up_tokenization_spaces": False,  # decode must not touch spaces before punctuation
+        "model_input_names": ["input_ids", "attention_mask"],
+        "lmcore": {"kind": cfg.kind, "normalizer": cfg.normalizer, "pre_tokenizer": cfg.pre_tokenizer},
+    }
+    return config, special
+
+
+def save(tok, cfg: TokenizerConfig, folder: Path) -> Path:
+    """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config, special = hf_config(cfg)
+    for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
+        (folder / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return folder / "tokenizer.json"
+
+
+def validation_stats(tok, texts: Iterable[str], batch_size: int = TRAIN_BATCH) -> dict[str, int]:
+    """UTF-8 bytes, tokens and whitespace-separated words of ``texts``, encoded in batches."""
+    n_bytes = n_tokens = n_words = n_docs = 0
+    for batch in batched(texts, batch_size, max_chars=BATCH_CHARS):
+        n_docs += len(batch)
+        n_bytes += sum(len(t.encode("utf-8")) for t in batch)
+        n_words += sum(len(t.split()) for t in batch)
+        n_tokens += sum(len(e) for e in tok.encode_batch_fast(batch))
+    return {"documents": n_docs, "bytes": n_bytes, "tokens": n_tokens, "words": n_words}
+
+
 @dataclasses.dataclass
 class TokenizerResult:
     path: Path
     vocab_size: int
     sha256: str
     bytes_per_token: float
+    train_seconds: float = float("nan")
+    """Wall time of reading the training split and training (not the validation metrics)."""
 
 
 def train_tokenizer(cfg: TokenizerConfig, clean_dir: Path, out: Path, metrics: Path,
                     tracking: TrackingConfig = TrackingConfig()) -> TokenizerResult:
-    """Train on the shards of ``clean_dir/train/``; save ``out/tokenizer.json``; report bytes per token
-    on the validation split."""
+    """Train on the shards of ``clean_dir/train/``; save ``out/tokenizer.json`` (and the
+    ``transformers`` configs beside it); report bytes per token on the validation split."""
+    from tqdm import tqdm
+
     from lmcore.tracking import stage_run
 
     clean_dir = Path(clean_dir)
-    train = split_shards(clean_dir, "train")
+    train_shards = split_shards(clean_dir, "train")
     valid = split_shards(clean_dir, "validation")
     with stage_run("tokenizer", tracking, flatten(cfg, "tokenizer.")) as tr:
-        tok, trainer = build_trainer(cfg)
-        tok.train_from_iterator(iter_field(train), trainer=trainer)
-        texts = list(iter_field(valid))
-        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-        n_tokens = sum(len(e.ids) for e in tok.encode_batch(texts))
-        n_words = sum(len(t.split()) for t in texts)
+        counted = {"docs": 0, "chars": 0}
+
+        def stream() -> Iterator[str]:
+            for text in tqdm(iter_field(train_shards), desc="tokenizer: train", unit="doc", mininterval=2):
+                counted["docs"] += 1
+                counted["chars"] += len(text)
+                yield text
+
+        t0 = time.perf_counter()
+        tok = train(cfg, stream())
+        seconds = time.perf_counter() - t0
+        if counted["docs"] == 0:
+            raise StageError(f"{clean_dir / 'train'}: no documents to train the tokenizer on")
+        stats = validation_stats(tok, tqdm(iter_field(valid), desc="tokenizer: validation", unit="doc", mininterval=2))
         with atomic_path(Path(out)) as tmp:
-            tmp.mkdir()
-            tok.save(str(tmp / "tokenizer.json"))
+            save(tok, cfg, tmp)
         path = Path(out) / "tokenizer.json"
-        result = TokenizerResult(path, tok.get_vocab_size(), sha256_file(path), n_bytes / max(n_tokens, 1))
+        result = TokenizerResult(path, tok.get_vocab_size(), sha256_file(path),
+                                 stats["bytes"] / max(stats["tokens"], 1), seconds)
         m = {"vocab_size": result.vocab_size, "validation_bytes_per_token": result.bytes_per_token,
-             "validation_tokens_per_word": n_tokens / max(n_words, 1)}
+             "validation_tokens_per_word": stats["tokens"] / max(stats["words"], 1)}
         write_json(metrics, m)
-        tr.metrics(m)
-        tr.artifact(path, "tokenizer")
+        tr.metrics({**m, "train_seconds": seconds, "train_chars_per_second": counted["chars"] / max(seconds, 1e-9)})
+        log.info("tokenizer: trained %s on %d documents (%.1f M characters) in %.1f s (%.2f M chars/s); "
+                 "vocabulary %d, %.3f bytes/token on validation", cfg.kind, counted["docs"], counted["chars"] / 1e6,
+                 seconds, counted["chars"] / 1e6 / max(seconds, 1e-9), result.vocab_size, result.bytes_per_token)
+        tr.artifact(Path(out), "tokenizer")
         return result

@@ -78,9 +78,9 @@ def write_sst2_like(folder: Path, n_train: int = 120, n_dev: int = 40) -> Path:
 def tiny_params(corpus: Path, glue_dir: Path, tracking_uri: str) -> dict:
     """Settings that run the whole pipeline in seconds."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["prepare"] = {"corpus": {"kind": "files", "paths": [str(corpus)]},
+    params["prepare"] = {"corpus": {"kind": "files", "paths": [str(corpus)], "shard_mb": 0.01},  # several shards
                          "tasks": {"kind": "glue_dir", "tasks": ["sst2"], "glue_dir": str(glue_dir)}}
-    params["clean"].update(min_chars=50, validation_fraction=0.25)
+    params["clean"].update(min_chars=50, validation_fraction=0.25, filters={})
     params["tokenizer"]["vocab_size"] = 400
     params["pretrain"].update(model={"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
                               max_steps=12, warmup_steps=2, batch_size=4, eval_interval=6, eval_batches=2,

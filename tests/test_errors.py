@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
@@ -35,23 +36,41 @@ def test_wrong_type_in_params(tiny_project):
 
 
 def test_missing_input_file(tiny_project):
-    one_error_line(lmcore(tiny_project, "clean"), "data/raw/corpus.jsonl", "not found")
+    one_error_line(lmcore(tiny_project, "clean"), "data/raw/corpus", "not found")
 
 
 def test_missing_corpus_path_keeps_earlier_output(tiny_project, tmp_path):
     assert lmcore(tiny_project, "prepare").returncode == 0
-    before = (tiny_project / "data/raw/corpus.jsonl").read_bytes()
+    before = (tiny_project / "data/raw/corpus/00000.jsonl").read_bytes()
     set_params(tiny_project, lambda p: p["prepare"]["corpus"].update(paths=[str(tmp_path / "nowhere")]))
     one_error_line(lmcore(tiny_project, "prepare"), "nowhere", "not found")
-    assert (tiny_project / "data/raw/corpus.jsonl").read_bytes() == before
+    assert (tiny_project / "data/raw/corpus/00000.jsonl").read_bytes() == before
 
 
-def test_invalid_utf8_names_file_and_line(tiny_project, tmp_path):
+def test_invalid_utf8_is_skipped_counted_and_reported_by_file_and_line(tiny_project, tmp_path):
+    src = tmp_path / "mixed"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"fine line one\nsecond \xff\xfe line\nthird line is fine too\n")
+    (src / "b.jsonl").write_bytes(b'{"text": "a good record that is long enough to keep around"}\n\xff\n{broken\n')
+    (src / "c.txt").write_bytes(b"\x00\x01binary\x00")
+    set_params(tiny_project, lambda p: p["prepare"]["corpus"].update(paths=[str(src)]))
+    res = lmcore(tiny_project, "prepare")
+    assert res.returncode == 0, res.stderr
+    assert "a.txt: skipped 1 invalid utf8 line (line 2)" in res.stderr
+    assert "b.jsonl: skipped 1 invalid json line (line 3); 1 invalid utf8 line (line 2)" in res.stderr
+    assert "c.txt: skipped 1 binary file" in res.stderr
+    m = json.loads((tiny_project / "metrics/prepare.json").read_text())
+    assert m["documents"] == 2 and m["skipped.invalid_utf8_line"] == 2 and m["skipped.binary_file"] == 1
+    docs = [json.loads(line) for line in (tiny_project / "data/raw/corpus/00000.jsonl").open()]
+    assert docs[0]["text"] == "fine line one\nthird line is fine too\n"
+
+
+def test_unreadable_corpus_is_an_error(tiny_project, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "a.txt").write_bytes(b"fine line\nsecond \xff\xfe line\n")
+    (bad / "a.txt").write_bytes(b"\xff\xfe\xfd")
     set_params(tiny_project, lambda p: p["prepare"]["corpus"].update(paths=[str(bad)]))
-    one_error_line(lmcore(tiny_project, "prepare"), "a.txt", "line 2", "invalid UTF-8")
+    one_error_line(lmcore(tiny_project, "prepare"), "no documents", "a.txt", "invalid utf8 line (line 1)")
     assert not (tiny_project / "data/raw").exists()
 
 

@@ -52,3 +52,27 @@ def test_flow_runs_every_stage_then_uses_its_cache(prefect_harness, tiny_project
     after = mlflow_runs(tiny_project / "mlflow.db")
     new = [r for r in after if r.info.run_id not in {x.info.run_id for x in runs}]
     assert sorted(r.data.tags.get("lmcore.stage", "parent") for r in new) == ["evaluate", "parent"]
+
+
+def test_clean_shards_spread_over_a_local_two_worker_dask_cluster(prefect_harness, tiny_project, monkeypatch):
+    """The same flow on a Dask task runner: clean's shards run on the Dask workers, and every
+    output is byte-identical to the default run."""
+    monkeypatch.chdir(tiny_project)
+    from flows.pipeline import pipeline, with_dask
+
+    pipeline(str(tiny_project / "params.yaml"), str(tiny_project))
+    before = {p: p.read_bytes() for p in sorted((tiny_project / "data/clean").rglob("*.jsonl"))}
+    assert len(before) > 4
+    with_dask(workers=2)(str(tiny_project / "params.yaml"), str(tiny_project), force=True)
+    after = {p: p.read_bytes() for p in sorted((tiny_project / "data/clean").rglob("*.jsonl"))}
+    assert after == before
+    from prefect.client.orchestration import get_client
+
+    import anyio
+
+    async def shard_runs():
+        async with get_client() as client:
+            runs = await client.read_task_runs()
+            return [r for r in runs if r.name.startswith("clean-shard")]
+
+    assert len(anyio.run(shard_runs)) == len(before) // 2  # one task run per raw shard

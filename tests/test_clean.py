@@ -1,0 +1,126 @@
+"""The clean stage's pipeline: steps, statistics, determinism, bounded memory, orchestration."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import make_text
+
+from lmcore.clean import clean, clean_shard, raw_shards
+from lmcore.clean.normalizers import ControlCharRemover, MojibakeFixer, PIIRedactor, UnicodeNormalizer, WhitespaceNormalizer
+from lmcore.config import CleanConfig, ConfigError, TrackingConfig, from_dict
+from lmcore.prepare import write_shards
+
+OFF = TrackingConfig(enabled=False)
+
+
+def raw_corpus(folder: Path, n_docs: int = 60, shard_bytes: int = 20_000, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    docs = [{"text": make_text(rng, rng.randint(40, 400)), "source": "test", "id": str(i)} for i in range(n_docs)]
+    docs[10]["text"] = docs[3]["text"]  # an exact duplicate
+    words = docs[5]["text"].split(" ")
+    words[7] = "changed"
+    docs[20]["text"] = " ".join(words)  # a near duplicate
+    docs[30]["text"] = "short"
+    docs[40]["text"] = "Write to jane.doe@example.org or 192.168.0.17 now. " + docs[40]["text"]
+    write_shards(iter(docs), folder / "corpus", shard_bytes)
+    return folder
+
+
+def outputs(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.jsonl"))}
+
+
+def test_normalisers():
+    assert UnicodeNormalizer("NFKC")("ﬁne") == "fine"
+    assert ControlCharRemover()("a\u200bb\r\nc\x07") == "ab\nc"
+    assert WhitespaceNormalizer()("  x  \n\n\n\ny \t\n") == "x\n\ny"
+    assert MojibakeFixer()("cafÃ©") == "café"
+    pii = PIIRedactor()
+    assert pii("mail a.b@c.org from 10.0.0.1 or fe80:0:0:0:0:0:0:1") == "mail <EMAIL> from <IP_ADDRESS> or <IP_ADDRESS>"
+    assert pii.counts == {"emails_replaced": 1, "ipv4_replaced": 1, "ipv6_replaced": 1}
+    assert pii("version 1.2.3 and 999.1.1.1") == "version 1.2.3 and 999.1.1.1"
+
+
+def test_drops_are_counted_per_step_and_reason_and_written_aside(tmp_path):
+    raw = raw_corpus(tmp_path / "raw")
+    cfg = CleanConfig(min_chars=50, filters={}, write_dropped=True, validation_fraction=0.2, workers=2)
+    res = clean(cfg, raw, tmp_path / "clean", tmp_path / "clean.json", OFF)
+    s = res.stats
+    assert s["documents_in"] == 60 and s["shards"] == len(raw_shards(raw)) > 1
+    assert s["min_length.dropped_docs.too_short"] == 1
+    assert s["dedup.dropped_docs.exact_duplicate"] == 1
+    assert s["dedup.dropped_docs.near_duplicate"] == 1
+    assert s["pii.emails_replaced"] == 1 and s["pii.ipv4_replaced"] == 1
+    assert s["documents_kept"] == 57 == s["train_documents"] + s["validation_documents"]
+    dropped = [json.loads(line) for p in sorted((tmp_path / "clean/dropped").glob("*.jsonl")) for line in p.open()]
+    assert sorted(d["drop_reason"] for d in dropped) == ["exact_duplicate", "near_duplicate", "too_short"]
+    assert {d["id"] for d in dropped} == {"10", "20", "30"}
+    kept = "".join(p.read_text() for p in (tmp_path / "clean").glob("*/0*.jsonl") if "dropped" not in str(p))
+    assert "<EMAIL>" in kept and "jane.doe" not in kept
+    assert json.loads((tmp_path / "clean.json").read_text())["documents_kept"] == 57
+
+
+def test_output_does_not_depend_on_workers_or_orchestrator(tmp_path):
+    raw = raw_corpus(tmp_path / "raw", n_docs=80, shard_bytes=8_000)
+    base = CleanConfig(min_chars=50, filters={}, write_dropped=True)
+    clean(base.model_copy(update={"workers": 1}), raw, tmp_path / "a", tmp_path / "a.json", OFF)
+    clean(base.model_copy(update={"workers": 3}), raw, tmp_path / "b", tmp_path / "b.json", OFF)
+    in_reverse = lambda jobs: [clean_shard(*j) for j in reversed(jobs)]  # noqa: E731 - any order, any worker
+    clean(base, raw, tmp_path / "c", tmp_path / "c.json", OFF, map_shards=in_reverse)
+    a = outputs(tmp_path / "a")
+    assert len(a) > 6 and a == outputs(tmp_path / "b") == outputs(tmp_path / "c")
+
+
+def test_bad_filter_settings_name_the_key():
+    with pytest.raises(ConfigError, match="clean.*filters.gopher_quality.*unknown field"):
+        from_dict({"clean": {"filters": {"gopher_quality": {"no_such_threshold": 1}}}})
+    with pytest.raises(ConfigError, match="unknown filter 'perplexity'"):
+        from_dict({"clean": {"filters": {"perplexity": {}}}})
+    with pytest.raises(ConfigError, match="minhash"):
+        from_dict({"clean": {"minhash": {"bands": 3, "rows": 5, "num_perm": 16}}})
+
+
+MEMORY_SCRIPT = textwrap.dedent('''
+    import json, random, resource, sys
+    from pathlib import Path
+    from lmcore.clean import clean
+    from lmcore.config import CleanConfig, TrackingConfig
+    root = Path(sys.argv[1]); mb = int(sys.argv[2]); headroom_mb = int(sys.argv[3])
+    cfg = CleanConfig(min_chars=10, filters={}, workers=1, validation_fraction=0.1)
+    off = TrackingConfig(enabled=False)
+    def vm():
+        return int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+    # warm up every import (report, dedup, ftfy) on a small corpus
+    (root / "small/corpus").mkdir(parents=True)
+    rng = random.Random(0)
+    words = [''.join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 9))) for _ in range(5000)]
+    def doc(i):
+        return json.dumps({"text": " ".join(rng.choice(words) for _ in range(900)) + f" {i}."}) + "\\n"
+    (root / "small/corpus/00000.jsonl").write_text("".join(doc(i) for i in range(50)))
+    clean(cfg, root / "small", root / "small_out", root / "m1.json", off)
+    (root / "big/corpus").mkdir(parents=True)
+    with open(root / "big/corpus/00000.jsonl", "w") as f:
+        i = 0
+        while f.tell() < mb * 2**20:
+            f.write(doc(i)); i += 1
+    limit = vm() + headroom_mb * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    res = clean(cfg, root / "big", root / "big_out", root / "m2.json", off)
+    print(json.dumps({"docs": res.stats["documents_in"], "kept": res.stats["documents_kept"]}))
+''')
+
+
+def test_memory_stays_bounded_on_a_corpus_larger_than_the_allowed_memory(tmp_path):
+    """A 48 MB corpus cleaned under an address-space cap of 24 MB above the warmed-up process."""
+    res = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path), "48", "24"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["docs"] > 8_000 and out["kept"] > 0.99 * out["docs"]
