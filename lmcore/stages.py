@@ -72,12 +72,14 @@ STAGE_IO: dict[str, StageIO] = {
     "prepare": StageIO(("prepare",), ("lmcore/prepare.py", "lmcore/glue.py"), ("data/raw",)),
     "clean": StageIO(("clean",), ("lmcore/clean", "data/raw/corpus"), ("data/clean",)),
     "tokenizer": StageIO(("tokenizer",), ("lmcore/tokenizer.py", "data/clean"), ("data/tokenizer",)),
-    "encode": StageIO(("encode",), ("lmcore/encode.py", "data/clean", "data/tokenizer"), ("data/tokens",)),
-    "pretrain": StageIO(("pretrain",), ("lmcore/model.py", "lmcore/pretrain.py", "configs/accelerate/cpu.yaml",
-                                        "data/tokens"), ("runs/pretrain",)),
+    "encode": StageIO(("encode",), ("lmcore/encode.py", "lmcore/shards.py", "lmcore/tokenizer.py", "data/clean",
+                                    "data/tokenizer"), ("data/tokens",)),
+    "pretrain": StageIO(("pretrain",), ("lmcore/model.py", "lmcore/pretrain.py", "lmcore/shards.py",
+                                        "configs/accelerate/cpu.yaml", "data/tokens"), ("runs/pretrain",)),
     "finetune": StageIO(("finetune",), ("lmcore/finetune.py", "data/raw/tasks", "data/tokenizer",
                                         "runs/pretrain/final"), ("runs/finetune",)),
-    "evaluate": StageIO(("evaluate",), ("lmcore/evaluate.py", "data/tokens", "data/tokenizer", "data/raw/tasks",
+    "evaluate": StageIO(("evaluate",), ("lmcore/evaluate.py", "lmcore/shards.py", "data/tokens", "data/tokenizer",
+                                        "data/raw/tasks",
                                         "runs/pretrain/final", "runs/finetune"), ("runs/evaluate",)),
 }
 
