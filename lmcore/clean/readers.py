@@ -59,18 +59,23 @@ class ReadStats:
 
     def warnings(self) -> list[str]:
         """One line per file with problems, naming the file, the problem and the first lines."""
-        out = []
-        for path, fp in sorted(self.problems.items()):
-            parts = []
-            for kind, n in sorted(fp.counts.items()):
-                where = fp.lines.get(kind)
-                parts.append(f"{n} {kind.replace('_', ' ')}" + (f" (line {', '.join(map(str, where))})" if where else ""))
-            out.append(f"{path}: skipped {'; '.join(parts)}")
-        return out
+        return warning_lines(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return {"files": self.files, "documents": self.documents, "skipped": self.totals(),
                 "problems": {p: dataclasses.asdict(fp) for p, fp in sorted(self.problems.items())}}
+
+
+def warning_lines(report: dict[str, Any]) -> list[str]:
+    """The warning lines of a :meth:`ReadStats.to_dict` report (also after crossing processes)."""
+    out = []
+    for path, fp in sorted(report.get("problems", {}).items()):
+        parts = []
+        for kind, n in sorted(fp["counts"].items()):
+            where = fp["lines"].get(kind)
+            parts.append(f"{n} {kind.replace('_', ' ')}" + (f" (line {', '.join(map(str, where))})" if where else ""))
+        out.append(f"{path}: skipped {'; '.join(parts)}")
+    return out
 
 
 def _open_binary(path: Path) -> IO[bytes]:

@@ -37,7 +37,7 @@ from lmcore.clean.normalizers import (
     UnicodeNormalizer,
     WhitespaceNormalizer,
 )
-from lmcore.clean.readers import ReadStats, read_jsonl_file
+from lmcore.clean.readers import ReadStats, read_jsonl_file, warning_lines
 from lmcore.clean.registry import make_filters
 from lmcore.config import CleanConfig, TrackingConfig, flatten
 from lmcore.io import StageError, atomic_path, write_json
@@ -299,22 +299,13 @@ def finalize(cfg: CleanConfig, results: list[ShardResult], out: Path, metrics: P
         write_json(tmp / "stats.json", stats)
         _report(tmp / "report.png", hist_in, hist_out, stats)
     write_json(metrics, stats)
-    for line in (w for r in results for w in _read_warnings(r.read)):
+    for line in (w for r in results for w in warning_lines(r.read)):
         log.warning(line)
     if tracker is not None:
         tracker.metrics({k: v for k, v in stats.items() if isinstance(v, (int, float))})
         tracker.artifact(out / "report.png", "report")
         tracker.artifact(out / "stats.json", "report")
     return CleanResult(out / "train", out / "validation", stats, out / "report.png")
-
-
-def _read_warnings(read: dict[str, Any]) -> list[str]:
-    out = []
-    for path, fp in read.get("problems", {}).items():
-        parts = [f"{n} {k.replace('_', ' ')}" + (f" (line {', '.join(map(str, fp['lines'][k]))})" if fp["lines"].get(k) else "")
-                 for k, n in sorted(fp["counts"].items())]
-        out.append(f"{path}: skipped {'; '.join(parts)}")
-    return out
 
 
 def _stats(results: list[ShardResult], dedup_drops: Counter, dedup_chars: Counter, counts: Counter,
