@@ -15,7 +15,13 @@ from lmcore.io import StageError
 def make_accelerator(mixed_precision: str):
     from accelerate import Accelerator
 
+    from lmcore.flops import resolve_precision
+
+    mixed_precision = resolve_precision(mixed_precision)
     acc = Accelerator(mixed_precision=mixed_precision)
+    if mixed_precision == "fp16" and acc.device.type == "cpu":
+        raise StageError("mixed_precision 'fp16' is refused on CPU: fp16 matrix multiplies run ~100x slower than "
+                         "fp32 there. Use 'bf16' (fast on CPUs with AVX-512 BF16/AMX) or 'no'")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != acc.num_processes:
         raise StageError(

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from lmcore.config import ConfigError
-from lmcore.io import StageError
+from lmcore.io import Interrupted, StageError
 from lmcore.stages import ORDER
 
 
@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StageError) as e:
         print(f"lmcore {args.stage}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"lmcore {args.stage}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(f"lmcore {args.stage}: interrupted", file=sys.stderr)
         return 130

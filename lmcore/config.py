@@ -20,7 +20,9 @@ class ConfigError(ValueError):
 
 # YAML 1.1 (PyYAML, and DVC when it rewrites params.yaml for `dvc exp run -S`) reads a bare
 # `no` as False: accept that spelling of "no".
-Precision = Annotated[Literal["no", "bf16"], BeforeValidator(lambda v: "no" if v is False else v)]
+# fp16 is accepted here and refused at run time on CPUs (lmcore.accel), where it is ~100x slower.
+# ``auto`` picks bf16 where this machine multiplies bf16 faster than fp32 (lmcore.flops).
+Precision = Annotated[Literal["auto", "no", "bf16", "fp16"], BeforeValidator(lambda v: "no" if v is False else v)]
 
 
 class Section(BaseModel):
@@ -223,13 +225,32 @@ class EncodeConfig(Section):
 # model / pretrain
 
 
-class ModelConfig(Section):
-    """Shape of the decoder (Llama style: RoPE, RMSNorm, SwiGLU, no biases)."""
+# Model shapes by name. "small" is the default pipeline's shape; "gpt2-124m" has GPT-2 small's
+# width, depth and context (124M parameters with GPT-2's 50,257-token vocabulary and tied
+# embeddings); "llama-350m" is GPT-2-medium-sized with grouped-query attention.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64},
+    "small": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256},
+    "mini": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256},
+    "gpt2-124m": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},
+    "llama-350m": {"n_layer": 24, "n_head": 16, "n_kv_heads": 4, "n_embd": 1024, "block_size": 1024},
+}
 
+
+class ModelConfig(Section):
+    """Shape of the decoder (Llama style: RoPE, RMSNorm, SwiGLU, no biases).
+
+    ``preset`` fills in the shape fields; any field given beside it overrides the preset."""
+
+    preset: Literal["tiny", "small", "mini", "gpt2-124m", "llama-350m"] | None = None
+    """A named shape (see ``MODEL_PRESETS``): tiny 2x64, small 4x256, mini 6x384 (6 heads,
+    256 context), gpt2-124m 12x768 (1024 context), llama-350m 24x1024 (4 key/value heads)."""
     n_layer: int = Field(default=4, ge=1)
     """Number of transformer blocks."""
     n_head: int = Field(default=4, ge=1)
-    """Attention heads per block."""
+    """Attention (query) heads per block."""
+    n_kv_heads: int | None = Field(default=None, ge=1)
+    """Key/value heads for grouped-query attention; must divide ``n_head``. None: ``n_head``."""
     n_embd: int = Field(default=256, ge=8)
     """Width of the residual stream; must be divisible by ``n_head``."""
     block_size: int = Field(default=256, ge=8)
@@ -243,13 +264,26 @@ class ModelConfig(Section):
     rope_theta: float = Field(default=10000.0, gt=0)
     """Base of the rotary position embedding."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in MODEL_PRESETS:
+            return {**MODEL_PRESETS[data["preset"]], **data}
+        return data
+
     @model_validator(mode="after")
     def _heads(self) -> "ModelConfig":
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError("head size n_embd/n_head must be even for rotary embeddings")
+        if self.n_kv_heads is not None and self.n_head % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_head ({self.n_head})")
         return self
+
+    def shape(self) -> dict[str, Any]:
+        """The fields of :class:`lmcore.model.GPTConfig` (everything but ``preset``)."""
+        return self.model_dump(exclude={"preset"})
 
 
 class PretrainConfig(Section):
@@ -260,29 +294,55 @@ class PretrainConfig(Section):
     batch_size: int = Field(default=16, ge=1)
     """Sequences per micro-batch per process."""
     grad_accum: int = Field(default=1, ge=1)
-    """Micro-batches accumulated per optimizer step."""
+    """Micro-batches accumulated per optimizer step (the loss is normalised by the target tokens
+    of all of them, on all processes)."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """``adamw`` for every parameter, or ``muon`` (``torch.optim.Muon``) for the 2-D weights
+    inside the blocks with AdamW for embeddings, the output head and norms."""
     lr: float = Field(default=3e-3, gt=0)
-    """Peak learning rate."""
+    """Peak AdamW learning rate."""
+    muon_lr: float = Field(default=0.02, gt=0)
+    """Peak Muon learning rate (``optimizer: muon`` only)."""
+    muon_momentum: float = Field(default=0.95, ge=0, lt=1)
+    """Muon momentum (Nesterov)."""
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    """``cosine``: linear warm-up, then cosine decay to ``min_lr_ratio``. ``wsd``: linear
+    warm-up, constant, then a linear decay to ``min_lr_ratio`` over the last ``decay_fraction``
+    of the steps (warmup-stable-decay)."""
+    decay_fraction: float = Field(default=0.2, gt=0, le=1)
+    """Share of the steps spent decaying in the ``wsd`` schedule."""
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
-    """Final learning rate of the cosine decay, as a fraction of ``lr``."""
+    """Final learning rate as a fraction of the peak."""
     warmup_steps: int = Field(default=50, ge=0)
     """Linear warm-up steps."""
     weight_decay: float = Field(default=0.1, ge=0)
-    """AdamW weight decay on 2-D weights (not on norms)."""
+    """Decoupled weight decay on 2-D weights (never on norms)."""
+    decay_embeddings: bool = False
+    """Also decay the token embedding (and the tied output head)."""
     beta1: float = Field(default=0.9, ge=0, lt=1)
     """AdamW beta1."""
     beta2: float = Field(default=0.95, ge=0, lt=1)
     """AdamW beta2."""
     grad_clip: float = Field(default=1.0, ge=0)
     """Clip the global gradient norm to this (0: off)."""
-    mixed_precision: Precision = "bf16"
-    """Autocast precision. fp16 is not offered: it is ~100x slower than fp32 on CPUs."""
+    mixed_precision: Precision = "auto"
+    """Autocast precision: ``no`` (fp32), ``bf16``, or ``auto``: bf16 where this machine's
+    measured bf16 matmul peak beats fp32 (GPUs with bf16, CPUs with AVX-512 BF16/AMX), else
+    fp32. ``fp16`` is refused on CPUs, where it runs ~100x slower than fp32."""
+    compile: bool = False
+    """Compile the model with ``torch.compile`` (slow first step, then faster steps)."""
     eval_interval: int = Field(default=100, ge=1)
     """Measure validation loss every this many steps (and at the end)."""
     eval_batches: int = Field(default=8, ge=1)
     """Validation batches per measurement (fixed windows, the same every time)."""
     log_interval: int = Field(default=10, ge=1)
     """Log training metrics every this many steps."""
+    checkpoint_interval: int = Field(default=200, ge=1)
+    """Save a resumable checkpoint every this many steps (and at the end, and on SIGTERM/SIGINT)."""
+    keep_checkpoints: int = Field(default=2, ge=1)
+    """Keep the last this many checkpoints, plus the one with the best validation loss."""
+    max_nonfinite: int = Field(default=5, ge=1)
+    """Stop when this many steps in a row have a NaN or infinite loss (each one is skipped)."""
     seed: int = 1337
     """Seed for initialisation and the order of training windows."""
     threads: int | None = Field(default=None, ge=1)
@@ -316,7 +376,7 @@ class FinetuneConfig(Section):
     """Truncate inputs to this many tokens (also capped by the model's context)."""
     dropout: float = Field(default=0.1, ge=0, lt=1)
     """Dropout before the head."""
-    mixed_precision: Precision = "bf16"
+    mixed_precision: Precision = "auto"
     """Autocast precision."""
     seed: int = 1337
     """Seed for the head and the batch order."""
@@ -343,6 +403,18 @@ class EvaluateConfig(Section):
     """Seed for sampling."""
 
 
+# --------------------------------------------------------------------------------------------
+# export
+
+
+class ExportConfig(Section):
+    """The pretrained model written as a Hugging Face Llama folder (``runs/export``)."""
+
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Type of the exported weights: ``float32`` (as trained: the exported model gives the same
+    logits as lmcore's) or ``bfloat16`` (half the size; logits differ by bfloat16 rounding)."""
+
+
 class TrackingConfig(Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     """MLflow tracking URI; relative sqlite paths are relative to the working directory."""
@@ -360,6 +432,7 @@ class Params(Section):
     pretrain: PretrainConfig = PretrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

@@ -22,6 +22,14 @@ class StageError(RuntimeError):
     """An error a user can act on (bad input, missing file): shown as one line, no traceback."""
 
 
+class Interrupted(RuntimeError):
+    """A stage stopped by a signal after saving what it needs to resume (exit status 128 + signum)."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.

@@ -45,6 +45,10 @@ class Layout:
         return self / "runs/pretrain/final"
 
     @property
+    def export(self) -> Path:
+        return self / "runs/export"
+
+    @property
     def finetune(self) -> Path:
         return self / "runs/finetune"
 

@@ -23,7 +23,9 @@ class GPTConfig:
     n_layer: int = 4
     """Transformer blocks."""
     n_head: int = 4
-    """Attention heads."""
+    """Attention (query) heads."""
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention (must divide ``n_head``); None: ``n_head``."""
     n_embd: int = 256
     """Residual stream width."""
     block_size: int = 256
@@ -40,6 +42,10 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_head
 
     @property
     def mlp_hidden(self) -> int:
@@ -75,24 +81,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.n_head = cfg.n_head
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         drop = self.dropout if self.training else 0.0
+        gqa = self.n_kv != self.n_head  # each key/value head serves n_head / n_kv query heads
         if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -170,15 +178,21 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.embed.weight.numel()
 
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6 * (non-embedding params + output head) + attention.
+    def matmul_params(self) -> int:
+        """Parameters that take part in a matrix multiply: every linear layer including the output
+        projection (counted once even when tied); the embedding lookup table is excluded."""
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
 
-        The attention term is 6 * n_layer * T * n_embd (QK^T and AV, forward and backward, with
-        the full T x T score matrix; the causal half is not subtracted), as in the PaLM paper.
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token = 6 * matmul_params + 12 * n_layer * n_embd * block_size.
+
+        6 = 2 FLOPs per multiply-add x 3 (forward, and backward for inputs and weights). The
+        attention term counts QK^T and AV (2 * 2 * T * n_embd per token and layer, forward)
+        times 3, over the full T x T score matrix (the causal half is not subtracted), as in
+        the PaLM paper's MFU appendix. Norms, RoPE, softmax and the loss are not counted.
         """
         c = self.cfg
-        n = self.num_params(embeddings=False) + (c.vocab_size * c.n_embd if c.tie_embeddings else 0)
-        return 6 * n + 6 * c.n_layer * c.block_size * c.n_embd
+        return 6 * self.matmul_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -45,6 +45,12 @@ def _pretrain(p: Params, L: Layout) -> Any:
     return pretrain(p.pretrain, L.tokens, L.pretrain, L.metrics("pretrain"), L.loss_plot, p.tracking)
 
 
+def _export(p: Params, L: Layout) -> Any:
+    from lmcore.export import export
+
+    return export(p.export, L.pretrained, L.tokenizer, L.export, L.metrics("export"), p.tracking)
+
+
 def _finetune(p: Params, L: Layout) -> Any:
     from lmcore.finetune import finetune
 
@@ -66,6 +72,9 @@ class StageIO:
     params: tuple[str, ...]
     deps: tuple[str, ...]
     outs: tuple[str, ...]
+    persist: tuple[str, ...] = ()
+    """Outputs kept across reruns and not cached by DVC (``persist: true, cache: false``):
+    checkpoints a rerun resumes from."""
 
 
 STAGE_IO: dict[str, StageIO] = {
@@ -75,7 +84,9 @@ STAGE_IO: dict[str, StageIO] = {
     "encode": StageIO(("encode",), ("lmcore/encode.py", "lmcore/shards.py", "lmcore/tokenizer.py", "data/clean",
                                     "data/tokenizer"), ("data/tokens",)),
     "pretrain": StageIO(("pretrain",), ("lmcore/model.py", "lmcore/pretrain.py", "lmcore/shards.py",
-                                        "configs/accelerate/cpu.yaml", "data/tokens"), ("runs/pretrain",)),
+                                        "configs/accelerate/cpu.yaml", "data/tokens"), ("runs/pretrain/final",),
+                        persist=("runs/pretrain/checkpoints",)),
+    "export": StageIO(("export",), ("lmcore/export.py", "runs/pretrain/final", "data/tokenizer"), ("runs/export",)),
     "finetune": StageIO(("finetune",), ("lmcore/finetune.py", "data/raw/tasks", "data/tokenizer",
                                         "runs/pretrain/final"), ("runs/finetune",)),
     "evaluate": StageIO(("evaluate",), ("lmcore/evaluate.py", "lmcore/shards.py", "data/tokens", "data/tokenizer",
@@ -112,6 +123,7 @@ STAGES: dict[str, Callable[..., Any]] = {
     "tokenizer": _tokenizer,
     "encode": _encode,
     "pretrain": _pretrain,
+    "export": _export,
     "finetune": _finetune,
     "evaluate": _evaluate,
 }

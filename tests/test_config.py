@@ -36,10 +36,23 @@ def test_unknown_key_is_rejected(tmp_path):
 
 
 def test_choice_lists_allowed_values(tmp_path):
-    p = _write(tmp_path, {"pretrain": {"mixed_precision": "fp16"}})
+    p = _write(tmp_path, {"pretrain": {"mixed_precision": "fp32"}})
     with pytest.raises(ConfigError) as e:
         config.load(p)
     assert "pretrain.mixed_precision" in str(e.value) and "'bf16'" in str(e.value)
+
+
+def test_model_preset_fills_the_shape_and_explicit_fields_win(tmp_path):
+    p = _write(tmp_path, {"pretrain": {"model": {"preset": "mini", "block_size": 128}}})
+    m = config.load(p).pretrain.model
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (6, 6, 384, 128)
+    assert "preset" not in m.shape()
+    p = _write(tmp_path, {"pretrain": {"model": {"preset": "huge"}}})
+    with pytest.raises(ConfigError, match="pretrain.model.preset = 'huge'.*'tiny'"):
+        config.load(p)
+    p = _write(tmp_path, {"pretrain": {"model": {"n_head": 4, "n_kv_heads": 3}}})
+    with pytest.raises(ConfigError, match="n_kv_heads"):
+        config.load(p)
 
 
 def test_cross_field_rule(tmp_path):

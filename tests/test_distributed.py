@@ -26,7 +26,7 @@ def test_two_cpu_processes_train_together(encoded_project):
     res = launch(encoded_project, {"ACCELERATE_USE_CPU": "true"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert "2 process(es)" in res.stdout + res.stderr
-    state = encoded_project / "runs/pretrain/state"
+    state = encoded_project / "runs/pretrain/checkpoints/step-000012"
     assert (state / "random_states_0.pkl").exists() and (state / "random_states_1.pkl").exists()
     assert (encoded_project / "runs/pretrain/final/model.safetensors").exists()
 

@@ -7,7 +7,7 @@ import os
 import pytest
 from conftest import mlflow_runs, read_json
 
-STAGES = ["prepare", "clean", "tokenizer", "encode", "pretrain", "finetune", "evaluate"]
+STAGES = ["prepare", "clean", "tokenizer", "encode", "pretrain", "export", "finetune", "evaluate"]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from conftest import BIN, mlflow_runs, read_json, run_env
 
 from lmcore.encode import load_tokens
 
-STAGES = ["prepare", "clean", "tokenizer", "encode", "pretrain", "finetune", "evaluate"]
+STAGES = ["prepare", "clean", "tokenizer", "encode", "pretrain", "export", "finetune", "evaluate"]
 
 
 def dvc(proj, *args, check=True):
@@ -31,7 +31,7 @@ def test_dvc_repro_end_to_end(tiny_project):
     assert train.dtype == np.uint16 and len(train) == manifest["splits"]["train"]["tokens"] > 0
     assert (train == manifest["eot_id"]).sum() == manifest["splits"]["train"]["documents"]
     assert (proj / "runs/pretrain/final/model.safetensors").exists()
-    assert (proj / "runs/pretrain/state/trainer.json").exists()
+    assert (proj / "runs/pretrain/checkpoints/step-000012/trainer.json").exists()
     assert (proj / "runs/finetune/sst2/model.safetensors").exists()
     clean = read_json(proj / "metrics/clean.json")
     assert clean["dedup.dropped_docs.exact_duplicate"] == 1 and clean["shards"] > 1

@@ -17,7 +17,13 @@ def test_dvc_yaml_declares_the_same_stages_inputs_and_outputs():
         st = dvc[name]
         assert st["cmd"].endswith(f"lmcore {name}") or st["cmd"].endswith(f"lmcore.cli {name}")
         assert tuple(st["deps"]) == io.deps, name
-        assert tuple(st["outs"]) == io.outs, name
+        plain = tuple(o for o in st["outs"] if isinstance(o, str))
+        kept = tuple(next(iter(o)) for o in st["outs"] if isinstance(o, dict))
+        assert plain == io.outs, name
+        assert kept == io.persist, name
+        for o in st["outs"]:
+            if isinstance(o, dict):
+                assert next(iter(o.values())) == {"persist": True, "cache": False}, name
         assert tuple(st["params"]) == io.params, name
 
 
