@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from lmcore.machine import cpu_name
+from lmcore.stages import ORDER as STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ["prepare", "clean", "tokenizer", "encode", "pretrain", "finetune", "evaluate"]
 
 
 def main() -> None:

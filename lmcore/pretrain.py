@@ -35,7 +35,7 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -324,7 +324,12 @@ class PretrainResult:
 
 
 def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, plots: Path | None = None,
-             tracking: TrackingConfig = TrackingConfig()) -> PretrainResult:
+             tracking: TrackingConfig = TrackingConfig(),
+             build_model: Callable[[GPTConfig], torch.nn.Module] = GPT) -> PretrainResult:
+    """Train from ``tokens_dir`` into ``out`` (see the module docstring); write ``metrics``
+    (JSON) and the loss history ``plots`` (CSV). ``build_model`` makes the model from its shape
+    (benchmarks pass other architectures with GPT's interface: ``forward(idx, targets,
+    reduction)``, ``num_params``, ``matmul_params``, ``flops_per_token`` and a ``cfg``)."""
     from tqdm import tqdm
 
     from lmcore.flops import dtype_of, mfu, peak_flops
@@ -343,7 +348,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(cfg.seed)
     gcfg = gpt_config(cfg.model, manifest["vocab_size"])
-    model = GPT(gcfg)
+    model = build_model(gcfg)
     n_params, fpt = model.num_params(), model.flops_per_token()
     optimizers = build_optimizers(model, cfg)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, cfg)) for o in optimizers]
@@ -479,7 +484,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
         if accelerator.distributed_type.name == "FSDP":  # parameters are sharded: gather a full copy
             full = accelerator.get_state_dict(model)  # every process takes part
             if accelerator.is_main_process:
-                final_model = GPT(gcfg)
+                final_model = build_model(gcfg)
                 final_model.load_state_dict(full)
         if accelerator.is_main_process:
             train_loss = next((h["train_loss"] for h in reversed(history) if "train_loss" in h), loss_val)
