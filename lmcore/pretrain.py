@@ -13,9 +13,9 @@ Loss: the gradient of a step is that of the summed token losses divided by the n
 tokens of the whole step (all micro-batches, all processes), not a mean of per-micro-batch means.
 
 Checkpoints (``out/checkpoints/step-NNNNNN``): every ``checkpoint_interval`` steps, at the end,
-and when SIGTERM or SIGINT arrives; each holds the Accelerate state (model, optimizer,
-scheduler, RNG of every process) and ``trainer.json`` (step, sampler position, validation
-history, a hash of the settings). They are written to a temporary folder and renamed; the last
+and when SIGTERM or SIGINT arrives; each holds the Accelerate state (model as safetensors,
+optimizer, RNG of every process, all loaded with ``weights_only=True``) and ``trainer.json``
+(step, sampler position, learning-rate schedulers, loss history, a hash of the settings). They are written to a temporary folder and renamed; the last
 ``keep_checkpoints`` and the one with the best validation loss are kept. A run with the same
 settings resumes from the newest checkpoint by itself, bitwise identically.
 
@@ -355,10 +355,8 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
     if cfg.compile:
         model.compile()  # in place: parameter names (and so checkpoints) stay the same
     # schedulers are stepped by hand once per optimizer step (Accelerate's wrapper assumes its
-    # own data loader) and registered so that checkpoints hold them
+    # own data loader); their state goes to trainer.json, so resuming unpickles nothing of ours
     model, *optimizers = accelerator.prepare(model, *optimizers)
-    for s in schedulers:
-        accelerator.register_for_checkpointing(s)
     raw_model = accelerator.unwrap_model(model)
 
     step_windows = world * cfg.grad_accum * cfg.batch_size
@@ -378,6 +376,8 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
         if saved.get("config_hash") == chash:
             accelerator.load_state(str(ckpts[-1][1]))
             sampler.load_state_dict(saved.pop("sampler"))
+            for sched, sd in zip(schedulers, saved.pop("schedulers"), strict=True):
+                sched.load_state_dict(sd)
             state.update(saved)
             accelerator.print(f"resuming from step {state['step']} ({ckpts[-1][1]})")
         else:
@@ -398,7 +398,8 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
         f"peak {peak.flops / 1e9:.0f} GFLOP/s ({peak.source}, {peak.dtype})")
 
     def trainer_state(step: int) -> dict[str, Any]:
-        return {**state, "step": step, "sampler": sampler.state_dict(), "config_hash": chash}
+        return {**state, "step": step, "sampler": sampler.state_dict(), "config_hash": chash,
+                "schedulers": [sched.state_dict() for sched in schedulers]}
 
     def validate(step: int) -> float:
         v = evaluate_windows(model, val_windows, cfg.batch_size, accelerator)

@@ -222,6 +222,9 @@ def test_killed_run_resumes_bitwise_identically(straight, tmp_path):
     assert not (root / "runs/pretrain/final").exists()
     steps = [s for s, _ in list_checkpoints(root / "runs/pretrain/checkpoints")]
     assert 20 in steps and 40 not in steps
+    ckpt = root / "runs/pretrain/checkpoints/step-000020"
+    assert (ckpt / "model.safetensors").exists() and not list(ckpt.glob("custom_checkpoint*"))  # no pickles of ours
+    assert json.loads((ckpt / "trainer.json").read_text())["sampler"]["pos"] == 20 * 16
     res = run_cli(root)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming from step" in res.stdout + res.stderr
