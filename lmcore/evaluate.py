@@ -6,7 +6,10 @@
   text: the number to compare across tokenizers.
 - The same numbers for a unigram model of the training tokens (add-one smoothed), the floor a
   language model must clearly beat.
-- Task metrics of every fine-tuned model on its validation split(s), beside the majority class.
+- Task metrics of every fine-tuned task (read from ``runs/finetune/<task>/results.json``, the
+  best epoch's validation metrics) beside its majority-class and bag-of-words baselines, the GLUE
+  score (mean of the GLUE task scores), and ``glue_submission.zip``: the leaderboard prediction
+  files of every fine-tuned GLUE task, ready to upload.
 - A few sampled generations.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +78,48 @@ class EvaluateResult:
     report: Path
 
 
+def task_results(finetuned: Path, tasks: Sequence[str]) -> tuple[dict[str, Any], list[tuple], list[Path]]:
+    """Metrics of the fine-tuned ``tasks`` (``runs/finetune/<task>/results.json``) as
+    ``<task>.<metric>``, ``<task>.majority_<metric>``, ``<task>.bow_<metric>`` and ``<task>.score``,
+    plus ``glue.score`` (mean of the GLUE task scores) and ``glue.tasks``; report rows; and the
+    leaderboard prediction files of the GLUE tasks."""
+    from lmcore import glue
+    from lmcore.io import read_json
+
+    m: dict[str, Any] = {}
+    rows: list[tuple] = []
+    files: list[Path] = []
+    scores: dict[str, float] = {}
+    for task in tasks:
+        folder = Path(finetuned) / task
+        res = read_json(folder / "results.json")
+        spec = glue.TaskSpec.from_dict(read_json(folder / "config.json")["task"])
+        r = res["metrics"]
+        for k in glue.metric_keys(spec):
+            m[f"{task}.{k}"] = r[k]
+            m[f"{task}.majority_{k}"] = r[f"majority_{k}"]
+            m[f"{task}.bow_{k}"] = r[f"bow_{k}"]
+            rows.append((task, k, r[k], r[f"majority_{k}"], "majority class"))
+            rows.append((task, k, r[k], r[f"bow_{k}"], "TF-IDF logistic regression" if spec.labels else "TF-IDF ridge"))
+        m[f"{task}.score"] = scores[task] = r["score"]
+        if spec.is_glue:
+            files += [folder / f for f in res.get("submissions", {}).values()]
+    glue_score = glue.glue_score(scores)
+    if glue_score is not None:
+        n = sum(t in glue.GLUE_TASKS for t in scores)
+        m["glue.score"], m["glue.tasks"] = glue_score, n
+        rows.append(("GLUE", f"score ({n} of 9 tasks)", glue_score, float("nan"), ""))
+    return m, rows, files
+
+
 def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned: Path, tokenizer_dir: Path,
-             tasks_dir: Path, out: Path, metrics: Path, tracking: TrackingConfig = TrackingConfig()) -> EvaluateResult:
+             tasks: Sequence[str], out: Path, metrics: Path,
+             tracking: TrackingConfig = TrackingConfig()) -> EvaluateResult:
+    """Evaluate the language model and collect the fine-tuned ``tasks`` (names, in order)."""
     from lmcore import glue
     from lmcore import tokenizer as tokmod
-    from lmcore.checkpoint import load_gpt, read_config
+    from lmcore.checkpoint import load_gpt
     from lmcore.encode import load_manifest, load_tokens
-    from lmcore.finetune import encode_examples, load_classifier, load_task, predict
     from lmcore.tracking import stage_run
 
     out = Path(out)
@@ -108,36 +147,25 @@ def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned:
         }
         rows = [("language model", "validation bits per byte", m["lm.val_bpb"], m["lm.unigram_val_bpb"], "unigram")]
 
-        for folder in sorted(Path(finetuned).glob("*/model.safetensors")):
-            clf, spec = load_classifier(folder.parent)
-            max_len = read_config(folder.parent).get("max_length", clf.backbone.cfg.block_size)
-            task_folder = Path(tasks_dir) / spec.name
-            _, splits = load_task(task_folder)
-            pad = tokmod.special_ids(tok).pad
-            train_labels = [e["label"] for e in splits["train"]]
-            for vname in spec.validation_splits:
-                seqs = encode_examples(tok, splits[vname], max_len)
-                labels = [e["label"] for e in splits[vname]]
-                scores = glue.compute_metrics(spec, predict(clf, seqs, pad, spec.is_regression), labels)
-                base = glue.majority_baseline(spec, train_labels, labels)
-                prefix = spec.name if vname == "validation" else f"{spec.name}.{vname}"
-                for k, v in scores.items():
-                    m[f"{prefix}.{k}"] = v
-                    m[f"{prefix}.majority_{k}"] = base[k]
-                    rows.append((prefix, k, v, base[k], "majority class"))
-                m[f"{prefix}.score"] = glue.task_score(spec, scores)
+        task_m, task_rows, submission = task_results(finetuned, tasks)
+        m |= task_m
+        rows += task_rows
 
         samples = _samples(model, tok, cfg)
         report = ["| what | metric | model | baseline | baseline kind |", "|---|---|---|---|---|"]
-        report += [f"| {a} | {b} | {c:.4f} | {d:.4f} | {e} |" for a, b, c, d, e in rows]
+        report += [f"| {a} | {b} | {c:.4f} | {'' if math.isnan(d) else f'{d:.4f}'} | {e} |" for a, b, c, d, e in rows]
         with atomic_path(out) as tmp:
             tmp.mkdir()
             (tmp / "report.md").write_text("\n".join(report) + "\n")
             (tmp / "samples.md").write_text(samples)
+            if submission:  # the leaderboard upload: CoLA.tsv, ..., AX.tsv of the GLUE tasks fine-tuned
+                m["glue.submission_files"] = len(glue.write_submission_zip(submission, tmp / "glue_submission.zip"))
         write_json(metrics, m)
         tr.metrics({k: v for k, v in m.items() if isinstance(v, (int, float))})
         tr.artifact(out / "report.md")
         tr.artifact(out / "samples.md")
+        if submission:
+            tr.artifact(out / "glue_submission.zip")
         return EvaluateResult(m, out / "report.md")
 
 

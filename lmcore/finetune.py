@@ -1,18 +1,27 @@
-"""Stage ``finetune``: a classification or regression head on the pretrained decoder.
+"""Stage ``finetune``: a classification or regression head on the pretrained decoder, one task
+per run (DVC runs one stage ``finetune@<task>`` per task in ``prepare.tasks.tasks``).
 
 Inputs are ``text_a [<sep> text_b] <eot>``, right-padded; because attention is causal, the hidden
 state of the last real token (the end-of-text token) sees the whole input and nothing of the
-padding, so it is the pooled representation. Every task prepared under ``tasks_dir`` is trained
-for ``epochs`` epochs; the epoch with the best validation score is kept. A majority-class and a
-bag-of-words logistic-regression baseline are scored on the same splits.
+padding, so it is the pooled representation. The task is trained for ``epochs`` epochs with its
+hyperparameters (``finetune.defaults`` with ``finetune.tasks.<task>`` overrides); the epoch with
+the best validation score (the task score: the mean of its metrics, over MNLI's matched and
+mismatched splits) is kept. A majority-class and a bag-of-words (TF-IDF) logistic-regression
+baseline are scored on the same splits and logged beside the model's numbers.
 
-Outputs: ``out/<task>/`` (``model.safetensors``, ``config.json``) and a metrics JSON.
+Outputs (``out`` = ``runs/finetune/<task>/``, written atomically as one folder):
+``model.safetensors`` and ``config.json`` (the best epoch's classifier), ``results.json`` (metrics,
+baselines, per-epoch history, hyperparameters) and ``submission/<name>.tsv``: predictions on
+each test split in the GLUE leaderboard format (``CoLA.tsv``; ``MNLI-m.tsv``, ``MNLI-mm.tsv`` and
+``AX.tsv`` from the MNLI model). The evaluate stage zips the GLUE files of all tasks. Also a
+metrics JSON (``metrics/finetune/<task>.json``) and one MLflow run per task.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -25,9 +34,9 @@ import torch.nn.functional as F
 
 from lmcore import glue
 from lmcore.accel import make_accelerator
-from lmcore.checkpoint import load_gpt, read_config, save_model
-from lmcore.config import FinetuneConfig, TrackingConfig, flatten
-from lmcore.io import StageError, read_json, read_jsonl, require, write_json
+from lmcore.checkpoint import load_gpt, read_config
+from lmcore.config import FinetuneConfig, FinetuneHyper, TrackingConfig, flatten
+from lmcore.io import StageError, atomic_path, read_json, read_jsonl, require, write_json
 from lmcore.model import GPT, GPTConfig
 
 
@@ -100,26 +109,32 @@ def predict(model: SequenceClassifier, seqs: list[list[int]], pad_id: int, regre
     return preds
 
 
-def bow_baseline(spec: glue.TaskSpec, train: list[dict[str, Any]], valid: list[dict[str, Any]]) -> dict[str, float]:
-    """Bag-of-words (uni- and bigram TF-IDF) logistic or ridge regression, scikit-learn."""
+def bow_baseline(spec: glue.TaskSpec, train: list[dict[str, Any]],
+                 evals: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """Predictions of a bag-of-words model (uni- and bigram TF-IDF; logistic regression, or ridge
+    regression for a regression task; scikit-learn) trained on ``train``, per split of ``evals``."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression, Ridge
 
     def text(e: dict[str, Any]) -> str:
         return e["text_a"] + (" [SEP] " + e["text_b"] if e.get("text_b") else "")
 
-    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
-    xt = vec.fit_transform([text(e) for e in train])
-    xv = vec.transform([text(e) for e in valid])
     yt = [e["label"] for e in train]
+    if not spec.is_regression and len(set(yt)) < 2:  # one class: nothing to learn but the majority
+        return {k: [yt[0]] * len(v) for k, v in evals.items()}
+    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2 if len(train) >= 1000 else 1, sublinear_tf=True)
+    xt = vec.fit_transform([text(e) for e in train])
     clf = Ridge() if spec.is_regression else LogisticRegression(max_iter=2000)
     clf.fit(xt, yt)
-    return glue.compute_metrics(spec, list(clf.predict(xv)), [e["label"] for e in valid])
+    return {k: [float(p) if spec.is_regression else int(p) for p in clf.predict(vec.transform([text(e) for e in v]))]
+            for k, v in evals.items()}
 
 
 def load_task(folder: Path) -> tuple[glue.TaskSpec, dict[str, list[dict[str, Any]]]]:
-    spec = glue.TaskSpec.from_dict(read_json(Path(folder) / "task.json"))
-    splits = {p.stem: list(read_jsonl(p)) for p in sorted(Path(folder).glob("*.jsonl"))}
+    """A prepared task folder: its spec (``task.json``) and its splits (``<split>.jsonl``)."""
+    folder = Path(folder)
+    spec = glue.TaskSpec.from_dict(read_json(folder / "task.json"))
+    splits = {p.stem: list(read_jsonl(p)) for p in sorted(folder.glob("*.jsonl"))}
     if not splits.get("train"):
         raise StageError(f"{folder}/train.jsonl: no training examples")
     for name in spec.validation_splits:
@@ -140,50 +155,76 @@ def load_classifier(folder: Path) -> tuple[SequenceClassifier, glue.TaskSpec]:
 
 @dataclasses.dataclass
 class FinetuneResult:
-    models: dict[str, Path]
-    metrics: dict[str, dict[str, float]]
+    task: str
+    model: Path
+    score: float
+    metrics: dict[str, float]
 
 
-def _train_task(cfg: FinetuneConfig, spec: glue.TaskSpec, splits: dict[str, list[dict[str, Any]]], tok,
-                pretrained: Path, out: Path, accelerator, tr) -> dict[str, float]:
+def _evaluate(model, seqs: dict[str, list[list[int]]], pad: int, spec: glue.TaskSpec,
+              labels: dict[str, list[Any]], autocast) -> tuple[dict[str, float], float]:
+    preds = {s: predict(model, seqs[s], pad, spec.is_regression, autocast=autocast) for s in spec.validation_splits}
+    metrics = glue.evaluate_splits(spec, preds, labels)
+    return metrics, glue.task_score(spec, metrics)
+
+
+def baselines(spec: glue.TaskSpec, splits: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """The majority-class and bag-of-words baselines on the validation split(s), with their task
+    scores: ``majority_<metric>``, ``majority_score``, ``bow_<metric>``, ``bow_score``."""
+    train_labels = [e["label"] for e in splits["train"]]
+    labels = {s: [e["label"] for e in splits[s]] for s in spec.validation_splits}
+    majority = {}
+    for s in spec.validation_splits:
+        majority |= {f"{k}{glue.split_suffix(spec, s)}": v
+                     for k, v in glue.majority_baseline(spec, train_labels, labels[s]).items()}
+    bow_preds = bow_baseline(spec, splits["train"], {s: splits[s] for s in spec.validation_splits})
+    bow = glue.evaluate_splits(spec, bow_preds, labels)
+    out = {f"majority_{k}": v for k, v in majority.items()} | {"majority_score": glue.task_score(spec, majority)}
+    return out | {f"bow_{k}": v for k, v in bow.items()} | {"bow_score": glue.task_score(spec, bow)}
+
+
+def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[str, Any]]], tok, pretrained: Path,
+           accelerator, tr) -> tuple[SequenceClassifier, dict[str, Any], int]:
+    """Train, keep the best epoch's weights; return the model, the best epoch's record, and the
+    history of every epoch."""
     from tqdm import tqdm
 
     from lmcore.tokenizer import special_ids
 
     pad = special_ids(tok).pad
     backbone = load_gpt(pretrained)
-    max_len = min(cfg.max_length, backbone.cfg.block_size)
-    torch.manual_seed(cfg.seed)
-    model = SequenceClassifier(backbone, spec.num_labels, cfg.dropout)
+    max_len = min(hp.max_length, backbone.cfg.block_size)
+    torch.manual_seed(hp.seed)
+    model = SequenceClassifier(backbone, spec.num_labels, hp.dropout)
     train = splits["train"]
     train_seqs = encode_examples(tok, train, max_len)
     labels = torch.tensor([e["label"] for e in train], dtype=torch.float if spec.is_regression else torch.long)
-    vname = spec.validation_splits[0]
-    valid_seqs = encode_examples(tok, splits[vname], max_len)
-    valid_labels = [e["label"] for e in splits[vname]]
+    valid_seqs = {s: encode_examples(tok, splits[s], max_len) for s in spec.validation_splits}
+    valid_labels = {s: [e["label"] for e in splits[s]] for s in spec.validation_splits}
 
-    steps_per_epoch = math.ceil(len(train) / (cfg.batch_size * accelerator.num_processes))
-    total = steps_per_epoch * cfg.epochs
-    warmup = int(cfg.warmup_fraction * total)
+    steps_per_epoch = math.ceil(len(train) / (hp.batch_size * accelerator.num_processes))
+    total = steps_per_epoch * hp.epochs
+    warmup = int(hp.warmup_fraction * total)
     head_params = list(model.head.parameters())
     head_ids = {id(p) for p in head_params}
     body = [p for p in model.parameters() if id(p) not in head_ids]
-    optimizer = torch.optim.AdamW([{"params": body, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr}],
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([{"params": body, "lr": hp.lr}, {"params": head_params, "lr": hp.head_lr}],
+                                  weight_decay=hp.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
     model, optimizer = accelerator.prepare(model, optimizer)  # scheduler stepped by hand, once per step
     raw = accelerator.unwrap_model(model)
 
     best: dict[str, Any] = {"score": -math.inf}
+    history: list[dict[str, Any]] = []
     step = 0
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(hp.seed)
     t0 = time.perf_counter()
     n_tokens = 0
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, hp.epochs + 1):
         model.train()
         perm = rng.permutation(len(train))
-        batches = [perm[i : i + cfg.batch_size] for i in range(0, len(perm), cfg.batch_size)]
+        batches = [perm[i : i + hp.batch_size] for i in range(0, len(perm), hp.batch_size)]
         batches = batches[accelerator.process_index :: accelerator.num_processes]
         bar = tqdm(batches, desc=f"finetune {spec.name} epoch {epoch}", disable=not accelerator.is_local_main_process,
                    mininterval=2)
@@ -200,53 +241,80 @@ def _train_task(cfg: FinetuneConfig, spec: glue.TaskSpec, splits: dict[str, list
             step += 1
             n_tokens += int(lengths.sum())
             if step % 20 == 0:
-                tr.metrics({f"{spec.name}.train_loss": float(loss.detach()), f"{spec.name}.lr": scheduler.get_last_lr()[0]}, step=step)
+                tr.metrics({"train_loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0]}, step=step)
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        preds = predict(raw, valid_seqs, pad, spec.is_regression, autocast=accelerator.autocast)
-        scores = glue.compute_metrics(spec, preds, valid_labels)
-        score = glue.task_score(spec, scores)
-        tr.metrics({f"{spec.name}.val_{k}": v for k, v in scores.items()} | {f"{spec.name}.val_score": score}, step=step)
+        scores, score = _evaluate(raw, valid_seqs, pad, spec, valid_labels, accelerator.autocast)
+        history.append({"epoch": epoch, "step": step, "score": score, **scores})
+        tr.metrics({f"val_{k}": v for k, v in scores.items()} | {"val_score": score}, step=step)
         accelerator.print(f"{spec.name} epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         if score > best["score"]:
             best = {"score": score, "epoch": epoch, "metrics": scores, "state": copy.deepcopy(raw.state_dict())}
     elapsed = time.perf_counter() - t0
-    raw.load_state_dict(best["state"])
-    if accelerator.is_main_process:
-        save_model(raw, out / spec.name, {"model": dataclasses.asdict(raw.backbone.cfg), "task": spec.to_dict(),
-                                          "dropout": cfg.dropout, "max_length": max_len, "best_epoch": best["epoch"]})
-    result = {**best["metrics"], "score": best["score"], "best_epoch": best["epoch"],
-              "train_examples_per_second": len(train) * cfg.epochs / max(elapsed, 1e-9),
-              "train_tokens_per_second": n_tokens * accelerator.num_processes / max(elapsed, 1e-9)}
-    majority = glue.majority_baseline(spec, [e["label"] for e in train], valid_labels)
-    result |= {f"majority_{k}": v for k, v in majority.items()}
-    result |= {f"bow_{k}": v for k, v in bow_baseline(spec, train, splits[vname]).items()}
-    return result
+    raw.load_state_dict(best.pop("state"))
+    best["speed"] = {"train_examples": len(train),
+                     "train_examples_per_second": len(train) * hp.epochs / max(elapsed, 1e-9),
+                     "train_tokens_per_second": n_tokens * accelerator.num_processes / max(elapsed, 1e-9)}
+    best["history"] = history
+    return raw, best, max_len
 
 
-def finetune(cfg: FinetuneConfig, tasks_dir: Path, pretrained: Path, tokenizer_dir: Path, out: Path, metrics: Path,
+def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_dir: Path, out: Path, metrics: Path,
              tracking: TrackingConfig = TrackingConfig()) -> FinetuneResult:
-    """Fine-tune the pretrained model on every task folder under ``tasks_dir``."""
+    """Fine-tune the pretrained model on one prepared task (``task_dir`` =
+    ``data/raw/tasks/<task>``); write ``out`` (``runs/finetune/<task>``) and ``metrics``."""
     from lmcore import tokenizer as tokmod
     from lmcore.tracking import stage_run
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    tasks_dir, out = Path(tasks_dir), Path(out)
-    folders = sorted(p.parent for p in require(tasks_dir, "tasks folder").glob("*/task.json"))
-    if not folders:
-        raise StageError(f"{tasks_dir}: no prepared tasks (expected <task>/task.json)")
+    task_dir, out = Path(task_dir), Path(out)
+    require(task_dir / "task.json", f"prepared task {task_dir.name}")
     require(Path(pretrained) / "model.safetensors", "pretrained model")
+    spec, splits = load_task(task_dir)
+    hp = cfg.for_task(spec.name)
     tok = tokmod.load(tokenizer_dir)
     accelerator = make_accelerator(cfg.mixed_precision)
-    results: dict[str, dict[str, float]] = {}
-    with stage_run("finetune", tracking, flatten(cfg, "finetune."), active=accelerator.is_main_process) as tr:
-        for folder in folders:
-            spec, splits = load_task(folder)
-            results[spec.name] = _train_task(cfg, spec, splits, tok, Path(pretrained), out, accelerator, tr)
-            tr.metrics({f"{spec.name}.{k}": v for k, v in results[spec.name].items()})
+    params = {"task": spec.name, **flatten(hp, "finetune."), "finetune.mixed_precision": cfg.mixed_precision}
+    with stage_run("finetune", tracking, params, active=accelerator.is_main_process, run_name=f"finetune {spec.name}",
+                   tags={"lmcore.task": spec.name}) as tr:
+        model, best, max_len = _train(hp, spec, splits, tok, Path(pretrained), accelerator, tr)
+        result: dict[str, Any] = {**best["metrics"], "score": best["score"], "best_epoch": best["epoch"],
+                                  **best["speed"]}
+        result |= baselines(spec, splits)
+
+        pad = tokmod.special_ids(tok).pad
+        files: dict[str, str] = {}
+        tables: dict[str, str] = {}
+        for split, stem in spec.submissions:
+            if splits.get(split):
+                seqs = encode_examples(tok, splits[split], max_len)
+                preds = predict(model, seqs, pad, spec.is_regression, autocast=accelerator.autocast)
+                tables[f"{stem}.tsv"] = glue.submission_tsv(spec, [e["idx"] for e in splits[split]], preds)
+                files[split] = f"submission/{stem}.tsv"
+                result[f"{split}_predictions"] = len(preds)
+
         if accelerator.is_main_process:
-            write_json(metrics, results)
-            tr.json(results, "finetune_metrics.json")
-            for task in results:
-                tr.artifact(out / task, f"model/{task}")
-    return FinetuneResult({t: out / t for t in results}, results)
+            from safetensors.torch import save_model as st_save
+
+            config = {"model": dataclasses.asdict(model.backbone.cfg), "task": spec.to_dict(), "dropout": hp.dropout,
+                      "max_length": max_len, "best_epoch": best["epoch"]}
+            summary = {"task": spec.name, "glue": spec.is_glue, "metrics": result, "history": best["history"],
+                       "hyperparameters": hp.model_dump(), "submissions": files}
+            with atomic_path(out) as tmp:
+                tmp.mkdir()
+                st_save(model, str(tmp / "model.safetensors"))
+                (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+                (tmp / "results.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+                if tables:
+                    (tmp / "submission").mkdir()
+                    for name, text in tables.items():
+                        (tmp / "submission" / name).write_text(text, encoding="utf-8")
+            write_json(metrics, result)
+            tr.metrics(result)
+            tr.artifact(out / "results.json")
+            if tables:
+                tr.artifact(out / "submission", "submission")
+            tr.artifact(out, "model")
+        accelerator.print(f"{spec.name}: score {best['score']:.4f} (epoch {best['epoch']}); majority "
+                          f"{result['majority_score']:.4f}, bag of words {result['bow_score']:.4f}")
+    return FinetuneResult(spec.name, out, best["score"], result)

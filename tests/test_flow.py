@@ -28,6 +28,7 @@ def test_flow_runs_every_stage_then_uses_its_cache(prefect_harness, tiny_project
 
     results = pipeline(str(tiny_project / "params.yaml"), str(tiny_project))
     assert list(results) == STAGES
+    assert list(results["finetune"]) == ["sst2"]  # one task run per task of prepare.tasks.tasks
     assert (tiny_project / "runs/finetune/sst2/model.safetensors").exists()
     ev = read_json(tiny_project / "metrics/evaluate.json")
     assert ev["lm.val_bpb"] > 0
@@ -52,6 +53,14 @@ def test_flow_runs_every_stage_then_uses_its_cache(prefect_harness, tiny_project
     after = mlflow_runs(tiny_project / "mlflow.db")
     new = [r for r in after if r.info.run_id not in {x.info.run_id for x in runs}]
     assert sorted(r.data.tags.get("lmcore.stage", "parent") for r in new) == ["evaluate", "parent"]
+
+    # a changed per-task override reruns that task's fine-tuning (and evaluate) only
+    params["finetune"]["tasks"]["sst2"] = {"lr": 0.001}
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
+    pipeline(str(tiny_project / "params.yaml"), str(tiny_project))
+    newer = [r for r in mlflow_runs(tiny_project / "mlflow.db") if r.info.run_id not in {x.info.run_id for x in after}]
+    assert sorted(r.data.tags.get("lmcore.stage", "parent") for r in newer) == ["evaluate", "finetune", "parent"]
+    assert next(r for r in newer if r.data.tags.get("lmcore.stage") == "finetune").data.tags["lmcore.task"] == "sst2"
 
 
 def test_clean_shards_spread_over_a_local_two_worker_dask_cluster(prefect_harness, tiny_project, monkeypatch):

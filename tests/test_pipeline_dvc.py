@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
+import zipfile
 
 import numpy as np
 import yaml
@@ -11,6 +14,10 @@ from conftest import BIN, mlflow_runs, read_json, run_env
 from lmcore.encode import load_tokens
 
 STAGES = ["prepare", "clean", "tokenizer", "encode", "pretrain", "export", "finetune", "evaluate"]
+
+
+def ran(out: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", out)
 
 
 def dvc(proj, *args, check=True):
@@ -22,7 +29,10 @@ def dvc(proj, *args, check=True):
 
 def test_dvc_repro_end_to_end(tiny_project):
     proj = tiny_project
-    dvc(proj, "repro")
+    # an unlabelled test split: predicted in the leaderboard format and zipped by evaluate
+    (proj.parent / "glue/SST-2/test.tsv").write_text("index\tsentence\n0\tthe good king .\n1\tan ill wind .\n")
+    first = dvc(proj, "repro")
+    assert "finetune@sst2" in ran(first.stdout)
 
     # every stage's outputs exist and hold what the next stage needs
     manifest = read_json(proj / "data/tokens/manifest.json")
@@ -33,12 +43,19 @@ def test_dvc_repro_end_to_end(tiny_project):
     assert (proj / "runs/pretrain/final/model.safetensors").exists()
     assert (proj / "runs/pretrain/checkpoints/step-000012/trainer.json").exists()
     assert (proj / "runs/finetune/sst2/model.safetensors").exists()
+    ft = read_json(proj / "metrics/finetune/sst2.json")
+    assert {"accuracy", "score", "majority_accuracy", "bow_accuracy", "best_epoch"} <= set(ft)
+    assert (proj / "runs/finetune/sst2/submission/SST-2.tsv").read_text().startswith("index\tprediction\n0\t")
+    with zipfile.ZipFile(proj / "runs/evaluate/glue_submission.zip") as z:
+        assert z.namelist() == ["SST-2.tsv"]
     clean = read_json(proj / "metrics/clean.json")
     assert clean["dedup.dropped_docs.exact_duplicate"] == 1 and clean["shards"] > 1
     assert clean["min_length.dropped_docs.too_short"] == 1
     ev = read_json(proj / "metrics/evaluate.json")
     assert 0 < ev["lm.val_bpb"] < ev["lm.unigram_val_bpb"] * 1.5
     assert 0.0 <= ev["sst2.accuracy"] <= 1.0
+    assert ev["glue.score"] == ev["sst2.score"] == ft["score"] and ev["glue.tasks"] == 1
+    assert ev["sst2.bow_accuracy"] == ft["bow_accuracy"] and ev["glue.submission_files"] == 1
 
     # one MLflow parent run for this execution, one child per stage
     runs = mlflow_runs(proj / "mlflow.db")
@@ -46,6 +63,9 @@ def test_dvc_repro_end_to_end(tiny_project):
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.tags["lmcore.stage"] for r in children) == sorted(STAGES)
+    tuned = next(r for r in children if r.data.tags["lmcore.stage"] == "finetune")
+    assert tuned.data.tags["lmcore.task"] == "sst2" and tuned.data.tags["mlflow.runName"] == "finetune sst2"
+    assert "bow_accuracy" in tuned.data.metrics and "majority_accuracy" in tuned.data.metrics
     pre = next(r for r in children if r.data.tags["lmcore.stage"] == "pretrain")
     assert pre.data.params["pretrain.max_steps"] == "12"
     assert "val_bpb" in pre.data.metrics and "tokens_per_second" in pre.data.metrics
@@ -67,8 +87,30 @@ def test_dvc_repro_end_to_end(tiny_project):
     params["evaluate"]["max_new_tokens"] = 3
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = dvc(proj, "repro")
-    ran = [s for s in STAGES if f"Running stage '{s}'" in third.stdout]
-    assert ran == ["evaluate"], third.stdout
+    assert ran(third.stdout) == ["evaluate"], third.stdout
+
+    # adding a task (here from a local JSONL file with a column mapping) runs prepare, that task's
+    # fine-tune stage and evaluate: the other task's stage stays cached
+    jsonl = proj.parent / "polarity.jsonl"
+    rows = [line.split("\t") for line in (proj.parent / "glue/SST-2/train.tsv").read_text().splitlines()[1:]]
+    jsonl.write_text("".join(json.dumps({"review": t, "y": ["bad", "good"][int(y)]}) + "\n" for t, y in rows))
+    params["prepare"]["tasks"]["local"] = {"polarity": {"files": {"train": str(jsonl)}, "label_names": ["bad", "good"],
+                                                        "columns": {"text_a": "review", "label": "y"}}}
+    params["prepare"]["tasks"]["tasks"] = ["sst2", "polarity"]
+    params["finetune"]["tasks"]["polarity"] = {}
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    fourth = dvc(proj, "repro")
+    assert ran(fourth.stdout) == ["prepare", "finetune@polarity", "evaluate"], fourth.stdout
+    ev = read_json(proj / "metrics/evaluate.json")
+    assert "polarity.accuracy" in ev and ev["glue.tasks"] == 1  # polarity is no GLUE task
+
+    # one task's hyperparameters rerun that task alone
+    params["finetune"]["tasks"]["polarity"] = {"lr": 0.001}
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    fifth = dvc(proj, "repro")
+    assert ran(fifth.stdout) == ["finetune@polarity", "evaluate"], fifth.stdout
+    runs = mlflow_runs(proj / "mlflow.db")
+    assert sum(r.data.tags.get("lmcore.task") == "polarity" for r in runs) == 2
 
     # an experiment variant through `dvc exp run -S` (needs a commit to branch from)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]

@@ -15,7 +15,13 @@ def test_dvc_yaml_declares_the_same_stages_inputs_and_outputs():
     assert list(dvc) == ORDER
     for name, io in STAGE_IO.items():
         st = dvc[name]
-        assert st["cmd"].endswith(f"lmcore {name}") or st["cmd"].endswith(f"lmcore.cli {name}")
+        if io.foreach:  # one stage per item: `foreach: ${key}` and the template under `do`
+            assert st["foreach"] == "${" + io.foreach + "}", name
+            st = st["do"]
+            assert st["cmd"].endswith(f"lmcore.cli {name} --task ${{item}}"), name
+        else:
+            assert "foreach" not in st, name
+            assert st["cmd"].endswith(f"lmcore {name}") or st["cmd"].endswith(f"lmcore.cli {name}")
         assert tuple(st["deps"]) == io.deps, name
         plain = tuple(o for o in st["outs"] if isinstance(o, str))
         kept = tuple(next(iter(o)) for o in st["outs"] if isinstance(o, dict))
@@ -25,6 +31,46 @@ def test_dvc_yaml_declares_the_same_stages_inputs_and_outputs():
             if isinstance(o, dict):
                 assert next(iter(o.values())) == {"persist": True, "cache": False}, name
         assert tuple(st["params"]) == io.params, name
+        metrics = tuple(next(iter(m)) for m in st["metrics"])
+        assert metrics == (io.metrics or (f"metrics/{name}.json",)), name
+
+
+def test_dvc_params_keys_exist_in_params_yaml_for_every_item():
+    """DVC refuses a stage whose params key is missing from params.yaml: every key a stage lists
+    (per item for finetune) exists, and lmcore resolves it the same way (the Prefect cache key)."""
+    from lmcore import config
+    from lmcore.stages import param_value, stage_io, stage_items
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = config.load(ROOT / "params.yaml")
+    for name in ORDER:
+        for item in stage_items(name, params) or [None]:
+            for key in stage_io(name, item).params:
+                node = raw
+                for part in key.split("."):
+                    assert isinstance(node, dict) and part in node, f"{name}: {key} missing from params.yaml"
+                    node = node[part]
+                param_value(params, key)
+
+
+def test_finetune_depends_on_every_shared_setting_and_its_own_overrides_only():
+    from lmcore.config import FinetuneConfig
+
+    io = STAGE_IO["finetune"]
+    shared = {f"finetune.{k}" for k in FinetuneConfig.model_fields if k != "tasks"}
+    assert set(io.params) == shared | {"finetune.tasks.${item}"}
+    assert io.expand("cola").params[-1] == "finetune.tasks.cola"
+    assert "data/raw/tasks/cola" in io.expand("cola").deps and io.expand("cola").outs == ("runs/finetune/cola",)
+
+
+def test_cli_takes_a_task_for_foreach_stages_only(capsys):
+    import pytest
+
+    from lmcore.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["clean", "--task", "x"])
+    assert "unrecognized arguments: --task" in capsys.readouterr().err
 
 
 def test_one_prefect_task_per_stage():

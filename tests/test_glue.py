@@ -1,0 +1,542 @@
+"""GLUE: the registry, the three loaders (original GLUE layout with its quirks, local files with a
+column mapping, the hub), metrics and scores, leaderboard files, and fine-tuning one task."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_text
+
+from lmcore import config, glue
+from lmcore.config import ConfigError, FinetuneConfig, LocalTask, TaskSource, TrackingConfig
+from lmcore.io import StageError, write_json, write_jsonl
+from lmcore.prepare import task_splits
+
+OFF = TrackingConfig(enabled=False)
+
+
+def _write(path: Path, text: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+
+
+def _tsv(*rows: list[str], end: str = "\n") -> str:
+    return "\n".join("\t".join(r) for r in rows) + end
+
+
+MNLI_TRAIN = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+              "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"]
+MNLI_DEV = MNLI_TRAIN[:11] + ["label2", "label3", "label4", "label5", "gold_label"]
+MNLI_TEST = MNLI_TRAIN[:10]
+STSB = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"]
+BOM = "\ufeff"
+
+
+def mnli_row(i: int, a: str, b: str, label: str | None, dev: bool = False) -> list[str]:
+    parse = '( ( "He ) ran )'  # the parse columns hold unbalanced quotes
+    row = [str(i), "31193", f"{i}n", "fiction", parse, parse, parse, parse, a, b]
+    if label is None:
+        return row
+    return row + ([label] * 5 if dev else [label]) + [label]
+
+
+def write_glue_dir(root: Path) -> Path:
+    """The nine tasks and AX in the original GLUE layout, a few rows each, with the real quirks."""
+    g = root / "glue"
+    # CoLA: no header in train/dev, unbalanced quotes, a last line without its newline
+    _write(g / "CoLA/train.tsv", _tsv(["gj04", "1", "", 'The "quote never closes.'],
+                                      ["gj04", "0", "*", "Bad sentence here ."],
+                                      ["cj99", "1", "", "It rained."], end=""))
+    _write(g / "CoLA/dev.tsv", _tsv(["gj04", "1", "", "Fine here."], ["w_80", "0", "*", 'Him "went.']))
+    _write(g / "CoLA/test.tsv", _tsv(["index", "sentence"], ["0", "Bill whistled."], ["1", 'An "odd one.']))
+    # SST-2: a byte-order mark before the header; quotes inside sentences
+    _write(g / "SST-2/train.tsv", BOM + _tsv(["sentence", "label"], ['it \'s " good ', "1"], ["dull , flat ", "0"],
+                                             ["a joy ", "1"]))
+    _write(g / "SST-2/dev.tsv", _tsv(["sentence", "label"], ["charming ", "1"], ["bleak ", "0"]))
+    _write(g / "SST-2/test.tsv", _tsv(["index", "sentence"], ["0", "uneasy mishmash ."], ["1", "a \" film ."]))
+    # MRPC: the header starts with a byte-order mark (as in the distributed files)
+    mrpc = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
+    _write(g / "MRPC/train.tsv", BOM + _tsv(mrpc,
+                                            ["1", "702876", "702977", "Amrozi accused his brother .",
+                                             "Referring to him , Amrozi accused ."],
+                                            ["0", "2108705", "2108831", "Yucaipa owned Dominick 's .",
+                                             "Yucaipa bought \" Dominick 's ."]))
+    _write(g / "MRPC/dev.tsv", BOM + _tsv(mrpc, ["1", "1", "2", "He said .", "He stated ."],
+                                          ["0", "3", "4", "Yes .", "No ."]))
+    _write(g / "MRPC/test.tsv", BOM + _tsv(["index", *mrpc[1:]],
+                                           ["0", "1089874", "1089925", "PCCW 's chief .", "Mr Wong , chief ."]))
+    # STS-B: ten columns, the sentences at 7 and 8, the score last; CRLF line ends; test without score
+    _write(g / "STS-B/train.tsv", _tsv(STSB, ["0", "main-captions", "MSRvid", "2012test", "0001", "none", "none",
+                                              "A plane is taking off.", "An air plane is taking off.", "5.000"],
+                                       ["1", "main-news", "MSRpar", "2012test", "0002", "none", "none", 'A "man.',
+                                        "A woman.", "0.500"]).replace("\n", "\r\n"))
+    _write(g / "STS-B/dev.tsv", _tsv(STSB, ["0", "main-captions", "MSRvid", "2012test", "0000", "none", "none",
+                                            "A man is dancing.", "A man dances.", "4.750"],
+                                     ["1", "main-captions", "MSRvid", "2012test", "0003", "none", "none",
+                                      "A cat.", "A dog.", "1.200"]))
+    _write(g / "STS-B/test.tsv", _tsv(STSB[:-1], ["0", "main-captions", "MSRvid", "2012test", "0024", "none", "none",
+                                                  "A girl styles her hair.", "A girl brushes her hair."]))
+    # QQP: malformed rows (a question broken over two lines; a row with too many fields)
+    qqp = ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]
+    _write(g / "QQP/train.tsv", _tsv(qqp, ["5", "1", "2", "How do I learn?", "How to learn?", "1"],
+                                     ["6", "3", "4", "A question broken"], ["over two lines?", "Other?", "0"],
+                                     ["7", "5", "6", "Why \" not?", "Why?", "0"],
+                                     ["8", "7", "8", "a", "b", "1", "extra"]))
+    _write(g / "QQP/dev.tsv", _tsv(qqp, ["40", "1", "2", "Is it?", "Is it so?", "1"], ["41", "3", "4", "A?", "B?", "0"],
+                                   ["42", "5", "6", "no label?", "none", ""]))
+    _write(g / "QQP/test.tsv", _tsv(["id", "question1", "question2"], ["0", "What is it?", "What's that?"]))
+    # MNLI: 12 columns in train, 16 in dev, 10 in test; matched and mismatched; no final newline
+    _write(g / "MNLI/train.tsv", _tsv(MNLI_TRAIN, mnli_row(0, "He ran.", "He moved.", "entailment"),
+                                      mnli_row(1, "It is red.", "It is blue.", "contradiction"),
+                                      mnli_row(2, "She sang.", "She was happy.", "neutral")))
+    _write(g / "MNLI/dev_matched.tsv", _tsv(MNLI_DEV, mnli_row(3, "A cat sat.", "An animal sat.", "entailment", True),
+                                            mnli_row(4, "It is day.", "It is night.", "contradiction", True)))
+    _write(g / "MNLI/dev_mismatched.tsv", _tsv(MNLI_DEV,
+                                               mnli_row(5, "The letter came.", "Mail arrived.", "entailment", True),
+                                               mnli_row(6, "He left.", "He stayed late.", "neutral", True), end=""))
+    _write(g / "MNLI/test_matched.tsv", _tsv(MNLI_TEST, mnli_row(0, "Dogs bark.", "Animals make noise.", None)))
+    _write(g / "MNLI/test_mismatched.tsv", _tsv(MNLI_TEST, mnli_row(0, "Rain fell.", "It was dry.", None),
+                                                mnli_row(1, "Two.", "Three.", None)))
+    # QNLI, RTE, WNLI: index first; QNLI and RTE spell their labels
+    _write(g / "QNLI/train.tsv", _tsv(["index", "question", "sentence", "label"],
+                                      ["0", 'What "came first?', "The egg came first.", "entailment"],
+                                      ["1", "Who?", "Nobody knows where.", "not_entailment"]))
+    _write(g / "QNLI/dev.tsv", _tsv(["index", "question", "sentence", "label"],
+                                    ["0", "When?", "At noon.", "entailment"]))
+    _write(g / "QNLI/test.tsv", _tsv(["index", "question", "sentence"], ["0", "Where?", "Here."]))
+    _write(g / "RTE/train.tsv", _tsv(["index", "sentence1", "sentence2", "label"],
+                                     ["0", "No weapons were found.", "Weapons were found.", "not_entailment"],
+                                     ["1", "A man sleeps.", "A person sleeps.", "entailment"], end=""))
+    _write(g / "RTE/dev.tsv", _tsv(["index", "sentence1", "sentence2", "label"],
+                                   ["0", "Dana won.", "Dana lost.", "not_entailment"]))
+    _write(g / "RTE/test.tsv", _tsv(["index", "sentence1", "sentence2"], ["0", "Mao was born.", "Mao died."]))
+    _write(g / "WNLI/train.tsv", BOM + _tsv(["index", "sentence1", "sentence2", "label"],
+                                            ["0", "I stuck a pin through a carrot.", "The carrot had a hole.", "1"],
+                                            ["1", "John couldn't see.", "John was tall.", "0"]))
+    _write(g / "WNLI/dev.tsv", _tsv(["index", "sentence1", "sentence2", "label"],
+                                    ["0", "The drain is clogged.", "It is.", "1"]))
+    _write(g / "WNLI/test.tsv", _tsv(["index", "sentence1", "sentence2"], ["0", "Maude said.", "Maude spoke."]))
+    # AX, the diagnostic: where download_glue_data.py puts it
+    _write(g / "diagnostic/diagnostic.tsv", _tsv(["index", "sentence1", "sentence2"],
+                                                 ["0", 'The cat sat on the "mat.', "The cat did not sit."],
+                                                 ["1", "Some dogs bark.", "All dogs bark."]))
+    return g
+
+
+# (split -> [(idx, text_a, text_b, label)], malformed rows skipped) for every task
+EXPECTED = {
+    "cola": ({"train": [(0, 'The "quote never closes.', None, 1), (1, "Bad sentence here .", None, 0),
+                        (2, "It rained.", None, 1)],
+              "validation": [(0, "Fine here.", None, 1), (1, 'Him "went.', None, 0)],
+              "test": [(0, "Bill whistled.", None, None), (1, 'An "odd one.', None, None)]}, 0),
+    "sst2": ({"train": [(0, 'it \'s " good ', None, 1), (1, "dull , flat ", None, 0), (2, "a joy ", None, 1)],
+              "validation": [(0, "charming ", None, 1), (1, "bleak ", None, 0)],
+              "test": [(0, "uneasy mishmash .", None, None), (1, 'a " film .', None, None)]}, 0),
+    "mrpc": ({"train": [(0, "Amrozi accused his brother .", "Referring to him , Amrozi accused .", 1),
+                        (1, "Yucaipa owned Dominick 's .", "Yucaipa bought \" Dominick 's .", 0)],
+              "validation": [(0, "He said .", "He stated .", 1), (1, "Yes .", "No .", 0)],
+              "test": [(0, "PCCW 's chief .", "Mr Wong , chief .", None)]}, 0),
+    "stsb": ({"train": [(0, "A plane is taking off.", "An air plane is taking off.", 5.0),
+                        (1, 'A "man.', "A woman.", 0.5)],
+              "validation": [(0, "A man is dancing.", "A man dances.", 4.75), (1, "A cat.", "A dog.", 1.2)],
+              "test": [(0, "A girl styles her hair.", "A girl brushes her hair.", None)]}, 0),
+    "qqp": ({"train": [(5, "How do I learn?", "How to learn?", 1), (7, 'Why " not?', "Why?", 0)],
+             "validation": [(40, "Is it?", "Is it so?", 1), (41, "A?", "B?", 0)],
+             "test": [(0, "What is it?", "What's that?", None)]}, 4),  # 3 malformed in train, 1 unlabelled in dev
+    "mnli": ({"train": [(0, "He ran.", "He moved.", 0), (1, "It is red.", "It is blue.", 2),
+                        (2, "She sang.", "She was happy.", 1)],
+              "validation_matched": [(3, "A cat sat.", "An animal sat.", 0), (4, "It is day.", "It is night.", 2)],
+              "validation_mismatched": [(5, "The letter came.", "Mail arrived.", 0),
+                                        (6, "He left.", "He stayed late.", 1)],
+              "test_matched": [(0, "Dogs bark.", "Animals make noise.", None)],
+              "test_mismatched": [(0, "Rain fell.", "It was dry.", None), (1, "Two.", "Three.", None)],
+              "test_ax": [(0, 'The cat sat on the "mat.', "The cat did not sit.", None),
+                          (1, "Some dogs bark.", "All dogs bark.", None)]}, 0),
+    "qnli": ({"train": [(0, 'What "came first?', "The egg came first.", 0), (1, "Who?", "Nobody knows where.", 1)],
+              "validation": [(0, "When?", "At noon.", 0)], "test": [(0, "Where?", "Here.", None)]}, 0),
+    "rte": ({"train": [(0, "No weapons were found.", "Weapons were found.", 1),
+                       (1, "A man sleeps.", "A person sleeps.", 0)],
+             "validation": [(0, "Dana won.", "Dana lost.", 1)], "test": [(0, "Mao was born.", "Mao died.", None)]}, 0),
+    "wnli": ({"train": [(0, "I stuck a pin through a carrot.", "The carrot had a hole.", 1),
+                        (1, "John couldn't see.", "John was tall.", 0)],
+              "validation": [(0, "The drain is clogged.", "It is.", 1)],
+              "test": [(0, "Maude said.", "Maude spoke.", None)]}, 0),
+}
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory) -> Path:
+    return write_glue_dir(tmp_path_factory.mktemp("data"))
+
+
+def _tuples(rows):
+    return [(r["idx"], r["text_a"], r["text_b"], r["label"]) for r in rows]
+
+
+# --------------------------------------------------------------------------------------------- the registry
+
+
+def test_registry_holds_the_nine_tasks_and_ax():
+    assert glue.GLUE_TASKS == ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
+    assert set(glue.GLUE_TASKS) | {"ax", "rotten_tomatoes"} == set(glue.TASKS)
+    t = glue.TASKS
+    assert t["cola"].metrics == ("matthews",) and not t["cola"].pair and t["cola"].labels == ("0", "1")
+    assert t["stsb"].is_regression and t["stsb"].num_labels == 1 and t["stsb"].metrics == ("pearson", "spearman")
+    assert t["mrpc"].metrics == t["qqp"].metrics == ("f1", "accuracy")
+    assert all(t[n].metrics == ("accuracy",) for n in ("sst2", "qnli", "rte", "wnli", "mnli"))
+    assert t["mnli"].labels == ("entailment", "neutral", "contradiction") and t["mnli"].num_labels == 3
+    assert t["qnli"].labels == t["rte"].labels == ("entailment", "not_entailment")
+    assert t["mnli"].validation_splits == ("validation_matched", "validation_mismatched")
+    assert t["ax"].metrics == () and t["ax"].validation_splits == () and t["ax"].labels == t["mnli"].labels
+    assert [stem for task in glue.GLUE_TASKS for _, stem in t[task].submissions] == [
+        "CoLA", "SST-2", "MRPC", "STS-B", "QQP", "MNLI-m", "MNLI-mm", "AX", "QNLI", "RTE", "WNLI"]
+    assert set(glue.LEADERBOARD_FILES) == {stem for task in glue.GLUE_TASKS for _, stem in t[task].submissions}
+    assert glue.TaskSpec.from_dict(json.loads(json.dumps(t["mnli"].to_dict()))) == t["mnli"]
+
+
+# --------------------------------------------------------------------------------------------- the GLUE layout
+
+
+@pytest.mark.parametrize("task", list(EXPECTED))
+def test_glue_layout_reads_every_task_with_its_quirks(glue_dir, task):
+    expected, malformed = EXPECTED[task]
+    spec, splits, skipped = task_splits(TaskSource(kind="glue_dir", glue_dir=str(glue_dir), tasks=[task]), task)
+    assert spec == glue.TASKS[task]
+    assert list(splits) == list(expected)
+    for split, rows in expected.items():
+        assert _tuples(splits[split]) == rows, (task, split)
+    assert skipped == malformed
+
+
+def test_qqp_malformed_rows_are_skipped_and_counted_per_file(glue_dir):
+    rows, skipped = glue.read_glue_split(glue.TASKS["qqp"], glue_dir, "train")
+    assert skipped == 3 and [r["idx"] for r in rows] == [5, 7]
+    rows, skipped = glue.read_glue_split(glue.TASKS["qqp"], glue_dir, "validation")
+    assert skipped == 1 and len(rows) == 2
+
+
+def test_ax_is_found_as_published_too_and_is_optional(tmp_path, glue_dir):
+    g = tmp_path / "g"
+    _write(g / "MNLI/train.tsv", (glue_dir / "MNLI/train.tsv").read_text())
+    for name in ("dev_matched", "dev_mismatched"):
+        _write(g / f"MNLI/{name}.tsv", (glue_dir / f"MNLI/{name}.tsv").read_text())
+    src = TaskSource(kind="glue_dir", glue_dir=str(g), tasks=["mnli"])
+    _, splits, _ = task_splits(src, "mnli")  # no test files, no AX: the labelled splits only
+    assert list(splits) == ["train", "validation_matched", "validation_mismatched"]
+    _write(g / "AX.tsv", BOM + _tsv(["index", "sentence1", "sentence2"], ["0", "A.", "B."]))
+    _, splits, _ = task_splits(src, "mnli")
+    assert _tuples(splits["test_ax"]) == [(0, "A.", "B.", None)]
+    _, splits, _ = task_splits(src.model_copy(update={"ax": False}), "mnli")
+    assert "test_ax" not in splits
+
+
+def test_a_missing_glue_column_names_the_file(tmp_path):
+    _write(tmp_path / "RTE/train.tsv", _tsv(["index", "premise", "hypothesis", "label"], ["0", "a", "b", "entailment"]))
+    with pytest.raises(StageError, match=r"RTE/train.tsv: header lacks column\(s\) \['sentence1', 'sentence2'\]"):
+        glue.read_glue_split(glue.TASKS["rte"], tmp_path, "train")
+
+
+# --------------------------------------------------------------------------------------------- local files
+
+
+def _local(tmp_path: Path, name: str, **task) -> TaskSource:
+    return TaskSource(kind="rotten_tomatoes", tasks=[name], local={name: LocalTask(**task)})
+
+
+def test_local_jsonl_with_a_column_mapping_and_label_names(tmp_path):
+    rows = [{"review": "great film", "stars": "pos", "id": 10}, {"review": "awful", "stars": "neg", "id": 11},
+            {"review": "fine", "stars": 1, "id": 12}, {"review": None, "stars": "pos", "id": 13}]
+    _write(tmp_path / "train.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
+    _write(tmp_path / "dev.jsonl", json.dumps({"review": "meh", "stars": "neg", "id": 20}))  # no final newline
+    _write(tmp_path / "test.jsonl", json.dumps({"review": "unseen", "id": 30}) + "\n")
+    src = _local(tmp_path, "reviews", label_names=["neg", "pos"], metrics=["accuracy", "f1"],
+                 files={"train": str(tmp_path / "train.jsonl"), "validation": str(tmp_path / "dev.jsonl"),
+                        "test": str(tmp_path / "test.jsonl")},
+                 columns={"text_a": "review", "label": "stars", "idx": "id"})
+    spec, splits, skipped = task_splits(src, "reviews")
+    assert spec.labels == ("neg", "pos") and spec.metrics == ("accuracy", "f1") and not spec.pair
+    assert spec.submissions == (("test", "reviews"),) and not spec.is_glue
+    assert _tuples(splits["train"]) == [(10, "great film", None, 1), (11, "awful", None, 0), (12, "fine", None, 1)]
+    assert _tuples(splits["validation"]) == [(20, "meh", None, 0)]
+    assert _tuples(splits["test"]) == [(30, "unseen", None, None)]
+    assert skipped == 1  # the row without text
+
+
+def test_local_csv_with_quotes_bom_and_a_held_out_validation_split(tmp_path):
+    lines = ["sent,score,extra"] + [f'"Sentence {i}, ""quoted""",{i % 5}.5,x' for i in range(200)]
+    _write(tmp_path / "train.csv", BOM + "\n".join(lines))
+    src = _local(tmp_path, "similarity", regression=True, files={"train": str(tmp_path / "train.csv")},
+                 columns={"text_a": "sent", "label": "score"})
+    spec, splits, _ = task_splits(src, "similarity")
+    assert spec.is_regression and spec.metrics == ("pearson", "spearman")
+    assert list(splits) == ["train", "validation"]
+    assert len(splits["train"]) + len(splits["validation"]) == 200 and 5 <= len(splits["validation"]) <= 40
+    first = (splits["train"] + splits["validation"])[0]
+    assert first["text_a"].endswith(', "quoted"') and isinstance(first["label"], float)
+    assert {r["idx"] for r in splits["train"] + splits["validation"]} == set(range(200))
+    again = task_splits(src, "similarity")[1]
+    assert again == splits  # the hold-out is a function of the text
+
+
+def test_local_parquet_for_a_glue_task_keeps_the_registry_spec(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def table(rows):
+        return pa.table({k: [r[k] for r in rows] for k in rows[0]})
+
+    pq.write_table(table([{"premise": "A man sleeps.", "hypothesis": "A person sleeps.", "label": 0, "idx": 0},
+                          {"premise": "No.", "hypothesis": "Yes.", "label": 1, "idx": 1}]), tmp_path / "train.parquet")
+    pq.write_table(table([{"premise": "Dana won.", "hypothesis": "Dana lost.", "label": 1, "idx": 0}]),
+                   tmp_path / "validation.parquet")
+    pq.write_table(table([{"premise": "Mao.", "hypothesis": "Mao died.", "label": -1, "idx": 7}]),
+                   tmp_path / "test.parquet")
+    src = _local(tmp_path, "rte", files={s: str(tmp_path / f"{s}.parquet") for s in ("train", "validation", "test")},
+                 columns={"text_a": "premise", "text_b": "hypothesis", "label": "label", "idx": "idx"})
+    spec, splits, skipped = task_splits(src, "rte")
+    assert spec == glue.TASKS["rte"] and skipped == 0
+    assert _tuples(splits["train"]) == [(0, "A man sleeps.", "A person sleeps.", 0), (1, "No.", "Yes.", 1)]
+    assert _tuples(splits["test"]) == [(7, "Mao.", "Mao died.", None)]  # the -1 of a test split is no label
+
+
+def test_local_tsv_reads_with_quoting_off(tmp_path):
+    _write(tmp_path / "t.tsv", _tsv(["a", "b", "y"], ['He said "no', "ok", "entailment"], ["x", "y", "not_entailment"]))
+    spec = glue.TASKS["qnli"]
+    rows, _ = glue.read_local_split(spec, tmp_path / "t.tsv", {"text_a": "a", "text_b": "b", "label": "y"}, "train")
+    assert _tuples(rows) == [(0, 'He said "no', "ok", 0), (1, "x", "y", 1)]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_a_bad_column_mapping_names_the_file_and_the_column(tmp_path, fmt):
+    rows = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]
+    path = tmp_path / f"train.{fmt}"
+    if fmt == "jsonl":
+        _write(path, "\n".join(json.dumps(r) for r in rows))
+    elif fmt == "csv":
+        _write(path, "text,label\ngood,1\nbad,0\n")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": ["good", "bad"], "label": [1, 0]}), path)
+    spec = glue.TASKS["sst2"]
+    with pytest.raises(StageError) as e:
+        glue.read_local_split(spec, path, {"text_a": "sentence", "label": "label"}, "train")
+    msg = str(e.value)
+    assert str(path) in msg and "no column 'sentence'" in msg and "columns.text_a" in msg and "text, label" in msg
+
+
+def test_a_label_outside_the_task_names_file_line_and_allowed_values(tmp_path):
+    _write(tmp_path / "train.jsonl", '{"text": "a", "label": "positive"}\n{"text": "b", "label": "maybe"}\n')
+    spec = glue.custom_spec("mood", ["negative", "positive"], None, False)
+    with pytest.raises(StageError, match=r"train.jsonl: line 2: column 'label' = 'maybe' is not a label .*negative"):
+        glue.read_local_split(spec, tmp_path / "train.jsonl", {"text_a": "text", "label": "label"}, "train")
+
+
+def test_local_task_definitions_are_validated(tmp_path):
+    def check(tasks: dict, match: str) -> None:
+        data = {"prepare": {"tasks": {"tasks": list(tasks), "local": tasks}},
+                "finetune": {"tasks": {name: {} for name in tasks}}}
+        with pytest.raises(ConfigError, match=match):
+            config.from_dict(data)
+
+    check({"mood": {"files": {"train": "a.jsonl"}}}, "label_names.*or regression")
+    check({"mood": {"files": {"validation": "a.jsonl"}}}, "needs a 'train' file")
+    check({"mood": {"files": {"train": "a"}, "regression": True, "metrics": ["accuracy"]}},
+          "does not apply to a regression")
+    check({"sst2": {"files": {"train": "a"}, "label_names": ["x", "y"]}}, "GLUE task with fixed labels")
+    check({"rte": {"files": {"train": "a"}}}, r"columns.text_b is needed")
+    check({"mnli": {"files": {"train": "a", "validation": "b"}, "columns": {"text_b": "h"}}},
+          r"split\(s\) \['validation'\] do not belong to task mnli")
+    check({"mood": {"files": {"train": "a"}, "label_names": ["x", "y"], "columns": {"txt": "t"}}},
+          "unknown key 'prepare.tasks.local.mood.columns.txt'")
+
+
+def test_the_hub_offline_fails_at_once_with_advice():
+    import os
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    with pytest.raises(StageError) as e:
+        task_splits(TaskSource(kind="hub", tasks=["cola"]), "cola")
+    msg = str(e.value)
+    assert "nyu-mll/glue/cola" in msg and "glue_dir" in msg and "prepare.tasks.local" in msg
+
+
+# --------------------------------------------------------------------------------------------- params
+
+
+def test_task_list_and_per_task_hyperparameters_are_validated(tmp_path):
+    with pytest.raises(ConfigError, match="ax .* is predicted with the MNLI model"):
+        config.from_dict({"prepare": {"tasks": {"kind": "hub", "tasks": ["ax"]}}})
+    with pytest.raises(ConfigError, match="unknown task 'colla'"):
+        config.from_dict({"prepare": {"tasks": {"kind": "hub", "tasks": ["colla"]}}})
+    with pytest.raises(ConfigError, match="needs prepare.tasks.kind glue_dir or hub"):
+        config.from_dict({"prepare": {"tasks": {"tasks": ["cola"]}}, "finetune": {"tasks": {"cola": {}}}})
+    with pytest.raises(ConfigError, match=r"params.yaml: finetune.tasks has no entry for cola .*'cola: \{\}'"):
+        config.from_dict({"prepare": {"tasks": {"kind": "hub", "tasks": ["cola"]}}})
+    with pytest.raises(ConfigError, match=r"finetune.tasks.cola.lr = -1 is invalid \(Input should be greater than 0"):
+        config.from_dict({"finetune": {"tasks": {"cola": {"lr": -1}}}})
+    with pytest.raises(ConfigError, match="unknown key 'finetune.tasks.cola.learning_rate'"):
+        config.from_dict({"finetune": {"tasks": {"cola": {"learning_rate": 1e-4}}}})
+    cfg = config.from_dict({"finetune": {"defaults": {"lr": 1e-3, "epochs": 4},
+                                         "tasks": {"rotten_tomatoes": None, "cola": {"epochs": 3}}}}).finetune
+    assert cfg.for_task("cola").epochs == 3 and cfg.for_task("cola").lr == 1e-3
+    assert cfg.for_task("rotten_tomatoes") == cfg.defaults == cfg.for_task("not-listed")
+
+
+def test_repo_params_have_an_entry_for_every_glue_task():
+    params = yaml.safe_load(Path(__file__).resolve().parent.parent.joinpath("params.yaml").read_text())
+    assert set(glue.GLUE_TASKS) | {"rotten_tomatoes"} <= set(params["finetune"]["tasks"])
+
+
+# --------------------------------------------------------------------------------------------- metrics and scores
+
+
+def test_metrics_are_the_official_ones_computed_by_sklearn_and_scipy():
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    p, y = [1, 0, 1, 1, 0, 1], [1, 0, 0, 1, 1, 1]
+    assert glue.compute_metrics(glue.TASKS["cola"], p, y) == {"matthews": pytest.approx(matthews_corrcoef(y, p))}
+    assert glue.compute_metrics(glue.TASKS["qqp"], p, y) == {"f1": pytest.approx(f1_score(y, p)), "accuracy": 4 / 6}
+    a, b = [0.1, 2.0, 3.5, 4.9], [0.0, 2.5, 3.0, 5.0]
+    stsb = glue.compute_metrics(glue.TASKS["stsb"], a, b)
+    assert stsb == {"pearson": pytest.approx(pearsonr(a, b)[0]), "spearman": pytest.approx(spearmanr(a, b)[0])}
+    assert glue.compute_metrics(glue.TASKS["stsb"], [2.0] * 4, b) == {"pearson": 0.0, "spearman": 0.0}  # constant
+    assert glue.compute_metrics(glue.TASKS["mnli"], [0, 1, 2, 2], [0, 1, 2, 0]) == {"accuracy": 0.75}
+
+
+def test_task_scores_average_two_numbers_and_mnli_matched_with_mismatched():
+    mnli = glue.TASKS["mnli"]
+    m = glue.evaluate_splits(mnli, {"validation_matched": [0, 1, 2, 2], "validation_mismatched": [0, 0]},
+                             {"validation_matched": [0, 1, 2, 0], "validation_mismatched": [0, 1]})
+    assert m == {"accuracy_matched": 0.75, "accuracy_mismatched": 0.5}
+    assert glue.metric_keys(mnli) == ["accuracy_matched", "accuracy_mismatched"]
+    assert glue.task_score(mnli, m) == pytest.approx(0.625)
+    assert glue.task_score(glue.TASKS["mrpc"], {"f1": 0.8, "accuracy": 0.7}) == pytest.approx(0.75)
+    assert glue.task_score(glue.TASKS["stsb"], {"pearson": 0.9, "spearman": 0.8}) == pytest.approx(0.85)
+    assert glue.task_score(glue.TASKS["cola"], {"matthews": 0.3}) == 0.3
+    scores = {"cola": 0.3, "mrpc": 0.75, "stsb": 0.85, "mnli": 0.625, "rotten_tomatoes": 0.99}
+    assert glue.glue_score(scores) == pytest.approx((0.3 + 0.75 + 0.85 + 0.625) / 4)  # non-GLUE tasks do not count
+    assert glue.glue_score({"rotten_tomatoes": 0.9}) is None
+
+
+def test_majority_baseline():
+    assert glue.majority_baseline(glue.TASKS["sst2"], [1, 1, 0], [1, 0, 0, 0]) == {"accuracy": 0.25}
+    assert glue.majority_baseline(glue.TASKS["stsb"], [1.0, 3.0], [0.0, 5.0]) == {"pearson": 0.0, "spearman": 0.0}
+
+
+# --------------------------------------------------------------------------------------------- leaderboard files
+
+
+def test_prediction_files_spell_labels_as_the_leaderboard_expects():
+    assert glue.submission_tsv(glue.TASKS["mnli"], [0, 1, 2], [0, 1, 2]) == \
+        "index\tprediction\n0\tentailment\n1\tneutral\n2\tcontradiction\n"
+    assert glue.submission_tsv(glue.TASKS["rte"], [3], [1]) == "index\tprediction\n3\tnot_entailment\n"
+    assert glue.submission_tsv(glue.TASKS["qnli"], [0], [0]) == "index\tprediction\n0\tentailment\n"
+    for task in ("cola", "sst2", "mrpc", "qqp", "wnli"):
+        assert glue.submission_tsv(glue.TASKS[task], [0, 1], [1, 0]) == "index\tprediction\n0\t1\n1\t0\n"
+    assert glue.submission_tsv(glue.TASKS["stsb"], [0, 1, 2], [-0.3, 2.71828, 5.6]) == \
+        "index\tprediction\n0\t0.000\n1\t2.718\n2\t5.000\n"  # clipped to 0-5
+
+
+def test_the_submission_zip_holds_the_glue_files_at_the_top_in_order(tmp_path):
+    files = []
+    for name in ("WNLI", "AX", "CoLA", "MNLI-mm", "MNLI-m", "reviews"):
+        files.append(tmp_path / "in" / f"{name}.tsv")
+        _write(files[-1], f"index\tprediction\n0\t{name}\n")
+    names = glue.write_submission_zip(files, tmp_path / "out/glue_submission.zip")
+    assert names == ["CoLA.tsv", "MNLI-m.tsv", "MNLI-mm.tsv", "WNLI.tsv", "AX.tsv"]  # not reviews.tsv
+    with zipfile.ZipFile(tmp_path / "out/glue_submission.zip") as z:
+        assert z.namelist() == names
+        assert z.read("AX.tsv").decode() == "index\tprediction\n0\tAX\n"
+    first = (tmp_path / "out/glue_submission.zip").read_bytes()
+    glue.write_submission_zip(files, tmp_path / "out/glue_submission.zip")
+    assert (tmp_path / "out/glue_submission.zip").read_bytes() == first  # reproducible bytes
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["glue_submission.zip"]  # atomic: no leftovers
+    with pytest.raises(StageError, match="no GLUE leaderboard"):
+        glue.write_submission_zip(files[-1:], tmp_path / "none.zip")
+
+
+# --------------------------------------------------------------------------------------------- fine-tuning
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    """A tiny tokenizer and a tiny random decoder, saved as the tokenizer and pretrain stages do."""
+    import torch
+
+    from lmcore.checkpoint import save_gpt
+    from lmcore.config import TokenizerConfig
+    from lmcore.model import GPT, GPTConfig
+    from lmcore.tokenizer import save as save_tokenizer
+    from lmcore.tokenizer import train
+
+    root = tmp_path_factory.mktemp("backbone")
+    cfg = TokenizerConfig(vocab_size=300)
+    rng = random.Random(0)
+    save_tokenizer(train(cfg, [make_text(rng, 80) for _ in range(20)]), cfg, root / "tokenizer")
+    torch.manual_seed(0)
+    save_gpt(GPT(GPTConfig(vocab_size=300, n_layer=1, n_head=2, n_embd=32, block_size=32)), root / "pretrained")
+    return root
+
+
+def _prepare(glue_dir: Path, raw: Path, task: str) -> Path:
+    spec, splits, _ = task_splits(TaskSource(kind="glue_dir", glue_dir=str(glue_dir), tasks=[task]), task)
+    for split, rows in splits.items():
+        write_jsonl(raw / task / f"{split}.jsonl", rows)
+    write_json(raw / task / "task.json", spec.to_dict())
+    return raw / task
+
+
+def test_finetune_one_task_at_a_time_then_evaluate_collects_score_and_zip(tmp_path, glue_dir, backbone):
+    from lmcore.evaluate import task_results
+    from lmcore.finetune import finetune
+
+    cfg = FinetuneConfig(mixed_precision="no", defaults={"epochs": 1, "batch_size": 2, "max_length": 32},
+                         tasks={"mnli": {"epochs": 2}, "stsb": {}, "cola": None})
+    out = tmp_path / "runs/finetune"
+    results = {}
+    for task in ("mnli", "stsb", "cola"):
+        folder = _prepare(glue_dir, tmp_path / "raw", task)
+        results[task] = finetune(cfg, folder, backbone / "pretrained", backbone / "tokenizer", out / task,
+                                 tmp_path / f"metrics/finetune/{task}.json", OFF)
+
+    res = json.loads((out / "mnli/results.json").read_text())
+    m = res["metrics"]
+    assert len(res["history"]) == 2 and res["hyperparameters"]["epochs"] == 2  # the per-task override
+    assert m["score"] == pytest.approx((m["accuracy_matched"] + m["accuracy_mismatched"]) / 2)
+    assert m["best_epoch"] in (1, 2) and m["score"] == max(h["score"] for h in res["history"])
+    assert {"majority_accuracy_matched", "majority_score", "bow_accuracy_mismatched", "bow_score"} <= set(m)
+    assert res["submissions"] == {"test_matched": "submission/MNLI-m.tsv", "test_mismatched": "submission/MNLI-mm.tsv",
+                                  "test_ax": "submission/AX.tsv"}
+    ax = (out / "mnli/submission/AX.tsv").read_text().splitlines()
+    assert ax[0] == "index\tprediction" and [line.split("\t")[0] for line in ax[1:]] == ["0", "1"]
+    assert all(line.split("\t")[1] in glue.NLI3 for line in ax[1:])
+    assert json.loads((tmp_path / "metrics/finetune/mnli.json").read_text()) == m
+    stsb = (out / "stsb/submission/STS-B.tsv").read_text().splitlines()
+    assert len(stsb) == 2 and 0.0 <= float(stsb[1].split("\t")[1]) <= 5.0
+    assert json.loads((out / "cola/results.json").read_text())["hyperparameters"]["epochs"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["cola", "mnli", "stsb"]  # no temporary leftovers
+
+    metrics, rows, files = task_results(out, ["cola", "stsb", "mnli"])
+    scores = {t: r.score for t, r in results.items()}
+    assert metrics["glue.score"] == pytest.approx(sum(scores.values()) / 3) and metrics["glue.tasks"] == 3
+    assert metrics["mnli.score"] == scores["mnli"] and "mnli.bow_accuracy_matched" in metrics
+    assert math.isfinite(metrics["stsb.pearson"]) and "cola.majority_matthews" in metrics
+    names = glue.write_submission_zip(files, tmp_path / "glue_submission.zip")
+    assert names == ["CoLA.tsv", "STS-B.tsv", "MNLI-m.tsv", "MNLI-mm.tsv", "AX.tsv"]
+
+
+def test_finetune_stage_refuses_a_task_that_is_not_listed(tmp_path):
+    from lmcore.layout import Layout
+    from lmcore.stages import run_stage
+
+    with pytest.raises(StageError, match="task 'cola' is not in prepare.tasks.tasks"):
+        run_stage("finetune", config.Params(), Layout(tmp_path), task="cola")
