@@ -42,12 +42,17 @@ def main(argv: list[str] | None = None) -> int:
         if STAGE_IO[name].foreach:
             stage.add_argument("--task", help=f"run for this item of {STAGE_IO[name].foreach} only "
                                               "(what each DVC stage finetune@<task> runs); default: every one")
+    from lmcore import compare  # not a stage: a table and a plot of the runs in MLflow
+
+    compare.add_parser(sub)
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("mlflow", "alembic", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if args.stage == "compare":
+        return compare.main(args)
     from lmcore import config
     from lmcore.layout import Layout
     from lmcore.stages import run_stage

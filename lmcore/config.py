@@ -569,13 +569,43 @@ class FinetuneConfig(Section):
         return FinetuneHyper(**{**self.defaults.model_dump(), **over.model_dump(exclude_none=True)})
 
 
+TEXT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+
+
+class HeldOutText(Section):
+    """Held-out text scored by the ``evaluate`` stage beside the validation split."""
+
+    name: str = Field(pattern=TEXT_NAME)
+    """Name in the metrics: ``lm.<name>.bpb``, ``lm.<name>.perplexity``, ``lm.<name>.tokens``,
+    ``lm.<name>.bytes``... (letters, digits, ``_`` and ``-``)."""
+    paths: list[str] = Field(min_length=1)
+    """Files, folders or glob patterns (``data/heldout/*.jsonl``, ``**`` for subfolders),
+    relative to the working directory (the project folder under ``dvc repro``). JSONL files
+    (``.jsonl``, ``.ndjson``, ``.jsonl.gz``) hold a document per line in ``text_field``; any
+    other file is one UTF-8 document. A folder means every file under it, sorted. DVC does not
+    track these files: after changing one, run ``dvc repro -f -s evaluate``."""
+    text_field: str = "text"
+    """Field holding the text in JSONL files."""
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Score at most this many tokens of this source, in whole documents (None:
+    ``evaluate.max_tokens``)."""
+
+
 class EvaluateConfig(Section):
     max_tokens: int | None = Field(default=None, ge=1)
-    """Score at most this many validation tokens (None: the whole split)."""
+    """Score at most this many tokens of the validation split and of each ``texts`` source (None:
+    all of it). Whole documents are kept (a first document longer than this is cut), so the bytes
+    behind bits per byte are exactly those of the text scored."""
     stride: int | None = Field(default=None, ge=1)
-    """Sliding-window stride in tokens; None means the model's context (no overlap)."""
+    """Sliding-window stride in tokens: each window of the model's context scores only the
+    ``stride`` tokens the previous one did not, with the tokens before them as context; None means
+    the model's context (no overlap). Smaller is slower and closer to full-context perplexity."""
     batch_size: int = Field(default=16, ge=1)
     """Windows per forward pass."""
+    texts: list[HeldOutText] = []
+    """More held-out text to score with the same model, tokenizer and windows, e.g.
+    ``[{name: sonnets, paths: [data/heldout/sonnets.txt]}]``; reported as ``lm.<name>.*`` after
+    the validation split's ``lm.val_*``."""
     prompts: list[str] = ["ROMEO.\n", "To be, or not to be", "The king"]
     """Prompts for the sample generations."""
     max_new_tokens: int = Field(default=64, ge=1)
@@ -586,6 +616,15 @@ class EvaluateConfig(Section):
     """Sample from the k most likely tokens (None: all)."""
     seed: int = 1234
     """Seed for sampling."""
+
+    @field_validator("texts")
+    @classmethod
+    def _unique_names(cls, texts: list[HeldOutText]) -> list[HeldOutText]:
+        names = [t.name for t in texts]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"name(s) {', '.join(twice)} given to more than one text (each needs its own)")
+        return texts
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,385 @@
+"""``lmcore compare``: the pipeline runs of an MLflow experiment side by side (not a stage).
+
+Each pipeline execution is one MLflow parent run with a child run per stage that ran
+(:mod:`lmcore.tracking`); a stage run without a parent (a stage run by hand) counts as a run of its
+own. For each run that pretrained, evaluated or fine-tuned, the table gathers:
+
+- what was trained: the model shape, parameter count, tokenizer vocabulary, steps and learning
+  rate (from the pretrain run's params; shape, vocabulary and steps also from the evaluate run's
+  ``model.*`` params, when pretraining did not run in that execution), and the training
+  throughput (``tokens_per_second_mean``);
+- how good it is: pretrain's last ``val_bpb``, evaluate's ``lm.val_bpb`` and ``lm.<text>.bpb``
+  for every held-out text, the GLUE score and every task's score.
+
+Rows are sorted by ``--metric`` (default ``val_bpb``: evaluate's ``lm.val_bpb``, then, for runs
+without it, pretrain's ``val_bpb``; lower is better, higher for scores and throughput). The
+markdown table (``compare.md``) and a plot of pretrain's validation bits per byte against the step
+for every run (``val_bpb.png``) are written atomically to ``--out`` (default ``runs/compare/``);
+the table is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lmcore.io import StageError, atomic_path, write_text
+
+STAGE_ORDER = ["prepare", "clean", "tokenizer", "encode", "pretrain", "export", "finetune", "evaluate"]
+COMPARED = {"pretrain", "evaluate", "finetune"}  # a run shows up when one of these ran in it
+HIGHER_IS_BETTER = re.compile(r"score|accuracy|f1|matthews|pearson|spearman|tokens_per_second|mfu")
+PLOT_METRIC = "val_bpb"  # pretrain's stepped validation bits per byte
+
+
+@dataclasses.dataclass
+class PipelineRun:
+    """One pipeline execution (a parent run and its stage runs), or one stage run on its own."""
+
+    run_id: str
+    name: str
+    start: int
+    """Start time, ms since the epoch."""
+    status: str
+    commit: str | None
+    stages: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Stage name -> its MLflow run (the last finished one); ``finetune:<task>`` per task."""
+
+    def metric(self, stage: str, key: str) -> float | None:
+        run = self.stages.get(stage)
+        return None if run is None else run.data.metrics.get(key)
+
+    def param(self, stage: str, key: str) -> str | None:
+        run = self.stages.get(stage)
+        return None if run is None else run.data.params.get(key)
+
+    def first(self, *sources: tuple[str, str, str]) -> Any:
+        """The first value found among ``(kind, stage, key)`` sources (kind ``metric`` or ``param``)."""
+        for kind, stage, key in sources:
+            v = self.metric(stage, key) if kind == "metric" else self.param(stage, key)
+            if v is not None and v != "None":
+                return v
+        return None
+
+    @property
+    def tasks(self) -> dict[str, float]:
+        """Task -> score: the fine-tune runs' ``score``, else evaluate's ``<task>.score``."""
+        out: dict[str, float] = {}
+        ev = self.stages.get("evaluate")
+        if ev is not None:
+            out |= {k[: -len(".score")]: v for k, v in ev.data.metrics.items()
+                    if k.endswith(".score") and not k.startswith(("glue.", "lm."))}
+        for stage, run in self.stages.items():
+            if stage.startswith("finetune:") and "score" in run.data.metrics:
+                out[stage.split(":", 1)[1]] = run.data.metrics["score"]
+        return out
+
+    @property
+    def texts(self) -> dict[str, float]:
+        """Held-out text name -> evaluate's ``lm.<name>.bpb``."""
+        ev = self.stages.get("evaluate")
+        if ev is None:
+            return {}
+        return {m.group(1): v for k, v in ev.data.metrics.items() if (m := re.fullmatch(r"lm\.(.+)\.bpb", k))}
+
+
+# ---------------------------------------------------------------------------------------------
+# reading MLflow
+
+
+def resolve_uri(uri: str) -> str:
+    """A relative sqlite path made absolute (relative to the working directory, as the stages do);
+    a missing sqlite file is an error (MLflow would create an empty database)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.exists():
+            raise StageError(f"{path}: no MLflow database there (tracking URI {uri}; run the pipeline first, "
+                             "or give --tracking-uri)")
+    return uri
+
+
+def _all_runs(client, experiment_id: str) -> list[Any]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], max_results=1000, page_token=token,
+                                  order_by=["attributes.start_time DESC"])
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _newer(a: Any, b: Any | None) -> bool:
+    """Whether run ``a`` should replace ``b`` for its stage: finished beats unfinished, then later."""
+    if b is None:
+        return True
+    rank = (a.info.status == "FINISHED", a.info.start_time or 0)
+    return rank > (b.info.status == "FINISHED", b.info.start_time or 0)
+
+
+def pipeline_runs(client, experiment: str, limit: int | None = None) -> list[PipelineRun]:
+    """The pipeline executions of ``experiment`` that pretrained, evaluated or fine-tuned, newest
+    first, at most ``limit``."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise StageError(f"no MLflow experiment '{experiment}' (experiments: {', '.join(names) or 'none'}): "
+                         "give --experiment")
+    runs = _all_runs(client, exp.experiment_id)
+    groups: dict[str, PipelineRun] = {}
+    for r in runs:
+        if r.data.tags.get("lmcore.kind") == "pipeline":
+            groups[r.info.run_id] = PipelineRun(r.info.run_id, r.info.run_name or r.info.run_id, r.info.start_time or 0,
+                                                r.info.status, r.data.tags.get("lmcore.git_commit"))
+    for r in runs:
+        tags = r.data.tags
+        stage = tags.get("lmcore.stage")
+        if tags.get("lmcore.kind") != "stage" or stage is None:
+            continue
+        group = groups.get(tags.get("mlflow.parentRunId", ""))
+        if group is None:  # a stage run on its own
+            group = groups.setdefault(r.info.run_id, PipelineRun(
+                r.info.run_id, r.info.run_name or stage, r.info.start_time or 0, r.info.status,
+                tags.get("lmcore.git_commit")))
+        key = f"{stage}:{tags['lmcore.task']}" if stage == "finetune" and "lmcore.task" in tags else stage
+        if _newer(r, group.stages.get(key)):
+            group.stages[key] = r
+        group.commit = group.commit or tags.get("lmcore.git_commit")
+    found = [g for g in groups.values() if any(s.split(":")[0] in COMPARED for s in g.stages)]
+    found.sort(key=lambda g: g.start, reverse=True)
+    return found[:limit] if limit else found
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+def metric_value(run: PipelineRun, metric: str) -> tuple[int, float] | None:
+    """``(source rank, value)`` of ``metric`` for ``run``: ``<stage>.<key>`` names one stage's
+    metric; a bare name is looked up in evaluate (``NAME``, then ``lm.NAME``), then pretrain,
+    then the other stages. The rank sorts runs measured by the same source together."""
+    for stage in STAGE_ORDER:
+        if metric.startswith(stage + ".") and (v := run.metric(stage, metric[len(stage) + 1:])) is not None:
+            return 0, v
+    sources = [(0, "evaluate", metric), (0, "evaluate", f"lm.{metric}"), (1, "pretrain", metric)]
+    sources += [(2, s, metric) for s in sorted(run.stages) if s not in ("evaluate", "pretrain")]
+    for rank, stage, key in sources:
+        v = run.metric(stage, key)
+        if v is not None:
+            return rank, v
+    return None
+
+
+def sort_runs(runs: list[PipelineRun], metric: str) -> list[PipelineRun]:
+    """Best first by ``metric`` (see :func:`metric_value`); runs without it last, newest first."""
+    sign = -1.0 if HIGHER_IS_BETTER.search(metric) else 1.0
+
+    def key(r: PipelineRun) -> tuple:
+        v = metric_value(r, metric)
+        return (1, 0, 0.0, -r.start) if v is None else (0, v[0], sign * v[1], -r.start)
+
+    return sorted(runs, key=key)
+
+
+def _num(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return ""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    if x != x:  # NaN
+        return "nan"
+    if x.is_integer() and abs(x) >= 1000:
+        return f"{int(x):,}"
+    return f"{x:.{digits}f}"
+
+
+def _int(v: Any) -> str:
+    return "" if v is None else f"{int(float(v)):,}"
+
+
+def _utc(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def _millions(v: Any) -> str:
+    return "" if v is None else f"{float(v) / 1e6:.2f}M"
+
+
+def _model(r: PipelineRun) -> str:
+    def get(field: str) -> Any:
+        return r.first(("param", "pretrain", f"pretrain.model.{field}"), ("param", "evaluate", f"model.{field}"))
+
+    layers, width, heads, kv, ctx = (get(f) for f in ("n_layer", "n_embd", "n_head", "n_kv_heads", "block_size"))
+    if layers is None or width is None:
+        return ""
+    h = f"{heads}/{kv}" if kv not in (None, heads) else f"{heads}"
+    return f"{layers}x{width}, {h} heads, ctx {ctx}"
+
+
+Column = tuple[str, Callable[[PipelineRun], str]]
+
+
+def columns(runs: list[PipelineRun]) -> list[Column]:
+    """The table's columns; those empty for every run are dropped."""
+    cols: list[Column] = [
+        ("run", lambda r: r.name.removeprefix("pipeline ")),
+        ("started (UTC)", lambda r: _utc(r.start)),
+        ("commit", lambda r: (r.commit or "")[:8]),
+        ("status", lambda r: r.status),
+        ("model", _model),
+        ("params", lambda r: _millions(r.first(("param", "pretrain", "n_params"),
+                                                ("param", "evaluate", "model.n_params")))),
+        ("vocab", lambda r: _int(r.first(("param", "tokenizer", "tokenizer.vocab_size"),
+                                         ("param", "evaluate", "tokenizer.vocab_size"),
+                                         ("metric", "tokenizer", "vocab_size")))),
+        ("steps", lambda r: _int(r.first(("param", "pretrain", "pretrain.max_steps"),
+                                         ("param", "evaluate", "model.steps")))),
+        ("lr", lambda r: r.param("pretrain", "pretrain.lr") or ""),
+        ("tokens/s", lambda r: _int(r.first(("metric", "pretrain", "tokens_per_second_mean"),
+                                            ("metric", "pretrain", "tokens_per_second")))),
+        ("pretrain val bpb", lambda r: _num(r.metric("pretrain", "val_bpb"))),
+        ("val bpb", lambda r: _num(r.metric("evaluate", "lm.val_bpb"))),
+    ]
+    texts = sorted({t for r in runs for t in r.texts})
+    cols += [(f"{t} bpb", lambda r, t=t: _num(r.texts.get(t))) for t in texts]
+    cols.append(("GLUE", lambda r: _num(r.metric("evaluate", "glue.score"))))
+    tasks = sorted({t for r in runs for t in r.tasks})
+    cols += [(t, lambda r, t=t: _num(r.tasks.get(t))) for t in tasks]
+    return [(name, get) for name, get in cols if any(get(r) for r in runs)]
+
+
+def markdown_table(runs: list[PipelineRun]) -> str:
+    cols = columns(runs)
+    lines = ["| # | " + " | ".join(name for name, _ in cols) + " |",
+             "|---:|" + "|".join("---" for _ in cols) + "|"]
+    for i, r in enumerate(runs, 1):
+        lines.append(f"| {i} | " + " | ".join(get(r).replace("|", "\\|") for _, get in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def describe_order(metric: str) -> str:
+    better = "higher" if HIGHER_IS_BETTER.search(metric) else "lower"
+    if "." in metric and metric.split(".", 1)[0] in STAGE_ORDER:
+        return f"Sorted by the {metric.split('.', 1)[0]} run's `{metric.split('.', 1)[1]}`, {better} is better first."
+    return (f"Sorted by evaluate's `{metric}` (or `lm.{metric}`), {better} is better first; then the runs without "
+            f"it, by pretrain's `{metric}`; runs with neither last.")
+
+
+# ---------------------------------------------------------------------------------------------
+# the plot
+
+
+def plot_histories(client, runs: list[PipelineRun], path: Path) -> int:
+    """Pretrain's validation bits per byte against the step, one line per run (numbered as in the
+    table), as a PNG written atomically; returns the number of lines drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    drawn = 0
+    for i, r in enumerate(runs, 1):
+        pre = r.stages.get("pretrain")
+        if pre is None:
+            continue
+        history = sorted((m.step, m.value) for m in client.get_metric_history(pre.info.run_id, PLOT_METRIC))
+        if not history:
+            continue
+        steps, values = zip(*history)
+        ax.plot(steps, values, marker="o", markersize=3, label=f"{i}. {r.name.removeprefix('pipeline ')}"[:60])
+        drawn += 1
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation bits per byte")
+    ax.set_title("pretrain validation bits per byte")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no pretrain run logged val_bpb", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return drawn
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points
+
+
+@dataclasses.dataclass
+class CompareResult:
+    table: str
+    """The markdown table."""
+    markdown: Path
+    plot: Path
+    runs: list[PipelineRun]
+    """In table order."""
+    plotted: int
+    """Runs drawn in the plot (those whose pretrain run logged ``val_bpb``)."""
+
+
+def compare(experiment: str, tracking_uri: str, metric: str = "val_bpb", out: Path = Path("runs/compare"),
+            limit: int | None = 20) -> CompareResult:
+    """Compare the last ``limit`` pipeline runs of ``experiment``; write ``out/compare.md`` and
+    ``out/val_bpb.png``."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=resolve_uri(tracking_uri))
+    runs = pipeline_runs(client, experiment, limit)
+    if not runs:
+        raise StageError(f"experiment '{experiment}' has no run that pretrained, evaluated or fine-tuned")
+    runs = sort_runs(runs, metric)
+    table = markdown_table(runs)
+    out = Path(out)
+    md = (f"# Runs of experiment `{experiment}`\n\n{describe_order(metric)} Plot: `val_bpb.png` "
+          f"(pretrain validation bits per byte against step, numbered as here).\n\n{table}")
+    write_text(out / "compare.md", md)
+    plotted = plot_histories(client, runs, out / "val_bpb.png")
+    return CompareResult(table, out / "compare.md", out / "val_bpb.png", runs, plotted)
+
+
+def add_parser(sub: Any) -> None:
+    """The ``compare`` subcommand of the ``lmcore`` CLI."""
+    p = sub.add_parser("compare", help="compare the pipeline runs of an MLflow experiment (a table and a plot; "
+                                       "not a pipeline stage)")
+    p.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment in the params file)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.tracking_uri in the params file)")
+    p.add_argument("--metric", default="val_bpb",
+                   help="sort by this metric: a bare name (evaluate's NAME or lm.NAME, else pretrain's NAME) or "
+                        "<stage>.<metric>, e.g. pretrain.tokens_per_second_mean, evaluate.glue.score "
+                        "(default: val_bpb)")
+    p.add_argument("--out", help="output folder (default: runs/compare under --root)")
+    p.add_argument("--runs", type=int, default=20, help="the most recent N runs (default: 20; 0: all)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``lmcore compare`` from parsed arguments (also reads ``args.params`` and ``args.root``)."""
+    from lmcore import config
+    from lmcore.config import ConfigError, TrackingConfig
+
+    try:
+        tracking = TrackingConfig()
+        if not (args.experiment and args.tracking_uri) and Path(args.params).exists():
+            tracking = config.load(args.params).tracking
+        out = Path(args.out) if args.out else Path(args.root) / "runs/compare"
+        if args.runs < 0:
+            raise StageError(f"--runs = {args.runs}: give a number of runs, or 0 for all")
+        res = compare(args.experiment or tracking.experiment, args.tracking_uri or tracking.tracking_uri,
+                      args.metric, out, args.runs or None)
+    except (ConfigError, StageError) as e:
+        print(f"lmcore compare: error: {e}", file=sys.stderr)
+        return 2
+    print(res.table, end="")
+    print(f"lmcore compare: {len(res.runs)} run(s); wrote {res.markdown} and {res.plot}")
+    return 0
