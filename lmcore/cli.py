@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     from lmcore import compare  # not a stage: a table and a plot of the runs in MLflow
 
     compare.add_parser(sub)
+    from lmcore import generate  # not a stage either: text from a model folder
+
+    generate.add_parser(sub)
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if args.stage == "compare":
         return compare.main(args)
+    if args.stage == "generate":
+        return generate.main(args)
     from lmcore import config
     from lmcore.layout import Layout
     from lmcore.stages import run_stage

@@ -614,8 +614,14 @@ class EvaluateConfig(Section):
     """Sampling temperature (0: greedy)."""
     top_k: int | None = Field(default=50, ge=1)
     """Sample from the k most likely tokens (None: all)."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling: sample from the smallest set of most likely tokens whose probabilities
+    sum to at least this (1: all tokens)."""
+    repetition_penalty: float = Field(default=1.0, gt=0)
+    """CTRL repetition penalty on the tokens already in the prompt or the output: their positive
+    logits are divided by it, negative ones multiplied (1: none; 1.1-1.3 are usual)."""
     seed: int = 1234
-    """Seed for sampling."""
+    """Seed for sampling (also the default of ``lmcore generate --seed``)."""
 
     @field_validator("texts")
     @classmethod

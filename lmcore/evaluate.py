@@ -617,14 +617,10 @@ def describe_model(model, model_cfg: dict[str, Any], tok, tok_file: Path) -> dic
 
 
 def _samples(model, tok, cfg: EvaluateConfig) -> str:
-    from lmcore.tokenizer import special_ids
+    """Every prompt's sample (one batch, KV cache, ``cfg``'s sampling settings and seed)."""
+    from lmcore.generate import GenerationConfig, generate_text
 
-    eot = special_ids(tok).eot
-    gen = torch.Generator().manual_seed(cfg.seed)
-    parts = []
-    for prompt in cfg.prompts:
-        ids = torch.tensor([tok.encode(prompt).ids or [eot]])
-        outp = model.generate(ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, eot, gen)
-        text = tok.decode(outp[0].tolist(), skip_special_tokens=True)
-        parts.append(f"### Prompt: {prompt!r}\n\n```\n{text}\n```\n")
-    return "\n".join(parts)
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                           top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
+    texts = generate_text(model, tok, cfg.prompts, gen)
+    return "\n".join(f"### Prompt: {prompt!r}\n\n```\n{text}\n```\n" for prompt, text in zip(cfg.prompts, texts))

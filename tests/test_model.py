@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
+import lmcore.model as model_module
 from lmcore.model import GPT, GPTConfig
 
 
@@ -64,3 +66,209 @@ def test_greedy_generation_is_deterministic_and_stops_at_eot():
     eot = int(a[0, 3])
     c = model.generate(prompt, 5, temperature=0, eot_id=eot)
     assert c.shape == (1, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fast training step computes the textbook model
+
+
+def reference_forward(model: GPT, idx: torch.Tensor, targets: torch.Tensor):
+    """The model as written in the Llama paper and Hugging Face's LlamaForCausalLM, from the same
+    parameters: RMSNorm with its weight, separate q/k/v projections, "rotate half" RoPE, keys and
+    values repeated for grouped-query attention, F.cross_entropy on float32 logits."""
+    import torch.nn.functional as F
+
+    cfg = model.cfg
+    B, T = idx.shape
+    H, KV, D, C = cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.n_embd
+
+    def rms(x, w):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(x) * w
+
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    freqs = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)
+    cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
+
+    def rope(x):
+        rotated = torch.cat([-x[..., D // 2 :], x[..., : D // 2]], dim=-1)
+        return (x * cos + rotated * sin).type_as(x)
+
+    x = model.embed(idx)
+    for b in model.blocks:
+        a, m = b.attn, b.mlp
+        h = rms(x, b.attn_norm.weight)
+        q = rope(a.q_proj(h).view(B, T, H, D).transpose(1, 2))
+        k = rope(a.k_proj(h).view(B, T, KV, D).transpose(1, 2)).repeat_interleave(H // KV, dim=1)
+        v = a.v_proj(h).view(B, T, KV, D).transpose(1, 2).repeat_interleave(H // KV, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + a.o_proj(y.transpose(1, 2).reshape(B, T, C))
+        h = rms(x, b.mlp_norm.weight)
+        x = x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
+    logits = model.lm_head(rms(x, model.norm.weight))
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+    return logits, loss
+
+
+def randomised(**kw) -> GPT:
+    """A small model with every parameter random (norm weights too, so that their folding into
+    the next matmul is exercised)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{"vocab_size": 96, "n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32, **kw}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+    return model
+
+
+def grads(model: GPT, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def batch(vocab: int = 96, B: int = 3, T: int = 32):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, vocab, (B, T + 1), generator=g)
+    y = x[:, 1:].clone()
+    y[0, :5] = -100
+    return x[:, :-1], y
+
+
+@pytest.mark.parametrize("shape", [{}, {"n_kv_heads": 2}, {"n_kv_heads": 1}, {"tie_embeddings": False}],
+                         ids=["mha", "gqa2", "mqa", "untied"])
+def test_fast_step_equals_the_textbook_model_in_float32(shape):
+    model = randomised(**shape)
+    x, y = batch()
+    logits, loss = model(x, y)
+    g = grads(model, loss)
+    ref_logits, ref_loss = reference_forward(model, x, y)
+    ref_g = grads(model, ref_loss)
+    torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-6)
+    for name in ref_g:
+        torch.testing.assert_close(g[name], ref_g[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("emulate", [False, True], ids=["native-bf16-path", "emulated-bf16-path"])
+def test_fast_step_under_bf16_autocast_is_as_close_to_float32_as_the_textbook_model(monkeypatch, emulate):
+    """Both bf16 paths (a CPU with bf16 instructions, and the float32 emulation used without
+    them) stay as close to the float32 result as the textbook model under autocast does."""
+    monkeypatch.setattr(model_module, "X86_WITHOUT_BF16", emulate)
+    model = randomised(n_kv_heads=2)
+    x, y = batch()
+    ref_logits, ref_loss = reference_forward(model, x, y)
+    ref_g = grads(model, ref_loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(x, y)
+        tb_logits, tb_loss = reference_forward(model, x, y)
+    assert logits.dtype == tb_logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    g, tb_g = grads(model, loss), grads(model, tb_loss)
+
+    def err(a, b):
+        return float((a.detach().float() - b.detach().float()).abs().max() / b.detach().float().abs().max())
+
+    assert err(logits, ref_logits) < 3 * err(tb_logits, ref_logits) + 1e-3
+    assert abs(float(loss.detach() - ref_loss.detach())) < 3 * abs(float(tb_loss.detach() - ref_loss.detach())) + 2e-3
+    for name in ref_g:
+        assert err(g[name], ref_g[name]) < 3 * err(tb_g[name], ref_g[name]) + 5e-3, name
+
+
+def test_emulated_bf16_linear_matches_the_bf16_gemm():
+    x = torch.randn(64, 96)
+    w = torch.randn(80, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gemm = torch.nn.functional.linear(x, w)
+        with torch.autocast("cpu", enabled=False):
+            emulated = torch.nn.functional.linear(x.bfloat16().float(), w.bfloat16().float()).bfloat16()
+    # the same rounded operands, float32 accumulation: at most one bf16 rounding step apart
+    assert ((gemm.float() - emulated.float()).abs() <= gemm.float().abs() * 2**-7 + 1e-6).all()
+
+
+def test_linear_emulates_only_under_bf16_autocast(monkeypatch):
+    monkeypatch.setattr(model_module, "X86_WITHOUT_BF16", True)
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    assert model_module.linear(x, w).dtype == torch.float32
+    torch.testing.assert_close(model_module.linear(x, w), x @ w.T)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model_module.linear(x, w)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), x.bfloat16().float() @ w.bfloat16().float().T, atol=0.02, rtol=0.01)
+
+
+def test_paired_rope_leaves_attention_scores_unchanged():
+    """Reordering q and k rows into rotary pairs, then rotating as complex numbers, gives the same
+    q.k as "rotate half" RoPE on the original layout."""
+    heads, D, T, C = 3, 16, 10, 24
+    wq, wk = torch.randn(heads * D, C), torch.randn(heads * D, C)
+    x = torch.randn(2, T, C)
+    cos, sin = model_module.rope_cache(T, D, 10000.0)
+    rot = torch.complex(cos, sin)[:, None]
+    q = model_module.apply_rope((x @ model_module.pair_rows(wq, heads).T).view(2, T, heads, D), rot)
+    k = model_module.apply_rope((x @ model_module.pair_rows(wk, heads).T).view(2, T, heads, D), rot)
+    c2, s2 = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]
+
+    def rotate_half(t):
+        return t * c2 + torch.cat([-t[..., D // 2 :], t[..., : D // 2]], -1) * s2
+
+    q_ref, k_ref = rotate_half((x @ wq.T).view(2, T, heads, D)), rotate_half((x @ wk.T).view(2, T, heads, D))
+    scores = torch.einsum("bthd,bshd->bhts", q, k)
+    torch.testing.assert_close(scores, torch.einsum("bthd,bshd->bhts", q_ref, k_ref), atol=1e-4, rtol=1e-5)
+
+
+def test_rms_normalize_backward():
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: model_module._RMSNormalize.apply(t, 1e-5), (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_equals_torch(dtype, reduction):
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(50, 33, generator=g)).to(dtype).requires_grad_()
+    targets = torch.randint(0, 33, (50,), generator=g)
+    targets[::7] = -100
+    ours = model_module.cross_entropy(logits, targets, reduction=reduction)
+    (go,) = torch.autograd.grad(ours.sum(), logits)
+    ref = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction=reduction)
+    (gr,) = torch.autograd.grad(ref.sum(), logits)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(go, gr, atol=1e-6 if dtype == torch.float32 else 4e-3, rtol=1e-5)
+
+
+def test_cross_entropy_backward_gradcheck():
+    logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 4, -100, 2, 2, 1])
+    assert torch.autograd.gradcheck(lambda z: model_module.cross_entropy(z, targets), (logits,))
+
+
+def test_hidden_states_and_the_head_give_forward_logits():
+    model = randomised(n_kv_heads=2).eval()
+    x, _ = batch()
+    with torch.no_grad():
+        logits, _ = model(x)
+        h = model.hidden_states(x)
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+        h_masked = model.hidden_states(x, attn_mask=mask)
+    torch.testing.assert_close(model.lm_head(h), logits, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(h_masked, h, atol=1e-5, rtol=1e-5)
+
+
+def test_parameter_names_stay_llama_compatible():
+    names = set(dict(tiny(n_kv_heads=1).named_parameters()))
+    assert names == {"embed.weight", "norm.weight"} | {
+        f"blocks.{i}.{p}.weight" for i in range(2)
+        for p in ("attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
+                  "mlp_norm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+
+
+def test_a_model_cast_to_bfloat16_still_runs():
+    model = randomised(n_kv_heads=2)
+    x, y = batch()
+    with torch.no_grad():
+        logits, loss = model(x, y)
+        logits16, loss16 = model.to(torch.bfloat16)(x, y)
+    assert logits16.dtype == torch.bfloat16 and loss16.dtype == torch.float32
+    assert abs(float(loss16) - float(loss)) < 0.05 * float(loss)

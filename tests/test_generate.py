@@ -1,0 +1,345 @@
+"""Generation: the KV cache gives the tokens of full re-encoding, left-padded batches give each
+prompt's own tokens, seeded sampling, the logits processors, stopping at end of text, and the
+``lmcore generate`` command (prompts from arguments, a file or stdin; streamed or not)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_text
+from lmcore.generate import (GenerationConfig, TextStream, apply_repetition_penalty, generate, next_tokens,
+                             positions_of, stream, top_k_filter, top_p_filter)
+from lmcore.model import GPT, GPTConfig, KVCache
+
+VOCAB = 64
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [60, 61, 62, 63, 0, 1]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: threads only add waiting on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def randomised(block: int = 32, **kw) -> GPT:
+    """A tiny model with large random weights: peaked, varied logits (an untrained model's are
+    nearly flat and its greedy output one repeated token)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, block_size=block, **kw))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3 if p.dim() > 1 else 1.0)
+    return model.eval()
+
+
+def greedy(n: int, **kw) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=n, temperature=0, **kw)
+
+
+def tokens(model, prompts, cfg, **kw) -> list[list[int]]:
+    return [c.tokens for c in generate(model, prompts, cfg, **kw)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the cache
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_cache_step_by_step_gives_the_full_forward_logits(kv_heads):
+    model = randomised(n_kv_heads=kv_heads)
+    x = torch.randint(0, VOCAB, (3, 12))
+    with torch.no_grad():
+        full, _ = model(x)
+        cache = KVCache(model.cfg.block_size)
+        steps = [model.next_token_logits(x[:, :5], cache=cache)]  # a prefill of 5, then one at a time
+        steps += [model.next_token_logits(x[:, t : t + 1], cache=cache) for t in range(5, 12)]
+    assert cache.length == 12
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 4:], atol=1e-4, rtol=1e-4)
+
+
+def test_cache_refuses_more_than_it_holds():
+    model = randomised(block=8)
+    cache = KVCache(8)
+    with torch.no_grad():
+        model.next_token_logits(torch.zeros(1, 8, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="exceeds block_size 8"):
+            model.next_token_logits(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_greedy_with_the_cache_gives_exactly_the_tokens_without_it(kv_heads):
+    model = randomised(n_kv_heads=kv_heads)
+    cached = tokens(model, PROMPTS, greedy(20))
+    assert cached == tokens(model, PROMPTS, greedy(20, use_cache=False))
+    assert len({tuple(t) for t in cached}) == len(PROMPTS)  # the prompts lead to different texts
+    assert all(len(set(t)) > 3 for t in cached)  # and not one repeated token
+    for p in PROMPTS:  # one prompt at a time too
+        assert tokens(model, [p], greedy(20)) == tokens(model, [p], greedy(20, use_cache=False))
+
+
+def test_past_the_context_both_paths_slide_the_same_window(caplog):
+    model = randomised(block=16)
+    with caplog.at_level("WARNING", logger="lmcore.generate"):
+        cached = tokens(model, PROMPTS, greedy(30))
+    assert "without the KV cache" in caplog.text  # said once per call
+    assert caplog.text.count("exceed the model's context") == 1
+    assert [len(t) for t in cached] == [30] * len(PROMPTS)
+    assert cached == tokens(model, PROMPTS, greedy(30, use_cache=False))
+    long_prompt = [list(range(1, 21))]  # longer than the context from the start
+    assert tokens(model, long_prompt, greedy(5)) == tokens(model, long_prompt, greedy(5, use_cache=False))
+
+
+def test_a_left_padded_batch_gives_each_prompt_its_own_tokens():
+    model = randomised(n_kv_heads=2)
+    batch = tokens(model, PROMPTS, greedy(20))
+    assert batch == [tokens(model, [p], greedy(20))[0] for p in PROMPTS]
+    # the padding id does not matter: it is masked out
+    assert tokens(model, PROMPTS, greedy(20), pad_id=17) == batch
+
+
+def test_positions_start_at_each_rows_first_token():
+    real = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    assert positions_of(real).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+
+def test_the_same_seed_gives_the_same_sample_and_another_seed_another():
+    model = randomised()
+    cfg = GenerationConfig(max_new_tokens=20, temperature=1.0, seed=7)
+    a = tokens(model, PROMPTS, cfg)
+    assert a == tokens(model, PROMPTS, cfg)
+    assert a != tokens(model, PROMPTS, GenerationConfig(max_new_tokens=20, temperature=1.0, seed=8))
+    assert a != tokens(model, PROMPTS, greedy(20))
+    # the cache does not change what a seed samples
+    assert a == tokens(model, PROMPTS, GenerationConfig(max_new_tokens=20, temperature=1.0, seed=7, use_cache=False))
+
+
+def test_tiny_top_p_and_top_k_1_keep_only_the_argmax():
+    logits = torch.randn(5, VOCAB)
+    kept = torch.isfinite(top_p_filter(logits, 1e-6))
+    assert kept.sum(1).tolist() == [1] * 5 and kept[torch.arange(5), logits.argmax(1)].all()
+    kept_k = torch.isfinite(top_k_filter(logits, 1))
+    assert torch.equal(kept_k, kept)
+    model = randomised()
+    want = tokens(model, PROMPTS, greedy(15))
+    assert tokens(model, PROMPTS, GenerationConfig(max_new_tokens=15, temperature=1.5, top_p=1e-6, seed=3)) == want
+    assert tokens(model, PROMPTS, GenerationConfig(max_new_tokens=15, temperature=1.5, top_k=1, seed=3)) == want
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.tensor([[0.2, 0.5, 0.3]]).log()  # probabilities 0.2, 0.5, 0.3
+    kept = lambda p: torch.isfinite(top_p_filter(logits, p))[0].tolist()  # noqa: E731
+    assert kept(0.4) == [False, True, False]
+    assert kept(0.7) == [False, True, True]
+    assert kept(0.9) == [True, True, True]
+    assert kept(1.0) == [True, True, True]
+
+
+def test_top_k_and_top_p_restrict_what_is_sampled():
+    logits = torch.tensor([[0.1, 0.2, 0.3, 3.0, 2.5, 0.0]]).repeat(200, 1)
+    gen = torch.Generator().manual_seed(0)
+    k2 = next_tokens(logits, GenerationConfig(temperature=1.0, top_k=2), generator=gen)
+    assert set(k2.tolist()) == {3, 4}
+    p = next_tokens(logits, GenerationConfig(temperature=1.0, top_p=0.5), generator=gen)
+    assert set(p.tolist()) == {3}
+
+
+def test_repetition_penalty_lowers_the_probability_of_seen_tokens():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 1.0]]  # positive divided, negative multiplied, unseen kept
+    before, after = logits.softmax(-1), out.softmax(-1)
+    assert after[0, 0] < before[0, 0] and after[0, 1] < before[0, 1]
+    assert after[0, 2] > before[0, 2] and after[0, 3] > before[0, 3]
+    assert torch.equal(apply_repetition_penalty(logits, seen, 1.0), logits)
+
+
+def test_repetition_penalty_in_the_loop_repeats_less():
+    model = randomised()
+    plain = tokens(model, PROMPTS, greedy(30))
+    penalised = tokens(model, PROMPTS, greedy(30, repetition_penalty=3.0))
+
+    def repeats(rows: list[list[int]]) -> int:  # generated tokens already in the row's prompt or output
+        return sum(t in p + r[:j] for p, r in zip(PROMPTS, rows) for j, t in enumerate(r))
+
+    assert repeats(penalised) < repeats(plain)
+    # greedy with the penalty: the cache still changes nothing
+    assert penalised == tokens(model, PROMPTS, greedy(30, repetition_penalty=3.0, use_cache=False))
+
+
+def test_rows_stop_at_end_of_text_and_stop_counting():
+    model = randomised()
+    free = tokens(model, PROMPTS, greedy(12))
+    stop = free[1][4]  # row 1's fifth token
+    assert stop not in free[1][:4]
+    steps = list(stream(model, PROMPTS, greedy(12), stop_id=stop))
+    done = generate(model, PROMPTS, greedy(12), stop_id=stop)
+    assert done[1].tokens == free[1][:4] and done[1].stopped
+    assert [s[1] for s in steps[:5]] == free[1][:5]  # the stop token is yielded once...
+    assert all(s[1] is None for s in steps[5:])  # ...then nothing
+    for row, c in zip(free, done):  # every row: its free run up to its first stop token
+        cut = row.index(stop) if stop in row else len(row)
+        assert c.tokens == row[:cut] and c.stopped == (stop in row)
+    everyone = generate(model, [PROMPTS[1]] * 3, greedy(12), stop_id=stop)
+    assert len(list(stream(model, [PROMPTS[1]] * 3, greedy(12), stop_id=stop))) == 5  # all stopped: the loop ends
+    assert all(c.tokens == free[1][:4] for c in everyone)
+
+
+def test_settings_are_checked_by_name():
+    for kw, name in ((dict(temperature=-1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=0), "top_k"),
+                     (dict(repetition_penalty=0), "repetition_penalty")):
+        with pytest.raises(ValueError, match=name):
+            GenerationConfig(**kw)
+    with pytest.raises(ValueError, match="prompt 1 has no tokens"):
+        next(stream(randomised(), [[1], []]))
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        next(stream(randomised(), [[VOCAB]]))
+
+
+def test_the_model_shortcut_keeps_its_behaviour():
+    model = randomised()
+    prompt = torch.tensor([PROMPTS[0]])
+    out = model.generate(prompt, 6, temperature=0)
+    assert out[0, 3:].tolist() == tokens(model, [PROMPTS[0]], greedy(6))[0]
+    a = model.generate(prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    b = model.generate(prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# text and the command line
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A tiny byte-level BPE tokenizer trained on ASCII text, and a random model of its vocabulary
+    saved as ``runs/pretrain/final`` and ``data/tokenizer`` under a project root."""
+    from lmcore import tokenizer as tokmod
+    from lmcore.checkpoint import save_gpt
+    from lmcore.config import TokenizerConfig
+
+    root = tmp_path_factory.mktemp("generate")
+    rng = random.Random(0)
+    cfg = TokenizerConfig(vocab_size=300)
+    tok = tokmod.train(cfg, [make_text(rng, 200) for _ in range(20)])
+    tokmod.save(tok, cfg, root / "data/tokenizer")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_embd=32, block_size=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2 if p.dim() > 1 else 1.0)
+    save_gpt(model, root / "runs/pretrain/final")
+    return root
+
+
+def test_text_stream_prints_characters_split_across_tokens_whole(folder):
+    from lmcore.tokenizer import load
+
+    tok = load(folder / "data/tokenizer")
+    text = " naïve 日本 — ok"
+    ids = tok.encode(text).ids
+    assert len(ids) > len(text.split())  # the non-ASCII characters come as single bytes
+    s = TextStream(tok, tok.encode("The king").ids)
+    pieces = [s.push(t) for t in ids]
+    pieces.append(s.flush())
+    assert "".join(pieces) == text == s.text()
+    assert not any("\ufffd" in p for p in pieces)
+    assert sum(1 for p in pieces if p) < len(ids)  # some bytes waited for the rest of their character
+
+
+def lmcore_generate(root: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "lmcore.cli", "--params", str(root / "none.yaml"), "--root", str(root), "generate",
+           "--max-new-tokens", "24", "--temperature", "0.9", "--seed", "5", *args]
+    return subprocess.run(cmd, cwd=root, input=stdin or "", capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"})
+
+
+def test_cli_prompt_streamed_equals_not_streamed(folder):
+    streamed = lmcore_generate(folder, "--prompt", "The king")
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout.startswith("The king") and len(streamed.stdout) > len("The king\n")
+    assert "tokens/s, KV cache on, seed 5" in streamed.stderr
+    whole = lmcore_generate(folder, "--prompt", "The king", "--no-stream", "--no-cache")
+    assert whole.returncode == 0, whole.stderr
+    assert whole.stdout == streamed.stdout
+    assert "KV cache off" in whole.stderr
+
+
+def test_cli_prompts_from_a_file_and_from_stdin(folder):
+    prompts = ["The king", "Love and war", "A"]
+    (folder / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
+    from_file = lmcore_generate(folder, "--file", str(folder / "prompts.txt"))
+    assert from_file.returncode == 0, from_file.stderr
+    out = from_file.stdout
+    assert out.startswith("==> 1/3 <==\nThe king")  # each text once complete, in prompt order
+    assert out.index("\n\n==> 2/3 <==\nLove and war") < out.index("\n\n==> 3/3 <==\nA")
+    assert "for 3 prompt(s)" in from_file.stderr
+    from_stdin = lmcore_generate(folder, "--no-stream", stdin="\n".join(prompts) + "\n")
+    assert from_stdin.returncode == 0, from_stdin.stderr
+    assert from_stdin.stdout == out
+
+
+def test_cli_batch_gives_each_prompt_its_text_alone(folder, tmp_path, capsys):
+    from lmcore.cli import main
+
+    def run(*args: str) -> str:
+        code = main(["--params", str(tmp_path / "none.yaml"), "--root", str(folder), "generate",
+                     "--temperature", "0", "--max-new-tokens", "16", *args])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return out
+
+    alone = run("--prompt", "The king")
+    assert f"==> 1/2 <==\n{alone}\n==> 2/2 <==\nLove and war" in run("--prompt", "The king", "--prompt", "Love and war")
+
+
+def test_cli_errors_name_what_is_wrong(folder, tmp_path, capsys):
+    from lmcore.cli import main
+
+    def run(*args: str) -> tuple[int, str]:
+        code = main(["--params", str(tmp_path / "none.yaml"), "--root", str(folder), "generate", *args])
+        return code, capsys.readouterr().err
+
+    code, err = run("--model", str(tmp_path / "nothing"), "--prompt", "x")
+    assert code == 2 and "nothing: no model folder here" in err
+    code, err = run("--prompt", "x", "--top-p", "1.5")
+    assert code == 2 and "--top-p = 1.5" in err
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "ok"}) + "\n{oops\n")
+    code, err = run("--file", str(tmp_path / "bad.jsonl"))
+    assert code == 2 and "bad.jsonl: line 2: not valid JSON" in err
+    (tmp_path / "params.yaml").write_text("evaluate:\n  top_p: 2\n")
+    code = main(["--params", str(tmp_path / "params.yaml"), "--root", str(folder), "generate", "--prompt", "x"])
+    assert code == 2 and "evaluate.top_p" in capsys.readouterr().err
+
+
+def test_cli_jsonl_prompts_may_hold_newlines_and_params_give_the_defaults(folder, tmp_path, capsys, monkeypatch):
+    from lmcore.cli import main
+
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "ROMEO.\nThe king"}) + "\n" + json.dumps("A") + "\n")
+    (tmp_path / "params.yaml").write_text("evaluate:\n  temperature: 0\n  max_new_tokens: 5\n")
+    code = main(["--params", str(tmp_path / "params.yaml"), "--root", str(folder), "generate",
+                 "--file", str(tmp_path / "p.jsonl"), "--no-stream"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.startswith("==> 1/2 <==\nROMEO.\nThe king") and "\n\n==> 2/2 <==\nA" in out
+    assert "seed 1234" in err  # evaluate.seed's default
+    monkeypatch.setattr(sys, "stdin", io.StringIO("The king\n"))
+    code = main(["--params", str(tmp_path / "params.yaml"), "--root", str(folder), "generate"])
+    out2, _ = capsys.readouterr()
+    assert code == 0 and out2.startswith("The king")
