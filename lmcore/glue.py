@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import gzip
 import io
-import json
 import math
 import zipfile
 from collections import Counter
@@ -31,7 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lmcore.io import StageError, atomic_path
+from lmcore.io import StageError, atomic_path, read_jsonl_lines
 
 METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
 CLASSIFICATION_METRICS = ("accuracy", "f1", "matthews")
@@ -321,22 +319,7 @@ def _records(path: Path, fmt: str) -> tuple[list[str] | None, Iterator[tuple[int
             raise StageError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
         return table.column_names, ((n, r) for n, r in enumerate(table.to_pylist(), 1))
     if fmt == "jsonl":
-        def lines() -> Iterator[tuple[int, dict[str, Any] | None]]:
-            opener = gzip.open if path.name.endswith(".gz") else open
-            with opener(path, "rb") as f:
-                for n, raw in enumerate(f, 1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        obj = json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
-                    except UnicodeDecodeError as e:
-                        raise StageError(f"{path}: line {n}: invalid UTF-8 ({e.reason})") from None
-                    except json.JSONDecodeError as e:
-                        raise StageError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-                    if not isinstance(obj, dict):
-                        raise StageError(f"{path}: line {n}: expected a JSON object")
-                    yield n, obj
-        return None, lines()
+        return None, read_jsonl_lines(path)
     # csv: standard quoting; tsv: quoting off (like the GLUE files, which hold unbalanced quotes)
     try:
         text = path.read_bytes().decode("utf-8-sig")

@@ -82,24 +82,35 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     return n
 
 
-def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Yield the objects of a JSONL file; a bad line raises :class:`StageError` naming it."""
+def read_jsonl_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line number, object)`` for each non-blank line of a JSONL file (``.gz``
+    compressed or not; a byte-order mark on the first line is accepted); a bad line raises
+    :class:`StageError` naming the file and line."""
+    import gzip
+
     path = Path(path)
     if not path.exists():
         raise StageError(f"{path}: file not found")
-    with open(path, "rb") as f:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw.decode("utf-8"))
+                obj = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
             except UnicodeDecodeError as e:
                 raise StageError(f"{path}: line {lineno}: invalid UTF-8 ({e.reason})") from None
             except json.JSONDecodeError as e:
                 raise StageError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
                 raise StageError(f"{path}: line {lineno}: expected a JSON object")
-            yield obj
+            yield lineno, obj
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Yield the objects of a JSONL file; a bad line raises :class:`StageError` naming it."""
+    for _, obj in read_jsonl_lines(path):
+        yield obj
 
 
 def split_shards(folder: str | Path, split: str) -> list[Path]:

@@ -186,10 +186,13 @@ def test_golden_loss_trajectory(tmp_path):
     assert losses[-1] < losses[0] - 0.5  # it learns
 
 
+# long enough (tens of ms per step) for a test to interrupt it after a checkpoint
+RESUMABLE = {"max_steps": 40, "checkpoint_interval": 10, "model": {"n_embd": 96, "n_head": 4}, "batch_size": 16}
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    root = make_project(tmp_path_factory.mktemp("straight"), max_steps=40, checkpoint_interval=10,
-                        model={"n_embd": 96, "n_head": 4}, batch_size=16)
+    root = make_project(tmp_path_factory.mktemp("straight"), **RESUMABLE)
     res = run_cli(root)
     assert res.returncode == 0, res.stderr[-3000:]
     return root
@@ -212,8 +215,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 
 def test_killed_run_resumes_bitwise_identically(straight, tmp_path):
-    root = make_project(tmp_path, max_steps=40, checkpoint_interval=10, model={"n_embd": 96, "n_head": 4},
-                        batch_size=16)
+    root = make_project(tmp_path, **RESUMABLE)
     proc = run_cli(root, wait=False)
     _wait_for(proc, root / "runs/pretrain/checkpoints/step-000020")
     proc.send_signal(signal.SIGKILL)
@@ -235,8 +237,7 @@ def test_killed_run_resumes_bitwise_identically(straight, tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(straight, tmp_path):
-    root = make_project(tmp_path, max_steps=40, checkpoint_interval=10, model={"n_embd": 96, "n_head": 4},
-                        batch_size=16)
+    root = make_project(tmp_path, **RESUMABLE)
     proc = run_cli(root, wait=False)
     _wait_for(proc, root / "runs/pretrain/checkpoints/step-000010")
     proc.send_signal(signal.SIGTERM)
@@ -256,8 +257,7 @@ def test_changed_settings_start_afresh(straight, tmp_path):
 
     root = tmp_path / "p"
     shutil.copytree(straight, root)
-    make_project(root, max_steps=40, checkpoint_interval=10, model={"n_embd": 96, "n_head": 4}, batch_size=16,
-                 lr=0.005)
+    make_project(root, **RESUMABLE, lr=0.005)
     res = run_cli(root)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "starting afresh" in res.stdout + res.stderr and "resuming" not in res.stdout + res.stderr
