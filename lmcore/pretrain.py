@@ -363,7 +363,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
     sampler = WindowSampler(len(train_tokens), gcfg.block_size, cfg.seed)
     val_windows = fixed_windows(val_tokens, cfg.eval_batches * cfg.batch_size, gcfg.block_size)
     tokens_per_step = step_windows * gcfg.block_size
-    peak = peak_flops(accelerator.device, dtype_of(cfg.mixed_precision))
+    peak = peak_flops(accelerator.device, dtype_of(accelerator.mixed_precision))  # "auto" resolved
 
     # resume from the newest checkpoint of the same settings
     ckpt_dir = out / "checkpoints"

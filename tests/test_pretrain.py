@@ -298,6 +298,14 @@ def test_nonfinite_losses_skip_steps_then_stop(tmp_path, monkeypatch):
     assert json.loads((root / "m2.json").read_text())["skipped_steps"] == 2
 
 
+def test_auto_precision_trains(tmp_path):
+    """The default ``auto`` resolves to bf16 or fp32 by a measured probe, then trains."""
+    root = make_project(tmp_path, mixed_precision="auto", max_steps=4, checkpoint_interval=4, eval_interval=4)
+    res = run_cli(root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (root / "runs/pretrain/final/model.safetensors").exists()
+
+
 def test_fp16_is_refused_on_cpu(tmp_path):
     root = make_project(tmp_path, mixed_precision="fp16")
     res = run_cli(root)
