@@ -59,8 +59,16 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 # merge). "warmup_fraction" sets warmup_steps to that share of the run's max_steps (0.24: the 50
 # of the 208 steps that params.yaml's defaults get in 5 minutes, scaled to each run's length);
 # "val_windows" sets eval_batches so that every run is validated on the same number of windows.
-# Each candidate changes one thing from params.yaml's defaults (as of the sweep: 4x256, context
-# 256, batch 16, AdamW 3e-3, cosine, warm-up 50 steps).
+# Each candidate changes one thing from SWEEP_FROM, params.yaml's defaults when the sweep began
+# (4x256, context 256, batch 16, AdamW 3e-3, cosine, warm-up 50 steps).
+SWEEP_FROM: dict[str, Any] = {  # the defaults the sweep started from (params.yaml before it)
+    "model": {"n_layer": 4, "n_head": 4, "n_kv_heads": None, "n_embd": 256, "block_size": 256,
+              "mlp_ratio": 8 / 3, "dropout": 0.0, "tie_embeddings": True, "rope_theta": 10000.0},
+    "batch_size": 16, "grad_accum": 1, "optimizer": "adamw", "lr": 3e-3, "muon_lr": 0.02, "muon_momentum": 0.95,
+    "schedule": "cosine", "decay_fraction": 0.2, "min_lr_ratio": 0.1, "warmup_steps": 50, "weight_decay": 0.1,
+    "decay_embeddings": False, "beta1": 0.9, "beta2": 0.95, "grad_clip": 1.0, "mixed_precision": "auto",
+    "compile": False, "eval_batches": 8, "seed": 1337,
+}
 BASE = {"warmup_fraction": 0.24}
 SWEEP: list[tuple[str, dict[str, Any]]] = [
     ("params.yaml as is (warmup 50 steps)", {}),
@@ -73,6 +81,15 @@ SWEEP: list[tuple[str, dict[str, Any]]] = [
     ("2x256", {**BASE, "model": {"n_layer": 2}}),
     ("6x192 (6 heads)", {**BASE, "model": {"n_layer": 6, "n_head": 6, "n_embd": 192}}),
     ("context 128", {**BASE, "model": {"block_size": 128}}),
+    # second round, from the first round's winner (batch 8)
+    ("batch 4", {**BASE, "batch_size": 4}),
+    ("batch 8, wsd", {**BASE, "batch_size": 8, "schedule": "wsd"}),
+    ("batch 8, muon", {**BASE, "batch_size": 8, "optimizer": "muon"}),
+    ("batch 8, lr 1.5e-3", {**BASE, "batch_size": 8, "lr": 1.5e-3}),
+    # third round: the best shape of the first (2x256) with the second round's changes
+    ("2x256, batch 8", {**BASE, "batch_size": 8, "model": {"n_layer": 2}}),
+    ("2x256, batch 8, wsd", {**BASE, "batch_size": 8, "schedule": "wsd", "model": {"n_layer": 2}}),
+    ("2x256, batch 8, muon", {**BASE, "batch_size": 8, "optimizer": "muon", "model": {"n_layer": 2}}),
 ]
 
 
@@ -226,7 +243,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
                    tracking=TrackingConfig(enabled=False), build_model=arch)
     wall = time.perf_counter() - t0
     m = json.loads((out / "metrics.json").read_text())
-    result = {"val_bpb": res.val_bpb, "val_loss": res.val_loss, "val_perplexity": math.exp(res.val_loss),
+    if res.resumed_from:  # the wall time of the part before the interruption is not known here
+        wall = float("nan")
+    result = {"resumed_from": res.resumed_from, "val_bpb": res.val_bpb, "val_loss": res.val_loss, "val_perplexity": math.exp(res.val_loss),
               "train_loss": m["train_loss"], "steps": res.steps, "train_seconds": m["train_seconds"],
               "tokens_per_second": m["tokens_per_second"], "wall_seconds": wall, "n_params": m["n_params"],
               "trained_tokens": m["trained_tokens"], "skipped_steps": res.skipped_steps}
@@ -315,22 +334,29 @@ def train_all(runs: list[dict[str, Any]], args, out: Path) -> list[dict[str, Any
                     print(f"{spec['name']}: reusing {d / 'result.json'}", flush=True)
                     done.append(old)
                     continue
-            shutil.rmtree(d, ignore_errors=True)  # never resume a previous run's checkpoints
-            d.mkdir(parents=True)
+            # an interrupted run of the same settings resumes from its checkpoint (bitwise as if
+            # uninterrupted); anything else starts afresh
+            old_job = json.loads((d / "job.json").read_text()) if (d / "job.json").exists() else None
+            resumable = (args.reuse and old_job is not None and old_job["spec"]["pretrain"] == spec["pretrain"]
+                         and old_job["spec"]["arch"] == spec["arch"] and any((d / "run/checkpoints").glob("step-*")))
+            if not resumable:
+                shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True, exist_ok=True)
             job = {"spec": spec, "dir": str(d), "tokens": args.tokens, "threads": threads,
                    "eval_tokens": args.eval_tokens}
+            log = d / ("log-resumed.txt" if resumable else "log.txt")
             print(f"{spec['name']}: {spec['pretrain']['max_steps']} steps "
-                  f"({spec['probe_tokens_per_second']:.0f} tokens/s probed), {threads} thread(s); log {d / 'log.txt'}",
-                  flush=True)
-            active.append((spec, d, subprocess_job("one", job, d / "job.json", d / "log.txt"), time.time()))
+                  f"({spec['probe_tokens_per_second']:.0f} tokens/s probed), {threads} thread(s); log {log}", flush=True)
+            active.append((spec, d, subprocess_job("one", job, d / "job.json", log), time.time()))
         time.sleep(2)
         for item in list(active):
             spec, d, proc, started = item
             if proc.poll() is None:
                 continue
             active.remove(item)
-            if proc.returncode:
-                raise SystemExit(f"{spec['name']} failed (exit {proc.returncode}); see {d / 'log.txt'}")
+            if proc.returncode:  # the others go on; rerun with --reuse to resume or redo it
+                print(f"{spec['name']} failed (exit {proc.returncode}); see {d / 'log.txt'}", flush=True)
+                continue
             r = json.loads((d / "job.json.result").read_text())
             record = {"spec": spec, "result": r, "threads": threads, "started": started}
             (d / "result.json").write_text(json.dumps(record, indent=1))
@@ -363,7 +389,7 @@ def table(records: list[dict[str, Any]], budget_s: float, mark: set[str]) -> str
         name = f"**{s['name']}**" if s["slug"] in mark else s["name"]
         row = [name, f"{s['arch']}: {describe(s['pretrain'])}", f"{r['n_params'] / 1e6:.2f}M",
                f"{s['probe_tokens_per_second']:,.0f}", f"{r['steps']}", f"{r['trained_tokens'] / 1e3:,.0f}k",
-               f"{est:.0f}", f"{r['wall_seconds']:.0f}", f"{r['val_bpb']:.4f}", f"{r['val_perplexity']:.1f}"]
+               f"{est:.0f}", f"{r['wall_seconds']:.0f}" if not r.get("resumed_from") else f"(resumed at {r['resumed_from']})", f"{r['val_bpb']:.4f}", f"{r['val_perplexity']:.1f}"]
         if has_eval:
             row += [f"{r['eval_bpb']:.4f}", f"{r['eval_perplexity']:.1f}"] if "eval_bpb" in r else ["", ""]
         lines.append("| " + " | ".join(row) + " |")
@@ -389,7 +415,7 @@ def main() -> None:
                    help="peak AdamW learning rates to try for GPT-2 (default: lmcore's lr and a third of it)")
     p.add_argument("--out", default=None, help="working folder and results (default runs/bench/quality or .../sweep)")
     p.add_argument("--sweep", action="store_true", help="train the candidate defaults of SWEEP instead")
-    p.add_argument("--only", nargs="+", help="with --sweep: only the candidates whose index (0-based) is given")
+    p.add_argument("--only", nargs="+", help="with --sweep: only the candidates whose index (0-based) is given, in that order")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
     p.add_argument("--train-threads", type=int, default=None, help="torch threads per run (default threads / jobs)")
     p.add_argument("--probe-threads", type=int, default=None,
@@ -422,7 +448,9 @@ def main() -> None:
         args.probe_cache = str(out / "probe.json")
     base = params_pretrain(Path(args.params))
     if args.sweep:
-        chosen = [(i, n, o) for i, (n, o) in enumerate(SWEEP) if not args.only or str(i) in args.only]
+        order = [int(i) for i in args.only] if args.only else range(len(SWEEP))  # in the order given
+        chosen = [(i, *SWEEP[i]) for i in order]
+        base = merge(base, SWEEP_FROM)  # the sweep's starting point, whatever params.yaml says now
         specs = [make_spec(f"{i}: {n}", "lmcore", base, {"val_windows": 128, **o}) for i, n, o in chosen]
     else:
         lrs = args.lr_baseline or [base["lr"], base["lr"] / 3]
