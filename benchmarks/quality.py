@@ -90,6 +90,10 @@ SWEEP: list[tuple[str, dict[str, Any]]] = [
     ("2x256, batch 8", {**BASE, "batch_size": 8, "model": {"n_layer": 2}}),
     ("2x256, batch 8, wsd", {**BASE, "batch_size": 8, "schedule": "wsd", "model": {"n_layer": 2}}),
     ("2x256, batch 8, muon", {**BASE, "batch_size": 8, "optimizer": "muon", "model": {"n_layer": 2}}),
+    # fourth round, from the third round's winner (2x256, batch 8, AdamW, cosine)
+    ("2x256, batch 4", {**BASE, "batch_size": 4, "model": {"n_layer": 2}}),
+    ("2x256, batch 8, context 128", {**BASE, "batch_size": 8, "model": {"n_layer": 2, "block_size": 128}}),
+    ("3x256, batch 8", {**BASE, "batch_size": 8, "model": {"n_layer": 3}}),
 ]
 
 

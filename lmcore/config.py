@@ -524,6 +524,9 @@ class FinetuneHyper(Section):
     tokens from the longer text first."""
     dropout: float = Field(default=0.1, ge=0, lt=1)
     """Dropout before the head."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (sorted within windows of 64 batches, the
+    batches then shuffled), so less compute goes to padding; the order stays random and seeded."""
     seed: int = 1337
     """Seed for the head and the batch order."""
 

@@ -82,6 +82,23 @@ def encode_examples(tok, examples: list[dict[str, Any]], max_length: int) -> lis
     return out
 
 
+def epoch_batches(lengths: list[int], batch_size: int, rng: np.random.Generator,
+                  group_by_length: bool = True, window: int = 64) -> list[np.ndarray]:
+    """One epoch's batches of example indices: a seeded permutation cut into batches. With
+    ``group_by_length`` the permutation is sorted by length within windows of ``window`` batches
+    and the batches are shuffled again, so a batch pads little but the order stays random."""
+    perm = rng.permutation(len(lengths))
+    if group_by_length:
+        size = batch_size * window
+        length = np.asarray(lengths)
+        perm = np.concatenate([c[np.argsort(length[c], kind="stable")]
+                               for c in (perm[i : i + size] for i in range(0, len(perm), size))] or [perm])
+    batches = [perm[i : i + batch_size] for i in range(0, len(perm), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
 def collate(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([len(s) for s in seqs])
     x = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)
@@ -198,6 +215,7 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
     model = SequenceClassifier(backbone, spec.num_labels, hp.dropout)
     train = splits["train"]
     train_seqs = encode_examples(tok, train, max_len)
+    train_lengths = [len(s) for s in train_seqs]
     labels = torch.tensor([e["label"] for e in train], dtype=torch.float if spec.is_regression else torch.long)
     valid_seqs = {s: encode_examples(tok, splits[s], max_len) for s in spec.validation_splits}
     valid_labels = {s: [e["label"] for e in splits[s]] for s in spec.validation_splits}
@@ -223,8 +241,7 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
     n_tokens = 0
     for epoch in range(1, hp.epochs + 1):
         model.train()
-        perm = rng.permutation(len(train))
-        batches = [perm[i : i + hp.batch_size] for i in range(0, len(perm), hp.batch_size)]
+        batches = epoch_batches(train_lengths, hp.batch_size, rng, hp.group_by_length)
         batches = batches[accelerator.process_index :: accelerator.num_processes]
         bar = tqdm(batches, desc=f"finetune {spec.name} epoch {epoch}", disable=not accelerator.is_local_main_process,
                    mininterval=2)

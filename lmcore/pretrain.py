@@ -477,6 +477,12 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
             val_loss = validate(cfg.max_steps)
         trained_tokens = cfg.max_steps * tokens_per_step
         tps_total = trained_tokens / max(state["train_seconds"], 1e-9)
+        fastest = max((h["tokens_per_second"] for h in history if "tokens_per_second" in h), default=0.0)
+        if peak.source == "measured" and fastest / world * fpt > peak.flops:
+            # the model went faster than the "peak": the probe ran on a busy machine. Probe again
+            # (the cache keeps the higher value) so that this run's mean and later runs are right.
+            peak = peak_flops(accelerator.device, dtype_of(accelerator.mixed_precision), refresh=True)
+            log.info("peak probed again: %.0f GFLOP/s", peak.flops / 1e9)
         run_mfu = mfu(tps_total / world, fpt, peak)
         val_bpb = val_loss / math.log(2) * tokens_per_byte
         result_dir = out / "final"

@@ -55,6 +55,21 @@ def test_cpu_probe_is_plausible_and_cached(tmp_path: Path):
     assert second == first
 
 
+def test_refresh_keeps_the_highest_measurement(tmp_path: Path):
+    """A probe slowed by other work must not replace a better one; a faster one does."""
+    cache = tmp_path / "peak_flops.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(flops, "measure_peak", lambda *a, **k: 5e10)
+        assert peak_flops(CPU, torch.float32, threads=1, cache=cache, **SMALL).flops == 5e10
+        mp.setattr(flops, "measure_peak", lambda *a, **k: 2e10)  # a busy machine
+        assert peak_flops(CPU, torch.float32, threads=1, cache=cache, **SMALL).flops == 5e10  # cached
+        assert peak_flops(CPU, torch.float32, threads=1, cache=cache, refresh=True, **SMALL).flops == 5e10
+        mp.setattr(flops, "measure_peak", lambda *a, **k: 9e10)
+        assert peak_flops(CPU, torch.float32, threads=1, cache=cache, refresh=True, **SMALL).flops == 9e10
+    (entry,) = json.loads(cache.read_text()).values()
+    assert entry["flops"] == 9e10
+
+
 def test_cache_entries_per_dtype_and_threads(tmp_path: Path):
     cache = tmp_path / "peak_flops.json"
     fp32 = peak_flops(CPU, torch.float32, threads=1, cache=cache, **SMALL)

@@ -540,3 +540,27 @@ def test_finetune_stage_refuses_a_task_that_is_not_listed(tmp_path):
 
     with pytest.raises(StageError, match="task 'cola' is not in prepare.tasks.tasks"):
         run_stage("finetune", config.Params(), Layout(tmp_path), task="cola")
+
+
+def test_length_grouped_batches_cover_each_example_once_pad_less_and_are_seeded():
+    import numpy as np
+
+    from lmcore.finetune import epoch_batches
+
+    rng = np.random.default_rng(0)
+    lengths = [int(x) for x in rng.integers(3, 120, size=1000)]
+
+    def padded(batches):  # tokens computed: every batch padded to its longest example
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    grouped = epoch_batches(lengths, 16, np.random.default_rng(7), True, window=8)
+    plain = epoch_batches(lengths, 16, np.random.default_rng(7), False)
+    for batches in (grouped, plain):
+        assert sorted(int(i) for b in batches for i in b) == list(range(1000))
+        assert sorted(len(b) for b in batches) == [8] + [16] * 62
+    assert padded(grouped) < 0.75 * padded(plain)
+    again = epoch_batches(lengths, 16, np.random.default_rng(7), True, window=8)
+    assert [b.tolist() for b in again] == [b.tolist() for b in grouped]
+    # still shuffled: the batches do not come in length order
+    maxima = [max(lengths[i] for i in b) for b in grouped]
+    assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)
