@@ -8,7 +8,9 @@ fine-tuned task, the model's validation score beside the majority-class and bag-
               'prepare.tasks.tasks=[cola, sst2, stsb]'      # the same pipeline on real GLUE files
 
 Uses the current venv's dvc and lmcore. ``--set key=value`` changes params.yaml in the clone
-(the value is read as YAML); ``--workdir`` keeps the clone (default: a temporary folder).
+(the value is read as YAML); ``--workdir`` keeps the clone (default: a temporary folder). Given
+an existing clone, ``--workdir`` runs there again: DVC skips the stages whose inputs did not
+change, so after a default run, ``--set`` with GLUE tasks times only what they change.
 """
 
 from __future__ import annotations
@@ -46,13 +48,16 @@ def apply_sets(params_file: Path, sets: list[str]) -> None:
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run(workdir: Path, sets: list[str]) -> tuple[dict[str, float], dict[str, dict]]:
+def run(workdir: Path, sets: list[str]) -> tuple[dict[str, float], dict[str, dict], str]:
     """Clone the repository into ``workdir``, apply ``sets`` and run every stage; return the seconds
-    per stage (the fine-tune group per task) and the metrics files."""
+    per stage (the fine-tune group per task), the metrics files and the clone's commit."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
            "MLFLOW_DISABLE_TELEMETRY": "true", "LMCORE_PIPELINE_RUN": f"bench-{int(time.time())}"}
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(workdir)], check=True)
+    if not workdir.exists():
+        subprocess.run(["git", "clone", "-q", str(ROOT), str(workdir)], check=True)
+    elif not (workdir / ".git").is_dir() or not (workdir / "dvc.yaml").is_file():
+        raise SystemExit(f"--workdir {workdir} exists but is not a clone of this project")
     if sets:
         apply_sets(workdir / "params.yaml", sets)
     tasks = yaml.safe_load((workdir / "params.yaml").read_text())["prepare"]["tasks"]["tasks"]
@@ -66,7 +71,9 @@ def run(workdir: Path, sets: list[str]) -> tuple[dict[str, float], dict[str, dic
     metrics = {s: json.loads((workdir / f"metrics/{s}.json").read_text()) for s in ("pretrain", "evaluate")}
     for t in tasks:
         metrics[f"finetune/{t}"] = json.loads((workdir / f"metrics/finetune/{t}.json").read_text())
-    return times, metrics
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=workdir, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    return times, metrics, commit
 
 
 def report(times: dict[str, float], metrics: dict[str, dict], commit: str, command: str) -> str:
@@ -95,18 +102,15 @@ def report(times: dict[str, float], metrics: dict[str, dict], commit: str, comma
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="params.yaml changes in the clone")
-    p.add_argument("--workdir", default=None, help="keep the clone here (must not exist; default: a temporary folder)")
+    p.add_argument("--workdir", default=None,
+                   help="keep the clone here, or run again in a clone kept before (default: a temporary folder)")
     args = p.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     command = " ".join(["python benchmarks/pipeline.py", *sys.argv[1:]])
     if args.workdir:
-        workdir = Path(args.workdir).resolve()
-        if workdir.exists():
-            raise SystemExit(f"--workdir {workdir} exists: remove it or choose another")
-        times, metrics = run(workdir, args.set)
+        times, metrics, commit = run(Path(args.workdir).resolve(), args.set)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            times, metrics = run(Path(tmp) / "clone", args.set)
+            times, metrics, commit = run(Path(tmp) / "clone", args.set)
     print(report(times, metrics, commit, command))
 
 
