@@ -91,7 +91,8 @@ def report(times: dict[str, float], metrics: dict[str, dict], commit: str, comma
         lines += ["| task (validation) | metric | model | majority class | bag of words | best epoch | fine-tune s |",
                   "|---|---|---|---|---|---|---|"]
         for task, m in tasks.items():
-            names = [k for k in m if f"bow_{k}" in m and f"majority_{k}" in m and not k.startswith(("bow_", "majority_"))]
+            names = [k for k in m if f"bow_{k}" in m and f"majority_{k}" in m
+                     and not k.startswith(("bow_", "majority_")) and k != "score"]
             for k in names + ["score"]:
                 lines.append(f"| {task} | {k} | {m[k]:.4f} | {m[f'majority_{k}']:.4f} | {m[f'bow_{k}']:.4f} | "
                              f"{m['best_epoch'] if k == 'score' else ''} | "
