@@ -459,8 +459,10 @@ def main() -> None:
     else:
         lrs = args.lr_baseline or [base["lr"], base["lr"] / 3]
         gpt2 = merge(base, {"optimizer": "adamw"})
-        specs = [make_spec("lmcore defaults", "lmcore", base)]
-        specs += [make_spec(f"GPT-2, lr {lr:g}", "gpt2", merge(gpt2, {"lr": lr})) for lr in lrs]
+        # the warm-up keeps its share of params.yaml's steps at the budget's step count
+        share = {"warmup_fraction": base["warmup_steps"] / base["max_steps"]}
+        specs = [make_spec("lmcore defaults", "lmcore", base, dict(share))]
+        specs += [make_spec(f"GPT-2, lr {lr:g}", "gpt2", merge(gpt2, {"lr": lr}), dict(share)) for lr in lrs]
     for s in specs:
         s["slug"] = slugify(s["name"])
 
