@@ -124,9 +124,9 @@ MEMORY_SCRIPT = textwrap.dedent('''
 
 
 def test_memory_stays_bounded_on_a_corpus_larger_than_the_allowed_memory(tmp_path):
-    """A 48 MB corpus cleaned under an address-space cap of 24 MB above the warmed-up process."""
-    res = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path), "48", "24"],
+    """A 36 MB corpus cleaned under an address-space cap of 24 MB above the warmed-up process."""
+    res = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path), "36", "24"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["docs"] > 8_000 and out["kept"] > 0.99 * out["docs"]
+    assert out["docs"] > 6_000 and out["kept"] > 0.99 * out["docs"]

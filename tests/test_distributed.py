@@ -10,9 +10,16 @@ from conftest import BIN, ROOT, run_env
 
 @pytest.fixture
 def encoded_project(tiny_project):
+    """The stages before pretrain, run in this process (the same entry functions the CLI calls,
+    without four interpreter start-ups); only the launches below go through subprocesses."""
+    from lmcore import config
+    from lmcore.layout import Layout
+    from lmcore.stages import run_stage
+
+    params = config.load(tiny_project / "params.yaml", {"tracking.enabled": False})
     for stage in ("prepare", "clean", "tokenizer", "encode"):
-        res = subprocess.run([str(BIN / "lmcore"), stage], cwd=tiny_project, env=run_env(), capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr
+        run_stage(stage, params, Layout(tiny_project))
+    assert (tiny_project / "data/tokens/manifest.json").exists()
     return tiny_project
 
 
