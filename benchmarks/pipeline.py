@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from lmcore.config import set_key
 from lmcore.machine import cpu_name
 from lmcore.stages import ORDER as STAGES
 
@@ -40,11 +41,7 @@ def apply_sets(params_file: Path, sets: list[str]) -> None:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set {item!r}: expected key.path=value")
-        node = params
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        set_key(params, key, yaml.safe_load(value))
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
 
 

@@ -722,14 +722,20 @@ def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = No
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = data if data is not None else {}
     for key, value in (overrides or {}).items():
-        node = data if data is not None else {}
-        data = node
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        set_key(data, key, value)
     return from_dict(data, str(path))
+
+
+def set_key(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted ``key`` (``pretrain.model.n_layer``) of a raw params dict to ``value``,
+    creating the sections on the way."""
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
 
 
 def flatten(model: BaseModel, prefix: str = "") -> dict[str, Any]:

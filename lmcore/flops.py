@@ -199,6 +199,14 @@ def _read_cache(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _cached_flops(entries: dict, key: str) -> float | None:
+    """The cached FLOP/s under ``key``, or None if absent or not a positive number."""
+    hit = entries.get(key)
+    if isinstance(hit, dict) and isinstance(hit.get("flops"), (int, float)) and hit["flops"] > 0:
+        return float(hit["flops"])
+    return None
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype, threads: int | None = None,
                cache: Path | None = None, *, size: int = 2048, budget: float = 1.0,
                refresh: bool = False) -> Peak:
@@ -226,9 +234,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype, threads: int | None = N
     path = Path(cache) if cache is not None else default_cache()
     key = _cache_key(name, dtype, threads, size)
     entries = _read_cache(path)
-    hit = entries.get(key)
-    cached = float(hit["flops"]) if (isinstance(hit, dict) and isinstance(hit.get("flops"), (int, float))
-                                     and hit["flops"] > 0) else None
+    cached = _cached_flops(entries, key)
     if cached is not None and not refresh:
         return Peak(cached, "measured", name, _dtype_name(dtype))
 
@@ -243,9 +249,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype, threads: int | None = N
     log.info("measured peak %.1f GFLOP/s (%s, %s, threads=%s)", flops / 1e9, name, _dtype_name(dtype), threads)
 
     entries = _read_cache(path)  # re-read: another process may have added entries meanwhile
-    hit = entries.get(key)
-    if isinstance(hit, dict) and isinstance(hit.get("flops"), (int, float)) and hit["flops"] >= flops:
-        return Peak(float(hit["flops"]), "measured", name, _dtype_name(dtype))  # an earlier probe did better
+    cached = _cached_flops(entries, key)
+    if cached is not None and cached >= flops:
+        return Peak(cached, "measured", name, _dtype_name(dtype))  # an earlier probe did better
     entries[key] = {"flops": flops, "device_name": name, "dtype": _dtype_name(dtype), "threads": threads,
                     "torch": torch.__version__, "size": size,
                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
