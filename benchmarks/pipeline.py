@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from lmcore.config import set_key
-from lmcore.machine import cpu_name
+from lmcore.machine import cpu_name, git_commit
 from lmcore.stages import ORDER as STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,9 +68,7 @@ def run(workdir: Path, sets: list[str]) -> tuple[dict[str, float], dict[str, dic
     metrics = {s: json.loads((workdir / f"metrics/{s}.json").read_text()) for s in ("pretrain", "evaluate")}
     for t in tasks:
         metrics[f"finetune/{t}"] = json.loads((workdir / f"metrics/finetune/{t}.json").read_text())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=workdir, capture_output=True,
-                            text=True, check=True).stdout.strip()
-    return times, metrics, commit
+    return times, metrics, git_commit(workdir)
 
 
 def report(times: dict[str, float], metrics: dict[str, dict], commit: str, command: str) -> str:

@@ -400,14 +400,6 @@ def table(records: list[dict[str, Any]], budget_s: float, mark: set[str]) -> str
     return "\n".join(lines)
 
 
-def git_commit() -> str:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    dirty = git("status", "--porcelain")
-    return git("rev-parse", "--short", "HEAD") + (" + uncommitted" if dirty else "")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget-minutes", type=float, default=None, help="wall-clock budget per run (default 8; 5 for --sweep)")
@@ -485,8 +477,10 @@ def main() -> None:
         best_gpt2 = min(base_recs, key=lambda r: r["result"]["val_bpb"])
         mark |= {records[0]["spec"]["slug"], best_gpt2["spec"]["slug"]}
     threads = args.train_threads or max(1, args.threads // args.jobs)
-    head = (f"Machine: {__import__('lmcore.machine', fromlist=['cpu_name']).cpu_name()}, {os.cpu_count()} cores; "
-            f"commit {git_commit()}; {datetime.date.today()}; budget {budget_min:g} min per run at {args.threads} "
+    from lmcore.machine import cpu_name, git_commit
+
+    head = (f"Machine: {cpu_name()}, {os.cpu_count()} cores; "
+            f"commit {git_commit(ROOT)}; {datetime.date.today()}; budget {budget_min:g} min per run at {args.threads} "
             f"thread(s) (probe at {args.probe_threads or args.threads}); training with {threads} thread(s), {args.jobs} run(s) at a time; load average "
             f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after; {(time.time() - started) / 60:.0f} min in all.\n"
             f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`")

@@ -40,7 +40,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmcore.machine import cpu_name  # noqa: E402
+from lmcore.machine import cpu_name, git_commit  # noqa: E402
 from lmcore.model import GPT, GPTConfig  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -161,18 +161,6 @@ class Runner:
         return dt
 
 
-def git_commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + (" + uncommitted" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def parse_shape(s: str) -> tuple[int, int, int]:
     L, H, C = (int(v) for v in s.lower().split("x"))
     return L, H, C
@@ -198,7 +186,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     T, B = args.context, args.batch
     names = [m.strip() for m in args.models.split(",") if m.strip()]
-    commit = git_commit()  # of the code measured (read now: a commit may land during the run)
+    commit = git_commit(Path(__file__).resolve().parents[1])  # of the code measured (read now: a commit may land during the run)
     if args.baseline:
         root = Path(__file__).resolve().parents[1]
         args.baseline = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=root, capture_output=True,
