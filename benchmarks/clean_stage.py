@@ -2,7 +2,7 @@
 
     python benchmarks/clean_stage.py --datatrove-python /tmp/dt-venv/bin/python
 
-lmcore runs its real stage entry function (``lmcore.clean.clean``): reading prepare-style shards,
+lmcore runs its real stage entry function (``lmcore.data.clean.clean``): reading prepare-style shards,
 mojibake repair, NFC, control characters, whitespace, PII redaction, the C4, Gopher quality,
 Gopher repetition and FineWeb filters, exact and MinHash de-duplication, the split and the
 writer, with 1 and with 2 worker processes. datatrove 0.10.1 runs its four equivalent filters
@@ -37,10 +37,10 @@ FILTERS = {"c4": {}, "gopher_quality": {}, "gopher_repetition": {}, "fineweb": {
 
 def run_lmcore_stage(corpus: Path, work: Path, workers: int) -> dict:
     """Child process: prepare-style shards, then the clean stage; returns seconds and counts."""
-    from lmcore.clean import clean
     from lmcore.config import CleanConfig, TrackingConfig
-    from lmcore.io import read_jsonl
-    from lmcore.prepare import write_shards
+    from lmcore.core.io import read_jsonl
+    from lmcore.data.clean import clean
+    from lmcore.data.prepare import write_shards
 
     raw = work / "raw"
     if not (raw / "corpus").exists():
@@ -120,7 +120,7 @@ def main() -> int:
     disagree = [(k, v, lmd.get(k)) for k, v in dtd.items() if (v is None) != (lmd.get(k, "missing") is None)]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
     print(f"\n### Clean stage vs datatrove, {datetime.date.today()}, commit {commit}\n")
-    from lmcore.machine import cpu_name
+    from lmcore.core.machine import cpu_name
 
     print(f"Machine: {cpu_name()}, {os.cpu_count()} cores. Command: "
           f"`python benchmarks/clean_stage.py`. Input: {mb:.1f} MB, {len(dtd)} documents.\n")

@@ -175,7 +175,7 @@ def build_corpus(out: Path, cache: Path, copies: int = 6, rate: float = 0.03, se
 def lmcore_steps(extra_steps: list | None = None) -> list:
     """lmcore's steps as ``(kind, step)`` in datatrove's order, then ``extra_steps`` (the hook for
     de-duplication and anything else to time on the lmcore side)."""
-    from lmcore.clean.filters import (
+    from lmcore.data.clean.filters import (
         C4LineCleaner,
         C4QualityFilter,
         FineWebQualityFilter,

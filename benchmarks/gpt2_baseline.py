@@ -9,9 +9,9 @@ except the output head, the output head tied to the token embedding. Initialisat
 normal(0, 0.02) for linear layers and both embeddings, zero biases, LayerNorm 1/0, and the two
 residual output projections (``attn.c_proj``, ``mlp.c_proj``) at 0.02 / sqrt(2 x layers).
 
-It takes lmcore's :class:`lmcore.model.GPTConfig` (``mlp_ratio``, ``n_kv_heads`` and
+It takes lmcore's :class:`lmcore.model.decoder.GPTConfig` (``mlp_ratio``, ``n_kv_heads`` and
 ``rope_theta`` are Llama options and ignored: GPT-2's MLP is 4x wide and every head has its own
-keys and values) and offers what ``lmcore.pretrain.pretrain(..., build_model=GPT2)`` uses:
+keys and values) and offers what ``lmcore.train.pretrain.pretrain(..., build_model=GPT2)`` uses:
 ``forward(idx, targets=None, reduction="mean") -> (logits, loss)`` (targets of -100 ignored),
 ``num_params()``, ``matmul_params()``, ``flops_per_token()`` and ``cfg``.
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmcore.model import GPTConfig
+from lmcore.model.decoder import GPTConfig
 
 
 class GPT2Attention(nn.Module):
@@ -129,6 +129,6 @@ class GPT2(nn.Module):
 
     def flops_per_token(self) -> int:
         """6 x matmul_params + 12 x layers x width x context: lmcore's formula
-        (:meth:`lmcore.model.GPT.flops_per_token`)."""
+        (:meth:`lmcore.model.decoder.GPT.flops_per_token`)."""
         c = self.cfg
         return 6 * self.matmul_params() + 12 * c.n_layer * c.n_embd * c.block_size

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from lmcore.config import set_key
-from lmcore.machine import cpu_name, git_commit
+from lmcore.core.machine import cpu_name, git_commit
 from lmcore.stages import ORDER as STAGES
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,7 +2,7 @@
 
 Default mode: lmcore's default pretraining (the ``pretrain`` section of ``params.yaml``, as is)
 against a plain GPT-2 (``benchmarks/gpt2_baseline.py``: learned positions, LayerNorm, GELU 4x
-MLP, biases, tied embeddings) trained by the same loop (``lmcore.pretrain.pretrain`` with
+MLP, biases, tied embeddings) trained by the same loop (``lmcore.train.pretrain.pretrain`` with
 ``build_model``) with AdamW and the same width, depth, context, batch, precision, schedule,
 warm-up, weight decay and clipping. GPT-2 may prefer another peak learning rate than lmcore's,
 so it is trained with each value of ``--lr-baseline`` (default: lmcore's ``lr`` and a third of
@@ -14,7 +14,7 @@ Method (the cores are shared, so wall-clock timings are noisy):
    optimizer, precision) takes a few untimed steps, then timed steps in rounds, one step per
    setup per round with the order rotating, so that a neighbour on the cores slows all of them
    alike. A setup's throughput is the median of its timed steps. The step is pretrain's own
-   (``lmcore.pretrain.accumulate``, gradient clipping, optimizer step, zero_grad, through
+   (``lmcore.train.pretrain.accumulate``, gradient clipping, optimizer step, zero_grad, through
    Accelerate, with the run's precision).
 2. Each run gets ``max_steps = budget seconds x its tokens/s / tokens per step`` (the schedule
    needs max_steps in advance), then trains in a subprocess of its own. The outcome no longer
@@ -162,7 +162,7 @@ def finalize(spec: dict[str, Any], tps: float, budget_s: float) -> dict[str, Any
 def architectures():
     from gpt2_baseline import GPT2
 
-    from lmcore.model import GPT
+    from lmcore.model.decoder import GPT
 
     return {"lmcore": GPT, "gpt2": GPT2}
 
@@ -171,10 +171,10 @@ def run_probe(job: dict[str, Any]) -> dict[str, Any]:
     """Interleaved throughput of every setup in ``job["specs"]`` (one per probe key)."""
     import torch
 
-    from lmcore.accel import make_accelerator
     from lmcore.config import PretrainConfig
-    from lmcore.encode import load_manifest, load_tokens
-    from lmcore.pretrain import WindowSampler, accumulate, build_optimizers, gpt_config, micro_batches
+    from lmcore.data.encode import load_manifest, load_tokens
+    from lmcore.train.accel import make_accelerator
+    from lmcore.train.pretrain import WindowSampler, accumulate, build_optimizers, gpt_config, micro_batches
 
     torch.set_num_threads(job["threads"])
     tokens_dir = Path(job["tokens"])
@@ -223,21 +223,21 @@ def run_probe(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
-    """Train one finalised spec with lmcore.pretrain.pretrain; score it; return the numbers."""
+    """Train one finalised spec with lmcore.train.pretrain.pretrain; score it; return the numbers."""
     import numpy as np  # noqa: F401  (loaded before torch threads are set)
     import torch
     from safetensors.torch import load_model
 
     from lmcore.config import PretrainConfig, TrackingConfig
-    from lmcore.encode import load_manifest, load_tokens
-    from lmcore.evaluate import sliding_window_nll
-    from lmcore.flops import resolve_precision
-    from lmcore.model import GPTConfig
-    from lmcore.pretrain import pretrain
+    from lmcore.data.encode import load_manifest, load_tokens
+    from lmcore.eval.evaluate import sliding_window_nll
+    from lmcore.model.decoder import GPTConfig
+    from lmcore.train.flops import resolve_precision
+    from lmcore.train.pretrain import pretrain
 
     spec = job["spec"]
     out = Path(job["dir"])
-    # "auto" is resolved here: lmcore.pretrain passes cfg.mixed_precision to lmcore.flops.dtype_of,
+    # "auto" is resolved here: lmcore.train.pretrain passes cfg.mixed_precision to lmcore.train.flops.dtype_of,
     # which knows only bf16/fp16/no (the same probe decides as make_accelerator's)
     precision = resolve_precision(spec["pretrain"]["mixed_precision"])
     cfg = PretrainConfig(**{**spec["pretrain"], "threads": job["threads"], "mixed_precision": precision})
@@ -477,7 +477,7 @@ def main() -> None:
         best_gpt2 = min(base_recs, key=lambda r: r["result"]["val_bpb"])
         mark |= {records[0]["spec"]["slug"], best_gpt2["spec"]["slug"]}
     threads = args.train_threads or max(1, args.threads // args.jobs)
-    from lmcore.machine import cpu_name, git_commit
+    from lmcore.core.machine import cpu_name, git_commit
 
     head = (f"Machine: {cpu_name()}, {os.cpu_count()} cores; "
             f"commit {git_commit(ROOT)}; {datetime.date.today()}; budget {budget_min:g} min per run at {args.threads} "

@@ -45,7 +45,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from lmcore.machine import cpu_name
+from lmcore.core.machine import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -140,7 +140,7 @@ def _batched(it, n=1000):
 
 def case_lmcore_train(clean: Path, work: Path, kind: str, vocab: int) -> dict:
     from lmcore.config import TokenizerConfig, TrackingConfig
-    from lmcore.tokenizer import train_tokenizer
+    from lmcore.data.tokenizer import train_tokenizer
 
     t0 = time.perf_counter()
     res = train_tokenizer(TokenizerConfig(kind=kind, vocab_size=vocab), clean, work / "tok", work / "m.json",
@@ -191,7 +191,7 @@ def case_spm_train(clean: Path, work: Path, kind: str, vocab: int) -> dict:
 
 def case_lmcore_encode(clean: Path, work: Path, tok_dir: Path, workers: int | None) -> dict:
     from lmcore.config import EncodeConfig, TrackingConfig
-    from lmcore.encode import encode
+    from lmcore.data.encode import encode
 
     t0 = time.perf_counter()
     res = encode(EncodeConfig(workers=int(workers) if workers else None), clean, tok_dir, work / "tokens", work / "m.json",
@@ -313,7 +313,7 @@ def main() -> None:
         # encoding with the byte-level BPE tokenizer trained once here
         tok_dir = Path(tmp) / "tok"
         from lmcore.config import TokenizerConfig, TrackingConfig
-        from lmcore.tokenizer import train_tokenizer
+        from lmcore.data.tokenizer import train_tokenizer
 
         train_tokenizer(TokenizerConfig(vocab_size=a.vocab_size), clean, tok_dir, Path(tmp) / "m.json",
                         TrackingConfig(enabled=False))

@@ -8,7 +8,7 @@ shared cores slows them all alike; the table gives the median tokens/s over all 
 
 FLOPs per token = 6 x the weights of every matrix multiply (output projection included, lookup-only
 embedding tables excluded) + 12 x layers x width x context; MFU = achieved FLOP/s over the matmul
-peak measured in the same run (lmcore.flops' probe: the best of several 2048 x 2048 ``torch.mm``
+peak measured in the same run (lmcore.train.flops' probe: the best of several 2048 x 2048 ``torch.mm``
 calls, before and after the rounds; the larger of the two), in bf16 and in float32.
 
     python benchmarks/train_throughput.py                       # small (4x256) and mini (6x384)
@@ -19,7 +19,7 @@ calls, before and after the rounds; the larger of the two), in bf16 and in float
 
 Both MFUs are printed because on a CPU without bf16 instructions (AVX512-BF16, AMX) the bf16
 peak is a fraction of the float32 one, and a model can then beat it (lmcore multiplies bf16-rounded
-operands with the float32 GEMM there: see ``lmcore.model.linear``).
+operands with the float32 GEMM there: see ``lmcore.model.decoder.linear``).
 
 transformers is a benchmark-only dependency (installed with the ``dev`` extra).
 """
@@ -40,8 +40,8 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmcore.machine import cpu_name, git_commit  # noqa: E402
-from lmcore.model import GPT, GPTConfig  # noqa: E402
+from lmcore.core.machine import cpu_name, git_commit  # noqa: E402
+from lmcore.model.decoder import GPT, GPTConfig  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # the models
@@ -109,9 +109,9 @@ def flops_per_token(model: nn.Module, L: int, C: int, T: int) -> int:
 
 def measured_peak(dtype: torch.dtype) -> float:
     """Matmul peak in FLOP/s on this CPU in ``dtype``, measured now (not a cached figure) with
-    lmcore.flops' probe: large 2048 x 2048 torch.mm calls, the best of several within ~1 s."""
+    lmcore.train.flops' probe: large 2048 x 2048 torch.mm calls, the best of several within ~1 s."""
     try:
-        from lmcore.flops import measure_peak
+        from lmcore.train.flops import measure_peak
     except ImportError:  # a checkout without lmcore/flops.py: the same kind of probe here
         def measure_peak(device, dtype, size=2048, budget=1.0):
             a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)

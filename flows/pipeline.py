@@ -15,7 +15,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from lmcore import config
-from lmcore.layout import Layout
+from lmcore.core.layout import Layout
 from lmcore.stages import ORDER, outputs_exist, stage_items
 from lmcore.tracking import PIPELINE_ENV
 from tasks import STAGE_TASKS

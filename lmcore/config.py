@@ -11,8 +11,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, create_model,
-                      field_validator, model_validator)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from lmcore.core import task_specs
 
 
 class ConfigError(ValueError):
@@ -21,8 +32,8 @@ class ConfigError(ValueError):
 
 # YAML 1.1 (PyYAML, and DVC when it rewrites params.yaml for `dvc exp run -S`) reads a bare
 # `no` as False: accept that spelling of "no".
-# fp16 is accepted here and refused at run time on CPUs (lmcore.accel), where it is ~100x slower.
-# ``auto`` picks bf16 where this machine multiplies bf16 faster than fp32 (lmcore.flops).
+# fp16 is accepted here and refused at run time on CPUs (lmcore.train.accel), where it is ~100x slower.
+# ``auto`` picks bf16 where this machine multiplies bf16 faster than fp32 (lmcore.train.flops).
 Precision = Annotated[Literal["auto", "no", "bf16", "fp16"], BeforeValidator(lambda v: "no" if v is False else v)]
 
 
@@ -163,8 +174,6 @@ class TaskSource(Section):
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, tasks: list[str], info: ValidationInfo) -> list[str]:
-        from lmcore import glue
-
         if not tasks:
             raise ValueError("list at least one task")
         if len(set(tasks)) != len(tasks):
@@ -178,8 +187,8 @@ class TaskSource(Section):
             elif name == "ax":
                 raise ValueError("ax (the GLUE diagnostic) is predicted with the MNLI model: list mnli "
                                  "(prepare.tasks.ax: true adds AX to it)")
-            elif name not in glue.TASKS:
-                raise ValueError(f"unknown task '{name}' (allowed: {', '.join(glue.GLUE_TASKS)}, rotten_tomatoes, "
+            elif name not in task_specs.TASKS:
+                raise ValueError(f"unknown task '{name}' (allowed: {', '.join(task_specs.GLUE_TASKS)}, rotten_tomatoes, "
                                  "or a name defined under prepare.tasks.local)")
             elif name == "rotten_tomatoes" and kind != "rotten_tomatoes":
                 raise ValueError("task rotten_tomatoes needs prepare.tasks.kind: rotten_tomatoes")
@@ -193,9 +202,7 @@ class TaskSource(Section):
 
 def _check_local(name: str, task: LocalTask) -> None:
     """A local task definition against the registry (a GLUE name keeps the registry's spec)."""
-    from lmcore import glue
-
-    spec = glue.TASKS.get(name)
+    spec = task_specs.TASKS.get(name)
     if spec is not None:
         if name in ("ax", "rotten_tomatoes"):
             raise ValueError(f"local.{name}: '{name}' cannot be read from local files (choose another name)")
@@ -209,7 +216,7 @@ def _check_local(name: str, task: LocalTask) -> None:
         if task.label_names is None and not task.regression:
             raise ValueError(f"local.{name}: give label_names (classification) or regression: true")
         allowed = ["train", "validation", "test"]
-        spec = glue.custom_spec(name, task.label_names, task.metrics, task.columns.text_b is not None)
+        spec = task_specs.custom_spec(name, task.label_names, task.metrics, task.columns.text_b is not None)
     bad = [s for s in task.files if s not in allowed]
     if bad:
         raise ValueError(f"local.{name}.files: split(s) {bad} do not belong to task {name} "
@@ -218,7 +225,7 @@ def _check_local(name: str, task: LocalTask) -> None:
         raise ValueError(f"local.{name}.files needs {' and '.join(spec.validation_splits)}")
     if spec.pair and task.columns.text_b is None:
         raise ValueError(f"local.{name}.columns.text_b is needed: {name} is a sentence-pair task")
-    if not spec.pair and task.columns.text_b is not None and name in glue.TASKS:
+    if not spec.pair and task.columns.text_b is not None and name in task_specs.TASKS:
         raise ValueError(f"local.{name}.columns.text_b must be null: {name} is a single-sentence task")
 
 
@@ -266,7 +273,7 @@ class CleanConfig(Section):
     def _check(self) -> "CleanConfig":
         if self.max_chars < self.min_chars:
             raise ValueError(f"max_chars ({self.max_chars}) must be >= min_chars ({self.min_chars})")
-        from lmcore.clean.registry import make_filters
+        from lmcore.data.clean.registry import make_filters
 
         for name, overrides in self.filters.items():
             try:
@@ -274,7 +281,7 @@ class CleanConfig(Section):
             except (TypeError, ValueError) as e:
                 raise ValueError(f"filters.{name}: {e}") from None
         if self.minhash is not None:
-            from lmcore.clean.dedup import MinHashConfig
+            from lmcore.data.clean.dedup import MinHashConfig
 
             try:
                 MinHashConfig.from_dict(self.minhash)
@@ -427,7 +434,7 @@ class ModelConfig(Section):
         return self
 
     def shape(self) -> dict[str, Any]:
-        """The fields of :class:`lmcore.model.GPTConfig` (everything but ``preset``)."""
+        """The fields of :class:`lmcore.model.decoder.GPTConfig` (everything but ``preset``)."""
         return self.model_dump(exclude={"preset"})
 
 

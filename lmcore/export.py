@@ -24,37 +24,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import save_file
+
 from lmcore.config import ExportConfig, TrackingConfig, flatten
-from lmcore.io import StageError, atomic_path, require, write_json
+from lmcore.core.errors import StageError
+from lmcore.core.io import atomic_path, require, write_json
+from lmcore.data.tokenizer import load
+from lmcore.model.folder import load_gpt
+from lmcore.model.llama import hf_name
+from lmcore.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-_RENAMES: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(p), r) for p, r in (
-        (r"embed\.weight", "model.embed_tokens.weight"),
-        (r"norm\.weight", "model.norm.weight"),
-        (r"lm_head\.weight", "lm_head.weight"),
-        (r"blocks\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-        (r"blocks\.(\d+)\.mlp_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-        (r"blocks\.(\d+)\.attn\.(q_proj|k_proj|v_proj|o_proj)\.weight", r"model.layers.\1.self_attn.\2.weight"),
-        (r"blocks\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", r"model.layers.\1.mlp.\2.weight"),
-    )
-]
-
-
-def hf_name(name: str) -> str | None:
-    """The Hugging Face Llama name of an lmcore parameter (None: no counterpart)."""
-    for pattern, repl in _RENAMES:
-        if pattern.fullmatch(name):
-            return pattern.sub(repl, name)
-    return None
-
 
 def llama_config(gcfg: Any, eps: float, dtype: str, ids: dict[str, int]) -> dict[str, Any]:
     """``config.json`` of the Llama model equivalent to an lmcore ``GPTConfig``."""
@@ -140,7 +126,6 @@ def _token(value: Any) -> str | None:
 
 
 def _read_tokenizer(tokenizer_dir: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    from lmcore.tokenizer import load
 
     tok = load(tokenizer_dir)
     files = {}
@@ -181,11 +166,7 @@ def export(cfg: ExportConfig, model_dir: Path, tokenizer_dir: Path, out: Path, m
            tracking: TrackingConfig = TrackingConfig()) -> ExportResult:
     """Write the model of ``model_dir`` (an lmcore model folder) and the tokenizer of
     ``tokenizer_dir`` to ``out`` as a Hugging Face Llama folder."""
-    import torch
-    from safetensors.torch import save_file
 
-    from lmcore.checkpoint import load_gpt
-    from lmcore.tracking import stage_run
 
     model_dir, tokenizer_dir, out = Path(model_dir), Path(tokenizer_dir), Path(out)
     require(model_dir, "pretrained model folder")

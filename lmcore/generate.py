@@ -2,14 +2,15 @@
 
 :func:`stream` is the loop and yields each step's new token per row, :func:`generate` collects
 them, :func:`generate_text` goes from prompt strings to texts, :class:`TextStream` turns a growing
-completion into the text to print next, and ``lmcore generate`` (:func:`main`) is the command line.
+completion into the text to print next, and :func:`generate_ids` is the nanoGPT-style tensor
+interface. The command line is ``lmcore.cli.generate``.
 
 - Prompts of different lengths are left-padded into one batch. A key mask hides the padding from
   attention and each row's RoPE positions start at 0 at its first real token, so a row gets the
   tokens its prompt alone would get (up to the float rounding of a batched matmul).
 - With the cache (default), the prompts run through the model in one forward pass (prefill), then
   each step feeds only the new token, which attends to the keys and values cached for the tokens
-  before it (:class:`lmcore.model.KVCache`). Without it (``use_cache=False``) every step encodes
+  before it (:class:`lmcore.model.decoder.KVCache`). Without it (``use_cache=False``) every step encodes
   the whole sequence again: the reference path, with the same tokens under greedy decoding (a test
   checks it).
 - Past the model's context (``block_size``) the cache cannot grow: generation then falls back to
@@ -27,25 +28,18 @@ completion into the text to print next, and ``lmcore generate`` (:func:`main`) i
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
-import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from lmcore.io import StageError
+import torch
 
-if TYPE_CHECKING:
-    import torch
+from lmcore.data.tokenizer import special_ids
+from lmcore.model.decoder import KVCache
 
 log = logging.getLogger(__name__)
 
-# torch is imported inside the functions: `lmcore <stage>` builds this module's parser and must not
-# pay for importing torch
 REPLACEMENT = "\ufffd"  # what decoding gives for the bytes of a character not complete yet
 
 
@@ -66,7 +60,7 @@ class GenerationConfig:
     seed: int | None = None
     """Seed of the sampling generator (None: a fresh random seed)."""
     use_cache: bool = True
-    """Keep the keys and values of earlier tokens (:class:`lmcore.model.KVCache`) instead of
+    """Keep the keys and values of earlier tokens (:class:`lmcore.model.decoder.KVCache`) instead of
     encoding the whole sequence at every step."""
 
     def __post_init__(self) -> None:
@@ -93,7 +87,6 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """CTRL's repetition penalty (Keskar et al. 2019): the logits of tokens marked in ``seen``
     (B, vocab) are divided by ``penalty`` when positive, multiplied by it when negative, so that a
     penalty above 1 always makes them less likely."""
-    import torch
 
     if penalty == 1.0:
         return logits
@@ -103,7 +96,6 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
     """-inf for every token below the k-th largest logit of its row (ties with it are kept)."""
-    import torch
 
     if k is None or k >= logits.shape[-1]:
         return logits
@@ -115,7 +107,6 @@ def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     """Nucleus filter: keep the smallest set of most likely tokens whose probabilities sum to at
     least ``p`` (a token is kept when the tokens ranked above it hold less than ``p``; the most
     likely one always is), -inf for the rest."""
-    import torch
 
     if p is None or p >= 1.0:
         return logits
@@ -132,7 +123,6 @@ def next_tokens(logits: torch.Tensor, cfg: GenerationConfig, seen: torch.Tensor 
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row (B,) from float logits (B, vocab): repetition penalty, then the argmax
     (temperature 0), or temperature, top-k, top-p and a draw from ``generator``."""
-    import torch
 
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
@@ -156,11 +146,10 @@ def positions_of(real: torch.Tensor) -> torch.Tensor:
 def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = GenerationConfig(),
            stop_id: int | None = None, pad_id: int = 0) -> Iterator[list[int | None]]:
     """Generate continuations of ``prompts`` (lists of token ids, of any lengths) with ``model``
-    (a :class:`lmcore.model.GPT`), one step at a time: each step yields the new token of every row,
+    (a :class:`lmcore.model.decoder.GPT`), one step at a time: each step yields the new token of every row,
     None for rows that have stopped. A row's ``stop_id`` token is yielded once and ends the row.
     ``pad_id`` fills the left of shorter prompts and the rows that stopped (it is masked out, so
     any id will do). The model is put in eval mode while the loop runs, without autograd."""
-    import torch
 
     rows = [[int(t) for t in p] for p in prompts]
     if not rows or cfg.max_new_tokens == 0:
@@ -190,7 +179,6 @@ def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = Gene
     else:
         generator.manual_seed(cfg.seed)
 
-    from lmcore.model import KVCache
 
     cache = KVCache(block) if cfg.use_cache else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -255,6 +243,24 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = Ge
     return [Completion(t, s) for t, s in zip(out, stopped)]
 
 
+@torch.no_grad()
+def generate_ids(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 eot_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``idx`` (B, T) followed by up to ``max_new_tokens`` sampled tokens (greedy when
+    ``temperature`` is 0), until every row has produced ``eot_id`` (kept; rows that stopped
+    earlier are padded with it): nanoGPT's ``model.generate`` as a function. ``generator`` draws
+    the sampling seed. :func:`generate` has top-p, the repetition penalty and prompts of
+    different lengths."""
+    seed = None if generator is None else int(torch.randint(2**62, (1,), generator=generator))
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    done = generate(model, idx.tolist(), cfg, stop_id=eot_id)
+    rows = [c.tokens + ([eot_id] if c.stopped else []) for c in done]
+    width = max(map(len, rows))
+    pad = eot_id if eot_id is not None else 0
+    new = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=idx.dtype).reshape(len(rows), width)
+    return torch.cat([idx, new.to(idx.device)], dim=1)
+
+
 # ---------------------------------------------------------------------------------------------
 # text
 
@@ -262,7 +268,6 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = Ge
 def encode_prompts(tok, prompts: Sequence[str]) -> list[list[int]]:
     """Token ids of each prompt; an empty prompt becomes the end-of-text token alone (what starts
     a document in training)."""
-    from lmcore.tokenizer import special_ids
 
     eot = special_ids(tok).eot
     return [e.ids or [eot] for e in tok.encode_batch(list(prompts))] if prompts else []
@@ -310,178 +315,8 @@ class TextStream:
 def generate_text(model, tok, prompts: Sequence[str], cfg: GenerationConfig = GenerationConfig()) -> list[str]:
     """Each prompt followed by its completion, decoded, from prompt strings; stops at the
     tokenizer's end-of-text token."""
-    from lmcore.tokenizer import special_ids
 
     sp = special_ids(tok)
     ids = encode_prompts(tok, prompts)
     done = generate(model, ids, cfg, stop_id=sp.eot, pad_id=sp.pad)
     return [tok.decode(p + c.tokens, skip_special_tokens=True) for p, c in zip(ids, done)]
-
-
-# ---------------------------------------------------------------------------------------------
-# lmcore generate
-
-
-def add_parser(sub: Any) -> None:
-    """The ``generate`` subcommand of the ``lmcore`` CLI."""
-    p = sub.add_parser("generate", help="generate text from a model folder (KV cache, sampling, streaming; not a "
-                                        "pipeline stage)",
-                       description="Continue prompts with a trained model. Prompts come from --prompt, else from "
-                                   "--file, else from standard input: one prompt per line (a .jsonl file: a JSON "
-                                   "string or an object with a 'prompt' field per line, for prompts with newlines). "
-                                   "Sampling defaults come from the evaluate section of the params file.")
-    p.add_argument("--model", help="model folder: runs/pretrain/final (default, under --root) or an exported "
-                                   "Hugging Face Llama folder such as runs/export")
-    p.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json (default: the model folder when it holds "
-                                       "tokenizer.json, else data/tokenizer under --root)")
-    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
-    p.add_argument("--file", help="a file of prompts, one per line (.jsonl: one JSON string or {'prompt': ...} "
-                                  "per line); '-' is standard input")
-    p.add_argument("--max-new-tokens", type=int, help="tokens per prompt at most (default: evaluate.max_new_tokens)")
-    p.add_argument("--temperature", type=float, help="0 is greedy (default: evaluate.temperature)")
-    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens; 0: all (default: evaluate.top_k)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling, 1: off (default: evaluate.top_p)")
-    p.add_argument("--repetition-penalty", type=float, help="1: off (default: evaluate.repetition_penalty)")
-    p.add_argument("--seed", type=int, help="sampling seed (default: evaluate.seed)")
-    p.add_argument("--no-cache", action="store_true", help="encode the whole sequence at every step (slower; "
-                                                            "the reference path)")
-    p.add_argument("--no-stream", action="store_true", help="print each text once complete, not token by token")
-
-
-def read_prompts(path: str | Path | None, stdin=None) -> list[str]:
-    """Prompts from a file (one per line; ``.jsonl``: a JSON string or an object with a
-    ``prompt`` field per line) or, for None or ``-``, from ``stdin``. Blank lines are skipped."""
-    if path is None or str(path) == "-":
-        name, lines = "standard input", (stdin or sys.stdin).read().splitlines()
-    else:
-        p = Path(path)
-        if not p.is_file():
-            raise StageError(f"--file {p}: not found")
-        try:
-            name, lines = str(p), p.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise StageError(f"{p}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
-    jsonl = path is not None and str(path).endswith((".jsonl", ".ndjson"))
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if not jsonl:
-            out.append(line)
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StageError(f"{name}: line {n}: not valid JSON ({e.msg})") from None
-        text = obj.get("prompt") if isinstance(obj, dict) else obj
-        if not isinstance(text, str):
-            raise StageError(f"{name}: line {n}: expected a JSON string or an object with a string field 'prompt'")
-        out.append(text)
-    if not out:
-        raise StageError(f"{name}: no prompt (one per line)")
-    return out
-
-
-def settings(args: argparse.Namespace, defaults) -> GenerationConfig:
-    """Command-line values over ``defaults`` (an :class:`lmcore.config.EvaluateConfig`)."""
-    def pick(name: str, default: Any) -> Any:
-        v = getattr(args, name)
-        return default if v is None else v
-
-    top_k = pick("top_k", defaults.top_k)
-    try:
-        return GenerationConfig(max_new_tokens=pick("max_new_tokens", defaults.max_new_tokens),
-                                temperature=pick("temperature", defaults.temperature),
-                                top_k=None if top_k == 0 else top_k, top_p=pick("top_p", defaults.top_p),
-                                repetition_penalty=pick("repetition_penalty", defaults.repetition_penalty),
-                                seed=pick("seed", defaults.seed), use_cache=not args.no_cache)
-    except ValueError as e:  # name the command-line option (params.yaml's values were checked on loading)
-        msg = str(e)
-        for f in dataclasses.fields(GenerationConfig):
-            msg = msg.replace(f"{f.name} =", f"--{f.name.replace('_', '-')} =")
-        raise StageError(msg) from None
-
-
-def main(args: argparse.Namespace, stdin=None, stdout=None) -> int:
-    """Run ``lmcore generate`` from parsed arguments (also reads ``args.params`` and ``args.root``)."""
-    from lmcore import config
-    from lmcore import tokenizer as tokmod
-    from lmcore.config import ConfigError, EvaluateConfig
-    from lmcore.evaluate import check_tokenizer, load_lm
-    from lmcore.layout import Layout
-
-    out = stdout or sys.stdout
-    layout = Layout(Path(args.root))
-    try:
-        defaults = config.load(args.params).evaluate if Path(args.params).exists() else EvaluateConfig()
-        cfg = settings(args, defaults)
-        model_dir = Path(args.model) if args.model else layout.pretrained
-        if not (model_dir / "config.json").is_file():
-            raise StageError(f"{model_dir}: no model folder here (config.json missing); give --model, e.g. "
-                             "runs/pretrain/final or runs/export")
-        tok_path = Path(args.tokenizer) if args.tokenizer else (
-            model_dir if (model_dir / "tokenizer.json").is_file() else layout.tokenizer)
-        tok_file = tok_path / "tokenizer.json" if tok_path.is_dir() else tok_path
-        prompts = list(args.prompt) if args.prompt else read_prompts(args.file, stdin)
-        model, model_cfg = load_lm(model_dir)
-        tok = tokmod.load(tok_file)
-        check_tokenizer(model, model_cfg, tok, tok_file, model_dir)
-        sp = tokmod.special_ids(tok)
-        ids = encode_prompts(tok, prompts)
-    except (ConfigError, StageError) as e:
-        print(f"lmcore generate: error: {e}", file=sys.stderr)
-        return 2
-
-    block = model.cfg.block_size
-    if max(map(len, ids)) + cfg.max_new_tokens > block:
-        log.info("generate: prompt + %d new tokens may exceed the model's context of %d tokens: past it, each step "
-                 "encodes the last %d tokens again without the cache", cfg.max_new_tokens, block, block)
-    streams = [TextStream(tok, p) for p in ids]
-    finished = [False] * len(ids)
-    shown = 0  # texts printed so far (in prompt order)
-    live = len(ids) == 1 and not args.no_stream
-
-    def show_done() -> None:
-        nonlocal shown
-        while shown < len(ids) and finished[shown]:
-            if len(ids) > 1:
-                out.write(("\n" if shown else "") + f"==> {shown + 1}/{len(ids)} <==\n")
-            out.write(prompts[shown] + streams[shown].text() + "\n")
-            shown += 1
-        out.flush()
-
-    if live:
-        out.write(prompts[0])
-        out.flush()
-    n_tokens, t0 = 0, time.perf_counter()
-    try:
-        for step in stream(model, ids, cfg, stop_id=sp.eot, pad_id=sp.pad):
-            for i, t in enumerate(step):
-                if t is None:
-                    continue
-                n_tokens += 1
-                if t == sp.eot:
-                    finished[i] = True
-                    continue
-                if live:
-                    out.write(streams[i].push(t))
-                    out.flush()
-                else:
-                    streams[i].tokens.append(t)
-            if not live and not args.no_stream:
-                show_done()
-    except KeyboardInterrupt:
-        out.write("\n")
-        print("lmcore generate: interrupted", file=sys.stderr)
-        return 130
-    seconds = time.perf_counter() - t0
-    if live:
-        out.write(streams[0].flush() + "\n")
-        out.flush()
-    else:
-        finished = [True] * len(ids)
-        show_done()
-    print(f"lmcore generate: {n_tokens} tokens for {len(ids)} prompt(s) in {seconds:.2f} s "
-          f"({n_tokens / max(seconds, 1e-9):.1f} tokens/s, KV cache {'on' if cfg.use_cache else 'off'}, "
-          f"seed {cfg.seed})", file=sys.stderr)
-    return 0

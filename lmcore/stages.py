@@ -1,52 +1,60 @@
 """Each stage's entry function wired to ``params.yaml`` and the default layout.
 
 The CLI (what ``dvc.yaml`` runs) and the Prefect tasks both call :func:`run_stage`, so the two
-orchestrators share one definition of what a stage reads and writes.
+orchestrators share one definition of what a stage reads and writes, and of the code it runs:
+each stage's entry module (:data:`ENTRY_MODULES`) is imported only when the stage runs, so that
+``lmcore prepare`` does not load torch, and its import closure is the stage's code dependency
+for both DVC and Prefect (:func:`code_deps`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lmcore.config import Params
-from lmcore.layout import Layout
+from lmcore.core.errors import StageError
+from lmcore.core.imports import PACKAGE_DIR, closure_files
+from lmcore.core.io import fingerprint
+from lmcore.core.layout import Layout
 
 
 def _prepare(p: Params, L: Layout) -> Any:
-    from lmcore.prepare import prepare
+    from lmcore.data.prepare import prepare  # lazy: each stage loads only its own code
 
     return prepare(p.prepare, L.raw, L.metrics("prepare"), p.tracking)
 
 
 def _clean(p: Params, L: Layout, map_shards: Callable | None = None) -> Any:
-    from lmcore.clean import clean
+    from lmcore.data.clean.stage import clean  # lazy: each stage loads only its own code
 
     return clean(p.clean, L.raw, L.clean, L.metrics("clean"), p.tracking, map_shards=map_shards)
 
 
 def _tokenizer(p: Params, L: Layout) -> Any:
-    from lmcore.tokenizer import train_tokenizer
+    from lmcore.data.tokenizer import train_tokenizer  # lazy: each stage loads only its own code
 
     return train_tokenizer(p.tokenizer, L.clean, L.tokenizer, L.metrics("tokenizer"), p.tracking)
 
 
 def _encode(p: Params, L: Layout) -> Any:
-    from lmcore.encode import encode
+    from lmcore.data.encode import encode  # lazy: each stage loads only its own code
 
     return encode(p.encode, L.clean, L.tokenizer, L.tokens, L.metrics("encode"), p.tracking)
 
 
 def _pretrain(p: Params, L: Layout) -> Any:
-    from lmcore.pretrain import pretrain
+    from lmcore.train.pretrain import pretrain  # lazy: each stage loads only its own code
 
     return pretrain(p.pretrain, L.tokens, L.pretrain, L.metrics("pretrain"), L.loss_plot, p.tracking)
 
 
 def _export(p: Params, L: Layout) -> Any:
-    from lmcore.export import export
+    from lmcore.export import export  # lazy: each stage loads only its own code
 
     return export(p.export, L.pretrained, L.tokenizer, L.export, L.metrics("export"), p.tracking)
 
@@ -54,8 +62,7 @@ def _export(p: Params, L: Layout) -> Any:
 def _finetune(p: Params, L: Layout, task: str | None = None) -> Any:
     """One task (``task``: what each DVC stage ``finetune@<task>`` and each Prefect task run), or
     every task of ``prepare.tasks.tasks`` in turn."""
-    from lmcore.finetune import finetune
-    from lmcore.io import StageError
+    from lmcore.train.finetune import finetune  # lazy: each stage loads only its own code
 
     if task is not None and task not in p.prepare.tasks.tasks:
         raise StageError(f"task '{task}' is not in prepare.tasks.tasks ({', '.join(p.prepare.tasks.tasks)})")
@@ -66,7 +73,7 @@ def _finetune(p: Params, L: Layout, task: str | None = None) -> Any:
 
 
 def _evaluate(p: Params, L: Layout) -> Any:
-    from lmcore.evaluate import evaluate
+    from lmcore.eval.evaluate import evaluate  # lazy: each stage loads only its own code
 
     return evaluate(p.evaluate, L.tokens, L.pretrained, L.finetune, L.tokenizer, p.prepare.tasks.tasks, L.evaluate,
                     L.metrics("evaluate"), p.tracking)
@@ -102,27 +109,57 @@ class StageIO:
         return StageIO(sub(self.params), sub(self.deps), sub(self.outs), sub(self.persist), None, sub(self.metrics))
 
 
+ENTRY_MODULES: dict[str, str] = {
+    "prepare": "lmcore.data.prepare",
+    "clean": "lmcore.data.clean.stage",
+    "tokenizer": "lmcore.data.tokenizer",
+    "encode": "lmcore.data.encode",
+    "pretrain": "lmcore.train.pretrain",
+    "export": "lmcore.export",
+    "finetune": "lmcore.train.finetune",
+    "evaluate": "lmcore.eval.evaluate",
+}
+"""The module holding each stage's entry function. A stage's code dependencies are the import
+closure of this module inside lmcore (:func:`code_deps`): what ``dvc.yaml`` declares and what the
+Prefect cache key hashes."""
+
+LAUNCH_CONFIG = "configs/accelerate/cpu.yaml"
+
 STAGE_IO: dict[str, StageIO] = {
-    "prepare": StageIO(("prepare",), ("lmcore/prepare.py", "lmcore/glue.py"), ("data/raw",)),
-    "clean": StageIO(("clean",), ("lmcore/clean", "data/raw/corpus"), ("data/clean",)),
-    "tokenizer": StageIO(("tokenizer",), ("lmcore/tokenizer.py", "data/clean"), ("data/tokenizer",)),
-    "encode": StageIO(("encode",), ("lmcore/encode.py", "lmcore/shards.py", "lmcore/tokenizer.py", "data/clean",
-                                    "data/tokenizer"), ("data/tokens",)),
-    "pretrain": StageIO(("pretrain",), ("lmcore/model.py", "lmcore/pretrain.py", "lmcore/shards.py",
-                                        "configs/accelerate/cpu.yaml", "data/tokens"), ("runs/pretrain/final",),
+    "prepare": StageIO(("prepare",), (), ("data/raw",)),
+    "clean": StageIO(("clean",), ("data/raw/corpus",), ("data/clean",)),
+    "tokenizer": StageIO(("tokenizer",), ("data/clean",), ("data/tokenizer",)),
+    "encode": StageIO(("encode",), ("data/clean", "data/tokenizer"), ("data/tokens",)),
+    "pretrain": StageIO(("pretrain",), (LAUNCH_CONFIG, "data/tokens"), ("runs/pretrain/final",),
                         persist=("runs/pretrain/checkpoints",)),
-    "export": StageIO(("export",), ("lmcore/export.py", "runs/pretrain/final", "data/tokenizer"), ("runs/export",)),
+    "export": StageIO(("export",), ("runs/pretrain/final", "data/tokenizer"), ("runs/export",)),
     # one stage per task; each depends on the shared fine-tune settings and its own overrides only
     "finetune": StageIO(("finetune.defaults", "finetune.mixed_precision", "finetune.threads", f"finetune.tasks.{ITEM}"),
-                        ("lmcore/finetune.py", "lmcore/glue.py", "lmcore/model.py", "configs/accelerate/cpu.yaml",
-                         f"data/raw/tasks/{ITEM}", "data/tokenizer", "runs/pretrain/final"),
+                        (LAUNCH_CONFIG, f"data/raw/tasks/{ITEM}", "data/tokenizer", "runs/pretrain/final"),
                         (f"runs/finetune/{ITEM}",), foreach="prepare.tasks.tasks",
                         metrics=(f"metrics/finetune/{ITEM}.json",)),
     # reads every task's results and prediction files (GLUE score, submission zip) for the listed tasks
     "evaluate": StageIO(("evaluate", "prepare.tasks.tasks"),
-                        ("lmcore/evaluate.py", "lmcore/glue.py", "lmcore/shards.py", "data/tokens", "data/tokenizer",
-                         "runs/pretrain/final", "runs/finetune"), ("runs/evaluate",)),
+                        ("data/tokens", "data/tokenizer", "runs/pretrain/final", "runs/finetune"), ("runs/evaluate",)),
 }
+"""Each stage's params keys, data dependencies and outputs. ``dvc.yaml`` declares the same, with
+the stage's :func:`code_deps` before the data dependencies (a test keeps them equal)."""
+
+
+def code_deps(name: str, package_dir: Path = PACKAGE_DIR) -> list[str]:
+    """The lmcore source files stage ``name`` runs: the import closure of its entry module, as
+    paths relative to the project folder (``package_dir``: the ``lmcore`` folder read)."""
+    return closure_files(ENTRY_MODULES[name], package_dir)
+
+
+def code_fingerprint(name: str, package_dir: Path = PACKAGE_DIR) -> str:
+    """A hash of the contents of :func:`code_deps`: the code part of the Prefect cache key."""
+    return fingerprint(*(package_dir.parent / f for f in code_deps(name, package_dir)))
+
+
+def deps(name: str, item: str | None = None) -> list[str]:
+    """Everything stage ``name`` depends on, as ``dvc.yaml`` lists it: its code, then its data."""
+    return [*code_deps(name), *stage_io(name, item).deps]
 
 
 def param_value(params: Params, key: str) -> Any:
@@ -151,20 +188,14 @@ def stage_io(name: str, item: str | None = None) -> StageIO:
 
 
 def cache_key(name: str, params: Params, layout: Layout, item: str | None = None) -> str:
-    """A key that changes when the stage's params keys, its input files, lmcore's code or the
-    project folder change (the Prefect cache key); per item for a ``foreach`` stage."""
-    import hashlib
-    import json
-
-    from lmcore.io import fingerprint
-
+    """A key that changes when the stage's params keys, its input files, its code (the same
+    :func:`code_deps` as ``dvc.yaml``) or the project folder change (the Prefect cache key); per
+    item for a ``foreach`` stage."""
     io = stage_io(name, item)
-    package = Path(__file__).resolve().parent
-    paths = [package.parent / d if d.startswith(("lmcore/", "configs/")) else layout / d for d in io.deps]
+    data = [PACKAGE_DIR.parent / d if d.startswith("configs/") else layout / d for d in io.deps]
     sections = {s: param_value(params, s) for s in io.params}
-    # any change to lmcore's code invalidates the key: stricter than dvc.yaml, never stale
-    code = fingerprint(*sorted(package.rglob("*.py")))
-    payload = json.dumps([name, item, str(layout.root.resolve()), sections, fingerprint(*paths), code], sort_keys=True)
+    payload = json.dumps([name, item, str(layout.root.resolve()), sections, fingerprint(*data), code_fingerprint(name)],
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

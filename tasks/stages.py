@@ -13,8 +13,8 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lmcore import config
-from lmcore.clean import clean_shard
-from lmcore.layout import Layout
+from lmcore.core.layout import Layout
+from lmcore.data.clean import clean_shard
 from lmcore.stages import ORDER, cache_key, run_stage
 
 RETRIES = {"prepare": 2}  # downloads can fail for passing reasons; training reruns cost too much
@@ -22,7 +22,7 @@ RETRIES = {"prepare": 2}  # downloads can fail for passing reasons; training rer
 
 @task(name="clean-shard", retries=1, cache_policy=NO_CACHE, persist_result=False)
 def clean_shard_task(index: int, source: Path, work: Path, cfg: config.CleanConfig) -> Any:
-    """One shard of the clean stage (:func:`lmcore.clean.clean_shard`)."""
+    """One shard of the clean stage (:func:`lmcore.data.clean.clean_shard`)."""
     return clean_shard(index, source, work, cfg)
 
 

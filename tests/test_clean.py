@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 from conftest import make_text
 
-from lmcore.clean import clean, clean_shard, raw_shards
-from lmcore.clean.normalizers import (
+from lmcore.config import CleanConfig, ConfigError, TrackingConfig, from_dict
+from lmcore.data.clean import clean, clean_shard, raw_shards
+from lmcore.data.clean.normalizers import (
     ControlCharRemover,
     MojibakeFixer,
     PIIRedactor,
     UnicodeNormalizer,
     WhitespaceNormalizer,
 )
-from lmcore.config import CleanConfig, ConfigError, TrackingConfig, from_dict
-from lmcore.prepare import write_shards
+from lmcore.data.prepare import write_shards
 
 OFF = TrackingConfig(enabled=False)
 
@@ -96,7 +96,7 @@ def test_bad_filter_settings_name_the_key():
 MEMORY_SCRIPT = textwrap.dedent('''
     import json, random, resource, sys
     from pathlib import Path
-    from lmcore.clean import clean
+    from lmcore.data.clean import clean
     from lmcore.config import CleanConfig, TrackingConfig
     root = Path(sys.argv[1]); mb = int(sys.argv[2]); headroom_mb = int(sys.argv[3])
     cfg = CleanConfig(min_chars=10, filters={}, workers=1, validation_fraction=0.1)

@@ -126,7 +126,7 @@ def test_compare_sorts_runs_by_bits_per_byte_and_plots_their_histories(store, ca
 
 
 def test_compare_plot_has_one_line_per_pretrained_run(store):
-    from lmcore.compare import compare
+    from lmcore.eval.compare import compare
 
     tmp_path, uri = store
     res = compare(EXPERIMENT, uri, out=tmp_path / "out")

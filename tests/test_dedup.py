@@ -1,4 +1,4 @@
-"""Exact and near-duplicate detection (lmcore.clean.dedup) on real text that ships with Python.
+"""Exact and near-duplicate detection (lmcore.data.clean.dedup) on real text that ships with Python.
 
 The documents are docstrings of standard-library modules, classes and functions (read with ``ast``
 from the ``.py`` files, nothing is imported) and the Python reference topics of ``pydoc_data``,
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmcore.clean.dedup import (
+from lmcore.data.clean.dedup import (
     EMPTY,
     DedupIndex,
     MinHashConfig,

@@ -13,7 +13,7 @@ def encoded_project(tiny_project):
     """The stages before pretrain, run in this process (the same entry functions the CLI calls,
     without four interpreter start-ups); only the launches below go through subprocesses."""
     from lmcore import config
-    from lmcore.layout import Layout
+    from lmcore.core.layout import Layout
     from lmcore.stages import run_stage
 
     params = config.load(tiny_project / "params.yaml", {"tracking.enabled": False})

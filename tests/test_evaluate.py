@@ -16,12 +16,19 @@ import yaml
 from conftest import BIN, ROOT, WORDS, mlflow_runs, run_env
 
 from lmcore import config
-from lmcore.checkpoint import save_gpt
 from lmcore.config import ConfigError, EncodeConfig, EvaluateConfig, ExportConfig, TokenizerConfig, TrackingConfig
-from lmcore.evaluate import (evaluate, evaluate_texts, read_documents, sliding_window_nll, split_selection,
-                             window_plan)
-from lmcore.io import StageError, sha256_file
-from lmcore.model import GPT, GPTConfig
+from lmcore.core.errors import StageError
+from lmcore.core.io import sha256_file
+from lmcore.eval.evaluate import (
+    evaluate,
+    evaluate_texts,
+    read_documents,
+    sliding_window_nll,
+    split_selection,
+    window_plan,
+)
+from lmcore.model.decoder import GPT, GPTConfig
+from lmcore.model.folder import save_gpt
 
 OFF = TrackingConfig(enabled=False)
 UNICODE = ["café", "naïve", "Zürich", "—", "東京", "🙂", "Ελλάδα"]  # 2, 3 and 4 UTF-8 bytes per character
@@ -107,8 +114,8 @@ def _write_jsonl(path: Path, texts: list[str]) -> None:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """Clean splits (two validation shards), a trained tokenizer, token shards and an untrained model."""
-    from lmcore.encode import encode
-    from lmcore.tokenizer import train_tokenizer
+    from lmcore.data.encode import encode
+    from lmcore.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("evaluate")
     rng = random.Random(3)
@@ -165,7 +172,7 @@ def test_validation_and_held_out_text_metrics(project, tmp_path, monkeypatch):
     assert m["lm.story.bytes"] == _utf8_bytes(held[:1]) and m["lm.story.documents"] == 1
     assert m["lm.jsonl.bytes"] == _utf8_bytes(held[1:]) and m["lm.jsonl.documents"] == 5
     assert m["lm.jsonl.bytes"] > sum(len(t) for t in held[1:])  # bytes, not characters
-    from lmcore.tokenizer import load
+    from lmcore.data.tokenizer import load
 
     tok = load(root / "tokenizer")
     assert m["lm.jsonl.tokens"] == sum(len(tok.encode(t).ids) + 1 for t in held[1:])  # each + end-of-text
@@ -196,7 +203,7 @@ def test_validation_and_held_out_text_metrics(project, tmp_path, monkeypatch):
 def test_max_tokens_keeps_whole_documents_and_counts_their_exact_bytes(project, tmp_path):
     root = project["root"]
     held = project["held"]
-    from lmcore.tokenizer import load
+    from lmcore.data.tokenizer import load
 
     tok = load(root / "tokenizer")
     lengths = [len(tok.encode(t).ids) + 1 for t in held[1:]]  # the jsonl documents, end-of-text included
@@ -217,8 +224,8 @@ def test_max_tokens_keeps_whole_documents_and_counts_their_exact_bytes(project, 
 
 
 def test_validation_max_tokens_counts_bytes_of_exactly_the_documents_scored(project, tmp_path):
-    from lmcore.encode import load_tokens
-    from lmcore.tokenizer import load
+    from lmcore.data.encode import load_tokens
+    from lmcore.data.tokenizer import load
 
     root = project["root"]
     val_docs = project["val"]
@@ -237,11 +244,11 @@ def test_validation_max_tokens_counts_bytes_of_exactly_the_documents_scored(proj
 
 
 def test_same_text_with_another_tokenizer_has_the_same_bytes(project, tmp_path):
-    from lmcore.tokenizer import train_tokenizer
+    from lmcore.data.tokenizer import train_tokenizer
 
     root = project["root"]
     train_tokenizer(TokenizerConfig(vocab_size=300), root / "clean", tmp_path / "tok300", tmp_path / "m.json", OFF)
-    from lmcore.tokenizer import load
+    from lmcore.data.tokenizer import load
 
     vocab = load(tmp_path / "tok300").get_vocab_size()
     torch.manual_seed(1)

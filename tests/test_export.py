@@ -15,13 +15,13 @@ import torch
 import yaml
 from conftest import ROOT, make_text, mlflow_runs
 
-from lmcore.checkpoint import save_gpt
 from lmcore.config import ExportConfig, TokenizerConfig, TrackingConfig
+from lmcore.core.errors import StageError
+from lmcore.data.tokenizer import save as save_tokenizer
+from lmcore.data.tokenizer import train
 from lmcore.export import export
-from lmcore.io import StageError
-from lmcore.model import GPT, GPTConfig
-from lmcore.tokenizer import save as save_tokenizer
-from lmcore.tokenizer import train
+from lmcore.model.decoder import GPT, GPTConfig
+from lmcore.model.folder import save_gpt
 
 OFF = TrackingConfig(enabled=False)
 VOCAB = 300

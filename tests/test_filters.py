@@ -1,4 +1,4 @@
-"""Behaviour of the document quality filters (lmcore.clean.filters): each rule drops a document
+"""Behaviour of the document quality filters (lmcore.data.clean.filters): each rule drops a document
 made to break it, with datatrove's reason, and keeps ordinary English prose; thresholds are fields;
 the word splitter and the n-gram arithmetic match datatrove's definitions (re-stated here)."""
 
@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from lmcore.clean import filters as F
+from lmcore.data.clean import filters as F
 
 PROSE = """The old lighthouse keeper climbed the narrow stairs every evening, carrying a lamp and a small notebook.
 He wrote down the colour of the sky, the direction of the wind and the names of the ships that passed.

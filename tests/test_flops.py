@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmcore import flops
-from lmcore.flops import Peak, dtype_of, mfu, peak_flops, table_peak
-from lmcore.machine import cpu_name
+from lmcore.core.machine import cpu_name
+from lmcore.train import flops
+from lmcore.train.flops import Peak, dtype_of, mfu, peak_flops, table_peak
 
 CPU = torch.device("cpu")
 SMALL = {"size": 256, "budget": 0.1}  # a tiny probe: tests stay fast; real runs use 2048 x 2048
@@ -151,7 +151,7 @@ def test_mfu(caplog, monkeypatch):
     peak = Peak(100e9, "measured", "cpu", "bfloat16")
     assert mfu(1000.0, 25e6, peak) == pytest.approx(0.25)  # 1000 tok/s x 25 MFLOP = 25 GFLOP/s of 100
     assert mfu(0.0, 25e6, peak) == 0.0
-    with caplog.at_level(logging.WARNING, logger="lmcore.flops"):
+    with caplog.at_level(logging.WARNING, logger="lmcore.train.flops"):
         assert mfu(10_000.0, 25e6, peak) == 1.0  # 250 GFLOP/s "achieved": capped
         assert mfu(20_000.0, 25e6, peak) == 1.0
     assert len([r for r in caplog.records if "underestimated" in r.getMessage()]) == 1  # warned once

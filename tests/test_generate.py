@@ -14,11 +14,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_text
-from lmcore.generate import (GenerationConfig, TextStream, apply_repetition_penalty, generate, next_tokens,
-                             positions_of, stream, top_k_filter, top_p_filter)
-from lmcore.model import GPT, GPTConfig, KVCache
+
+from lmcore.generate import (
+    GenerationConfig,
+    TextStream,
+    apply_repetition_penalty,
+    generate,
+    generate_ids,
+    next_tokens,
+    positions_of,
+    stream,
+    top_k_filter,
+    top_p_filter,
+)
+from lmcore.model.decoder import GPT, GPTConfig, KVCache
 
 VOCAB = 64
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [60, 61, 62, 63, 0, 1]]
@@ -215,10 +225,10 @@ def test_settings_are_checked_by_name():
 def test_the_model_shortcut_keeps_its_behaviour():
     model = randomised()
     prompt = torch.tensor([PROMPTS[0]])
-    out = model.generate(prompt, 6, temperature=0)
+    out = generate_ids(model, prompt, 6, temperature=0)
     assert out[0, 3:].tolist() == tokens(model, [PROMPTS[0]], greedy(6))[0]
-    a = model.generate(prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(1))
-    b = model.generate(prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    a = generate_ids(model, prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    b = generate_ids(model, prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
 
 
@@ -230,9 +240,9 @@ def test_the_model_shortcut_keeps_its_behaviour():
 def folder(tmp_path_factory) -> Path:
     """A tiny byte-level BPE tokenizer trained on ASCII text, and a random model of its vocabulary
     saved as ``runs/pretrain/final`` and ``data/tokenizer`` under a project root."""
-    from lmcore import tokenizer as tokmod
-    from lmcore.checkpoint import save_gpt
     from lmcore.config import TokenizerConfig
+    from lmcore.data import tokenizer as tokmod
+    from lmcore.model.folder import save_gpt
 
     root = tmp_path_factory.mktemp("generate")
     rng = random.Random(0)
@@ -249,7 +259,7 @@ def folder(tmp_path_factory) -> Path:
 
 
 def test_text_stream_prints_characters_split_across_tokens_whole(folder):
-    from lmcore.tokenizer import load
+    from lmcore.data.tokenizer import load
 
     tok = load(folder / "data/tokenizer")
     text = " naïve 日本 — ok"

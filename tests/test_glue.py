@@ -13,10 +13,12 @@ import pytest
 import yaml
 from conftest import make_text
 
-from lmcore import config, glue
+from lmcore import config
 from lmcore.config import ConfigError, FinetuneConfig, LocalTask, TaskSource, TrackingConfig
-from lmcore.io import StageError, write_json, write_jsonl
-from lmcore.prepare import task_splits
+from lmcore.core.errors import StageError
+from lmcore.core.io import write_json, write_jsonl
+from lmcore.data import glue
+from lmcore.data.prepare import task_splits
 
 OFF = TrackingConfig(enabled=False)
 
@@ -472,11 +474,11 @@ def backbone(tmp_path_factory):
     """A tiny tokenizer and a tiny random decoder, saved as the tokenizer and pretrain stages do."""
     import torch
 
-    from lmcore.checkpoint import save_gpt
     from lmcore.config import TokenizerConfig
-    from lmcore.model import GPT, GPTConfig
-    from lmcore.tokenizer import save as save_tokenizer
-    from lmcore.tokenizer import train
+    from lmcore.data.tokenizer import save as save_tokenizer
+    from lmcore.data.tokenizer import train
+    from lmcore.model.decoder import GPT, GPTConfig
+    from lmcore.model.folder import save_gpt
 
     root = tmp_path_factory.mktemp("backbone")
     cfg = TokenizerConfig(vocab_size=300)
@@ -496,8 +498,8 @@ def _prepare(glue_dir: Path, raw: Path, task: str) -> Path:
 
 
 def test_finetune_one_task_at_a_time_then_evaluate_collects_score_and_zip(tmp_path, glue_dir, backbone):
-    from lmcore.evaluate import task_results
-    from lmcore.finetune import finetune
+    from lmcore.eval.evaluate import task_results
+    from lmcore.train.finetune import finetune
 
     cfg = FinetuneConfig(mixed_precision="no", defaults={"epochs": 1, "batch_size": 2, "max_length": 32},
                          tasks={"mnli": {"epochs": 2}, "stsb": {}, "cola": None})
@@ -535,7 +537,7 @@ def test_finetune_one_task_at_a_time_then_evaluate_collects_score_and_zip(tmp_pa
 
 
 def test_finetune_stage_refuses_a_task_that_is_not_listed(tmp_path):
-    from lmcore.layout import Layout
+    from lmcore.core.layout import Layout
     from lmcore.stages import run_stage
 
     with pytest.raises(StageError, match="task 'cola' is not in prepare.tasks.tasks"):
@@ -545,7 +547,7 @@ def test_finetune_stage_refuses_a_task_that_is_not_listed(tmp_path):
 def test_length_grouped_batches_cover_each_example_once_pad_less_and_are_seeded():
     import numpy as np
 
-    from lmcore.finetune import epoch_batches
+    from lmcore.train.finetune import epoch_batches
 
     rng = np.random.default_rng(0)
     lengths = [int(x) for x in rng.integers(3, 120, size=1000)]

@@ -93,7 +93,7 @@ def test_fsdp_config_wraps_lmcore_blocks(monkeypatch):
     from accelerate.utils.launch import prepare_multi_gpu_env
     from torch.distributed.fsdp import StateDictType
 
-    from lmcore.model import GPT, Block, GPTConfig
+    from lmcore.model.decoder import GPT, Block, GPTConfig
 
     args = launcher_args("--config_file", cfg_arg("fsdp.yaml"))
     assert args.use_fsdp and args.num_processes == 8
@@ -116,7 +116,7 @@ def test_fsdp_config_wraps_lmcore_blocks(monkeypatch):
 @pytest.mark.parametrize("in_code, from_launcher", [("no", "bf16"), ("bf16", "no")])
 def test_mixed_precision_in_code_wins_over_launcher(monkeypatch, in_code, from_launcher):
     """`accelerate launch` passes the config's / --mixed_precision value as ACCELERATE_MIXED_PRECISION;
-    Accelerator(mixed_precision=...) (what lmcore.accel does with params.yaml's value) wins."""
+    Accelerator(mixed_precision=...) (what lmcore.train.accel does with params.yaml's value) wins."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 

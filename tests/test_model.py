@@ -3,8 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lmcore.model as model_module
-from lmcore.model import GPT, GPTConfig
+import lmcore.model.decoder as model_module
+from lmcore.generate import generate_ids
+from lmcore.model.decoder import GPT, GPTConfig
 
 
 def tiny(**kw) -> GPT:
@@ -60,11 +61,11 @@ def test_ignore_index_and_sum_reduction():
 def test_greedy_generation_is_deterministic_and_stops_at_eot():
     model = tiny().eval()
     prompt = torch.tensor([[1, 2, 3]])
-    a = model.generate(prompt, 5, temperature=0)
-    b = model.generate(prompt, 5, temperature=0)
+    a = generate_ids(model, prompt, 5, temperature=0)
+    b = generate_ids(model, prompt, 5, temperature=0)
     assert torch.equal(a, b) and a.shape == (1, 8)
     eot = int(a[0, 3])
-    c = model.generate(prompt, 5, temperature=0, eot_id=eot)
+    c = generate_ids(model, prompt, 5, temperature=0, eot_id=eot)
     assert c.shape == (1, 4)
 
 

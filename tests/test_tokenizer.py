@@ -11,10 +11,10 @@ from conftest import make_text
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from lmcore import tokenizer as tokmod
 from lmcore.config import ConfigError, TokenizerConfig, TrackingConfig, from_dict
-from lmcore.io import StageError
-from lmcore.tokenizer import load, special_ids, train, train_tokenizer
+from lmcore.core.errors import StageError
+from lmcore.data import tokenizer as tokmod
+from lmcore.data.tokenizer import load, special_ids, train, train_tokenizer
 
 OFF = TrackingConfig(enabled=False)
 EXTRA = ["Çà et là, naïve café.", "中文文本和日本語のテキスト。", "emoji 🎉🎉 and 👩‍👩‍👧 family", "tabs\tand\nnew lines",
@@ -187,7 +187,7 @@ def test_byte_bpe_has_no_unknown_token(bpe):
 @example(text="never seen: ☃ ሰላም Ωmega 🦜")
 @example(text="two  spaces,\ttab\nnewline")
 def test_unigram_round_trips_except_a_leading_space_and_metaspace_chars(unigram, text):
-    """What the Unigram/metaspace tokenizer does, as documented in lmcore.tokenizer."""
+    """What the Unigram/metaspace tokenizer does, as documented in lmcore.data.tokenizer."""
     decoded = unigram.decode(unigram.encode(text).ids, skip_special_tokens=False)
     assert decoded == text.replace("\u2581", " ").removeprefix(" ")
 

@@ -7,7 +7,7 @@ import ast
 import yaml
 from conftest import ROOT
 
-from lmcore.stages import ORDER, STAGE_IO
+from lmcore.stages import ORDER, STAGE_IO, code_deps
 
 
 def test_dvc_yaml_declares_the_same_stages_inputs_and_outputs():
@@ -22,7 +22,10 @@ def test_dvc_yaml_declares_the_same_stages_inputs_and_outputs():
         else:
             assert "foreach" not in st, name
             assert st["cmd"].endswith(f"lmcore {name}") or st["cmd"].endswith(f"lmcore.cli {name}")
-        assert tuple(st["deps"]) == io.deps, name
+        want = [*code_deps(name), *io.deps]
+        assert st["deps"] == want, (f"dvc.yaml: stage {name} must list its code (the import closure of its entry "
+                                    "module, lmcore.stages.code_deps) then its data; expected deps:\n"
+                                    + "\n".join(f"  - {d}" for d in want))
         plain = tuple(o for o in st["outs"] if isinstance(o, str))
         kept = tuple(next(iter(o)) for o in st["outs"] if isinstance(o, dict))
         assert plain == io.outs, name

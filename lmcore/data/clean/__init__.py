@@ -3,7 +3,7 @@ documents. :func:`clean` is the stage's entry function; :func:`clean_shard` and 
 are its two halves, for orchestrators that map shards over their own workers.
 
 Exports are loaded lazily so that ``lmcore.config`` can validate filter and MinHash settings
-against ``lmcore.clean.filters`` and ``lmcore.clean.dedup`` without an import cycle.
+against ``lmcore.data.clean.filters`` and ``lmcore.data.clean.dedup`` without an import cycle.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ __all__ = ["clean", "clean_shard", "finalize", "raw_shards", "split_of", "work_d
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from lmcore.clean import stage
+        from lmcore.data.clean import stage
 
         return getattr(stage, name)
-    raise AttributeError(f"module 'lmcore.clean' has no attribute {name!r}")
+    raise AttributeError(f"module 'lmcore.data.clean' has no attribute {name!r}")

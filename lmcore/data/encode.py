@@ -4,7 +4,7 @@ Input shard ``i`` of a split (``clean/<split>/*.jsonl``, sorted by name) becomes
 (``<split>.bin`` when the split has one shard, else ``<split>-<i:05d>-of-<n:05d>.bin``): the tokens
 of every document followed by the end-of-text token, as uint16 while the vocabulary fits (else
 uint32), plus ``<same name>.idx`` with the uint64 start offset of every document and the shard's
-token count (the layout is described in :mod:`lmcore.shards`). ``manifest.json`` records the
+token count (the layout is described in :mod:`lmcore.data.shards`). ``manifest.json`` records the
 dtype, vocabulary size, end-of-text id, the tokenizer's sha256 and, per split, the token, document
 and UTF-8 byte counts, the source shards with their sha256, and the token shards.
 
@@ -15,7 +15,7 @@ size. Each output depends only on its input shard and the tokenizer, so the outp
 byte-identical whatever the number of workers. Special-token strings inside a document are
 encoded as plain text: the only end-of-text tokens are the ones after each document.
 
-Read the shards with :func:`load_tokens` (a :class:`lmcore.shards.TokenShards` over ``np.memmap``:
+Read the shards with :func:`load_tokens` (a :class:`lmcore.data.shards.TokenShards` over ``np.memmap``:
 no copy) and the manifest with :func:`load_manifest`.
 """
 
@@ -33,11 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from lmcore.config import EncodeConfig, TrackingConfig, flatten
-from lmcore.io import StageError, atomic_path, require, sha256_file, split_shards, write_json
-from lmcore.shards import INDEX_DTYPE, TokenShards, read_manifest
-from lmcore.tokenizer import BATCH_CHARS, batched
+from lmcore.core.errors import StageError
+from lmcore.core.io import atomic_path, require, sha256_file, split_shards, write_json
+from lmcore.data import tokenizer as tokmod
+from lmcore.data.shards import INDEX_DTYPE, TokenShards, read_manifest
+from lmcore.data.tokenizer import BATCH_CHARS, batched, load
+from lmcore.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +90,6 @@ _TOKENIZERS: dict[str, Any] = {}
 def _tokenizer(path: str):
     tok = _TOKENIZERS.get(path)
     if tok is None:
-        from lmcore.tokenizer import load
 
         tok = load(path)
         tok.encode_special_tokens = True  # "<|endoftext|>" in a document is text, not a separator
@@ -184,10 +187,7 @@ class EncodeResult:
 def encode(cfg: EncodeConfig, clean_dir: Path, tokenizer_dir: Path, out: Path, metrics: Path,
            tracking: TrackingConfig = TrackingConfig()) -> EncodeResult:
     """Encode ``clean_dir/{train,validation}/*.jsonl`` with the tokenizer into ``out``."""
-    from tqdm import tqdm
 
-    from lmcore import tokenizer as tokmod
-    from lmcore.tracking import stage_run
 
     clean_dir, out = Path(clean_dir), Path(out)
     tok_path = require(Path(tokenizer_dir) / "tokenizer.json", "tokenizer")

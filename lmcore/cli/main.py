@@ -13,9 +13,12 @@ import os
 import sys
 from pathlib import Path
 
+from lmcore import config
+from lmcore.cli import compare, generate
 from lmcore.config import ConfigError
-from lmcore.io import Interrupted, StageError
-from lmcore.stages import ORDER, STAGE_IO
+from lmcore.core.errors import Interrupted, StageError
+from lmcore.core.layout import Layout
+from lmcore.stages import ORDER, STAGE_IO, run_stage
 
 
 def _summary(result: object) -> str:
@@ -42,12 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         if STAGE_IO[name].foreach:
             stage.add_argument("--task", help=f"run for this item of {STAGE_IO[name].foreach} only "
                                               "(what each DVC stage finetune@<task> runs); default: every one")
-    from lmcore import compare  # not a stage: a table and a plot of the runs in MLflow
-
-    compare.add_parser(sub)
-    from lmcore import generate  # not a stage either: text from a model folder
-
-    generate.add_parser(sub)
+    compare.add_parser(sub)  # not a stage: a table and a plot of the runs in MLflow
+    generate.add_parser(sub)  # not a stage either: text from a model folder
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -58,10 +57,6 @@ def main(argv: list[str] | None = None) -> int:
         return compare.main(args)
     if args.stage == "generate":
         return generate.main(args)
-    from lmcore import config
-    from lmcore.layout import Layout
-    from lmcore.stages import run_stage
-
     try:
         params = config.load(args.params)
         options = {"task": args.task} if getattr(args, "task", None) else {}

@@ -39,8 +39,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tqdm import tqdm
+
 from lmcore.config import TokenizerConfig, TrackingConfig, flatten
-from lmcore.io import StageError, atomic_path, iter_field, require, sha256_file, split_shards, write_json
+from lmcore.core.errors import StageError
+from lmcore.core.io import atomic_path, iter_field, require, sha256_file, split_shards, write_json
+from lmcore.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +56,12 @@ BATCH_CHARS = 1 << 20  # characters encoded per call at most: bounds the memory 
 
 
 def _normalizer(name: str):
-    from tokenizers import normalizers
 
     return {"none": None, "nfc": normalizers.NFC(), "nfkc": normalizers.NFKC()}[name]
 
 
 def build_trainer(cfg: TokenizerConfig):
     """An untrained ``tokenizers.Tokenizer`` set up as ``cfg`` says, and its trainer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     digits = pre_tokenizers.Digits(individual_digits=True)
     if cfg.kind == "byte_bpe":
@@ -99,7 +102,6 @@ def build_trainer(cfg: TokenizerConfig):
 def _add_byte_fallback(tok):
     """The trained Unigram ``tok`` with the 256 byte tokens appended (scored below every piece)
     and byte fallback on."""
-    from tokenizers import Tokenizer
 
     data = json.loads(tok.to_str())
     model = data["model"]
@@ -136,7 +138,6 @@ def train(cfg: TokenizerConfig, texts: Iterable[str]):
 
 def load(path: str | Path):
     """Load a saved ``tokenizer.json`` (or the folder holding it)."""
-    from tokenizers import Tokenizer
 
     path = require(Path(path) / "tokenizer.json" if Path(path).is_dir() else path, "tokenizer")
     try:
@@ -216,9 +217,7 @@ def train_tokenizer(cfg: TokenizerConfig, clean_dir: Path, out: Path, metrics: P
                     tracking: TrackingConfig = TrackingConfig()) -> TokenizerResult:
     """Train on the shards of ``clean_dir/train/``; save ``out/tokenizer.json`` (and the
     ``transformers`` configs beside it); report bytes per token on the validation split."""
-    from tqdm import tqdm
 
-    from lmcore.tracking import stage_run
 
     clean_dir = Path(clean_dir)
     train_shards = split_shards(clean_dir, "train")

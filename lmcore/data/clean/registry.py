@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from lmcore.data.clean import filters as f
+
 
 def filter_registry() -> dict[str, list[tuple[str, type]]]:
     """Quality filters selectable under ``clean.filters``, by name: their steps in order, each
     ``("normalizer" | "filter", class)``."""
-    from lmcore.clean import filters as f
-
     return {
         "c4": [("normalizer", f.C4LineCleaner), ("filter", f.C4QualityFilter)],
         "gopher_quality": [("filter", f.GopherQualityFilter)],

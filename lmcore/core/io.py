@@ -8,6 +8,7 @@ would trust.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import os
@@ -17,17 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-
-class StageError(RuntimeError):
-    """An error a user can act on (bad input, missing file): shown as one line, no traceback."""
-
-
-class Interrupted(RuntimeError):
-    """A stage stopped by a signal after saving what it needs to resume (exit status 128 + signum)."""
-
-    def __init__(self, signum: int, message: str) -> None:
-        super().__init__(message)
-        self.signum = signum
+from lmcore.core.errors import StageError
 
 
 @contextlib.contextmanager
@@ -86,7 +77,6 @@ def read_jsonl_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line number, object)`` for each non-blank line of a JSONL file (``.gz``
     compressed or not; a byte-order mark on the first line is accepted); a bad line raises
     :class:`StageError` naming the file and line."""
-    import gzip
 
     path = Path(path)
     if not path.exists():

@@ -31,13 +31,20 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_model as st_load
+from safetensors.torch import save_model as st_save
+from tqdm import tqdm
 
-from lmcore import glue
-from lmcore.accel import make_accelerator
-from lmcore.checkpoint import load_gpt, read_config
 from lmcore.config import FinetuneConfig, FinetuneHyper, TrackingConfig, flatten
-from lmcore.io import StageError, atomic_path, read_json, read_jsonl, require, write_json
-from lmcore.model import GPT, GPTConfig
+from lmcore.core.errors import StageError
+from lmcore.core.io import atomic_path, read_json, read_jsonl, require, write_json
+from lmcore.data import glue
+from lmcore.data import tokenizer as tokmod
+from lmcore.data.tokenizer import special_ids
+from lmcore.model.decoder import GPT, GPTConfig
+from lmcore.model.folder import load_gpt, read_config
+from lmcore.tracking import stage_run
+from lmcore.train.accel import make_accelerator
 
 
 class SequenceClassifier(nn.Module):
@@ -59,7 +66,6 @@ class SequenceClassifier(nn.Module):
 
 def encode_examples(tok, examples: list[dict[str, Any]], max_length: int) -> list[list[int]]:
     """Token ids of ``text_a [sep text_b] eot``; the longer text is cut first to fit."""
-    from lmcore.tokenizer import special_ids
 
     ids = special_ids(tok)
     a_enc = tok.encode_batch([e["text_a"] for e in examples])
@@ -161,7 +167,6 @@ def load_task(folder: Path) -> tuple[glue.TaskSpec, dict[str, list[dict[str, Any
 
 
 def load_classifier(folder: Path) -> tuple[SequenceClassifier, glue.TaskSpec]:
-    from safetensors.torch import load_model as st_load
 
     cfg = read_config(folder)
     spec = glue.TaskSpec.from_dict(cfg["task"])
@@ -204,9 +209,7 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
            accelerator, tr) -> tuple[SequenceClassifier, dict[str, Any], int]:
     """Train, keep the best epoch's weights; return the model, the best epoch's record, and the
     history of every epoch."""
-    from tqdm import tqdm
 
-    from lmcore.tokenizer import special_ids
 
     pad = special_ids(tok).pad
     backbone = load_gpt(pretrained)
@@ -279,8 +282,6 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
              tracking: TrackingConfig = TrackingConfig()) -> FinetuneResult:
     """Fine-tune the pretrained model on one prepared task (``task_dir`` =
     ``data/raw/tasks/<task>``); write ``out`` (``runs/finetune/<task>``) and ``metrics``."""
-    from lmcore import tokenizer as tokmod
-    from lmcore.tracking import stage_run
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -311,7 +312,6 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
                 result[f"{split}_predictions"] = len(preds)
 
         if accelerator.is_main_process:
-            from safetensors.torch import save_model as st_save
 
             config = {"model": dataclasses.asdict(model.backbone.cfg), "task": spec.to_dict(), "dropout": hp.dropout,
                       "max_length": max_len, "best_epoch": best["epoch"]}

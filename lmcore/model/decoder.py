@@ -492,23 +492,3 @@ class GPT(nn.Module):
         """
         c = self.cfg
         return 6 * self.matmul_params() + 12 * c.n_layer * c.n_embd * c.block_size
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, eot_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """``idx`` (B, T) followed by up to ``max_new_tokens`` sampled tokens (greedy when
-        ``temperature`` is 0), until every row has produced ``eot_id`` (kept; rows that stopped
-        earlier are padded with it). ``generator`` draws the sampling seed. A shortcut to
-        :func:`lmcore.generate.generate`, which has the KV cache, top-p, repetition penalty and
-        prompts of different lengths."""
-        from lmcore.generate import GenerationConfig, generate
-
-        seed = None if generator is None else int(torch.randint(2**62, (1,), generator=generator))
-        cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
-        done = generate(self, idx.tolist(), cfg, stop_id=eot_id)
-        rows = [c.tokens + ([eot_id] if c.stopped else []) for c in done]
-        width = max(map(len, rows))
-        pad = eot_id if eot_id is not None else 0
-        new = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=idx.dtype).reshape(len(rows), width)
-        return torch.cat([idx, new.to(idx.device)], dim=1)

@@ -36,9 +36,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from lmcore.config import EvaluateConfig, TrackingConfig, flatten
-from lmcore.io import StageError, atomic_path, require, sha256_file, write_text
+from lmcore.core.errors import StageError
+from lmcore.core.io import atomic_path, read_json, require, sha256_file, write_text
+from lmcore.data import glue
+from lmcore.data import tokenizer as tokmod
+from lmcore.data.encode import load_manifest, load_tokens
+from lmcore.data.tokenizer import BATCH_CHARS, batched, special_ids
+from lmcore.generate import GenerationConfig, generate_text
+from lmcore.model.folder import check_tokenizer, load_lm
+from lmcore.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +85,9 @@ def window_plan(n: int, block: int, stride: int) -> list[tuple[int, int, int]]:
 def sliding_window_nll(model, tokens: Any, block: int, stride: int, batch_size: int = 16,
                        max_tokens: int | None = None, desc: str | None = None) -> tuple[float, int]:
     """Total negative log-likelihood (nats) and number of scored tokens (all but the first) of
-    ``tokens[:max_tokens]`` (an array or :class:`lmcore.shards.TokenShards`), with windows of
+    ``tokens[:max_tokens]`` (an array or :class:`lmcore.data.shards.TokenShards`), with windows of
     ``block`` tokens every ``stride`` tokens (:func:`window_plan`). ``desc`` names the progress bar
     and the throughput line in the log."""
-    from tqdm import tqdm
 
     n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
     if n < 2:
@@ -322,7 +330,6 @@ def encode_documents(tok, texts: Iterator[str], max_tokens: int | None) -> tuple
     document followed by end-of-text) up to ``max_tokens`` tokens in whole documents: the tokens,
     the UTF-8 bytes of exactly the text they hold, the documents and whether the only document was
     cut (its first ``max_tokens`` tokens, bytes up to the end of the last one)."""
-    from lmcore.tokenizer import BATCH_CHARS, batched, special_ids
 
     eot = special_ids(tok).eot
     parts: list[np.ndarray] = []
@@ -353,7 +360,6 @@ def score_texts(model, tok, texts: Iterator[str], stride: int | None = None, bat
                 what: str = "texts") -> Scored:
     """Score documents with a loaded model and tokenizer (see :func:`evaluate_texts`); ``logp``:
     unigram log-probabilities for the baseline."""
-    from lmcore.tokenizer import special_ids
 
     eot = special_ids(tok).eot
     ids, n_bytes, n_docs, cut = encode_documents(tok, texts, max_tokens)
@@ -364,82 +370,6 @@ def score_texts(model, tok, texts: Iterator[str], stride: int | None = None, bat
     nll = score_stream(model, ids, len(ids), eot, stride, batch_size, desc)
     uni = float("nan") if logp is None else unigram_scored_nll(ids, logp)
     return Scored(nll, len(ids), n_bytes, n_docs, cut, uni)
-
-
-# ---------------------------------------------------------------------------------------------
-# any model folder
-
-
-def load_lm(folder: str | Path) -> tuple[Any, dict[str, Any]]:
-    """A language model for scoring, in float32 and eval mode, and its folder's ``config.json``:
-    an lmcore model folder (``runs/pretrain/final``: ``config.json`` with a ``model`` section) or
-    a Hugging Face Llama folder of the shape lmcore writes (``runs/export``)."""
-    from lmcore.checkpoint import load_gpt, read_config
-
-    folder = Path(folder)
-    cfg = read_config(folder)
-    if "model" in cfg:
-        return load_gpt(folder).float().eval(), cfg
-    if cfg.get("model_type") == "llama":
-        return _load_llama(folder, cfg).eval(), cfg
-    raise StageError(f"{folder / 'config.json'}: neither an lmcore model folder (a 'model' section) nor a Llama "
-                     f"folder (model_type 'llama'); has keys {', '.join(sorted(cfg)[:12])}")
-
-
-def _load_llama(folder: Path, c: dict[str, Any]):
-    """An lmcore GPT holding the weights of a Llama folder (the reverse of lmcore.export)."""
-    from safetensors.torch import load_file
-
-    from lmcore.export import hf_name
-    from lmcore.model import GPT, GPTConfig
-
-    where = folder / "config.json"
-    unsupported = {k: c.get(k) for k, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
-                                             ("rope_scaling", None)) if c.get(k, ok) != ok}
-    if float(c.get("rms_norm_eps", 1e-5)) != 1e-5:
-        unsupported["rms_norm_eps"] = c["rms_norm_eps"]
-    if unsupported:
-        raise StageError(f"{where}: {unsupported} differ from lmcore's Llama (silu, no biases, no rope scaling, "
-                         "rms_norm_eps 1e-5): load it with transformers instead")
-    try:
-        n_embd, n_head = int(c["hidden_size"]), int(c["num_attention_heads"])
-        gcfg = GPTConfig(vocab_size=int(c["vocab_size"]), n_layer=int(c["num_hidden_layers"]), n_head=n_head,
-                         n_kv_heads=int(c.get("num_key_value_heads", n_head)), n_embd=n_embd,
-                         block_size=int(c["max_position_embeddings"]),
-                         mlp_ratio=int(c["intermediate_size"]) / n_embd,
-                         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-                         rope_theta=float(c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 1e4))))
-    except KeyError as e:
-        raise StageError(f"{where}: missing key {e}") from None
-    model = GPT(gcfg)
-    ours = {hf_name(k): k for k in model.state_dict() if hf_name(k)}
-    weights = require(folder / "model.safetensors", "model weights (model.safetensors)")
-    state = {}
-    for name, t in load_file(str(weights)).items():
-        if name not in ours:
-            raise StageError(f"{weights}: tensor '{name}' has no lmcore counterpart")
-        state[ours[name]] = t.float()
-    if gcfg.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("rope_")]  # buffers, not weights
-    if missing or unexpected:
-        raise StageError(f"{weights}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
-    return model
-
-
-def check_tokenizer(model, model_cfg: dict[str, Any], tok, tokenizer_path: Path, model_dir: Path) -> None:
-    """Refuse a tokenizer the model was not trained with (sha256 recorded by pretrain, or a
-    vocabulary larger than the model's)."""
-    want = model_cfg.get("tokenizer_sha256")
-    if want:
-        got = sha256_file(tokenizer_path)
-        if got != want:
-            raise StageError(f"{tokenizer_path}: sha256 {got[:12]}... is not the tokenizer {model_dir} was trained "
-                             f"with ({want[:12]}...): give that model's tokenizer")
-    if tok.get_vocab_size() > model.cfg.vocab_size:
-        raise StageError(f"{tokenizer_path}: {tok.get_vocab_size()} tokens, more than the {model.cfg.vocab_size} "
-                         f"of the model in {model_dir}")
 
 
 def evaluate_texts(model_dir: str | Path, paths: Sequence[str | Path], tokenizer_dir: str | Path | None = None,
@@ -455,12 +385,11 @@ def evaluate_texts(model_dir: str | Path, paths: Sequence[str | Path], tokenizer
     divide by the same bytes whatever the tokenizer, so two models with different tokenizers
     compare on the same files::
 
-        from lmcore.evaluate import evaluate_texts
+        from lmcore.eval.evaluate import evaluate_texts
         a = evaluate_texts("runs/pretrain/final", ["heldout/*.txt"], "data/tokenizer", stride=128)
         b = evaluate_texts("other/runs/export", ["heldout/*.txt"], stride=128)
         print(a["bpb"], b["bpb"])
     """
-    from lmcore import tokenizer as tokmod
 
     model_dir = Path(model_dir)
     tok_path = Path(tokenizer_dir if tokenizer_dir is not None else model_dir)
@@ -492,8 +421,6 @@ def task_results(finetuned: Path, tasks: Sequence[str]) -> tuple[dict[str, Any],
     ``<task>.<metric>``, ``<task>.majority_<metric>``, ``<task>.bow_<metric>`` and ``<task>.score``,
     plus ``glue.score`` (mean of the GLUE task scores) and ``glue.tasks``; report rows; and the
     leaderboard prediction files of the GLUE tasks."""
-    from lmcore import glue
-    from lmcore.io import read_json
 
     m: dict[str, Any] = {}
     rows: list[tuple] = []
@@ -526,10 +453,6 @@ def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned:
              tracking: TrackingConfig = TrackingConfig()) -> EvaluateResult:
     """Evaluate the language model (validation split, then ``cfg.texts``) and collect the
     fine-tuned ``tasks`` (names, in order)."""
-    from lmcore import glue
-    from lmcore import tokenizer as tokmod
-    from lmcore.encode import load_manifest, load_tokens
-    from lmcore.tracking import stage_run
 
     out = Path(out)
     manifest = load_manifest(tokens_dir)
@@ -618,7 +541,6 @@ def describe_model(model, model_cfg: dict[str, Any], tok, tok_file: Path) -> dic
 
 def _samples(model, tok, cfg: EvaluateConfig) -> str:
     """Every prompt's sample (one batch, KV cache, ``cfg``'s sampling settings and seed)."""
-    from lmcore.generate import GenerationConfig, generate_text
 
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                            top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)

@@ -1,6 +1,6 @@
 """Read the token shards written by the ``encode`` stage.
 
-Layout of ``data/tokens/`` (written by :mod:`lmcore.encode`):
+Layout of ``data/tokens/`` (written by :mod:`lmcore.data.encode`):
 
 - ``manifest.json``: dtype, vocabulary size, end-of-text id, tokenizer sha256 and, per split, the
   token, document and UTF-8 byte counts, the source shards with their sha256, and the list of
@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from lmcore.io import StageError, read_json
+from lmcore.core.errors import StageError
+from lmcore.core.io import read_json
 
 INDEX_DTYPE = np.dtype("<u8")
 

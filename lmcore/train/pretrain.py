@@ -41,13 +41,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from lmcore.accel import make_accelerator
-from lmcore.checkpoint import save_gpt
 from lmcore.config import ModelConfig, PretrainConfig, TrackingConfig, flatten
-from lmcore.encode import load_manifest, load_tokens
-from lmcore.io import Interrupted, StageError, atomic_path, write_json
-from lmcore.model import GPT, GPTConfig
+from lmcore.core.errors import Interrupted, StageError
+from lmcore.core.io import atomic_path, write_json
+from lmcore.data.encode import load_manifest, load_tokens
+from lmcore.model.decoder import GPT, GPTConfig
+from lmcore.model.folder import save_gpt
+from lmcore.tracking import stage_run
+from lmcore.train.accel import make_accelerator
+from lmcore.train.flops import dtype_of, mfu, peak_flops
 
 log = logging.getLogger(__name__)
 
@@ -330,10 +334,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
     (JSON) and the loss history ``plots`` (CSV). ``build_model`` makes the model from its shape
     (benchmarks pass other architectures with GPT's interface: ``forward(idx, targets,
     reduction)``, ``num_params``, ``matmul_params``, ``flops_per_token`` and a ``cfg``)."""
-    from tqdm import tqdm
 
-    from lmcore.flops import dtype_of, mfu, peak_flops
-    from lmcore.tracking import stage_run
 
     out = Path(out)
     if cfg.threads:

@@ -39,7 +39,8 @@ from typing import Literal
 
 import torch
 
-from lmcore.io import write_json
+from lmcore.core.io import write_json
+from lmcore.core.machine import cpu_name
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class Peak:
     source: Literal["measured", "table"]
     """``table``: a vendor datasheet figure; ``measured``: the matmul probe on this machine."""
     device_name: str
-    """CPU model (``lmcore.machine.cpu_name``) or ``torch.cuda.get_device_name``."""
+    """CPU model (``lmcore.core.machine.cpu_name``) or ``torch.cuda.get_device_name``."""
     dtype: str
     """``bfloat16``, ``float16`` or ``float32``."""
 
@@ -130,7 +131,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        from lmcore.machine import cpu_name
         return cpu_name()
     return device.type
 

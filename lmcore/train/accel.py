@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 
-from lmcore.io import StageError
+from accelerate import Accelerator
+
+from lmcore.core.errors import StageError
+from lmcore.train.flops import resolve_precision
 
 
 def make_accelerator(mixed_precision: str):
-    from accelerate import Accelerator
 
-    from lmcore.flops import resolve_precision
 
     mixed_precision = resolve_precision(mixed_precision)
     acc = Accelerator(mixed_precision=mixed_precision)

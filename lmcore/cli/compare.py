@@ -1,0 +1,51 @@
+"""``lmcore compare``: the pipeline runs of an MLflow experiment side by side (not a stage).
+
+Argument parsing and printing; the table and the plot are :mod:`lmcore.eval.compare`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from lmcore import config
+from lmcore.config import ConfigError, TrackingConfig
+from lmcore.core.errors import StageError
+
+
+def add_parser(sub: Any) -> None:
+    """The ``compare`` subcommand of the ``lmcore`` CLI."""
+    p = sub.add_parser("compare", help="compare the pipeline runs of an MLflow experiment (a table and a plot; "
+                                       "not a pipeline stage)")
+    p.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment in the params file)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.tracking_uri in the params file)")
+    p.add_argument("--metric", default="val_bpb",
+                   help="sort by this metric: a bare name (evaluate's NAME or lm.NAME, else pretrain's NAME) or "
+                        "<stage>.<metric>, e.g. pretrain.tokens_per_second_mean, evaluate.glue.score "
+                        "(default: val_bpb)")
+    p.add_argument("--out", help="output folder (default: runs/compare under --root)")
+    p.add_argument("--runs", type=int, default=20, help="the most recent N runs (default: 20; 0: all)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``lmcore compare`` from parsed arguments (also reads ``args.params`` and ``args.root``)."""
+    # lazy: the CLI loads a command's code (MLflow, matplotlib) only when that command runs
+    from lmcore.eval.compare import compare
+
+    try:
+        tracking = TrackingConfig()
+        if not (args.experiment and args.tracking_uri) and Path(args.params).exists():
+            tracking = config.load(args.params).tracking
+        out = Path(args.out) if args.out else Path(args.root) / "runs/compare"
+        if args.runs < 0:
+            raise StageError(f"--runs = {args.runs}: give a number of runs, or 0 for all")
+        res = compare(args.experiment or tracking.experiment, args.tracking_uri or tracking.tracking_uri,
+                      args.metric, out, args.runs or None)
+    except (ConfigError, StageError) as e:
+        print(f"lmcore compare: error: {e}", file=sys.stderr)
+        return 2
+    print(res.table, end="")
+    print(f"lmcore compare: {len(res.runs)} run(s); wrote {res.markdown} and {res.plot}")
+    return 0

@@ -1,0 +1,191 @@
+"""``lmcore generate``: continue prompts with a model folder (not a pipeline stage).
+
+Argument parsing, prompt files and printing; the generation itself is :mod:`lmcore.generate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lmcore import config
+from lmcore.config import ConfigError, EvaluateConfig
+from lmcore.core.errors import StageError
+from lmcore.core.layout import Layout
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub: Any) -> None:
+    """The ``generate`` subcommand of the ``lmcore`` CLI."""
+    p = sub.add_parser("generate", help="generate text from a model folder (KV cache, sampling, streaming; not a "
+                                        "pipeline stage)",
+                       description="Continue prompts with a trained model. Prompts come from --prompt, else from "
+                                   "--file, else from standard input: one prompt per line (a .jsonl file: a JSON "
+                                   "string or an object with a 'prompt' field per line, for prompts with newlines). "
+                                   "Sampling defaults come from the evaluate section of the params file.")
+    p.add_argument("--model", help="model folder: runs/pretrain/final (default, under --root) or an exported "
+                                   "Hugging Face Llama folder such as runs/export")
+    p.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json (default: the model folder when it holds "
+                                       "tokenizer.json, else data/tokenizer under --root)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--file", help="a file of prompts, one per line (.jsonl: one JSON string or {'prompt': ...} "
+                                  "per line); '-' is standard input")
+    p.add_argument("--max-new-tokens", type=int, help="tokens per prompt at most (default: evaluate.max_new_tokens)")
+    p.add_argument("--temperature", type=float, help="0 is greedy (default: evaluate.temperature)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens; 0: all (default: evaluate.top_k)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling, 1: off (default: evaluate.top_p)")
+    p.add_argument("--repetition-penalty", type=float, help="1: off (default: evaluate.repetition_penalty)")
+    p.add_argument("--seed", type=int, help="sampling seed (default: evaluate.seed)")
+    p.add_argument("--no-cache", action="store_true", help="encode the whole sequence at every step (slower; "
+                                                            "the reference path)")
+    p.add_argument("--no-stream", action="store_true", help="print each text once complete, not token by token")
+
+
+def read_prompts(path: str | Path | None, stdin=None) -> list[str]:
+    """Prompts from a file (one per line; ``.jsonl``: a JSON string or an object with a
+    ``prompt`` field per line) or, for None or ``-``, from ``stdin``. Blank lines are skipped."""
+    if path is None or str(path) == "-":
+        name, lines = "standard input", (stdin or sys.stdin).read().splitlines()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise StageError(f"--file {p}: not found")
+        try:
+            name, lines = str(p), p.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise StageError(f"{p}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+    jsonl = path is not None and str(path).endswith((".jsonl", ".ndjson"))
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            out.append(line)
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StageError(f"{name}: line {n}: not valid JSON ({e.msg})") from None
+        text = obj.get("prompt") if isinstance(obj, dict) else obj
+        if not isinstance(text, str):
+            raise StageError(f"{name}: line {n}: expected a JSON string or an object with a string field 'prompt'")
+        out.append(text)
+    if not out:
+        raise StageError(f"{name}: no prompt (one per line)")
+    return out
+
+
+def settings(args: argparse.Namespace, defaults):
+    """Command-line values over ``defaults`` (an :class:`lmcore.config.EvaluateConfig`), as a
+    :class:`lmcore.generate.GenerationConfig`."""
+    # lazy: the CLI loads a command's code (torch) only when that command runs
+    from lmcore.generate import GenerationConfig
+
+    def pick(name: str, default: Any) -> Any:
+        v = getattr(args, name)
+        return default if v is None else v
+
+    top_k = pick("top_k", defaults.top_k)
+    try:
+        return GenerationConfig(max_new_tokens=pick("max_new_tokens", defaults.max_new_tokens),
+                                temperature=pick("temperature", defaults.temperature),
+                                top_k=None if top_k == 0 else top_k, top_p=pick("top_p", defaults.top_p),
+                                repetition_penalty=pick("repetition_penalty", defaults.repetition_penalty),
+                                seed=pick("seed", defaults.seed), use_cache=not args.no_cache)
+    except ValueError as e:  # name the command-line option (params.yaml's values were checked on loading)
+        msg = str(e)
+        for f in dataclasses.fields(GenerationConfig):
+            msg = msg.replace(f"{f.name} =", f"--{f.name.replace('_', '-')} =")
+        raise StageError(msg) from None
+
+
+def main(args: argparse.Namespace, stdin=None, stdout=None) -> int:
+    """Run ``lmcore generate`` from parsed arguments (also reads ``args.params`` and ``args.root``)."""
+    # lazy: the CLI loads a command's code (torch) only when that command runs
+    from lmcore.data import tokenizer as tokmod
+    from lmcore.generate import TextStream, encode_prompts, stream
+    from lmcore.model.folder import check_tokenizer, load_lm
+
+
+    out = stdout or sys.stdout
+    layout = Layout(Path(args.root))
+    try:
+        defaults = config.load(args.params).evaluate if Path(args.params).exists() else EvaluateConfig()
+        cfg = settings(args, defaults)
+        model_dir = Path(args.model) if args.model else layout.pretrained
+        if not (model_dir / "config.json").is_file():
+            raise StageError(f"{model_dir}: no model folder here (config.json missing); give --model, e.g. "
+                             "runs/pretrain/final or runs/export")
+        tok_path = Path(args.tokenizer) if args.tokenizer else (
+            model_dir if (model_dir / "tokenizer.json").is_file() else layout.tokenizer)
+        tok_file = tok_path / "tokenizer.json" if tok_path.is_dir() else tok_path
+        prompts = list(args.prompt) if args.prompt else read_prompts(args.file, stdin)
+        model, model_cfg = load_lm(model_dir)
+        tok = tokmod.load(tok_file)
+        check_tokenizer(model, model_cfg, tok, tok_file, model_dir)
+        sp = tokmod.special_ids(tok)
+        ids = encode_prompts(tok, prompts)
+    except (ConfigError, StageError) as e:
+        print(f"lmcore generate: error: {e}", file=sys.stderr)
+        return 2
+
+    block = model.cfg.block_size
+    if max(map(len, ids)) + cfg.max_new_tokens > block:
+        log.info("generate: prompt + %d new tokens may exceed the model's context of %d tokens: past it, each step "
+                 "encodes the last %d tokens again without the cache", cfg.max_new_tokens, block, block)
+    streams = [TextStream(tok, p) for p in ids]
+    finished = [False] * len(ids)
+    shown = 0  # texts printed so far (in prompt order)
+    live = len(ids) == 1 and not args.no_stream
+
+    def show_done() -> None:
+        nonlocal shown
+        while shown < len(ids) and finished[shown]:
+            if len(ids) > 1:
+                out.write(("\n" if shown else "") + f"==> {shown + 1}/{len(ids)} <==\n")
+            out.write(prompts[shown] + streams[shown].text() + "\n")
+            shown += 1
+        out.flush()
+
+    if live:
+        out.write(prompts[0])
+        out.flush()
+    n_tokens, t0 = 0, time.perf_counter()
+    try:
+        for step in stream(model, ids, cfg, stop_id=sp.eot, pad_id=sp.pad):
+            for i, t in enumerate(step):
+                if t is None:
+                    continue
+                n_tokens += 1
+                if t == sp.eot:
+                    finished[i] = True
+                    continue
+                if live:
+                    out.write(streams[i].push(t))
+                    out.flush()
+                else:
+                    streams[i].tokens.append(t)
+            if not live and not args.no_stream:
+                show_done()
+    except KeyboardInterrupt:
+        out.write("\n")
+        print("lmcore generate: interrupted", file=sys.stderr)
+        return 130
+    seconds = time.perf_counter() - t0
+    if live:
+        out.write(streams[0].flush() + "\n")
+        out.flush()
+    else:
+        finished = [True] * len(ids)
+        show_done()
+    print(f"lmcore generate: {n_tokens} tokens for {len(ids)} prompt(s) in {seconds:.2f} s "
+          f"({n_tokens / max(seconds, 1e-9):.1f} tokens/s, KV cache {'on' if cfg.use_cache else 'off'}, "
+          f"seed {cfg.seed})", file=sys.stderr)
+    return 0

@@ -1,0 +1,78 @@
+"""Model folders: ``model.safetensors`` plus ``config.json``, written atomically.
+
+Weights are never pickled: safetensors holds them, JSON holds the shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model as st_load
+from safetensors.torch import save_model as st_save
+
+from lmcore.core.errors import StageError
+from lmcore.core.io import atomic_path, require, sha256_file
+from lmcore.model.decoder import GPT, GPTConfig
+from lmcore.model.llama import load_llama
+
+
+def save_model(model: torch.nn.Module, folder: Path, config: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """Write ``folder/model.safetensors`` and ``folder/config.json`` (replacing ``folder``)."""
+    with atomic_path(Path(folder)) as tmp:
+        tmp.mkdir()
+        st_save(model, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps({**config, **(extra or {})}, indent=2, sort_keys=True))
+    return Path(folder)
+
+
+def save_gpt(model: GPT, folder: Path, extra: dict[str, Any] | None = None) -> Path:
+    return save_model(model, folder, {"model": dataclasses.asdict(model.cfg)}, extra)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = require(Path(folder) / "config.json", "model config")
+    return json.loads(path.read_text())
+
+
+def load_gpt(folder: Path, map_location: str = "cpu") -> GPT:
+    """Load a GPT saved by :func:`save_gpt`."""
+    folder = Path(folder)
+    cfg = read_config(folder)
+    if "model" not in cfg:
+        raise StageError(f"{folder}/config.json: no 'model' section")
+    model = GPT(GPTConfig(**cfg["model"]))
+    st_load(model, str(require(folder / "model.safetensors", "model weights")), device=map_location)
+    return model
+
+
+def load_lm(folder: str | Path) -> tuple[Any, dict[str, Any]]:
+    """A language model for scoring, in float32 and eval mode, and its folder's ``config.json``:
+    an lmcore model folder (``runs/pretrain/final``: ``config.json`` with a ``model`` section) or
+    a Hugging Face Llama folder of the shape lmcore writes (``runs/export``)."""
+
+    folder = Path(folder)
+    cfg = read_config(folder)
+    if "model" in cfg:
+        return load_gpt(folder).float().eval(), cfg
+    if cfg.get("model_type") == "llama":
+        return load_llama(folder, cfg).eval(), cfg
+    raise StageError(f"{folder / 'config.json'}: neither an lmcore model folder (a 'model' section) nor a Llama "
+                     f"folder (model_type 'llama'); has keys {', '.join(sorted(cfg)[:12])}")
+
+
+def check_tokenizer(model, model_cfg: dict[str, Any], tok, tokenizer_path: Path, model_dir: Path) -> None:
+    """Refuse a tokenizer the model was not trained with (sha256 recorded by pretrain, or a
+    vocabulary larger than the model's)."""
+    want = model_cfg.get("tokenizer_sha256")
+    if want:
+        got = sha256_file(tokenizer_path)
+        if got != want:
+            raise StageError(f"{tokenizer_path}: sha256 {got[:12]}... is not the tokenizer {model_dir} was trained "
+                             f"with ({want[:12]}...): give that model's tokenizer")
+    if tok.get_vocab_size() > model.cfg.vocab_size:
+        raise StageError(f"{tokenizer_path}: {tok.get_vocab_size()} tokens, more than the {model.cfg.vocab_size} "
+                         f"of the model in {model_dir}")

@@ -1,0 +1,137 @@
+"""The package's shape: layers in one direction, no import circles, imports at the top, and each
+stage's code dependencies computed from its imports (the same for DVC and Prefect)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lmcore.core import imports
+from lmcore.stages import ENTRY_MODULES, ORDER, code_deps, code_fingerprint
+
+# Lowest first. A module may import from a lower layer, or from its own top-level package (the
+# modules of lmcore.data import each other); never from a higher layer or from another package of
+# the same layer (train, generate and export do not know each other).
+LAYERS: list[tuple[str, ...]] = [
+    ("lmcore", "lmcore.core"),  # errors, io, layout, machine, readers, task registry, import graph
+    ("lmcore.config",),  # params.yaml into typed settings
+    ("lmcore.tracking", "lmcore.model"),  # MLflow runs; the decoder and model folders
+    ("lmcore.data",),  # prepare, clean, tokenizer, encode, token shards, GLUE loaders and metrics
+    ("lmcore.train", "lmcore.generate", "lmcore.export"),
+    ("lmcore.eval",),  # the evaluate stage, run comparison
+    ("lmcore.stages",),  # each stage wired to params.yaml and the layout
+    ("lmcore.cli",),  # argument parsing and printing
+]
+# imports that go up a layer today and are being removed (must end empty)
+KNOWN_UPWARD: set[tuple[str, str]] = {
+    ("lmcore.config", "lmcore.data.clean.registry"),
+    ("lmcore.config", "lmcore.data.clean.dedup"),
+}
+
+
+def unit(module: str) -> tuple[int, str]:
+    """(layer index, the package of LAYERS that holds ``module``)."""
+    best: tuple[int, str] | None = None
+    for rank, names in enumerate(LAYERS):
+        for n in names:
+            if (module == n or module.startswith(n + ".")) and (best is None or len(n) > len(best[1])):
+                best = (rank, n)
+    assert best is not None, f"{module} is in no layer: add it to LAYERS"
+    return best
+
+
+def test_every_module_has_a_layer():
+    for m in imports.modules():
+        unit(m)
+
+
+def test_no_import_circles():
+    assert imports.cycles(imports.graph()) == []
+
+
+def test_imports_go_down_the_layers_only():
+    bad = []
+    for m in imports.modules():
+        rank, pkg = unit(m)
+        for i in imports.imports_of(m):
+            t_rank, t_pkg = unit(i.target)
+            same_package = t_pkg == pkg and pkg != "lmcore"
+            if not (t_rank < rank or same_package) and (m, i.target) not in KNOWN_UPWARD:
+                bad.append(f"{m}:{i.line} imports {i.target} (layer {t_rank} {t_pkg}, from layer {rank} {pkg})")
+    assert bad == []
+
+
+def test_known_upward_imports_still_exist():
+    """The allowance above shrinks as they go: an entry that no longer happens must be removed."""
+    found = {(m, i.target) for m in imports.modules() for i in imports.imports_of(m)}
+    assert KNOWN_UPWARD <= found
+
+
+def test_function_level_imports_of_lmcore_give_a_reason():
+    """Imports sit at the top of modules; one inside a function needs a ``# lazy: <reason>``
+    comment (in practice: the stage wiring and the CLI load a stage's or a command's code only
+    when it runs)."""
+    bad = [f"{m}:{i.line} imports {i.target} inside a function without '# lazy: <reason>'"
+           for m in imports.modules() for i in imports.imports_of(m)
+           if not i.top_level and not i.reason and (m, i.target) not in KNOWN_UPWARD
+           and not i.target.startswith(m + ".") and m != "lmcore.data.clean"]
+    assert bad == []
+
+
+def test_the_stage_wiring_loads_each_stage_from_its_entry_module():
+    lazy = {i.target for i in imports.imports_of("lmcore.stages") if not i.top_level}
+    assert lazy == set(ENTRY_MODULES.values())
+    assert list(ENTRY_MODULES) == ORDER
+
+
+def test_code_deps_are_the_import_closure_of_the_entry_module():
+    evaluate = code_deps("evaluate")
+    # what the evaluate stage runs besides its own module: sampling, the model, model folders,
+    # token shards, the tokenizer, GLUE metrics
+    for f in ("lmcore/eval/evaluate.py", "lmcore/generate.py", "lmcore/model/decoder.py", "lmcore/model/folder.py",
+              "lmcore/data/shards.py", "lmcore/data/tokenizer.py", "lmcore/data/glue.py", "lmcore/config.py"):
+        assert f in evaluate, f
+    assert "lmcore/train/pretrain.py" not in evaluate and "lmcore/cli/main.py" not in evaluate
+    pretrain = code_deps("pretrain")
+    for f in ("lmcore/train/accel.py", "lmcore/train/flops.py", "lmcore/model/folder.py", "lmcore/data/shards.py"):
+        assert f in pretrain, f
+    assert "lmcore/generate.py" not in code_deps("prepare")
+    assert all(Path(imports.PACKAGE_DIR.parent / f).is_file() for name in ORDER for f in code_deps(name))
+
+
+def test_an_edit_to_sampling_code_changes_the_cache_key_of_evaluate_only(tmp_path):
+    """The Prefect cache key hashes the same closure that dvc.yaml lists."""
+    pkg = tmp_path / "lmcore"
+    shutil.copytree(imports.PACKAGE_DIR, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    imports.imports_of.cache_clear()
+    before = {name: code_fingerprint(name, pkg) for name in ORDER}
+    with open(pkg / "generate.py", "a", encoding="utf-8") as f:
+        f.write("\n\ndef _edited() -> None:\n    pass\n")
+    after = {name: code_fingerprint(name, pkg) for name in ORDER}
+    changed = sorted(n for n in ORDER if before[n] != after[n])
+    assert changed == ["evaluate"]
+    imports.imports_of.cache_clear()
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("import lmcore.core.io\n", "lmcore.core.io"),
+    ("from lmcore.core import io\n", "lmcore.core.io"),
+    ("from lmcore.core.io import write_json\n", "lmcore.core.io"),
+    ("from . import io\n", "lmcore.core.io"),
+    ("def f():\n    from lmcore.core.io import write_json  # lazy: a test\n", "lmcore.core.io"),
+])
+def test_import_targets_are_resolved_to_modules(tmp_path, source, expected):
+    shutil.copytree(imports.PACKAGE_DIR / "core", tmp_path / "lmcore" / "core")
+    (tmp_path / "lmcore" / "__init__.py").write_text("")
+    (tmp_path / "lmcore" / "core" / "probe.py").write_text(source)
+    found = imports.imports_of("lmcore.core.probe", tmp_path / "lmcore")
+    assert [i.target for i in found] == [expected]
+    assert found[0].top_level == (not source.startswith("def"))
+    assert found[0].reason == ("a test" if "lazy" in source else None)
+
+
+def test_cycles_finds_a_circle():
+    assert imports.cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert imports.cycles({"a": {"b"}, "b": set()}) == []
