@@ -30,12 +30,20 @@ from typing import Any
 
 from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, read_jsonl_lines
-from lmcore.core.task_specs import (
-    GLUE_TASKS,
-    LEADERBOARD_FILES,
-    TASKS,
-    TaskSpec,
-)
+# the task registry, re-exported: lmcore.data.glue is where tasks are loaded and scored
+from lmcore.core.task_specs import BINARY as BINARY
+from lmcore.core.task_specs import CLASSIFICATION_METRICS as CLASSIFICATION_METRICS
+from lmcore.core.task_specs import GLUE_TASKS as GLUE_TASKS
+from lmcore.core.task_specs import LEADERBOARD_FILES as LEADERBOARD_FILES
+from lmcore.core.task_specs import METRICS as METRICS
+from lmcore.core.task_specs import NLI2 as NLI2
+from lmcore.core.task_specs import NLI3 as NLI3
+from lmcore.core.task_specs import REGRESSION_METRICS as REGRESSION_METRICS
+from lmcore.core.task_specs import TASKS as TASKS
+from lmcore.core.task_specs import TaskSpec as TaskSpec
+from lmcore.core.task_specs import custom_spec as custom_spec
+from lmcore.core.task_specs import get_task as get_task
+from lmcore.core.task_specs import glue_splits as glue_splits
 
 # where the AX diagnostic may sit in a GLUE folder: download_glue_data.py writes
 # diagnostic/diagnostic.tsv; the file is published as AX.tsv
