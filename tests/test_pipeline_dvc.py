@@ -82,6 +82,17 @@ def test_dvc_repro_end_to_end(tiny_project):
     assert "up to date" in again.stdout
     assert len(mlflow_runs(proj / "mlflow.db")) == len(runs)
 
+    # an edit to a function of the sampling code makes evaluate stale (its code deps are the import
+    # closure of its entry module), and not the stages that never run that code
+    gen = proj / "lmcore/generate.py"
+    original = gen.read_text()
+    gen.write_text(original.replace("def top_k_filter(", "def _unused() -> None:\n    pass\n\n\ndef top_k_filter(", 1))
+    stale = json.loads(dvc(proj, "status", "--json").stdout)
+    assert "evaluate" in stale and {"prepare", "clean", "pretrain", "finetune@sst2"}.isdisjoint(stale), stale
+    assert stale["evaluate"] == [{"changed deps": {"lmcore/generate.py": "modified"}}]
+    gen.write_text(original)
+    assert json.loads(dvc(proj, "status", "--json").stdout) == {}
+
     # adding a task (here from a local JSONL file with a column mapping) runs prepare, that task's
     # fine-tune stage and evaluate: the other task's stage stays cached
     jsonl = proj.parent / "polarity.jsonl"
