@@ -19,14 +19,9 @@ from lmcore import config
 from lmcore.config import ConfigError, EncodeConfig, EvaluateConfig, ExportConfig, TokenizerConfig, TrackingConfig
 from lmcore.core.errors import StageError
 from lmcore.core.io import sha256_file
-from lmcore.eval.evaluate import (
-    evaluate,
-    evaluate_texts,
-    read_documents,
-    sliding_window_nll,
-    split_selection,
-    window_plan,
-)
+from lmcore.eval.evaluate import evaluate, evaluate_texts, read_documents
+from lmcore.eval.scored import split_selection
+from lmcore.eval.windows import sliding_window_nll, window_plan
 from lmcore.model.decoder import GPT, GPTConfig
 from lmcore.model.folder import save_gpt
 
