@@ -46,7 +46,7 @@ def commit() -> str:
 
 def load_model(folder: str | None, vocab: int) -> GPT:
     if folder:
-        from lmcore.eval.evaluate import load_lm
+        from lmcore.model.folder import load_lm
 
         return load_lm(folder)[0]
     torch.manual_seed(0)

@@ -230,7 +230,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
     from lmcore.config import PretrainConfig, TrackingConfig
     from lmcore.data.encode import load_manifest, load_tokens
-    from lmcore.eval.evaluate import sliding_window_nll
+    from lmcore.eval.windows import sliding_window_nll
     from lmcore.model.decoder import GPTConfig
     from lmcore.train.flops import resolve_precision
     from lmcore.train.pretrain import pretrain

@@ -88,10 +88,12 @@ def test_the_stage_wiring_loads_each_stage_from_its_entry_module():
 
 def test_code_deps_are_the_import_closure_of_the_entry_module():
     evaluate = code_deps("evaluate")
-    # what the evaluate stage runs besides its own module: sampling, the model, model folders,
-    # token shards, the tokenizer, GLUE metrics
-    for f in ("lmcore/eval/evaluate.py", "lmcore/generate.py", "lmcore/model/decoder.py", "lmcore/model/folder.py",
-              "lmcore/data/shards.py", "lmcore/data/tokenizer.py", "lmcore/data/glue.py", "lmcore/config.py"):
+    # what the evaluate stage runs besides its own module: its windows, bytes, baseline, tasks and
+    # report, sampling, the model, model folders, token shards, the encode rules, the tokenizer, GLUE metrics
+    for f in ("lmcore/eval/evaluate.py", "lmcore/eval/windows.py", "lmcore/eval/scored.py", "lmcore/eval/unigram.py",
+              "lmcore/eval/tasks.py", "lmcore/eval/report.py", "lmcore/generate.py", "lmcore/model/decoder.py",
+              "lmcore/model/folder.py", "lmcore/data/shards.py", "lmcore/data/encode.py", "lmcore/data/tokenizer.py",
+              "lmcore/data/glue.py", "lmcore/config.py"):
         assert f in evaluate, f
     assert "lmcore/train/pretrain.py" not in evaluate and "lmcore/cli/main.py" not in evaluate
     pretrain = code_deps("pretrain")

@@ -7,6 +7,7 @@ import json
 import math
 import random
 import subprocess
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +20,11 @@ from lmcore import config
 from lmcore.config import ConfigError, EncodeConfig, EvaluateConfig, ExportConfig, TokenizerConfig, TrackingConfig
 from lmcore.core.errors import StageError
 from lmcore.core.io import sha256_file
-from lmcore.eval.evaluate import (
-    evaluate,
-    evaluate_texts,
-    read_documents,
-    sliding_window_nll,
-    split_selection,
-    window_plan,
-)
+from lmcore.eval.evaluate import evaluate, evaluate_texts, read_documents
+from lmcore.eval.report import report_table
+from lmcore.eval.scored import encode_documents, split_selection
+from lmcore.eval.tasks import write_submission
+from lmcore.eval.windows import sliding_window_nll, window_plan
 from lmcore.model.decoder import GPT, GPTConfig
 from lmcore.model.folder import save_gpt
 
@@ -273,6 +271,45 @@ def test_exported_llama_folder_scores_like_the_lmcore_model(project, tmp_path):
     b = evaluate_texts(tmp_path / "export", files, stride=4)  # the tokenizer is in the folder
     assert a["tokens"] == b["tokens"] and a["bytes"] == b["bytes"]
     assert math.isclose(a["bpb"], b["bpb"], rel_tol=1e-5)
+
+
+def test_text_is_tokenized_by_the_encode_stages_own_rules(project):
+    """The validation documents, re-tokenized as held-out text, give exactly the encode stage's
+    token shards and manifest bytes; a special-token string inside a document stays text."""
+    from lmcore.data.encode import encode_batches, load_tokens, specials_as_text
+    from lmcore.data.tokenizer import load, special_ids
+
+    root = project["root"]
+    tok = load(root / "tokenizer")
+    info = json.loads((root / "tokens/manifest.json").read_text())["splits"]["validation"]
+    ids, n_bytes, docs, cut = encode_documents(tok, iter(project["val"]), None)
+    np.testing.assert_array_equal(ids, np.asarray(load_tokens(root / "tokens", "validation")))
+    assert (n_bytes, docs, cut) == (info["bytes"], 12, False)
+
+    eot = special_ids(tok).eot
+    assert not tok.encode_special_tokens
+    ids, _, docs, _ = encode_documents(tok, iter(["one <|endoftext|> two", "three"]), None)
+    assert docs == 2 and ids[-1] == eot and int((ids == eot).sum()) == 2  # the two after the documents only
+    assert not tok.encode_special_tokens  # put back
+    with pytest.raises(ValueError, match="specials_as_text"):
+        next(encode_batches(tok, ["text"], 4, eot))  # "<|endoftext|>" would become a separator
+    with specials_as_text(tok):
+        (texts, [first, second]), = encode_batches(tok, ["one <|endoftext|> two", "three"], 4, eot)
+    assert texts == ["one <|endoftext|> two", "three"] and first[-1] == second[-1] == eot
+    assert eot not in first[:-1] and np.array_equal(ids, np.array(first + second, dtype=np.uint32))
+
+
+def test_report_table_and_submission_zip(tmp_path):
+    table = report_table([("language model", "validation bits per byte", 1.23456, 2.0, "unigram"),
+                          ("GLUE", "score (1 of 9 tasks)", 0.5, float("nan"), "")])
+    assert table.splitlines() == ["| what | metric | model | baseline | baseline kind |", "|---|---|---|---|---|",
+                                  "| language model | validation bits per byte | 1.2346 | 2.0000 | unigram |",
+                                  "| GLUE | score (1 of 9 tasks) | 0.5000 |  |  |"]
+    files = [tmp_path / "CoLA.tsv", tmp_path / "notes.tsv"]
+    for f in files:
+        f.write_text("index\tprediction\n0\t1\n")
+    assert write_submission(files, tmp_path) == 1  # the leaderboard files only
+    assert zipfile.ZipFile(tmp_path / "glue_submission.zip").namelist() == ["CoLA.tsv"]
 
 
 def test_unreadable_text_is_named_with_file_and_line(tmp_path):

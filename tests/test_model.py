@@ -6,6 +6,8 @@ import torch
 import lmcore.model.decoder as model_module
 from lmcore.generate import generate_ids
 from lmcore.model.decoder import GPT, GPTConfig
+from lmcore.model.llama import hf_name
+from lmcore.model.reference import reference_forward
 
 
 def tiny(**kw) -> GPT:
@@ -70,45 +72,7 @@ def test_greedy_generation_is_deterministic_and_stops_at_eot():
 
 
 # ---------------------------------------------------------------------------------------------
-# the fast training step computes the textbook model
-
-
-def reference_forward(model: GPT, idx: torch.Tensor, targets: torch.Tensor):
-    """The model as written in the Llama paper and Hugging Face's LlamaForCausalLM, from the same
-    parameters: RMSNorm with its weight, separate q/k/v projections, "rotate half" RoPE, keys and
-    values repeated for grouped-query attention, F.cross_entropy on float32 logits."""
-    import torch.nn.functional as F
-
-    cfg = model.cfg
-    B, T = idx.shape
-    H, KV, D, C = cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.n_embd
-
-    def rms(x, w):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(x) * w
-
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
-    freqs = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)
-    cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
-
-    def rope(x):
-        rotated = torch.cat([-x[..., D // 2 :], x[..., : D // 2]], dim=-1)
-        return (x * cos + rotated * sin).type_as(x)
-
-    x = model.embed(idx)
-    for b in model.blocks:
-        a, m = b.attn, b.mlp
-        h = rms(x, b.attn_norm.weight)
-        q = rope(a.q_proj(h).view(B, T, H, D).transpose(1, 2))
-        k = rope(a.k_proj(h).view(B, T, KV, D).transpose(1, 2)).repeat_interleave(H // KV, dim=1)
-        v = a.v_proj(h).view(B, T, KV, D).transpose(1, 2).repeat_interleave(H // KV, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + a.o_proj(y.transpose(1, 2).reshape(B, T, C))
-        h = rms(x, b.mlp_norm.weight)
-        x = x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
-    logits = model.lm_head(rms(x, model.norm.weight))
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-    return logits, loss
+# the fast training step computes the textbook model (lmcore.model.reference)
 
 
 def randomised(**kw) -> GPT:
@@ -134,6 +98,33 @@ def batch(vocab: int = 96, B: int = 3, T: int = 32):
     y = x[:, 1:].clone()
     y[0, :5] = -100
     return x[:, :-1], y
+
+
+@pytest.mark.parametrize("shape", [{"n_kv_heads": 2}, {"tie_embeddings": False, "rope_theta": 500.0}],
+                         ids=["gqa2-tied", "mha-untied"])
+def test_the_textbook_model_is_hugging_face_llama(shape):
+    """The oracle itself: the same logits and loss as transformers' LlamaForCausalLM holding the
+    same weights."""
+    transformers = pytest.importorskip("transformers")
+    model = randomised(**shape)
+    c = model.cfg
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.mlp_hidden, num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head, num_key_value_heads=c.kv_heads, max_position_embeddings=c.block_size,
+        rms_norm_eps=1e-5, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings, attention_bias=False,
+        mlp_bias=False, attn_implementation="eager")
+    hf = transformers.LlamaForCausalLM(hf_cfg).float().eval()
+    state = {hf_name(k): v for k, v in model.state_dict().items() if hf_name(k)}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all(k == "lm_head.weight" or "rotary" in k for k in missing), (missing, unexpected)
+    x, y = batch()
+    with torch.no_grad():
+        logits, loss = reference_forward(model, x, y)
+        theirs = hf(input_ids=x).logits
+    assert logits.abs().max() > 1.0  # random weights: far from zero
+    torch.testing.assert_close(theirs, logits, atol=1e-4, rtol=1e-5)
+    ref_loss = torch.nn.functional.cross_entropy(theirs.reshape(-1, theirs.size(-1)), y.reshape(-1))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [{}, {"n_kv_heads": 2}, {"n_kv_heads": 1}, {"tie_embeddings": False}],

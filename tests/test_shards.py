@@ -18,7 +18,8 @@ from lmcore.data.encode import dtype_for, encode, load_manifest, load_tokens, pl
 from lmcore.data.shards import TokenShards
 from lmcore.data.tokenizer import load as load_tok
 from lmcore.data.tokenizer import train_tokenizer
-from lmcore.eval.evaluate import sliding_window_nll, unigram_nll
+from lmcore.eval.unigram import unigram_nll
+from lmcore.eval.windows import sliding_window_nll
 from lmcore.model.decoder import GPT, GPTConfig
 from lmcore.train.pretrain import WindowSampler, fixed_windows
 

@@ -16,7 +16,8 @@ from lmcore.core.errors import StageError
 from lmcore.data import glue
 from lmcore.data.clean import clean, split_of
 from lmcore.data.prepare import prepare
-from lmcore.eval.evaluate import sliding_window_nll, unigram_nll
+from lmcore.eval.unigram import unigram_nll
+from lmcore.eval.windows import sliding_window_nll
 from lmcore.model.decoder import GPT, GPTConfig
 
 OFF = TrackingConfig(enabled=False)

@@ -13,7 +13,9 @@ process uses the tokenizer's own threads instead), each streaming its input in b
 ``encode.batch_size`` documents: memory is bounded by a batch per worker, whatever the corpus
 size. Each output depends only on its input shard and the tokenizer, so the output is
 byte-identical whatever the number of workers. Special-token strings inside a document are
-encoded as plain text: the only end-of-text tokens are the ones after each document.
+encoded as plain text: the only end-of-text tokens are the ones after each document. These rules
+are :func:`encode_batches` (with :func:`specials_as_text`), which the evaluate stage uses too, to
+score held-out text exactly as the model saw its training text.
 
 Read the shards with :func:`load_tokens` (a :class:`lmcore.data.shards.TokenShards` over ``np.memmap``:
 no copy) and the manifest with :func:`load_manifest`.
@@ -22,6 +24,7 @@ no copy) and the manifest with :func:`load_manifest`.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,6 +32,7 @@ import logging
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +69,40 @@ def load_tokens(tokens_dir: Path, split: str) -> TokenShards:
 
 def shard_name(split: str, i: int, n: int) -> str:
     return split if n == 1 else f"{split}-{i:05d}-of-{n:05d}"
+
+
+# --------------------------------------------------------------------------------------------
+# the rules: documents to token ids
+
+
+@contextlib.contextmanager
+def specials_as_text(tok) -> Iterator[Any]:
+    """``tok`` encoding special-token strings (``"<|endoftext|>"``) inside a document as plain text,
+    for the duration of the ``with`` block: the only end-of-text tokens are the ones that
+    :func:`encode_batches` puts after each document."""
+    saved = tok.encode_special_tokens
+    tok.encode_special_tokens = True
+    try:
+        yield tok
+    finally:
+        tok.encode_special_tokens = saved
+
+
+def encode_batches(tok, texts: Iterable[str], batch_size: int, eot: int) -> Iterator[tuple[list[str], list[list[int]]]]:
+    """Documents encoded as the encode stage encodes them: ``(texts, ids)`` per batch of at most
+    ``batch_size`` documents holding up to ``BATCH_CHARS`` characters (the memory bound), where the
+    ids of each document end with ``eot``. ``tok`` must encode special-token strings as plain text
+    (:func:`specials_as_text`; the stage's own tokenizers always do)."""
+    if not tok.encode_special_tokens:
+        raise ValueError("encode_batches: the tokenizer must encode special-token strings as text "
+                         "(use specials_as_text)")
+    for batch in batched(texts, batch_size, max_chars=BATCH_CHARS):
+        docs = []
+        for enc in tok.encode_batch_fast(batch):
+            ids = enc.ids  # a new list
+            ids.append(eot)
+            docs.append(ids)
+        yield batch, docs
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,24 +162,23 @@ def encode_shard(job: ShardJob, progress: Any = None) -> dict[str, Any]:
     n_tok = n_docs = n_bytes = 0
     with open(job.out_bin, "wb") as fb, open(job.out_idx, "wb") as fi:
 
-        def flush(batch: list[str]) -> None:
+        def flush(docs: list[list[int]]) -> None:
             nonlocal n_tok, n_docs
             flat: list[int] = []
-            starts = np.empty(len(batch), dtype=INDEX_DTYPE)
-            for k, enc in enumerate(tok.encode_batch_fast(batch)):
+            starts = np.empty(len(docs), dtype=INDEX_DTYPE)
+            for k, ids in enumerate(docs):
                 starts[k] = n_tok + len(flat)
-                flat += enc.ids
-                flat.append(eot)
+                flat += ids
             fb.write(np.array(flat, dtype=dtype).tobytes())
             fi.write(starts.tobytes())
             n_tok += len(flat)
-            n_docs += len(batch)
+            n_docs += len(docs)
             if progress is not None:
-                progress(len(batch))
+                progress(len(docs))
 
-        for batch in batched(_texts(Path(job.source), sha), job.batch_size, max_chars=BATCH_CHARS):
+        for batch, docs in encode_batches(tok, _texts(Path(job.source), sha), job.batch_size, eot):
             n_bytes += sum(len(t.encode("utf-8")) for t in batch)
-            flush(batch)
+            flush(docs)
         fi.write(np.array([n_tok], dtype=INDEX_DTYPE).tobytes())
     return {"tokens": n_tok, "documents": n_docs, "bytes": n_bytes, "source_sha256": sha.hexdigest()}
 

@@ -1,25 +1,39 @@
-"""A GPT-style decoder-only transformer, readable top to bottom.
+"""A Llama-style decoder-only transformer (lmcore's GPT), readable top to bottom.
 
-Llama-compatible layout: token embedding, rotary position embedding (RoPE), pre-norm RMSNorm,
-causal self-attention through ``scaled_dot_product_attention``, SwiGLU feed-forward, no biases,
-optionally tied input/output embeddings, and scaled initialisation of residual projections.
+What it computes: the token embedding; ``n_layer`` pre-norm blocks, each RMSNorm, causal
+self-attention with rotary position embedding (RoPE, Llama's "rotate half" layout; grouped-query
+when ``n_kv_heads < n_head``) and the residual, then RMSNorm, a SwiGLU feed-forward and the
+residual; a final RMSNorm and the output head, optionally tied to the embedding; the
+cross-entropy. No biases; the residual projections start scaled down by depth. The parameters are
+exactly Llama's (``blocks.N.attn.q_proj.weight`` and so on; :mod:`lmcore.model.llama` only renames
+them).
+
+The same function written the textbook way, one step per line and no trick, is
+:func:`lmcore.model.reference.reference_forward`: start reading there. It is the oracle:
+``tests/test_model.py`` checks this module's logits, loss and every gradient against it.
+
 There is no parallelism code here: Accelerate wraps the model. Generation (``lmcore.generate``)
 runs through :meth:`GPT.next_token_logits` with a :class:`KVCache`, explicit positions and a
 padding mask.
 
-The parameters are exactly Llama's (``blocks.N.attn.q_proj.weight`` and so on; lmcore.export only
-renames them), but the training step computes the same function faster than the textbook
-version (``benchmarks/train_throughput.py``; results in ``benchmarks/RESULTS.md``):
+The training step computes that function faster than the textbook version
+(``benchmarks/train_throughput.py``; results in ``benchmarks/RESULTS.md``). The fast paths, in the
+order of this file:
 
-- q, k and v come from one matrix multiply, and gate and up from another: the separate weights
-  are concatenated at run time (a copy of a few MB; its backward splits the gradient);
-- each RMSNorm's weight is folded into the weight of the matmul that follows it, and the
-  normalisation has a hand-written backward;
-- RoPE is one complex multiply: the q and k weight rows are reordered at run time so that each
-  rotary pair sits side by side, which leaves every attention score unchanged;
-- the loss has a leaner backward than ``F.cross_entropy`` (no zero-filled N x V gradient);
-- under bf16 autocast on an x86 CPU without bf16 dot-product instructions, matrix multiplies run
-  as float32 products of bf16-rounded operands (see :func:`linear`).
+- :func:`linear` (with ``X86_WITHOUT_BF16``): under bf16 autocast on an x86 CPU without bf16
+  dot-product instructions, matrix multiplies run as float32 products of bf16-rounded operands;
+- :class:`_RMSNormalize` (:func:`rms_normalize`): the normalisation with a hand-written backward;
+- :func:`pair_rows` and :func:`apply_rope`: RoPE is one complex multiply: the q and k weight rows
+  are reordered at run time so that each rotary pair sits side by side, which leaves every
+  attention score unchanged;
+- :meth:`CausalSelfAttention.forward` and :meth:`SwiGLU.forward`: q, k and v come from one matrix
+  multiply, and gate and up from another: the separate weights are concatenated at run time (a
+  copy of a few MB; its backward splits the gradient; a :class:`KVCache` keeps the fused weights
+  while one generation runs);
+- :meth:`Block.forward` (and :meth:`GPT.forward` for the final norm): each RMSNorm's weight is
+  folded into the weight of the matmul that follows it;
+- :class:`_RowCrossEntropy` (:func:`cross_entropy`): the loss has a leaner backward than
+  ``F.cross_entropy`` (no zero-filled N x V gradient).
 
 Each trick says what it saved where it is. The gains were measured on a shared 2-core Skylake
 Xeon (no AVX512-BF16) with torch 2.13.

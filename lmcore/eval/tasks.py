@@ -1,0 +1,56 @@
+"""Task metrics of the evaluate stage: what fine-tuning measured, beside its baselines.
+
+:func:`task_results` reads every fine-tuned task's ``runs/finetune/<task>/results.json`` (the best
+epoch's validation metrics, its majority-class and bag-of-words baselines) and the GLUE score (mean
+of the GLUE task scores); :func:`write_submission` packs the leaderboard prediction files of the
+GLUE tasks into ``glue_submission.zip``, ready to upload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lmcore.core.io import read_json
+from lmcore.data import glue
+
+SUBMISSION = "glue_submission.zip"
+
+
+def task_results(finetuned: Path, tasks: Sequence[str]) -> tuple[dict[str, Any], list[tuple], list[Path]]:
+    """Metrics of the fine-tuned ``tasks`` (``runs/finetune/<task>/results.json``) as
+    ``<task>.<metric>``, ``<task>.majority_<metric>``, ``<task>.bow_<metric>`` and ``<task>.score``,
+    plus ``glue.score`` (mean of the GLUE task scores) and ``glue.tasks``; report rows; and the
+    leaderboard prediction files of the GLUE tasks."""
+
+    m: dict[str, Any] = {}
+    rows: list[tuple] = []
+    files: list[Path] = []
+    scores: dict[str, float] = {}
+    for task in tasks:
+        folder = Path(finetuned) / task
+        res = read_json(folder / "results.json")
+        spec = glue.TaskSpec.from_dict(read_json(folder / "config.json")["task"])
+        r = res["metrics"]
+        for k in glue.metric_keys(spec):
+            m[f"{task}.{k}"] = r[k]
+            m[f"{task}.majority_{k}"] = r[f"majority_{k}"]
+            m[f"{task}.bow_{k}"] = r[f"bow_{k}"]
+            rows.append((task, k, r[k], r[f"majority_{k}"], "majority class"))
+            rows.append((task, k, r[k], r[f"bow_{k}"], "TF-IDF logistic regression" if spec.labels else "TF-IDF ridge"))
+        m[f"{task}.score"] = scores[task] = r["score"]
+        if spec.is_glue:
+            files += [folder / f for f in res.get("submissions", {}).values()]
+    glue_score = glue.glue_score(scores)
+    if glue_score is not None:
+        n = sum(t in glue.GLUE_TASKS for t in scores)
+        m["glue.score"], m["glue.tasks"] = glue_score, n
+        rows.append(("GLUE", f"score ({n} of 9 tasks)", glue_score, float("nan"), ""))
+    return m, rows, files
+
+
+def write_submission(files: Sequence[Path], folder: Path) -> int:
+    """``folder/glue_submission.zip``: the leaderboard upload (CoLA.tsv, ..., AX.tsv) of the
+    prediction ``files``; returns the number of files in it."""
+    return len(glue.write_submission_zip(files, Path(folder) / SUBMISSION))
