@@ -4,8 +4,10 @@ Outputs (``out`` folder):
 
 - ``corpus/00000.jsonl``...: shards of documents, one per line, ``{"text", "source", "id"}``
   (about ``prepare.corpus.shard_mb`` each: the unit of parallel work of ``clean``);
-- ``read_report.json``: files read, and what was skipped in each (binary files, invalid UTF-8
-  lines, bad JSON lines...) with the first line numbers;
+- ``read_report.json``: files read, what was skipped in each (binary files, invalid UTF-8
+  lines, bad JSON lines...) with the first line numbers, and the ``status`` of every file given
+  or found in a folder: ``read``, ``partly read`` or ``skipped`` with the reason (corrupt
+  archive, binary, empty, unknown extension), see :mod:`lmcore.core.readers`;
 - ``tasks/<task>/{train,validation[,test]}.jsonl`` and ``tasks/<task>/task.json`` (see
   :mod:`lmcore.data.glue`).
 
@@ -276,7 +278,9 @@ def prepare(cfg: PrepareConfig, out: Path, metrics: Path, tracking: TrackingConf
             for line in stats.warnings():
                 log.warning(line)
             if not shards:
-                problems = "; ".join(stats.warnings()[:3])
+                warnings = stats.warnings()
+                more = f"; and {len(warnings) - 3} more file(s)" if len(warnings) > 3 else ""
+                problems = "; ".join(warnings[:3]) + more
                 raise StageError(f"the corpus ({cfg.corpus.kind}) yielded no documents" + (f": {problems}" if problems else ""))
             write_json(tmp / "read_report.json", stats.to_dict())
             for name in cfg.tasks.tasks:
