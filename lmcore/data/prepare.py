@@ -22,6 +22,7 @@ import csv
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -120,10 +121,8 @@ def corpus_documents(src: CorpusSource, stats: ReadStats | None = None) -> Itera
         if not src.hub_dataset:
             raise StageError("prepare.corpus.hub_dataset is empty: name a hub dataset for kind 'hub'")
         docs = read_hub(src.hub_dataset, src.hub_config, src.hub_split, src.text_field, stats)
-    for n, doc in enumerate(docs):
-        if src.max_documents is not None and n >= src.max_documents:
-            return
-        yield doc
+    # islice: a document past max_documents is not even read (nor counted in the read report)
+    yield from docs if src.max_documents is None else itertools.islice(docs, src.max_documents)
 
 
 def write_shards(docs: Iterator[dict[str, Any]], folder: Path, shard_bytes: int) -> list[Path]:
