@@ -461,7 +461,7 @@ def read_csv_file(path: Path, field: str, stats: ReadStats, tsv: bool = False) -
         return  # empty or binary: the report says which
     if field not in header:
         raise StageError(f"{path}: no column '{field}' (header: {header})")
-    col = header.index(field)
+    col = len(header) - 1 - header[::-1].index(field)  # the last one, as csv.DictReader does
     for lineno, fields in rows:
         text = fields[col] if col < len(fields) else None
         if text is None:
