@@ -8,7 +8,6 @@ would trust.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import json
 import os
@@ -18,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lmcore.core import readers
 from lmcore.core.errors import StageError
 
 
@@ -74,27 +74,15 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
 
 
 def read_jsonl_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line number, object)`` for each non-blank line of a JSONL file (``.gz``
-    compressed or not; a byte-order mark on the first line is accepted); a bad line raises
-    :class:`StageError` naming the file and line."""
+    """Yield ``(line number, object)`` for each non-blank line of a JSONL file (``.gz`` or
+    ``.zst`` compressed or not; a byte-order mark on the first line is accepted); a bad line
+    raises :class:`StageError` naming the file and line (the shared reader of
+    :mod:`lmcore.core.readers`, strictly)."""
 
     path = Path(path)
     if not path.exists():
         raise StageError(f"{path}: file not found")
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
-            except UnicodeDecodeError as e:
-                raise StageError(f"{path}: line {lineno}: invalid UTF-8 ({e.reason})") from None
-            except json.JSONDecodeError as e:
-                raise StageError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise StageError(f"{path}: line {lineno}: expected a JSON object")
-            yield lineno, obj
+    yield from readers.jsonl_records(path, readers.strict(path))
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:

@@ -19,8 +19,6 @@ mismatched accuracy); the GLUE score is the mean of the task scores of the nine 
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import zipfile
 from collections import Counter
@@ -28,6 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lmcore.core import readers
 from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, read_jsonl_lines
 # the task registry, re-exported: lmcore.data.glue is where tasks are loaded and scored
@@ -182,57 +181,45 @@ def read_hub_split(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 # local files with a column mapping
 
-LOCAL_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".jsonl.gz": "jsonl", ".csv": "csv", ".tsv": "tsv",
-                 ".parquet": "parquet"}
+LOCAL_FORMATS = {suffix: kind for suffix, kind in readers.FORMATS.items() if kind != "text"}
 
 
 def local_format(path: Path, fmt: str = "auto") -> str:
-    """``jsonl``, ``csv``, ``tsv`` or ``parquet``: ``fmt`` unless it is ``auto``, else from the name."""
+    """``jsonl``, ``csv``, ``tsv`` or ``parquet``: ``fmt`` unless it is ``auto``, else from the name
+    (:func:`lmcore.core.readers.detect_format`)."""
     if fmt != "auto":
         return fmt
-    name = path.name.lower()
-    for suffix, kind in sorted(LOCAL_FORMATS.items(), key=lambda kv: -len(kv[0])):
-        if name.endswith(suffix):
-            return kind
-    raise StageError(f"{path}: unknown file type (expected {', '.join(LOCAL_FORMATS)}, "
-                     "or set the task's format)")
+    kind = readers.detect_format(path)
+    if kind is None or kind not in LOCAL_FORMATS.values():
+        raise StageError(f"{path}: unknown file type (expected {', '.join(LOCAL_FORMATS)}, "
+                         "or set the task's format)")
+    return kind
 
 
 def _records(path: Path, fmt: str) -> tuple[list[str] | None, Iterator[tuple[int, dict[str, Any] | None]]]:
     """The column names (None for JSONL, whose records each carry theirs) and (line or row
-    number, record) pairs; a record is None when its row is malformed (wrong field count)."""
+    number, record) pairs, from the shared readers; a record is None when its row is malformed
+    (wrong field count). Anything unreadable raises a :class:`StageError` naming file and line."""
+    sink = readers.strict(path)
     if fmt == "parquet":
-        try:
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds on bad files
-            raise StageError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
-        return table.column_names, ((n, r) for n, r in enumerate(table.to_pylist(), 1))
+        names, rows = readers.parquet_rows(path, sink)
+        return names, rows
     if fmt == "jsonl":
         return None, read_jsonl_lines(path)
     # csv: standard quoting; tsv: quoting off (like the GLUE files, which hold unbalanced quotes)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise StageError(f"{path}: invalid UTF-8 at byte {e.start}") from None
-    if fmt == "tsv":
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
-    else:
-        reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise StageError(f"{path}: empty file (expected a header line)") from None
+    header, fields = readers.csv_rows(path, sink, tsv=fmt == "tsv")
+    if header is None:
+        raise StageError(f"{path}: empty file (expected a header line)")
+    if readers.has_bad_utf8(header):
+        sink("invalid_utf8_line", 1, "invalid UTF-8")
 
     def rows() -> Iterator[tuple[int, dict[str, Any] | None]]:
-        try:
-            for fields in reader:
-                if not any(f.strip() for f in fields):
-                    continue
-                yield reader.line_num, (dict(zip(header, fields)) if len(fields) == len(header) else None)
-        except csv.Error as e:
-            raise StageError(f"{path}: line {reader.line_num}: {e}") from None
+        for lineno, row in fields:
+            if not any(f.strip() for f in row):
+                continue
+            if readers.has_bad_utf8(row):
+                sink("invalid_utf8_line", lineno, "invalid UTF-8")
+            yield lineno, (dict(zip(header, row)) if len(row) == len(header) else None)
 
     return header, rows()
 

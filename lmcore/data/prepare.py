@@ -4,8 +4,10 @@ Outputs (``out`` folder):
 
 - ``corpus/00000.jsonl``...: shards of documents, one per line, ``{"text", "source", "id"}``
   (about ``prepare.corpus.shard_mb`` each: the unit of parallel work of ``clean``);
-- ``read_report.json``: files read, and what was skipped in each (binary files, invalid UTF-8
-  lines, bad JSON lines...) with the first line numbers;
+- ``read_report.json``: files read, what was skipped in each (binary files, invalid UTF-8
+  lines, bad JSON lines...) with the first line numbers, and the ``status`` of every file given
+  or found in a folder: ``read``, ``partly read`` or ``skipped`` with the reason (corrupt
+  archive, binary, empty, unknown extension), see :mod:`lmcore.core.readers`;
 - ``tasks/<task>/{train,validation[,test]}.jsonl`` and ``tasks/<task>/task.json`` (see
   :mod:`lmcore.data.glue`).
 
@@ -20,6 +22,7 @@ import csv
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -118,10 +121,8 @@ def corpus_documents(src: CorpusSource, stats: ReadStats | None = None) -> Itera
         if not src.hub_dataset:
             raise StageError("prepare.corpus.hub_dataset is empty: name a hub dataset for kind 'hub'")
         docs = read_hub(src.hub_dataset, src.hub_config, src.hub_split, src.text_field, stats)
-    for n, doc in enumerate(docs):
-        if src.max_documents is not None and n >= src.max_documents:
-            return
-        yield doc
+    # islice: a document past max_documents is not even read (nor counted in the read report)
+    yield from docs if src.max_documents is None else itertools.islice(docs, src.max_documents)
 
 
 def write_shards(docs: Iterator[dict[str, Any]], folder: Path, shard_bytes: int) -> list[Path]:
@@ -276,7 +277,9 @@ def prepare(cfg: PrepareConfig, out: Path, metrics: Path, tracking: TrackingConf
             for line in stats.warnings():
                 log.warning(line)
             if not shards:
-                problems = "; ".join(stats.warnings()[:3])
+                warnings = stats.warnings()
+                more = f"; and {len(warnings) - 3} more file(s)" if len(warnings) > 3 else ""
+                problems = "; ".join(warnings[:3]) + more
                 raise StageError(f"the corpus ({cfg.corpus.kind}) yielded no documents" + (f": {problems}" if problems else ""))
             write_json(tmp / "read_report.json", stats.to_dict())
             for name in cfg.tasks.tasks:

@@ -26,8 +26,6 @@ to compare two checkpoints with different tokenizers on the same text.
 from __future__ import annotations
 
 import dataclasses
-import glob
-import gzip
 import json
 import logging
 import math
@@ -36,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcore.config import EvaluateConfig, TrackingConfig, flatten
+from lmcore.core import readers
 from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, require, write_text
 from lmcore.data import tokenizer as tokmod
@@ -59,58 +58,16 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
 def expand_paths(paths: Sequence[str | Path], what: str) -> list[Path]:
     """Files named by ``paths``: files, folders (every file under them, sorted) and glob patterns
     (sorted; ``**`` matches subfolders). ``what`` names the setting in errors."""
-    out: list[Path] = []
-    for p in map(str, paths):
-        if glob.has_magic(p):
-            found = sorted(Path(f) for f in glob.glob(p, recursive=True) if Path(f).is_file())
-            if not found:
-                raise StageError(f"{what}: no file matches '{p}'")
-            out += found
-        elif Path(p).is_dir():
-            found = sorted(f for f in Path(p).rglob("*") if f.is_file() and not f.name.startswith("."))
-            if not found:
-                raise StageError(f"{what}: folder '{p}' holds no files")
-            out += found
-        elif Path(p).is_file():
-            out.append(Path(p))
-        else:
-            raise StageError(f"{what}: '{p}' not found")
-    return out
-
-
-def _utf8(raw: bytes, path: Path, first_line: int = 1) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = first_line + raw[: e.start].count(b"\n")
-        raise StageError(f"{path}: line {line}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+    return readers.expand_paths(paths, what)
 
 
 def read_documents(paths: Sequence[str | Path], text_field: str = "text", what: str = "texts") -> Iterator[str]:
     """The documents of the files under ``paths`` (see :func:`expand_paths`), in order: a JSONL
-    file (``.jsonl``, ``.ndjson``, optionally ``.gz``) gives the ``text_field`` of each line, any
-    other file is one document. Empty documents are skipped. Invalid UTF-8, bad JSON and records
-    without the field raise :class:`StageError` naming the file and line."""
-    for path in expand_paths(paths, what):
-        if path.name.endswith(JSONL_SUFFIXES):
-            with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
-                for lineno, raw in enumerate(f, 1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        obj = json.loads(_utf8(raw, path, lineno))
-                    except json.JSONDecodeError as e:
-                        raise StageError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
-                    text = obj.get(text_field) if isinstance(obj, dict) else None
-                    if not isinstance(text, str):
-                        raise StageError(f"{path}: line {lineno}: expected a JSON object with a string field "
-                                         f"'{text_field}' (the text_field of {what})")
-                    if text:
-                        yield text
-        else:
-            text = _utf8(path.read_bytes(), path)
-            if text:
-                yield text
+    file (``.jsonl``, ``.ndjson``, optionally ``.gz`` or ``.zst``) gives the ``text_field`` of each
+    line, parquet that column, any other file is one document. Empty documents are skipped.
+    Invalid UTF-8, bad JSON and records without the field raise :class:`StageError` naming the
+    file and line (:func:`lmcore.core.readers.read_texts`)."""
+    return readers.read_texts(paths, text_field, what)
 
 
 def evaluate_texts(model_dir: str | Path, paths: Sequence[str | Path], tokenizer_dir: str | Path | None = None,
