@@ -29,6 +29,7 @@ from typing import Any
 from lmcore.core import readers
 from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, read_jsonl_lines
+
 # the task registry, re-exported: lmcore.data.glue is where tasks are loaded and scored
 from lmcore.core.task_specs import BINARY as BINARY
 from lmcore.core.task_specs import CLASSIFICATION_METRICS as CLASSIFICATION_METRICS

@@ -48,7 +48,6 @@ from lmcore.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
-JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
 
 
 # ---------------------------------------------------------------------------------------------
