@@ -79,10 +79,11 @@ class Throughput:
     """Training tokens per second between log lines (evaluation and checkpoints not counted)."""
 
     def __init__(self) -> None:
-        self.restart()
-
-    def restart(self) -> None:
         self.t, self.tokens = time.perf_counter(), 0
+
+    def exclude_until_now(self) -> None:
+        """Leave the time since the last call out (evaluation, checkpoints)."""
+        self.t = time.perf_counter()
 
     def rate(self) -> float:
         now = time.perf_counter()
@@ -212,7 +213,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
             if checkpoint or signum:
                 save_checkpoint(accelerator, ckpt_dir, done, trainer_state(), cfg.keep_checkpoints)
             if evaluated or checkpoint or signum:
-                speed.t = time.perf_counter()  # throughput counts training time only
+                speed.exclude_until_now()  # throughput counts training time only
             if signum:
                 bar.close()
                 raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} at step {done}; "
