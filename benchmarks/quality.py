@@ -14,8 +14,8 @@ Method (the cores are shared, so wall-clock timings are noisy):
    optimizer, precision) takes a few untimed steps, then timed steps in rounds, one step per
    setup per round with the order rotating, so that a neighbour on the cores slows all of them
    alike. A setup's throughput is the median of its timed steps. The step is pretrain's own
-   (``lmcore.train.pretrain.accumulate``, gradient clipping, optimizer step, zero_grad, through
-   Accelerate, with the run's precision).
+   (``lmcore.train.step.train_step``: accumulation, gradient clipping, optimizer step,
+   zero_grad, through Accelerate, with the run's precision).
 2. Each run gets ``max_steps = budget seconds x its tokens/s / tokens per step`` (the schedule
    needs max_steps in advance), then trains in a subprocess of its own. The outcome no longer
    depends on how busy the machine is; the wall time actually taken is recorded beside it.
@@ -174,7 +174,10 @@ def run_probe(job: dict[str, Any]) -> dict[str, Any]:
     from lmcore.config import PretrainConfig
     from lmcore.data.encode import load_manifest, load_tokens
     from lmcore.train.accel import make_accelerator
-    from lmcore.train.pretrain import WindowSampler, accumulate, build_optimizers, gpt_config, micro_batches
+    from lmcore.train.optim import build_optimizers
+    from lmcore.train.pretrain import NONFINITE_HINT, gpt_config
+    from lmcore.train.sampler import WindowSampler, micro_batches
+    from lmcore.train.step import TrainState, train_step
 
     torch.set_num_threads(job["threads"])
     tokens_dir = Path(job["tokens"])
@@ -196,19 +199,16 @@ def run_probe(job: dict[str, Any]) -> dict[str, Any]:
         model.train()
         sampler = WindowSampler(len(train), gcfg.block_size, cfg.seed)
         setups.append({"key": spec["key"], "cfg": cfg, "model": model, "opts": opts, "sampler": sampler,
-                       "tokens": cfg.batch_size * cfg.grad_accum * gcfg.block_size, "times": []})
+                       "state": TrainState(), "tokens": cfg.batch_size * cfg.grad_accum * gcfg.block_size,
+                       "times": []})
 
     def step(s: dict[str, Any]) -> float:
         cfg = s["cfg"]
         t = time.perf_counter()
         batches = micro_batches(s["sampler"].next_step(train, cfg.batch_size * cfg.grad_accum), cfg.batch_size,
                                 cfg.grad_accum, 0)
-        accumulate(s["model"], batches, acc)
-        if cfg.grad_clip > 0:
-            acc.clip_grad_norm_(s["model"].parameters(), cfg.grad_clip)
-        for o in s["opts"]:
-            o.step()
-            o.zero_grad(set_to_none=True)
+        train_step(s["model"], s["opts"], batches, acc, s["state"], grad_clip=cfg.grad_clip,
+                   max_nonfinite=cfg.max_nonfinite, hint=NONFINITE_HINT)
         return time.perf_counter() - t
 
     for _ in range(job["warm"]):

@@ -534,6 +534,14 @@ class FinetuneHyper(Section):
     group_by_length: bool = True
     """Batch examples of similar length together (sorted within windows of 64 batches, the
     batches then shuffled), so less compute goes to padding; the order stays random and seeded."""
+    grad_accum: int = Field(default=1, ge=1)
+    """Batches accumulated per optimizer step (the loss is normalised by the examples of all of
+    them, on all processes): ``batch_size x grad_accum`` examples per step and process."""
+    grad_clip: float = Field(default=1.0, ge=0)
+    """Clip the global gradient norm to this (0: off)."""
+    max_nonfinite: int = Field(default=5, ge=1)
+    """Stop when this many steps in a row have a NaN or infinite loss or gradient norm (each one
+    is skipped)."""
     seed: int = 1337
     """Seed for the head and the batch order."""
 

@@ -21,7 +21,10 @@ from conftest import BIN, ROOT, run_env
 from lmcore import config
 from lmcore.core.errors import StageError
 from lmcore.model.decoder import GPT, GPTConfig
-from lmcore.train.pretrain import WindowSampler, accumulate, list_checkpoints, lr_factor, micro_batches
+from lmcore.train.checkpoint import list_checkpoints
+from lmcore.train.sampler import WindowSampler, micro_batches
+from lmcore.train.schedule import lr_factor
+from lmcore.train.step import accumulate
 
 GOLDEN = Path(__file__).parent / "golden" / "pretrain_tiny.json"
 VOCAB = 64

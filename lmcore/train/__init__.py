@@ -1,2 +1,3 @@
-"""The training layer: the Accelerator, precision and FLOPs, and the pretrain and finetune
-stages."""
+"""The training layer: the Accelerator, precision and FLOPs, the parts of a training loop
+(``sampler``, ``optim``, ``schedule``, ``step``, ``validate``, ``checkpoint``) and the pretrain and
+finetune stages, each an orchestration of those parts."""

@@ -45,6 +45,10 @@ from lmcore.model.decoder import GPT, GPTConfig
 from lmcore.model.folder import load_gpt, read_config
 from lmcore.tracking import stage_run
 from lmcore.train.accel import make_accelerator
+from lmcore.train.optim import finetune_optimizer
+from lmcore.train.sampler import epoch_batches, step_groups
+from lmcore.train.schedule import linear_warmup_decay, schedulers
+from lmcore.train.step import TrainState, train_step
 
 
 class SequenceClassifier(nn.Module):
@@ -86,23 +90,6 @@ def encode_examples(tok, examples: list[dict[str, Any]], max_length: int) -> lis
                 b_ids = b_ids[:-1]
         out.append(a_ids + [ids.sep] + b_ids + [ids.eot])
     return out
-
-
-def epoch_batches(lengths: list[int], batch_size: int, rng: np.random.Generator,
-                  group_by_length: bool = True, window: int = 64) -> list[np.ndarray]:
-    """One epoch's batches of example indices: a seeded permutation cut into batches. With
-    ``group_by_length`` the permutation is sorted by length within windows of ``window`` batches
-    and the batches are shuffled again, so a batch pads little but the order stays random."""
-    perm = rng.permutation(len(lengths))
-    if group_by_length:
-        size = batch_size * window
-        length = np.asarray(lengths)
-        perm = np.concatenate([c[np.argsort(length[c], kind="stable")]
-                               for c in (perm[i : i + size] for i in range(0, len(perm), size))] or [perm])
-    batches = [perm[i : i + batch_size] for i in range(0, len(perm), batch_size)]
-    if group_by_length:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
 
 
 def collate(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,12 +192,34 @@ def baselines(spec: glue.TaskSpec, splits: dict[str, list[dict[str, Any]]]) -> d
     return out | {f"bow_{k}": v for k, v in bow.items()} | {"bow_score": glue.task_score(spec, bow)}
 
 
+class ExampleLoss:
+    """A fine-tuning micro-batch ``(inputs, lengths, labels)``: the mean cross-entropy (or squared
+    error, for regression) over its examples, which are the targets of the step."""
+
+    reduction = "mean"
+
+    def __init__(self, regression: bool) -> None:
+        self.regression = regression
+
+    def targets(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> int:
+        return len(batch[2])
+
+    def loss(self, model, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], accelerator) -> torch.Tensor:
+        x, lengths, y = (t.to(accelerator.device) for t in batch)
+        logits = model(x, lengths)
+        return F.mse_loss(logits[:, 0], y) if self.regression else F.cross_entropy(logits, y)
+
+
+NONFINITE_HINT = ("lower finetune.lr or finetune.head_lr, raise finetune.warmup_fraction or use "
+                  "finetune.mixed_precision: 'no'")
+
+
 def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[str, Any]]], tok, pretrained: Path,
            accelerator, tr) -> tuple[SequenceClassifier, dict[str, Any], int]:
     """Train, keep the best epoch's weights; return the model, the best epoch's record, and the
-    history of every epoch."""
-
-
+    history of every epoch. A step takes ``grad_accum`` batches of ``batch_size`` examples per
+    process (the step of :mod:`lmcore.train.step`: the loss normalised by the examples of the
+    whole step, clipping at ``grad_clip``, non-finite steps skipped)."""
     pad = special_ids(tok).pad
     backbone = load_gpt(pretrained)
     max_len = min(hp.max_length, backbone.cfg.block_size)
@@ -223,22 +232,18 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
     valid_seqs = {s: encode_examples(tok, splits[s], max_len) for s in spec.validation_splits}
     valid_labels = {s: [e["label"] for e in splits[s]] for s in spec.validation_splits}
 
-    steps_per_epoch = math.ceil(len(train) / (hp.batch_size * accelerator.num_processes))
-    total = steps_per_epoch * hp.epochs
+    batches_per_epoch = math.ceil(len(train) / (hp.batch_size * accelerator.num_processes))
+    total = math.ceil(batches_per_epoch / hp.grad_accum) * hp.epochs
     warmup = int(hp.warmup_fraction * total)
-    head_params = list(model.head.parameters())
-    head_ids = {id(p) for p in head_params}
-    body = [p for p in model.parameters() if id(p) not in head_ids]
-    optimizer = torch.optim.AdamW([{"params": body, "lr": hp.lr}, {"params": head_params, "lr": hp.head_lr}],
-                                  weight_decay=hp.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    optimizer = finetune_optimizer(model, model.head, hp)
+    (scheduler,) = schedulers([optimizer], lambda s: linear_warmup_decay(s, warmup, total))
     model, optimizer = accelerator.prepare(model, optimizer)  # scheduler stepped by hand, once per step
     raw = accelerator.unwrap_model(model)
+    objective = ExampleLoss(spec.is_regression)
 
     best: dict[str, Any] = {"score": -math.inf}
     history: list[dict[str, Any]] = []
-    step = 0
+    state = TrainState()
     rng = np.random.default_rng(hp.seed)
     t0 = time.perf_counter()
     n_tokens = 0
@@ -246,26 +251,20 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
         model.train()
         batches = epoch_batches(train_lengths, hp.batch_size, rng, hp.group_by_length)
         batches = batches[accelerator.process_index :: accelerator.num_processes]
-        bar = tqdm(batches, desc=f"finetune {spec.name} epoch {epoch}", disable=not accelerator.is_local_main_process,
-                   mininterval=2)
-        for b in bar:
-            x, lengths = collate([train_seqs[i] for i in b], pad)
-            x, lengths, y = x.to(accelerator.device), lengths.to(accelerator.device), labels[b].to(accelerator.device)
-            logits = model(x, lengths)
-            loss = F.mse_loss(logits[:, 0], y) if spec.is_regression else F.cross_entropy(logits, y)
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+        bar = tqdm(step_groups(batches, hp.grad_accum), desc=f"finetune {spec.name} epoch {epoch}",
+                   disable=not accelerator.is_local_main_process, mininterval=2)
+        for group in bar:
+            micro = [(*collate([train_seqs[i] for i in b], pad), labels[b]) for b in group]
+            res = train_step(model, [optimizer], micro, accelerator, state, grad_clip=hp.grad_clip,
+                             max_nonfinite=hp.max_nonfinite, hint=NONFINITE_HINT, objective=objective)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            n_tokens += int(lengths.sum())
-            if step % 20 == 0:
-                tr.metrics({"train_loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0]}, step=step)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            n_tokens += sum(int(lengths.sum()) for _, lengths, _ in micro)
+            if state.step % 20 == 0:
+                tr.metrics({"train_loss": res.loss, "lr": scheduler.get_last_lr()[0]}, step=state.step)
+                bar.set_postfix(loss=f"{res.loss:.3f}")
         scores, score = _evaluate(raw, valid_seqs, pad, spec, valid_labels, accelerator.autocast)
-        history.append({"epoch": epoch, "step": step, "score": score, **scores})
-        tr.metrics({f"val_{k}": v for k, v in scores.items()} | {"val_score": score}, step=step)
+        history.append({"epoch": epoch, "step": state.step, "score": score, **scores})
+        tr.metrics({f"val_{k}": v for k, v in scores.items()} | {"val_score": score}, step=state.step)
         accelerator.print(f"{spec.name} epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         if score > best["score"]:
             best = {"score": score, "epoch": epoch, "metrics": scores, "state": copy.deepcopy(raw.state_dict())}

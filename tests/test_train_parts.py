@@ -1,0 +1,323 @@
+"""The parts of the training loop that pretrain and finetune share: the step (accumulation
+normalised by the targets of the whole step, clipping from the settings, the non-finite guard),
+schedules, checkpoints and signals, and fine-tuning through them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from conftest import make_text
+from safetensors.torch import load_file
+
+from lmcore import config
+from lmcore.config import FinetuneConfig, FinetuneHyper, TrackingConfig
+from lmcore.core.errors import StageError
+from lmcore.core.io import write_json, write_jsonl
+from lmcore.data import glue
+from lmcore.model.decoder import GPT, GPTConfig
+from lmcore.train import finetune as ft
+from lmcore.train.checkpoint import list_checkpoints, prune, stop_signals
+from lmcore.train.sampler import epoch_batches, step_groups
+from lmcore.train.schedule import linear_warmup_decay, lr_factor, schedulers
+from lmcore.train.step import NEXT_TOKEN, TrainState, accumulate, train_step
+
+OFF = TrackingConfig(enabled=False)
+
+
+@pytest.fixture(scope="module")
+def acc():
+    return Accelerator(cpu=True)
+
+
+def classifier(seed: int = 0, dropout: float = 0.0) -> ft.SequenceClassifier:
+    torch.manual_seed(seed)
+    return ft.SequenceClassifier(GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=16)), 3,
+                                 dropout)
+
+
+def example_batch(n: int, seed: int, regression: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 50, (n, 12), generator=g)
+    lengths = torch.randint(3, 13, (n,), generator=g)
+    y = torch.rand(n, generator=g) * 5 if regression else torch.randint(0, 3, (n,), generator=g)
+    return x, lengths, y
+
+
+def grads(model) -> list[torch.Tensor]:
+    g = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return g
+
+
+# ---------------------------------------------------------------------------------------------
+# the step
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_example_loss_over_unequal_micro_batches_is_that_of_one_big_batch(acc, regression):
+    model = classifier()
+    objective = ft.ExampleLoss(regression)
+    parts = [example_batch(n, seed, regression) for n, seed in ((1, 1), (5, 2), (2, 3))]
+    loss, n = accumulate(model, parts, acc, objective)
+    g_micro = grads(model)
+    big = tuple(torch.cat([p[i] for p in parts]) for i in range(3))
+    loss_big = objective.loss(model, big, acc)
+    loss_big.backward()
+    g_big = grads(model)
+    assert n == 8 and math.isclose(loss, float(loss_big.detach()), rel_tol=1e-5)
+    for a, b in zip(g_micro, g_big):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # a mean of the micro-batch means weighs the single example like five
+    for p in parts:
+        (objective.loss(model, p, acc) / 3).backward()
+    assert any(not torch.allclose(a, b, rtol=1e-3) for a, b in zip(grads(model), g_big))
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_one_micro_batch_step_is_bitwise_the_plain_loop(acc, regression):
+    """With one micro-batch on one process the step does the arithmetic of ``loss.backward()``,
+    clipping and ``optimizer.step()`` exactly (fine-tuned scores stay the same bits)."""
+    batch = example_batch(6, 4, regression)
+    a, b = classifier(), classifier()
+    opt_a = torch.optim.AdamW(a.parameters(), lr=1e-2)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2)
+    state = TrainState()
+    for _ in range(3):
+        train_step(a, [opt_a], [batch], acc, state, grad_clip=0.5, max_nonfinite=5, hint="",
+                   objective=ft.ExampleLoss(regression))
+        logits = b(batch[0], batch[1])
+        loss = F.mse_loss(logits[:, 0], batch[2]) if regression else F.cross_entropy(logits, batch[2])
+        loss.backward()
+        acc.clip_grad_norm_(b.parameters(), 0.5)
+        opt_b.step()
+        opt_b.zero_grad(set_to_none=True)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+    assert state.step == 3 and state.skipped_steps == 0
+
+
+def _lm_and_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    x = torch.randint(0, 32, (4, 8))
+    return model, [(x, torch.roll(x, -1, 1))]
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05, 1e6])
+def test_the_update_is_clipped_to_grad_clip_and_not_at_all_with_zero(acc, clip):
+    model, batches = _lm_and_batch()
+    before = [p.detach().clone() for p in model.parameters()]
+    raw = accumulate(model, batches, acc)[0]
+    raw_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
+    model.zero_grad(set_to_none=True)
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is minus the (clipped) gradient
+    res = train_step(model, [sgd], batches, acc, TrainState(), grad_clip=clip, max_nonfinite=5, hint="")
+    moved = float(torch.linalg.vector_norm(torch.stack([(p - q).norm() for p, q in zip(model.parameters(), before)])))
+    assert res.applied and math.isclose(res.loss, raw, rel_tol=1e-6)
+    assert raw_norm > 0.05
+    if clip == 0:
+        assert math.isnan(res.grad_norm) and math.isclose(moved, raw_norm, rel_tol=1e-4)
+    else:
+        assert math.isclose(res.grad_norm, raw_norm, rel_tol=1e-4)
+        assert math.isclose(moved, min(clip, raw_norm), rel_tol=1e-4)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(acc):
+    model, batches = _lm_and_batch()
+    bad = [(batches[0][0], batches[0][1])]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = TrainState()
+    real = GPT.forward
+    nan = {"on": True}
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        logits, loss = real(self, idx, targets, reduction)
+        return logits, loss * float("nan") if nan["on"] else loss
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(GPT, "forward", forward)
+        before = [p.detach().clone() for p in model.parameters()]
+        for _ in range(2):
+            res = train_step(model, [opt], bad, acc, state, grad_clip=1.0, max_nonfinite=3, hint="try this")
+            assert not res.applied
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # no update
+        assert (state.step, state.skipped_steps, state.nonfinite_in_a_row) == (2, 2, 2)
+        nan["on"] = False
+        assert train_step(model, [opt], bad, acc, state, grad_clip=1.0, max_nonfinite=3, hint="").applied
+        assert (state.skipped_steps, state.nonfinite_in_a_row) == (2, 0)  # the count in a row restarts
+        nan["on"] = True
+        train_step(model, [opt], bad, acc, state, grad_clip=0.0, max_nonfinite=3, hint="try this")
+        train_step(model, [opt], bad, acc, state, grad_clip=0.0, max_nonfinite=3, hint="try this")
+        with pytest.raises(StageError, match=r"not finite for 3 steps in a row \(step 6\): try this"):
+            train_step(model, [opt], bad, acc, state, grad_clip=0.0, max_nonfinite=3, hint="try this")
+    assert state.skipped_steps == 5
+
+
+def test_train_state_round_trips_through_trainer_json():
+    s = TrainState(step=7, history=[{"step": 5, "val_loss": 2.0}], best_val_loss=2.0, best_step=5,
+                   train_seconds=1.5, skipped_steps=1, nonfinite_in_a_row=1)
+    saved = json.loads(json.dumps({**s.to_dict(), "sampler": {"pos": 3}, "config_hash": "x"}))
+    t = TrainState()
+    t.load(saved)
+    assert t == s
+    assert list(s.to_dict()) == ["step", "history", "best_val_loss", "best_step", "train_seconds", "skipped_steps",
+                                 "nonfinite_in_a_row"]  # the keys of trainer.json, in their order
+
+
+# ---------------------------------------------------------------------------------------------
+# schedules, batches, checkpoints
+
+
+def test_finetune_schedule_warms_up_then_decays_linearly_to_zero():
+    assert [linear_warmup_decay(s, 3, 10) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert linear_warmup_decay(6, 3, 10) == pytest.approx(4 / 7) and linear_warmup_decay(10, 3, 10) == 0.0
+    assert linear_warmup_decay(0, 0, 4) == 1.0 and linear_warmup_decay(12, 3, 10) == 0.0
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    (sched,) = schedulers([opt], lambda s: linear_warmup_decay(s, 3, 10))
+    lrs = []
+    for _ in range(5):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.0 * 6 / 7])
+    cfg = config.PretrainConfig(max_steps=20, warmup_steps=4)
+    (pre,) = schedulers([torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)], lambda s: lr_factor(s, cfg))
+    assert pre.get_last_lr()[0] == lr_factor(0, cfg)
+
+
+def test_step_groups_take_accum_consecutive_batches():
+    import numpy as np
+
+    batches = epoch_batches([5] * 50, 4, np.random.default_rng(0), group_by_length=False)
+    groups = step_groups(batches, 2)
+    assert [len(g) for g in groups] == [2] * 6 + [1]
+    big = epoch_batches([5] * 50, 8, np.random.default_rng(0), group_by_length=False)
+    assert [np.concatenate(g).tolist() for g in groups] == [b.tolist() for b in big]
+
+
+def test_prune_keeps_the_last_and_the_best(tmp_path):
+    for s in (10, 20, 30, 40, 50):
+        (tmp_path / f"step-{s:06d}").mkdir()
+        (tmp_path / f"step-{s:06d}/trainer.json").write_text("{}")
+    (tmp_path / "step-000060").mkdir()  # incomplete: no trainer.json
+    prune(tmp_path, 2, best_step=20)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [20, 40, 50]
+
+
+def test_stop_signals_raise_a_flag_and_restore_the_handlers():
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_signals() as flag:
+        assert flag["signum"] == 0
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag["signum"] == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ---------------------------------------------------------------------------------------------
+# fine-tuning through the parts
+
+
+def test_finetune_settings_defaults_and_bounds():
+    hp = FinetuneHyper()
+    assert (hp.grad_accum, hp.grad_clip, hp.max_nonfinite) == (1, 1.0, 5)
+    for bad in ({"grad_accum": 0}, {"grad_clip": -1.0}, {"max_nonfinite": 0}):
+        with pytest.raises(ValueError):
+            FinetuneHyper(**bad)
+    cfg = FinetuneConfig(defaults={"grad_accum": 2}, tasks={"rte": {"grad_clip": 0}})
+    assert cfg.for_task("rte").grad_clip == 0 and cfg.for_task("rte").grad_accum == 2
+    assert FinetuneHyper.model_fields["grad_clip"].description  # documented like the other fields
+
+
+@pytest.fixture(scope="module")
+def ft_inputs(tmp_path_factory):
+    from lmcore.config import TokenizerConfig
+    from lmcore.data.tokenizer import save as save_tokenizer
+    from lmcore.data.tokenizer import train
+    from lmcore.model.folder import save_gpt
+
+    root = tmp_path_factory.mktemp("ft")
+    rng = random.Random(0)
+    tcfg = TokenizerConfig(vocab_size=300)
+    save_tokenizer(train(tcfg, [make_text(rng, 80) for _ in range(20)]), tcfg, root / "tokenizer")
+    torch.manual_seed(0)
+    save_gpt(GPT(GPTConfig(vocab_size=300, n_layer=1, n_head=2, n_embd=32, block_size=32)), root / "pretrained")
+    tasks = {}
+    for name in ("sst2", "stsb"):
+        spec = glue.TASKS[name]
+
+        def rows(n):
+            return [{"idx": i, "text_a": make_text(rng, 8), "text_b": make_text(rng, 5) if spec.pair else None,
+                     "label": rng.random() * 5 if spec.is_regression else i % 2} for i in range(n)]
+
+        d = root / "raw" / name
+        write_jsonl(d / "train.jsonl", rows(50))
+        write_jsonl(d / "validation.jsonl", rows(12))
+        write_json(d / "task.json", spec.to_dict())
+        tasks[name] = d
+    return root, tasks
+
+
+def _finetune(ft_inputs, out: Path, task: str, **hp) -> dict[str, torch.Tensor]:
+    root, tasks = ft_inputs
+    cfg = FinetuneConfig(mixed_precision="no", defaults={"epochs": 1, "max_length": 32, "dropout": 0.0,
+                                                         "group_by_length": False, "warmup_fraction": 0.3, **hp})
+    ft.finetune(cfg, tasks[task], root / "pretrained", root / "tokenizer", out, out.parent / f"{out.name}.json", OFF)
+    return load_file(out / "model.safetensors")
+
+
+@pytest.mark.parametrize("task", ["sst2", "stsb"])
+def test_finetune_accumulating_two_batches_of_b_equals_one_batch_of_2b(ft_inputs, tmp_path, task):
+    """50 examples: 13 batches of 4 (the last of 2) in 7 steps against 7 batches of 8."""
+    accum = _finetune(ft_inputs, tmp_path / "accum", task, batch_size=4, grad_accum=2)
+    big = _finetune(ft_inputs, tmp_path / "big", task, batch_size=8, grad_accum=1)
+    small = _finetune(ft_inputs, tmp_path / "small", task, batch_size=4, grad_accum=1)
+    for k in big:
+        torch.testing.assert_close(accum[k], big[k], rtol=1e-4, atol=1e-5)
+    assert any(not torch.allclose(small[k], big[k], rtol=1e-3, atol=1e-4) for k in big)  # not a vacuous check
+    assert json.loads((tmp_path / "accum/results.json").read_text())["history"][0]["step"] == 7
+
+
+def test_finetune_clipping_comes_from_the_settings(ft_inputs, tmp_path):
+    default = _finetune(ft_inputs, tmp_path / "default", "sst2", batch_size=8)
+    one = _finetune(ft_inputs, tmp_path / "one", "sst2", batch_size=8, grad_clip=1.0)
+    off = _finetune(ft_inputs, tmp_path / "off", "sst2", batch_size=8, grad_clip=0.0, lr=0.05, head_lr=0.05)
+    tight = _finetune(ft_inputs, tmp_path / "tight", "sst2", batch_size=8, grad_clip=1e-3, lr=0.05, head_lr=0.05)
+    assert all(torch.equal(default[k], one[k]) for k in default)
+    assert any(not torch.allclose(off[k], tight[k]) for k in off)
+
+
+def test_finetune_skips_nonfinite_steps_then_stops(ft_inputs, tmp_path, monkeypatch):
+    real = ft.SequenceClassifier.forward
+    calls = {"n": 0, "bad": {2, 3}}
+
+    def flaky(self, idx, lengths):
+        logits = real(self, idx, lengths)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] in calls["bad"]:
+                logits = logits * float("nan")
+        return logits
+
+    monkeypatch.setattr(ft.SequenceClassifier, "forward", flaky)
+    _finetune(ft_inputs, tmp_path / "two", "sst2", batch_size=8, max_nonfinite=3)  # two bad steps: trains on
+    weights = load_file(tmp_path / "two/model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    calls.update(n=0, bad=set(range(2, 100)))
+    with pytest.raises(StageError, match=r"not finite for 3 steps in a row \(step 4\).*finetune.lr"):
+        _finetune(ft_inputs, tmp_path / "stops", "sst2", batch_size=8, max_nonfinite=3)
+    assert not (tmp_path / "stops").exists()
+
+
+def test_next_token_objective_counts_targets_that_are_not_ignored():
+    y = torch.tensor([[1, -100, 2], [-100, -100, 3]])
+    assert NEXT_TOKEN.targets((y, y)) == 3
