@@ -831,7 +831,54 @@ class HeldOutText(Section):
     ``evaluate.max_tokens``)."""
 
 
-class EvaluateConfig(Section):
+class Sampling(Section):
+    """How continuations are sampled: the fields of :class:`lmcore.generate.GenerationConfig`
+    (which adds ``use_cache``), of the ``lmcore generate`` flags (``--max-new-tokens``...) and of the
+    sample generations of ``evaluate`` (``evaluate.temperature``...), defined once here. The
+    defaults here are the library's (plain sampling); ``evaluate`` has its own (see
+    :class:`EvaluateConfig`)."""
+
+    max_new_tokens: int = Field(default=64, ge=0)
+    """Tokens generated per prompt at most (fewer when a row produces the end-of-text token)."""
+    temperature: float = Field(default=1.0, ge=0)
+    """Divides the logits before sampling; 0: greedy (the most likely token, no randomness)."""
+    top_k: int | None = Field(default=None, ge=1)
+    """Sample from the k most likely tokens only (None: all)."""
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    """Nucleus sampling: sample from the smallest set of most likely tokens whose probabilities
+    sum to at least this (None or 1: all tokens)."""
+    repetition_penalty: float = Field(default=1.0, gt=0)
+    """CTRL repetition penalty on the tokens already in the prompt or the output: their positive
+    logits are divided by it, negative ones multiplied (1: none; 1.1-1.3 are usual)."""
+    seed: int | None = None
+    """Seed of the sampling generator (None: a fresh random seed)."""
+
+
+def _with_defaults(base: type[Section], name: str, doc: str, **defaults: Any) -> type[Section]:
+    """A subclass of ``base`` whose fields named in ``defaults`` have those defaults instead, with
+    the same types, constraints and docstrings (each field stays defined once, in ``base``)."""
+    fields: dict[str, Any] = {}
+    for key, value in defaults.items():
+        f = base.model_fields[key]
+        kind = Annotated[f.annotation, *f.metadata] if f.metadata else f.annotation
+        fields[key] = (kind, Field(default=value, description=f.description))
+    return create_model(name, __base__=base, __doc__=doc, **fields)
+
+
+EvaluateSampling = _with_defaults(
+    Sampling, "EvaluateSampling",
+    "The sampling settings of ``evaluate``'s sample generations, which are also the defaults of "
+    "``lmcore generate``: :class:`Sampling` with evaluate's defaults.",
+    max_new_tokens=64, temperature=0.8, top_k=50, top_p=1.0, repetition_penalty=1.0, seed=1234)
+
+
+class EvaluateConfig(EvaluateSampling):  # type: ignore[valid-type,misc]
+    """The ``evaluate`` stage: scoring held-out text, and sample generations from ``prompts``.
+
+    The sampling keys (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
+    ``repetition_penalty``, ``seed``) are the fields of :class:`Sampling`, with the defaults 64,
+    0.8, 50, 1.0, 1.0 and 1234; they are also the defaults of the ``lmcore generate`` flags."""
+
     max_tokens: int | None = Field(default=None, ge=1)
     """Score at most this many tokens of the validation split and of each ``texts`` source (None:
     all of it). Whole documents are kept (a first document longer than this is cut), so the bytes
@@ -848,20 +895,6 @@ class EvaluateConfig(Section):
     the validation split's ``lm.val_*``."""
     prompts: list[str] = ["ROMEO.\n", "To be, or not to be", "The king"]
     """Prompts for the sample generations."""
-    max_new_tokens: int = Field(default=64, ge=1)
-    """Tokens generated per prompt."""
-    temperature: float = Field(default=0.8, ge=0)
-    """Sampling temperature (0: greedy)."""
-    top_k: int | None = Field(default=50, ge=1)
-    """Sample from the k most likely tokens (None: all)."""
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    """Nucleus sampling: sample from the smallest set of most likely tokens whose probabilities
-    sum to at least this (1: all tokens)."""
-    repetition_penalty: float = Field(default=1.0, gt=0)
-    """CTRL repetition penalty on the tokens already in the prompt or the output: their positive
-    logits are divided by it, negative ones multiplied (1: none; 1.1-1.3 are usual)."""
-    seed: int = 1234
-    """Seed for sampling (also the default of ``lmcore generate --seed``)."""
 
     @field_validator("texts")
     @classmethod
