@@ -1,7 +1,7 @@
 """Document quality filters of the ``clean`` stage: Gopher, C4, FineWeb and language identification.
 
-Each rule is one small dataclass whose fields are its thresholds (defaults: the published values,
-as in datatrove 0.10.1). A *filter* is called on a document's text and returns ``None`` to keep
+Each rule is one small (pydantic) dataclass whose fields are its thresholds (defaults: the published
+values, as in datatrove 0.10.1; see "Settings" below). A *filter* is called on a document's text and returns ``None`` to keep
 it or a short drop reason (datatrove's reason names); a *normaliser* (:class:`C4LineCleaner`)
 returns the text with some lines removed. Every class has a ``name`` (its key in the stage's
 statistics).
