@@ -7,6 +7,7 @@ and what is allowed. Every field carries a docstring (pydantic reads them as des
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,12 +17,15 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     ValidationInfo,
     create_model,
     field_validator,
     model_validator,
 )
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+from pydantic_core import to_jsonable_python
 
 from lmcore.core import task_specs
 
@@ -239,6 +243,219 @@ class PrepareConfig(Section):
 # --------------------------------------------------------------------------------------------
 # clean
 
+# The settings of the quality filters and of MinHash are pydantic dataclasses: the filter classes
+# of lmcore.data.clean.filters are these dataclasses with their ``__call__`` added (they inherit
+# every field, its default and its docstring from here), and ``MinHashConfig`` is used as is by
+# lmcore.data.clean.dedup. Frozen, with unknown fields refused, like every section.
+SETTINGS = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+"""The pydantic configuration of the dataclass sections (filters, MinHash)."""
+
+Ratio = Annotated[float, Field(ge=0)]
+
+
+@pydantic_dataclass(config=SETTINGS)
+class C4Settings:
+    """``clean.filters.c4``: C4's line and document rules (Raffel et al. 2020), as datatrove's
+    ``C4QualityFilter``. Its lines are removed by ``C4LineCleaner``, then the document is dropped
+    by ``C4QualityFilter``; both read these fields."""
+
+    remove_citations: bool = True
+    """Remove ``[1]``, ``[edit]``, ``[citation needed]`` from each line (datatrove default)."""
+    filter_no_terminal_punct: bool = True
+    """Drop lines not ending in ``. ? ! " '`` or ending in ``...`` (C4)."""
+    min_words_per_line: int = Field(default=3, ge=-1)
+    """Drop lines with fewer whitespace-separated words (C4: 3; -1 is off)."""
+    max_word_length: int = Field(default=1000, ge=-1)
+    """Drop lines with a word longer than this (C4 code: 1000; -1 is off)."""
+    filter_javascript: bool = True
+    """Drop lines containing "javascript", any case (C4)."""
+    filter_policy: bool = True
+    """Drop lines containing terms-of-use / privacy / cookie phrases (C4 code)."""
+    filter_lorem_ipsum: bool = True
+    """Drop documents with a line containing "lorem ipsum", any case -> ``lorem_ipsum`` (C4)."""
+    filter_curly_bracket: bool = True
+    """Drop documents with a line containing ``{`` -> ``curly_bracket`` (C4)."""
+    min_num_sentences: int = Field(default=5, ge=-1)
+    """Fewer sentences (spaCy's sentencizer, per line, as datatrove counts them) ->
+    ``too_few_sentences`` (C4: 5; -1 is off)."""
+
+
+@pydantic_dataclass(config=SETTINGS)
+class GopherQualitySettings:
+    """``clean.filters.gopher_quality``: Gopher's quality heuristics (Rae et al. 2021, appendix A),
+    as datatrove's ``GopherQualityFilter``. A threshold set to None (or 0) is off."""
+
+    min_doc_words: int | None = Field(default=50, ge=0)
+    """Fewer non-symbol words -> ``gopher_short_doc`` (Gopher: 50)."""
+    max_doc_words: int | None = Field(default=100_000, ge=0)
+    """More non-symbol words -> ``gopher_long_doc`` (Gopher: 100,000)."""
+    min_avg_word_length: Ratio | None = 3
+    """Mean non-symbol word length below -> ``gopher_below_avg_threshold`` (Gopher: 3)."""
+    max_avg_word_length: Ratio | None = 10
+    """Mean non-symbol word length above -> ``gopher_above_avg_threshold`` (Gopher: 10)."""
+    max_symbol_word_ratio: Ratio | None = 0.1
+    """``#`` per word, or ``...``/``…`` per word, above -> ``gopher_too_many_hashes`` /
+    ``gopher_too_many_ellipsis`` (Gopher: 0.1)."""
+    max_bullet_lines_ratio: Ratio | None = 0.9
+    """Share of lines starting with ``•`` or ``-`` above -> ``gopher_too_many_bullets`` (Gopher: 0.9)."""
+    max_ellipsis_lines_ratio: Ratio | None = 0.3
+    """Share of lines ending with ``...`` or ``…`` above -> ``gopher_too_many_end_ellipsis`` (Gopher: 0.3)."""
+    max_non_alpha_words_ratio: Ratio | None = 0.8
+    """Share of words containing a letter *below* this -> ``gopher_below_alpha_threshold`` (Gopher:
+    80 % of words must contain a letter; datatrove's name for it kept)."""
+    min_stop_words: int | None = Field(default=2, ge=0)
+    """Fewer distinct stop words present -> ``gopher_enough_stop_words`` (Gopher: 2)."""
+    stop_words: tuple[str, ...] = ("the", "be", "to", "of", "and", "that", "have", "with")
+    """The stop words (Gopher's eight; case-sensitive, as in datatrove)."""
+
+
+@pydantic_dataclass(config=SETTINGS)
+class GopherRepetitionSettings:
+    """``clean.filters.gopher_repetition``: Gopher's repetition heuristics (Rae et al. 2021, table
+    A1), as datatrove's ``GopherRepetitionFilter``, each as a fraction of the text's characters.
+    A threshold of None (or 0) is off."""
+
+    dup_line_frac: Ratio | None = 0.3
+    """Share of lines that repeat an earlier line above -> ``dup_line_frac`` (Gopher: 0.30)."""
+    dup_para_frac: Ratio | None = 0.3
+    """Share of paragraphs (split on blank lines) that repeat an earlier one above -> ``dup_para_frac`` (0.30)."""
+    dup_line_char_frac: Ratio | None = 0.2
+    """Characters in repeated lines / text characters above -> ``dup_line_char_frac`` (0.20)."""
+    dup_para_char_frac: Ratio | None = 0.2
+    """Characters in repeated paragraphs / text characters above -> ``dup_para_char_frac`` (0.20)."""
+    top_n_grams: tuple[tuple[Annotated[int, Field(ge=1)], float], ...] = ((2, 0.2), (3, 0.18), (4, 0.16))
+    """(n, fraction): the most frequent word n-gram (joined by spaces) times its count, in characters,
+    over the text's characters, above the fraction -> ``top_{n}_gram`` (Gopher: 0.20, 0.18, 0.16)."""
+    dup_n_grams: tuple[tuple[Annotated[int, Field(ge=1)], float], ...] = (
+        (5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))
+    """(n, fraction): characters of word n-grams (joined without separator) that repeat an earlier one,
+    scanning greedily as datatrove does, over the text's characters, above the fraction ->
+    ``duplicated_{n}_n_grams`` (Gopher: 0.15 for 5-grams down to 0.10 for 10-grams)."""
+
+
+@pydantic_dataclass(config=SETTINGS)
+class FineWebSettings:
+    """``clean.filters.fineweb``: FineWeb's own heuristics (Penedo et al. 2024), as datatrove's
+    ``FineWebQualityFilter``."""
+
+    line_punct_thr: Ratio = 0.12
+    """Share of non-blank lines ending in ``stop_chars`` below -> ``line_punct_ratio`` (FineWeb: 0.12)."""
+    line_punct_exclude_zero: bool = False
+    """Do not drop documents where no line ends in punctuation (datatrove default: drop them)."""
+    stop_chars: tuple[str, ...] | None = None
+    """Line-final characters that count as punctuation (default: datatrove's ``TERMINAL_PUNCTUATION``)."""
+    short_line_thr: Ratio = 0.67
+    """Share of non-blank lines of at most ``short_line_length`` characters above -> ``short_line_ratio``
+    (FineWeb: 0.67)."""
+    short_line_length: int = Field(default=30, ge=0)
+    """What a short line is, in characters (FineWeb: 30)."""
+    char_duplicates_ratio: Ratio = 0.01
+    """Characters of non-blank lines repeating an earlier line / characters other than newlines above ->
+    ``char_dup_ratio`` (FineWeb: 0.01)."""
+    new_line_ratio: Ratio = 0.3
+    """Newlines per word above -> ``list_ratio`` (FineWeb: 0.3)."""
+
+
+@pydantic_dataclass(config=SETTINGS)
+class LanguageSettings:
+    """``clean.filters.language``: keep documents in ``languages``, identified with py3langid
+    (datatrove's ``LanguageFilter`` rule, with py3langid instead of fastText's lid.176)."""
+
+    languages: Annotated[tuple[str, ...], BeforeValidator(lambda v: (v,) if isinstance(v, str) else v)] = ("en",)
+    """ISO 639-1 codes to keep (one code or a list)."""
+    threshold: Ratio = 0.65
+    """Minimum probability of one of ``languages`` (datatrove's and FineWeb's 0.65)."""
+    max_chars: int | None = Field(default=2000, ge=1)
+    """Identify on the first this many characters (py3langid is ~1.5 MB/s; a document's first 2,000
+    characters decide as well as the whole on real text; None: all of it)."""
+
+
+FILTER_SETTINGS: dict[str, type] = {
+    "c4": C4Settings,
+    "gopher_quality": GopherQualitySettings,
+    "gopher_repetition": GopherRepetitionSettings,
+    "fineweb": FineWebSettings,
+    "language": LanguageSettings,
+}
+"""The quality filters selectable under ``clean.filters``, by name, and their settings."""
+
+FilterSettings = C4Settings | GopherQualitySettings | GopherRepetitionSettings | FineWebSettings | LanguageSettings
+
+PositiveInt = Annotated[int, Strict(), Field(ge=1)]
+
+
+@pydantic_dataclass(config=SETTINGS)
+class MinHashConfig:
+    """``clean.minhash``: MinHash and LSH settings of near-duplicate detection (how they trade
+    recall against precision: see ``lmcore/data/clean/dedup.py``)."""
+
+    shingle_size: PositiveInt = 5
+    """Words per shingle (a word n-gram of the normalised text, see ``dedup.normalize_words``). A
+    document with fewer words is one shingle of all of them. Shorter shingles make edited copies
+    more similar (3 % of words replaced: s = 0.84 with 3 words, 0.75 with 5) but also unrelated
+    documents that share common phrases."""
+    num_perm: PositiveInt = 112
+    """Hash permutations, i.e. values in a signature; must equal ``bands * rows``. The Jaccard
+    estimate from two signatures has a standard deviation of sqrt(s (1 - s) / num_perm): 0.047
+    at s = 0.5."""
+    bands: PositiveInt = 28
+    """LSH bands: two documents are candidates when all rows of one band agree. More bands catch
+    more distant copies and cost one 8-byte key per band per kept document in the index."""
+    rows: PositiveInt = 4
+    """Signature values per band. With 28 x 4, P(candidate | s) is 0.99 at s = 0.63 (5 % of
+    the words changed), 0.20 at s = 0.3 and 0.04 at s = 0.2; the effective threshold
+    (1/bands)**(1/rows) is 0.43, so candidates are confirmed with ``verify_threshold``."""
+    seed: Annotated[int, Strict(), Field(ge=0, lt=2**64)] = 1
+    """Seed of the permutations. Signatures made with different seeds (or other settings) are
+    not comparable."""
+    verify_threshold: Annotated[float, Strict(), Field(gt=0.0, le=1.0)] | None = 0.5
+    """Confirm a candidate only when the Jaccard similarity estimated from the two signatures
+    (the fraction of equal values) is at least this; None drops every candidate unchecked. The
+    index then keeps 112 bytes per kept document (the low byte of every signature value) and a
+    4-byte document number per band key."""
+
+    def __post_init__(self) -> None:
+        if self.bands * self.rows != self.num_perm:
+            raise ValueError(f"MinHashConfig: num_perm ({self.num_perm}) must equal bands * rows "
+                             f"({self.bands} * {self.rows} = {self.bands * self.rows})")
+
+    @classmethod
+    def from_dict(cls, overrides: dict[str, Any] | None) -> MinHashConfig:
+        """The defaults with ``overrides`` applied; unknown keys raise ValueError naming them."""
+        return settings_from(cls, overrides, "MinHashConfig")
+
+    @property
+    def threshold(self) -> float:
+        """The effective LSH threshold ``(1/bands)**(1/rows)``."""
+        return (1.0 / self.bands) ** (1.0 / self.rows)
+
+
+def settings_from(cls: type, overrides: Any, where: str) -> Any:
+    """A dataclass section (``cls``) from a mapping of overrides (None or ``{}``: the defaults).
+    Raises ValueError naming ``where``, the unknown fields or the bad values, and what is allowed."""
+    if isinstance(overrides, cls):
+        return overrides
+    if overrides is None:
+        overrides = {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{where}: expected a mapping of settings ({{}} for the defaults), got {overrides!r}")
+    allowed = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; allowed: {allowed}")
+    try:
+        return cls(**overrides)
+    except ValidationError as e:
+        raise ValueError("; ".join(_describe(err, where) for err in e.errors())) from None
+
+
+def filter_settings(name: str, overrides: Any = None) -> FilterSettings:
+    """The settings of the quality filter ``name`` with ``overrides`` applied. Raises ValueError
+    naming an unknown filter or field."""
+    if name not in FILTER_SETTINGS:
+        raise ValueError(f"unknown filter '{name}'; allowed: {', '.join(FILTER_SETTINGS)}")
+    return settings_from(FILTER_SETTINGS[name], overrides, f"filters.{name}")
+
 
 class CleanConfig(Section):
     normalization: Literal["NFC", "NFKC", "none"] = "NFC"
@@ -251,15 +468,17 @@ class CleanConfig(Section):
     """Drop documents shorter than this after clean-up (reason ``too_short``)."""
     max_chars: int = Field(default=10_000_000, ge=1)
     """Drop documents longer than this (reason ``too_long``)."""
-    filters: dict[str, dict[str, Any] | None] = {}
-    """Quality filters, applied in the order given, each mapping to threshold overrides
-    (``{}`` keeps the published defaults): ``c4``, ``gopher_quality``, ``gopher_repetition``,
-    ``fineweb``, ``language`` (fields: see ``lmcore/clean/filters.py``)."""
+    filters: dict[str, FilterSettings] = {}
+    """Quality filters, applied in the order given, each name mapping to overrides of its
+    settings (``{}`` or null: the published defaults): ``c4`` (:class:`C4Settings`),
+    ``gopher_quality`` (:class:`GopherQualitySettings`), ``gopher_repetition``
+    (:class:`GopherRepetitionSettings`), ``fineweb`` (:class:`FineWebSettings`), ``language``
+    (:class:`LanguageSettings`)."""
     exact_dedup: bool = True
     """Drop exact duplicates of an earlier document (hash of the normalised text)."""
-    minhash: dict[str, Any] | None = {}
-    """Near-duplicate removal with MinHash and LSH bands: overrides of the MinHash settings
-    (``{}`` for the defaults; fields: see ``lmcore/clean/dedup.py``), or null to turn it off."""
+    minhash: MinHashConfig | None = MinHashConfig()
+    """Near-duplicate removal with MinHash and LSH bands: overrides of the :class:`MinHashConfig`
+    settings (``{}`` for the defaults), or null to turn it off."""
     write_dropped: bool = False
     """Also write every dropped document with its step and reason to ``data/clean/dropped/``."""
     validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
@@ -269,24 +488,27 @@ class CleanConfig(Section):
     workers: int = Field(default=2, ge=1)
     """Processes cleaning shards in parallel (the output does not depend on it)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_settings(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        filters = data.get("filters")
+        if isinstance(filters, dict):
+            data["filters"] = {name: filter_settings(name, over) for name, over in filters.items()}
+        if data.get("minhash") is not None:
+            data["minhash"] = settings_from(MinHashConfig, data["minhash"], "minhash")
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> "CleanConfig":
         if self.max_chars < self.min_chars:
             raise ValueError(f"max_chars ({self.max_chars}) must be >= min_chars ({self.min_chars})")
-        from lmcore.data.clean.registry import make_filters
-
-        for name, overrides in self.filters.items():
-            try:
-                make_filters(name, overrides or {})
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"filters.{name}: {e}") from None
-        if self.minhash is not None:
-            from lmcore.data.clean.dedup import MinHashConfig
-
-            try:
-                MinHashConfig.from_dict(self.minhash)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"minhash: {e}") from None
+        for name, settings in self.filters.items():
+            if not isinstance(settings, FILTER_SETTINGS[name]):
+                raise ValueError(f"filters.{name}: expected {FILTER_SETTINGS[name].__name__}, "
+                                 f"got {type(settings).__name__}")
         return self
 
 
@@ -389,14 +611,11 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class ModelConfig(Section):
-    """Shape of the decoder (Llama style: RoPE, RMSNorm, SwiGLU, no biases).
+class ModelShape(Section):
+    """Shape of the decoder (Llama style: RoPE, RMSNorm, SwiGLU, no biases): the fields shared by
+    ``pretrain.model`` (:class:`ModelConfig`) and the model's own :class:`lmcore.model.decoder.GPTConfig`
+    (which adds ``vocab_size``), defined once here."""
 
-    ``preset`` fills in the shape fields; any field given beside it overrides the preset."""
-
-    preset: Literal["tiny", "small", "mini", "gpt2-124m", "llama-350m"] | None = None
-    """A named shape (see ``MODEL_PRESETS``): tiny 2x64, small 4x256, mini 6x384 (6 heads,
-    256 context), gpt2-124m 12x768 (1024 context), llama-350m 24x1024 (4 key/value heads)."""
     n_layer: int = Field(default=4, ge=1)
     """Number of transformer blocks."""
     n_head: int = Field(default=4, ge=1)
@@ -416,15 +635,8 @@ class ModelConfig(Section):
     rope_theta: float = Field(default=10000.0, gt=0)
     """Base of the rotary position embedding."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset") in MODEL_PRESETS:
-            return {**MODEL_PRESETS[data["preset"]], **data}
-        return data
-
     @model_validator(mode="after")
-    def _heads(self) -> "ModelConfig":
+    def _heads(self) -> "ModelShape":
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if (self.n_embd // self.n_head) % 2:
@@ -433,9 +645,27 @@ class ModelConfig(Section):
             raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_head ({self.n_head})")
         return self
 
+
+class ModelConfig(ModelShape):
+    """Shape of the decoder (Llama style: RoPE, RMSNorm, SwiGLU, no biases).
+
+    ``preset`` fills in the shape fields; any field given beside it overrides the preset."""
+
+    preset: Literal["tiny", "small", "mini", "gpt2-124m", "llama-350m"] | None = None
+    """A named shape (see ``MODEL_PRESETS``): tiny 2x64, small 4x256, mini 6x384 (6 heads,
+    256 context), gpt2-124m 12x768 (1024 context), llama-350m 24x1024 (4 key/value heads)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in MODEL_PRESETS:
+            return {**MODEL_PRESETS[data["preset"]], **data}
+        return data
+
     def shape(self) -> dict[str, Any]:
-        """The fields of :class:`lmcore.model.decoder.GPTConfig` (everything but ``preset``)."""
-        return self.model_dump(exclude={"preset"})
+        """The fields of :class:`ModelShape` (everything but ``preset``), for
+        :class:`lmcore.model.decoder.GPTConfig`."""
+        return {name: getattr(self, name) for name in ModelShape.model_fields}
 
 
 class PretrainConfig(Section):
@@ -609,7 +839,54 @@ class HeldOutText(Section):
     ``evaluate.max_tokens``)."""
 
 
-class EvaluateConfig(Section):
+class Sampling(Section):
+    """How continuations are sampled: the fields of :class:`lmcore.generate.GenerationConfig`
+    (which adds ``use_cache``), of the ``lmcore generate`` flags (``--max-new-tokens``...) and of the
+    sample generations of ``evaluate`` (``evaluate.temperature``...), defined once here. The
+    defaults here are the library's (plain sampling); ``evaluate`` has its own (see
+    :class:`EvaluateConfig`)."""
+
+    max_new_tokens: int = Field(default=64, ge=0)
+    """Tokens generated per prompt at most (fewer when a row produces the end-of-text token)."""
+    temperature: float = Field(default=1.0, ge=0)
+    """Divides the logits before sampling; 0: greedy (the most likely token, no randomness)."""
+    top_k: int | None = Field(default=None, ge=1)
+    """Sample from the k most likely tokens only (None: all)."""
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    """Nucleus sampling: sample from the smallest set of most likely tokens whose probabilities
+    sum to at least this (None or 1: all tokens)."""
+    repetition_penalty: float = Field(default=1.0, gt=0)
+    """CTRL repetition penalty on the tokens already in the prompt or the output: their positive
+    logits are divided by it, negative ones multiplied (1: none; 1.1-1.3 are usual)."""
+    seed: int | None = None
+    """Seed of the sampling generator (None: a fresh random seed)."""
+
+
+def _with_defaults(base: type[Section], name: str, doc: str, **defaults: Any) -> type[Section]:
+    """A subclass of ``base`` whose fields named in ``defaults`` have those defaults instead, with
+    the same types, constraints and docstrings (each field stays defined once, in ``base``)."""
+    fields: dict[str, Any] = {}
+    for key, value in defaults.items():
+        f = base.model_fields[key]
+        kind = Annotated[f.annotation, *f.metadata] if f.metadata else f.annotation
+        fields[key] = (kind, Field(default=value, description=f.description))
+    return create_model(name, __base__=base, __doc__=doc, **fields)
+
+
+EvaluateSampling = _with_defaults(
+    Sampling, "EvaluateSampling",
+    "The sampling settings of ``evaluate``'s sample generations, which are also the defaults of "
+    "``lmcore generate``: :class:`Sampling` with evaluate's defaults.",
+    max_new_tokens=64, temperature=0.8, top_k=50, top_p=1.0, repetition_penalty=1.0, seed=1234)
+
+
+class EvaluateConfig(EvaluateSampling):  # type: ignore[valid-type,misc]
+    """The ``evaluate`` stage: scoring held-out text, and sample generations from ``prompts``.
+
+    The sampling keys (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
+    ``repetition_penalty``, ``seed``) are the fields of :class:`Sampling`, with the defaults 64,
+    0.8, 50, 1.0, 1.0 and 1234; they are also the defaults of the ``lmcore generate`` flags."""
+
     max_tokens: int | None = Field(default=None, ge=1)
     """Score at most this many tokens of the validation split and of each ``texts`` source (None:
     all of it). Whole documents are kept (a first document longer than this is cut), so the bytes
@@ -626,20 +903,6 @@ class EvaluateConfig(Section):
     the validation split's ``lm.val_*``."""
     prompts: list[str] = ["ROMEO.\n", "To be, or not to be", "The king"]
     """Prompts for the sample generations."""
-    max_new_tokens: int = Field(default=64, ge=1)
-    """Tokens generated per prompt."""
-    temperature: float = Field(default=0.8, ge=0)
-    """Sampling temperature (0: greedy)."""
-    top_k: int | None = Field(default=50, ge=1)
-    """Sample from the k most likely tokens (None: all)."""
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    """Nucleus sampling: sample from the smallest set of most likely tokens whose probabilities
-    sum to at least this (1: all tokens)."""
-    repetition_penalty: float = Field(default=1.0, gt=0)
-    """CTRL repetition penalty on the tokens already in the prompt or the output: their positive
-    logits are divided by it, negative ones multiplied (1: none; 1.1-1.3 are usual)."""
-    seed: int = 1234
-    """Seed for sampling (also the default of ``lmcore generate --seed``)."""
 
     @field_validator("texts")
     @classmethod
@@ -753,13 +1016,19 @@ def set_key(data: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def flatten(model: BaseModel, prefix: str = "") -> dict[str, Any]:
-    """Flatten a config into ``{"a.b": value}`` for logging as MLflow params."""
+def flatten(model: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config into ``{"a.b": value}`` for logging as MLflow params: sections (models and
+    dataclass sections such as ``clean.minhash``) are walked; a mapping of sections (``clean.filters``)
+    is one value, as JSON data."""
     out: dict[str, Any] = {}
-    for name, value in model:
+    items = (model if isinstance(model, BaseModel) else
+             ((f.name, getattr(model, f.name)) for f in dataclasses.fields(model)))
+    for name, value in items:
         key = f"{prefix}{name}"
-        if isinstance(value, BaseModel):
+        if isinstance(value, BaseModel) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
             out.update(flatten(value, key + "."))
+        elif isinstance(value, dict):
+            out[key] = to_jsonable_python(value)
         else:
             out[key] = value
     return out

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from lmcore.config import Sampling
 from lmcore.data.tokenizer import special_ids
 from lmcore.model.decoder import KVCache
 
@@ -43,40 +44,14 @@ log = logging.getLogger(__name__)
 REPLACEMENT = "\ufffd"  # what decoding gives for the bytes of a character not complete yet
 
 
-@dataclasses.dataclass(frozen=True)
-class GenerationConfig:
-    max_new_tokens: int = 64
-    """Tokens generated per prompt at most."""
-    temperature: float = 1.0
-    """Divides the logits before sampling; 0: greedy (the most likely token, no randomness)."""
-    top_k: int | None = None
-    """Sample from the k most likely tokens only (None: all)."""
-    top_p: float | None = None
-    """Nucleus sampling: the smallest set of most likely tokens with probability at least p
-    (None or 1: all)."""
-    repetition_penalty: float = 1.0
-    """CTRL's penalty on the tokens already in the row's prompt or output (1: none; 1.1 to 1.3 are
-    usual)."""
-    seed: int | None = None
-    """Seed of the sampling generator (None: a fresh random seed)."""
+class GenerationConfig(Sampling):
+    """How to generate: the sampling fields of :class:`lmcore.config.Sampling` (their defaults,
+    checks and documentation: plain sampling at temperature 1, no seed) and ``use_cache``. Frozen;
+    a bad value raises ``ValueError`` naming the field."""
+
     use_cache: bool = True
     """Keep the keys and values of earlier tokens (:class:`lmcore.model.decoder.KVCache`) instead of
     encoding the whole sequence at every step."""
-
-    def __post_init__(self) -> None:
-        bad = []
-        if self.max_new_tokens < 0:
-            bad.append(f"max_new_tokens = {self.max_new_tokens} (must be >= 0)")
-        if not self.temperature >= 0:
-            bad.append(f"temperature = {self.temperature} (must be >= 0; 0 is greedy)")
-        if self.top_k is not None and self.top_k < 1:
-            bad.append(f"top_k = {self.top_k} (must be >= 1, or None for all tokens)")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            bad.append(f"top_p = {self.top_p} (must be in (0, 1])")
-        if not self.repetition_penalty > 0:
-            bad.append(f"repetition_penalty = {self.repetition_penalty} (must be > 0; 1 is none)")
-        if bad:
-            raise ValueError("invalid generation setting(s): " + "; ".join(bad))
 
 
 # ---------------------------------------------------------------------------------------------

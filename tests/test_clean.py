@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import make_text
 
-from lmcore.config import CleanConfig, ConfigError, TrackingConfig, from_dict
+from lmcore.config import CleanConfig, ConfigError, TrackingConfig, flatten, from_dict
 from lmcore.data.clean import clean, clean_shard, raw_shards
 from lmcore.data.clean.normalizers import (
     ControlCharRemover,
@@ -91,6 +91,47 @@ def test_bad_filter_settings_name_the_key():
         from_dict({"clean": {"filters": {"perplexity": {}}}})
     with pytest.raises(ConfigError, match="minhash"):
         from_dict({"clean": {"minhash": {"bands": 3, "rows": 5, "num_perm": 16}}})
+    with pytest.raises(ConfigError, match=r"filters.gopher_quality: min_doc_words = 'many' is invalid"):
+        from_dict({"clean": {"filters": {"gopher_quality": {"min_doc_words": "many"}}}})
+    with pytest.raises(ConfigError, match=r"minhash: unknown field\(s\) \['buckets'\]; allowed: \['shingle_size'"):
+        from_dict({"clean": {"minhash": {"buckets": 14}}})
+    with pytest.raises(ConfigError, match="filters.fineweb: unknown field.*allowed: .*line_punct_thr"):
+        from_dict({"clean": {"filters": {"fineweb": {"min_num_sentences": 3}}}})
+
+
+def test_filter_and_minhash_settings_are_typed_sections():
+    from lmcore.config import C4Settings, GopherQualitySettings, LanguageSettings, MinHashConfig
+    from lmcore.data.clean import filters as F
+    from lmcore.data.clean.dedup import MinHashConfig as DedupMinHash
+    from lmcore.data.clean.stage import build_steps, minhash_config
+
+    cfg = from_dict({"clean": {"filters": {"language": {"languages": "fr"}, "c4": None,
+                                           "gopher_quality": {"min_doc_words": 20, "stop_words": ["the", "a"]}},
+                               "minhash": {"bands": 14, "rows": 8}}}).clean
+    assert list(cfg.filters) == ["language", "c4", "gopher_quality"]  # the order given
+    assert cfg.filters["c4"] == C4Settings() and type(cfg.filters["c4"]) is C4Settings
+    assert cfg.filters["language"] == LanguageSettings(languages=("fr",))
+    assert cfg.filters["gopher_quality"].stop_words == ("the", "a")
+    assert cfg.minhash == MinHashConfig(bands=14, rows=8) and DedupMinHash is MinHashConfig
+    assert minhash_config(cfg) is cfg.minhash
+    assert from_dict({"clean": {"minhash": None}}).clean.minhash is None
+    assert CleanConfig().minhash == MinHashConfig() == from_dict({"clean": {"minhash": {}}}).clean.minhash
+    steps = [s for _, s in build_steps(cfg)][-4:]
+    assert [type(s) for s in steps] == [F.LanguageFilter, F.C4LineCleaner, F.C4QualityFilter, F.GopherQualityFilter]
+    assert steps[0].languages == ("fr",) and steps[3].min_doc_words == 20 and steps[3].stop_words == ("the", "a")
+    # each default is written once: the filter classes are their settings sections
+    for cls, section in [(F.GopherQualityFilter, GopherQualitySettings), (F.C4LineCleaner, C4Settings),
+                         (F.C4QualityFilter, C4Settings), (F.LanguageFilter, LanguageSettings)]:
+        assert issubclass(cls, section)
+        assert {k: getattr(cls(), k) for k in section.__pydantic_fields__} == vars(section())
+    assert F.GopherQualityFilter().min_doc_words == GopherQualitySettings().min_doc_words == 50
+    with pytest.raises(ValueError, match="min_doc_words"):
+        F.GopherQualityFilter(min_doc_words=-3)  # validated like params.yaml
+    # flattened for MLflow: JSON data, the sections walked
+    flat = flatten(cfg, "clean.")
+    assert flat["clean.filters"]["gopher_quality"]["stop_words"] == ["the", "a"]
+    assert flat["clean.minhash.bands"] == 14
+    json.dumps(flat)
 
 
 MEMORY_SCRIPT = textwrap.dedent('''

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import json
+import typing
+
 import pytest
 import yaml
 from conftest import ROOT
+from pydantic import BaseModel
 
 from lmcore import config
 from lmcore.config import ConfigError
+from lmcore.model.decoder import GPTConfig
 
 
 def test_repo_params_validate_and_defaults_match():
@@ -69,16 +74,70 @@ def test_overrides_and_flatten(tmp_path):
     assert flat["pretrain.model.n_layer"] == 2
 
 
-def test_every_field_is_documented():
-    def walk(model):
-        for name, field in model.model_fields.items():
-            yield model.__name__, name, field
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, config.Section):
-                yield from walk(ann)
+def sections_in(annotation) -> list[type]:
+    """The sections (models and pydantic dataclasses) inside a field's annotation: ``X``,
+    ``X | None``, ``dict[str, X | Y]``, ``list[X]``..."""
+    found = []
+    if isinstance(annotation, type) and (issubclass(annotation, BaseModel) or hasattr(annotation, "__pydantic_fields__")):
+        found.append(annotation)
+    for arg in typing.get_args(annotation):
+        found += sections_in(arg)
+    return found
 
-    missing = [f"{m}.{n}" for m, n, f in walk(config.Params) if m != "Params" and not f.description]
+
+def walk_schema(section: type, seen: set[type] | None = None):
+    """Every (section, field name, FieldInfo) reachable from ``section``."""
+    seen = set() if seen is None else seen
+    if section in seen:
+        return
+    seen.add(section)
+    fields = section.model_fields if issubclass(section, BaseModel) else section.__pydantic_fields__
+    for name, field in fields.items():
+        yield section, name, field
+        for sub in sections_in(field.annotation):
+            yield from walk_schema(sub, seen)
+
+
+def test_every_field_is_documented():
+    walked = list(walk_schema(config.Params))
+    missing = [f"{m.__name__}.{n}" for m, n, f in walked if m is not config.Params and not f.description]
     assert not missing, f"fields without a docstring: {missing}"
+    reached = {m for m, _, _ in walked}
+    # the walk reaches the sections inside mappings, unions and optional values
+    assert {config.C4Settings, config.GopherQualitySettings, config.GopherRepetitionSettings, config.FineWebSettings,
+            config.LanguageSettings, config.MinHashConfig, config.ModelConfig, config.LocalTask} <= reached
+    assert len(walked) > 150
+    # and the model's own configuration, outside params.yaml, is documented too
+    missing = [f"GPTConfig.{n}" for _, n, f in walk_schema(GPTConfig) if not f.description]
+    assert not missing
+
+
+def test_model_shape_is_defined_once():
+    shape = set(config.ModelShape.model_fields)
+    assert shape == {"n_layer", "n_head", "n_kv_heads", "n_embd", "block_size", "mlp_ratio", "dropout",
+                     "tie_embeddings", "rope_theta"}
+    assert set(config.ModelConfig.model_fields) == shape | {"preset"}
+    assert set(GPTConfig.model_fields) == shape | {"vocab_size"}
+    def spec(f):
+        return f.annotation, f.default, f.description, repr(f.metadata)
+
+    for name in shape:  # the same field (default, constraints, docstring), inherited
+        assert spec(GPTConfig.model_fields[name]) == spec(config.ModelShape.model_fields[name]) \
+            == spec(config.ModelConfig.model_fields[name])
+    m = config.ModelConfig(preset="llama-350m", dropout=0.1)
+    g = GPTConfig(vocab_size=512, **m.shape())
+    assert (g.n_layer, g.kv_heads, g.head_dim, g.dropout, g.vocab_size) == (24, 4, 64, 0.1, 512)
+    assert GPTConfig(**json.loads(json.dumps(g.model_dump()))) == g and hash(g) == hash(GPTConfig(**g.model_dump()))
+    with pytest.raises(ValueError):
+        g.n_layer = 3  # frozen
+    with pytest.raises(ValueError, match="divisible"):  # the shape's own checks hold for the model too
+        GPTConfig(vocab_size=64, n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="vocab_size"):
+        GPTConfig(n_layer=2)
+    # a model folder's config.json: the same keys and values as the dataclass gave
+    assert g.model_dump() == {"vocab_size": 512, "n_layer": 24, "n_head": 16, "n_kv_heads": 4, "n_embd": 1024,
+                              "block_size": 1024, "mlp_ratio": 8 / 3, "dropout": 0.1, "tie_embeddings": True,
+                              "rope_theta": 10000.0}
 
 
 def test_yaml_bare_no_means_no(tmp_path):

@@ -11,6 +11,7 @@ from collections import Counter
 import pytest
 
 from lmcore.data.clean import filters as F
+from lmcore.data.clean import words as W
 
 PROSE = """The old lighthouse keeper climbed the narrow stairs every evening, carrying a lamp and a small notebook.
 He wrote down the colour of the sky, the direction of the wind and the names of the ships that passed.
@@ -80,7 +81,7 @@ def test_prose_passes_every_filter_unchanged():
      ["Visit", "https://example.com/a?b=1", "or", "www.test.org", ",", "then", "email", "me", "."]),
 ])
 def test_split_words_matches_spacy(text, expected):
-    assert F.split_words(text) == expected
+    assert W.split_words(text) == expected
 
 
 @pytest.mark.parametrize("line, n", [
@@ -91,7 +92,7 @@ def test_split_words_matches_spacy(text, expected):
     ("One sentence only", 1),
 ])
 def test_count_sentences_matches_spacy_sentencizer(line, n):
-    assert F.count_sentences(line) == n
+    assert W.count_sentences(line) == n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,8 +176,8 @@ def test_ngram_arithmetic_matches_datatrove_definitions():
     for _ in range(300):
         ws = [rng.choice(vocab) for _ in range(rng.randint(5, 60))]
         text = " ".join(ws)
-        d = F._analyse(text)
-        assert F.split_words(text) == ws
+        d = W.analyse(text)
+        assert W.split_words(text) == ws
         for n in (2, 3, 4):
             assert F._top_gram_chars(d, n) == reference_top(ws, n)
             assert F._top_gram_chars(d, n) <= F._top_gram_bound(d, n)
@@ -256,7 +257,7 @@ def reference_c4(text: str) -> tuple[bool, str | None, str]:
             return False, "curly_bracket", text
         if any(p in low for p in F._POLICY):
             continue
-        num_sentences += F.count_sentences(line)
+        num_sentences += W.count_sentences(line)
         kept.append(line)
     if num_sentences < 5:
         return False, "too_few_sentences", text
@@ -327,7 +328,7 @@ def test_same_results_across_vocabulary_resets_and_pickling(monkeypatch):
     texts = [PROSE, PROSE.replace("keeper", "warden"), "\n".join([PROSE] * 3), words(80) + "."]
     steps = [F.GopherQualityFilter(), F.GopherRepetitionFilter(), F.FineWebQualityFilter()]
     expected = [[s(t) for s in steps] for t in texts]
-    monkeypatch.setattr(F._Vocab, "MAX_CHUNKS", 5)  # a fresh vocabulary for nearly every text
+    monkeypatch.setattr(W.Vocab, "MAX_CHUNKS", 5)  # a fresh vocabulary for nearly every text
     assert [[s(t) for s in steps] for t in texts] == expected
     copies = pickle.loads(pickle.dumps(steps))  # as a process pool ships them
     assert [[s(t) for s in copies] for t in texts] == expected
@@ -348,6 +349,6 @@ def test_line_marks_follow_str_splitlines():
 
 
 def test_sentences_with_runs_of_spaces_and_quotes():
-    assert F.count_sentences("It rained.  Then it stopped.") == 2
-    assert F.count_sentences("(Really?) Yes.") == 2
-    assert F.count_sentences("Dr. Who arrived at 5 p.m. and left.") == 1
+    assert W.count_sentences("It rained.  Then it stopped.") == 2
+    assert W.count_sentences("(Really?) Yes.") == 2
+    assert W.count_sentences("Dr. Who arrived at 5 p.m. and left.") == 1

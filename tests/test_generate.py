@@ -211,6 +211,45 @@ def test_rows_stop_at_end_of_text_and_stop_counting():
     assert all(c.tokens == free[1][:4] for c in everyone)
 
 
+def test_sampling_fields_are_defined_once():
+    import argparse
+
+    from lmcore.cli.generate import add_sampling_flags, settings
+    from lmcore.config import EvaluateConfig, Sampling
+
+    names = ["max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"]
+    assert list(Sampling.model_fields) == names
+    assert list(GenerationConfig.model_fields) == names + ["use_cache"]
+    for name in names:  # the same type, constraints and docstring everywhere
+        f, g, e = Sampling.model_fields[name], GenerationConfig.model_fields[name], EvaluateConfig.model_fields[name]
+        assert f.description and g.description == e.description == f.description
+        assert repr(g.metadata) == repr(e.metadata) == repr(f.metadata)
+    # the library's defaults (plain sampling) and evaluate's (params.yaml) differ only in their values
+    lib, ev = GenerationConfig(), EvaluateConfig()
+    assert (lib.max_new_tokens, lib.temperature, lib.top_k, lib.top_p, lib.repetition_penalty, lib.seed,
+            lib.use_cache) == (64, 1.0, None, None, 1.0, None, True)
+    assert (ev.max_new_tokens, ev.temperature, ev.top_k, ev.top_p, ev.repetition_penalty, ev.seed) == \
+        (64, 0.8, 50, 1.0, 1.0, 1234)
+    with pytest.raises(ValueError, match="evaluate.top_k"):
+        from lmcore.config import from_dict
+
+        from_dict({"evaluate": {"top_k": 0}})
+    # the lmcore generate flags: one per field, typed and documented by it, evaluate's values as defaults
+    p = argparse.ArgumentParser()
+    add_sampling_flags(p)
+    p.add_argument("--no-cache", action="store_true")
+    flags = {a.dest: a for a in p._actions if a.dest in names}
+    assert list(flags) == names
+    assert all(a.option_strings == ["--" + n.replace("_", "-")] for n, a in flags.items())
+    assert flags["top_k"].type is int and flags["top_p"].type is float and flags["seed"].type is int
+    assert "Nucleus sampling" in flags["top_p"].help and "evaluate.top_p" in flags["top_p"].help
+    assert settings(p.parse_args([]), ev) == GenerationConfig(temperature=0.8, top_k=50, top_p=1.0, seed=1234)
+    got = settings(p.parse_args(["--top-k", "0", "--seed", "3", "--no-cache"]), ev)
+    assert (got.top_k, got.seed, got.temperature, got.use_cache) == (None, 3, 0.8, False)
+    with pytest.raises(Exception, match=r"--temperature = -1.0 is invalid.*; --top-p = 2.0 is invalid"):
+        settings(p.parse_args(["--temperature", "-1", "--top-p", "2"]), ev)
+
+
 def test_settings_are_checked_by_name():
     for kw, name in ((dict(temperature=-1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=0), "top_k"),
                      (dict(repetition_penalty=0), "repetition_penalty")):

@@ -6,16 +6,18 @@ Argument parsing, prompt files and printing; the generation itself is :mod:`lmco
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from lmcore import config
-from lmcore.config import ConfigError, EvaluateConfig
+from lmcore.config import ConfigError, EvaluateConfig, Sampling
 from lmcore.core.errors import StageError
 from lmcore.core.layout import Layout
 
@@ -37,15 +39,30 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--file", help="a file of prompts, one per line (.jsonl: one JSON string or {'prompt': ...} "
                                   "per line); '-' is standard input")
-    p.add_argument("--max-new-tokens", type=int, help="tokens per prompt at most (default: evaluate.max_new_tokens)")
-    p.add_argument("--temperature", type=float, help="0 is greedy (default: evaluate.temperature)")
-    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens; 0: all (default: evaluate.top_k)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling, 1: off (default: evaluate.top_p)")
-    p.add_argument("--repetition-penalty", type=float, help="1: off (default: evaluate.repetition_penalty)")
-    p.add_argument("--seed", type=int, help="sampling seed (default: evaluate.seed)")
+    add_sampling_flags(p)
     p.add_argument("--no-cache", action="store_true", help="encode the whole sequence at every step (slower; "
                                                             "the reference path)")
     p.add_argument("--no-stream", action="store_true", help="print each text once complete, not token by token")
+
+
+# what a flag's value means beyond the field's own documentation
+_FLAG_NOTES = {"top_k": "0: all."}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a :class:`lmcore.config.Sampling` field: ``top_k`` -> ``--top-k``."""
+    return "--" + name.replace("_", "-")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per field of :class:`lmcore.config.Sampling`, its type and help from the field
+    (the default of each is the field of the params file's ``evaluate`` section)."""
+    for name, f in Sampling.model_fields.items():
+        kinds = [t for t in (f.annotation, *typing.get_args(f.annotation)) if t in (int, float)]
+        doc = " ".join((f.description or "").replace("``", "").split())
+        note = f" {_FLAG_NOTES[name]}" if name in _FLAG_NOTES else ""
+        p.add_argument(flag(name), type=kinds[0], metavar=name.upper(),
+                       help=f"{doc}{note} (default: evaluate.{name})".replace("%", "%%"))
 
 
 def read_prompts(path: str | Path | None, stdin=None) -> list[str]:
@@ -82,28 +99,21 @@ def read_prompts(path: str | Path | None, stdin=None) -> list[str]:
     return out
 
 
-def settings(args: argparse.Namespace, defaults):
-    """Command-line values over ``defaults`` (an :class:`lmcore.config.EvaluateConfig`), as a
-    :class:`lmcore.generate.GenerationConfig`."""
+def settings(args: argparse.Namespace, defaults: Sampling) -> Any:
+    """Command-line values over ``defaults`` (the sampling fields of an
+    :class:`lmcore.config.EvaluateConfig`), as a :class:`lmcore.generate.GenerationConfig`."""
     # lazy: the CLI loads a command's code (torch) only when that command runs
     from lmcore.generate import GenerationConfig
 
-    def pick(name: str, default: Any) -> Any:
-        v = getattr(args, name)
-        return default if v is None else v
-
-    top_k = pick("top_k", defaults.top_k)
+    values = {name: getattr(defaults, name) if getattr(args, name) is None else getattr(args, name)
+              for name in Sampling.model_fields}
+    if values["top_k"] == 0:
+        values["top_k"] = None
     try:
-        return GenerationConfig(max_new_tokens=pick("max_new_tokens", defaults.max_new_tokens),
-                                temperature=pick("temperature", defaults.temperature),
-                                top_k=None if top_k == 0 else top_k, top_p=pick("top_p", defaults.top_p),
-                                repetition_penalty=pick("repetition_penalty", defaults.repetition_penalty),
-                                seed=pick("seed", defaults.seed), use_cache=not args.no_cache)
-    except ValueError as e:  # name the command-line option (params.yaml's values were checked on loading)
-        msg = str(e)
-        for f in dataclasses.fields(GenerationConfig):
-            msg = msg.replace(f"{f.name} =", f"--{f.name.replace('_', '-')} =")
-        raise StageError(msg) from None
+        return GenerationConfig(**values, use_cache=not args.no_cache)
+    except ValidationError as e:  # name the command-line option (params.yaml's values were checked on loading)
+        raise StageError("; ".join(f"{flag(str(err['loc'][0]))} = {err['input']!r} is invalid ({err['msg']})"
+                                   if err["loc"] else err["msg"] for err in e.errors())) from None
 
 
 def main(args: argparse.Namespace, stdin=None, stdout=None) -> int:

@@ -50,30 +50,19 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field
+
+from lmcore.config import ModelShape
 
 
-@dataclasses.dataclass(frozen=True)
-class GPTConfig:
-    vocab_size: int
+class GPTConfig(ModelShape):
+    """The decoder's configuration: the shape fields of :class:`lmcore.config.ModelShape` (their
+    defaults, documentation and checks) and the vocabulary size. Frozen and hashable;
+    ``GPTConfig(**cfg.model_dump())`` gives it back (the ``model`` section of a model folder's
+    ``config.json``)."""
+
+    vocab_size: int = Field(ge=1)
     """Number of token ids."""
-    n_layer: int = 4
-    """Transformer blocks."""
-    n_head: int = 4
-    """Attention (query) heads."""
-    n_kv_heads: int | None = None
-    """Key/value heads for grouped-query attention (must divide ``n_head``); None: ``n_head``."""
-    n_embd: int = 256
-    """Residual stream width."""
-    block_size: int = 256
-    """Maximum context length."""
-    mlp_ratio: float = 8 / 3
-    """SwiGLU hidden width relative to ``n_embd`` (rounded up to a multiple of 64)."""
-    dropout: float = 0.0
-    """Dropout probability on attention and residual outputs."""
-    tie_embeddings: bool = True
-    """Share the token embedding with the output head."""
-    rope_theta: float = 10000.0
-    """RoPE base."""
 
     @property
     def head_dim(self) -> int:

@@ -5,7 +5,6 @@ Weights are never pickled: safetensors holds them, JSON holds the shape.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ def save_model(model: torch.nn.Module, folder: Path, config: dict[str, Any], ext
 
 
 def save_gpt(model: GPT, folder: Path, extra: dict[str, Any] | None = None) -> Path:
-    return save_model(model, folder, {"model": dataclasses.asdict(model.cfg)}, extra)
+    return save_model(model, folder, {"model": model.cfg.model_dump()}, extra)
 
 
 def read_config(folder: Path) -> dict[str, Any]:

@@ -312,7 +312,7 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
 
         if accelerator.is_main_process:
 
-            config = {"model": dataclasses.asdict(model.backbone.cfg), "task": spec.to_dict(), "dropout": hp.dropout,
+            config = {"model": model.backbone.cfg.model_dump(), "task": spec.to_dict(), "dropout": hp.dropout,
                       "max_length": max_len, "best_epoch": best["epoch"]}
             summary = {"task": spec.name, "glue": spec.is_glue, "metrics": result, "history": best["history"],
                        "hyperparameters": hp.model_dump(), "submissions": files}

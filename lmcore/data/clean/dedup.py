@@ -27,7 +27,7 @@ survives and ``s = q / (2 - q)``. With 5-word shingles: p = 1 % -> s = 0.91, 2 %
 3 % -> 0.75, 4 % -> 0.69, 5 % -> 0.63, 8 % -> 0.49, 10 % -> 0.42. In other words a Jaccard
 threshold of 0.8 on 5-word shingles means "about 2 % of the words changed", not "a few per cent".
 
-Defaults (see :class:`MinHashConfig`): 5-word shingles, 112 permutations in 28 bands of 4 rows
+Defaults (see :class:`lmcore.config.MinHashConfig`): 5-word shingles, 112 permutations in 28 bands of 4 rows
 (effective threshold 0.43: edited copies become candidates even at s ~ 0.5), and candidates
 confirmed by the Jaccard similarity estimated from the two signatures, >= 0.5. So "near
 duplicate" here means s >= ~0.5, i.e. up to ~7 % of the words edited. Measured share of copies
@@ -48,7 +48,6 @@ verification; ``tests/test_dedup.py`` prints these rates.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import re
 from collections import Counter
@@ -56,6 +55,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import xxhash
+
+from lmcore.config import MinHashConfig
 
 __all__ = [
     "DedupIndex",
@@ -80,66 +81,7 @@ _M29 = _U64((1 << 29) - 1)
 
 
 # ---------------------------------------------------------------------------------------------
-# configuration
-
-
-@dataclasses.dataclass(frozen=True)
-class MinHashConfig:
-    """MinHash and LSH settings of near-duplicate detection (``clean.minhash`` in params.yaml)."""
-
-    shingle_size: int = 5
-    """Words per shingle (a word n-gram of the normalised text, see :func:`normalize_words`). A
-    document with fewer words is one shingle of all of them. Shorter shingles make edited copies
-    more similar (3 % of words replaced: s = 0.84 with 3 words, 0.75 with 5) but also unrelated
-    documents that share common phrases."""
-    num_perm: int = 112
-    """Hash permutations, i.e. values in a signature; must equal ``bands * rows``. The Jaccard
-    estimate from two signatures has a standard deviation of sqrt(s (1 - s) / num_perm): 0.047
-    at s = 0.5."""
-    bands: int = 28
-    """LSH bands: two documents are candidates when all rows of one band agree. More bands catch
-    more distant copies and cost one 8-byte key per band per kept document in the index."""
-    rows: int = 4
-    """Signature values per band. With 28 x 4, P(candidate | s) is 0.99 at s = 0.63 (5 % of
-    the words changed), 0.20 at s = 0.3 and 0.04 at s = 0.2; the effective threshold
-    (1/bands)**(1/rows) is 0.43, so candidates are confirmed with ``verify_threshold``."""
-    seed: int = 1
-    """Seed of the permutations. Signatures made with different seeds (or other settings) are
-    not comparable."""
-    verify_threshold: float | None = 0.5
-    """Confirm a candidate only when the Jaccard similarity estimated from the two signatures
-    (the fraction of equal values) is at least this; None drops every candidate unchecked. The
-    index then keeps 112 bytes per kept document (the low byte of every signature value) and a
-    4-byte document number per band key."""
-
-    def __post_init__(self) -> None:
-        for name in ("shingle_size", "num_perm", "bands", "rows"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"MinHashConfig.{name} must be a positive integer, got {v!r}")
-        if self.bands * self.rows != self.num_perm:
-            raise ValueError(f"MinHashConfig: num_perm ({self.num_perm}) must equal bands * rows "
-                             f"({self.bands} * {self.rows} = {self.bands * self.rows})")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
-            raise ValueError(f"MinHashConfig.seed must be an integer in [0, 2**64), got {self.seed!r}")
-        t = self.verify_threshold
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0):
-            raise ValueError(f"MinHashConfig.verify_threshold must be None or in (0, 1], got {t!r}")
-
-    @classmethod
-    def from_dict(cls, overrides: dict[str, Any] | None) -> MinHashConfig:
-        """The defaults with ``overrides`` applied; unknown keys raise ValueError naming them."""
-        overrides = dict(overrides or {})
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"MinHashConfig: unknown field(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(f.name for f in dataclasses.fields(cls))}")
-        return cls(**overrides)
-
-    @property
-    def threshold(self) -> float:
-        """The effective LSH threshold ``(1/bands)**(1/rows)``."""
-        return (1.0 / self.bands) ** (1.0 / self.rows)
+# configuration: MinHashConfig (``clean.minhash``) is defined with the other settings in lmcore.config
 
 
 def p_candidate(s: float | np.ndarray, bands: int, rows: int) -> float | np.ndarray:

@@ -88,14 +88,14 @@ def build_steps(cfg: CleanConfig) -> list[tuple[str, Any]]:
     if cfg.redact_pii:
         steps.append(("normalizer", PIIRedactor()))
     steps += [("filter", MinLengthFilter(cfg.min_chars)), ("filter", MaxLengthFilter(cfg.max_chars))]
-    for name, overrides in cfg.filters.items():
-        steps += make_filters(name, overrides or {})
+    for name, settings in cfg.filters.items():
+        steps += make_filters(name, settings)
     return steps
 
 
-def minhash_config(cfg: CleanConfig):
-
-    return MinHashConfig.from_dict(cfg.minhash) if cfg.minhash is not None else None
+def minhash_config(cfg: CleanConfig) -> MinHashConfig | None:
+    """The MinHash settings of ``cfg`` (None: near-duplicate removal is off)."""
+    return cfg.minhash
 
 
 # ---------------------------------------------------------------------------------------------
