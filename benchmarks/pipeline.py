@@ -7,8 +7,10 @@ fine-tuned task, the model's validation score beside the majority-class and bag-
         --set prepare.tasks.kind=glue_dir prepare.tasks.glue_dir=$PWD/../shared/data/glue \\
               'prepare.tasks.tasks=[cola, sst2, stsb]'      # the same pipeline on real GLUE files
 
-Uses the current venv's dvc and lmcore. ``--set key=value`` changes params.yaml in the clone
-(the value is read as YAML); ``--workdir`` keeps the clone (default: a temporary folder). Given
+Uses the current venv's dvc and libraries, and the clone's own lmcore (``PYTHONPATH`` is the
+clone, so that every stage runs the code being timed, whatever the venv's editable install points
+at). ``--set key=value`` changes params.yaml in the clone (the value is read as YAML);
+``--workdir`` keeps the clone (default: a temporary folder). Given
 an existing clone, ``--workdir`` runs there again: DVC skips the stages whose inputs did not
 change, so after a default run, ``--set`` with GLUE tasks times only what they change.
 """
@@ -50,6 +52,7 @@ def run(workdir: Path, sets: list[str]) -> tuple[dict[str, float], dict[str, dic
     per stage (the fine-tune group per task), the metrics files and the clone's commit."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "PYTHONPATH": str(workdir.resolve()),
            "MLFLOW_DISABLE_TELEMETRY": "true", "LMCORE_PIPELINE_RUN": f"bench-{int(time.time())}"}
     if not workdir.exists():
         subprocess.run(["git", "clone", "-q", str(ROOT), str(workdir)], check=True)
