@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from lmcore.config import MODEL_PRESETS  # noqa: E402
 from lmcore.core.machine import cpu_name  # noqa: E402
 from lmcore.generate import GenerationConfig, generate  # noqa: E402
-from lmcore.model.decoder import GPT, GPTConfig  # noqa: E402
+from lmcore.model.decoder import Decoder, DecoderConfig  # noqa: E402
 
 
 def commit() -> str:
@@ -44,16 +44,16 @@ def commit() -> str:
     return head + (" + uncommitted" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def load_model(folder: str | None, vocab: int) -> GPT:
+def load_model(folder: str | None, vocab: int) -> Decoder:
     if folder:
         from lmcore.model.folder import load_lm
 
         return load_lm(folder)[0]
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=vocab, **MODEL_PRESETS["small"])).float().eval()
+    return Decoder(DecoderConfig(vocab_size=vocab, **MODEL_PRESETS["small"])).float().eval()
 
 
-def run(model: GPT, batch: int, cache: bool, prompt_tokens: int, new_tokens: int) -> float:
+def run(model: Decoder, batch: int, cache: bool, prompt_tokens: int, new_tokens: int) -> float:
     """Seconds to generate ``new_tokens`` for each of ``batch`` random prompts."""
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(0, model.cfg.vocab_size, (batch, prompt_tokens), generator=g).tolist()

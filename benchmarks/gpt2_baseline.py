@@ -9,7 +9,7 @@ except the output head, the output head tied to the token embedding. Initialisat
 normal(0, 0.02) for linear layers and both embeddings, zero biases, LayerNorm 1/0, and the two
 residual output projections (``attn.c_proj``, ``mlp.c_proj``) at 0.02 / sqrt(2 x layers).
 
-It takes lmcore's :class:`lmcore.model.decoder.GPTConfig` (``mlp_ratio``, ``n_kv_heads`` and
+It takes lmcore's :class:`lmcore.model.decoder.DecoderConfig` (``mlp_ratio``, ``n_kv_heads`` and
 ``rope_theta`` are Llama options and ignored: GPT-2's MLP is 4x wide and every head has its own
 keys and values) and offers what ``lmcore.train.pretrain.pretrain(..., build_model=GPT2)`` uses:
 ``forward(idx, targets=None, reduction="mean") -> (logits, loss)`` (targets of -100 ignored),
@@ -28,11 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmcore.model.decoder import GPTConfig
+from lmcore.model.decoder import DecoderConfig
 
 
 class GPT2Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
@@ -48,7 +48,7 @@ class GPT2Attention(nn.Module):
 
 
 class GPT2MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
@@ -58,7 +58,7 @@ class GPT2MLP(nn.Module):
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=1e-5)
         self.attn = GPT2Attention(cfg)
@@ -74,7 +74,7 @@ class GPT2Block(nn.Module):
 class GPT2(nn.Module):
     """GPT-2 with lmcore's interface (see the module docstring)."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)  # GPT-2's wte
@@ -129,6 +129,6 @@ class GPT2(nn.Module):
 
     def flops_per_token(self) -> int:
         """6 x matmul_params + 12 x layers x width x context: lmcore's formula
-        (:meth:`lmcore.model.decoder.GPT.flops_per_token`)."""
+        (:meth:`lmcore.model.decoder.Decoder.flops_per_token`)."""
         c = self.cfg
         return 6 * self.matmul_params() + 12 * c.n_layer * c.n_embd * c.block_size

@@ -162,9 +162,9 @@ def finalize(spec: dict[str, Any], tps: float, budget_s: float) -> dict[str, Any
 def architectures():
     from gpt2_baseline import GPT2
 
-    from lmcore.model.decoder import GPT
+    from lmcore.model.decoder import Decoder
 
-    return {"lmcore": GPT, "gpt2": GPT2}
+    return {"lmcore": Decoder, "gpt2": GPT2}
 
 
 def run_probe(job: dict[str, Any]) -> dict[str, Any]:
@@ -175,7 +175,7 @@ def run_probe(job: dict[str, Any]) -> dict[str, Any]:
     from lmcore.data.encode import load_manifest, load_tokens
     from lmcore.train.accel import make_accelerator
     from lmcore.train.optim import build_optimizers
-    from lmcore.train.pretrain import NONFINITE_HINT, gpt_config
+    from lmcore.train.pretrain import NONFINITE_HINT, decoder_config
     from lmcore.train.sampler import WindowSampler, micro_batches
     from lmcore.train.step import TrainState, train_step
 
@@ -192,7 +192,7 @@ def run_probe(job: dict[str, Any]) -> dict[str, Any]:
     for spec in job["specs"]:
         cfg = PretrainConfig(**{**spec["pretrain"], "max_steps": 10, "warmup_steps": 0})
         torch.manual_seed(cfg.seed)
-        gcfg = gpt_config(cfg.model, vocab)
+        gcfg = decoder_config(cfg.model, vocab)
         model = archs[spec["arch"]](gcfg)
         opts = build_optimizers(model, cfg)
         model, *opts = acc.prepare(model, *opts)
@@ -231,7 +231,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     from lmcore.config import PretrainConfig, TrackingConfig
     from lmcore.data.encode import load_manifest, load_tokens
     from lmcore.eval.windows import sliding_window_nll
-    from lmcore.model.decoder import GPTConfig
+    from lmcore.model.decoder import DecoderConfig
     from lmcore.train.flops import resolve_precision
     from lmcore.train.pretrain import pretrain
 
@@ -257,7 +257,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         tokens_dir = Path(job["tokens"])
         info = load_manifest(tokens_dir)["splits"]["validation"]
         cfg_json = json.loads((res.model_dir / "config.json").read_text())
-        model = arch(GPTConfig(**cfg_json["model"]))
+        model = arch(DecoderConfig(**cfg_json["model"]))
         load_model(model, str(res.model_dir / "model.safetensors"))
         block = model.cfg.block_size
         t1 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Training throughput and MFU of lmcore's GPT beside Hugging Face GPT-2 and Llama of the same shape.
+"""Training throughput and MFU of lmcore's Decoder beside Hugging Face GPT-2 and Llama of the same shape.
 
 Every model trains on the same random token batches with the same step: bf16 autocast (how
 lmcore's pretrain runs: Accelerate's bf16 mixed precision is autocast, parameters stay fp32),
@@ -13,7 +13,7 @@ calls, before and after the rounds; the larger of the two), in bf16 and in float
 
     python benchmarks/train_throughput.py                       # small (4x256) and mini (6x384)
     python benchmarks/train_throughput.py --shapes 6x6x384 --rounds 5 --steps 4
-    python benchmarks/train_throughput.py --baseline HEAD~3     # also lmcore/model.py of a commit
+    python benchmarks/train_throughput.py --baseline HEAD~3     # also the model of a commit
     python benchmarks/train_throughput.py --precision fp32      # plain float32 instead of autocast
     python benchmarks/train_throughput.py --compile             # torch.compile every model
 
@@ -41,29 +41,38 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmcore.core.machine import cpu_name, git_commit  # noqa: E402
-from lmcore.model.decoder import GPT, GPTConfig  # noqa: E402
+from lmcore.model.decoder import Decoder, DecoderConfig  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # the models
 
 
-def lmcore_model(L: int, H: int, C: int, T: int, vocab: int) -> tuple[nn.Module, GPTConfig]:
-    cfg = GPTConfig(vocab_size=vocab, n_layer=L, n_head=H, n_embd=C, block_size=T, dropout=0.0)
-    return GPT(cfg), cfg
+def lmcore_model(L: int, H: int, C: int, T: int, vocab: int) -> tuple[nn.Module, DecoderConfig]:
+    cfg = DecoderConfig(vocab_size=vocab, n_layer=L, n_head=H, n_embd=C, block_size=T, dropout=0.0)
+    return Decoder(cfg), cfg
 
 
 def model_module_at(rev: str):
-    """lmcore/model.py as of git revision ``rev``, imported as a module of its own."""
+    """The model module as of git revision ``rev`` (``lmcore/model/decoder.py``, or
+    ``lmcore/model.py`` before the layered package), imported as a module of its own; its model
+    class is ``Decoder`` (``GPT`` before the rename)."""
     import importlib.util
 
     root = Path(__file__).resolve().parents[1]
-    src = subprocess.run(["git", "show", f"{rev}:lmcore/model.py"], cwd=root, capture_output=True, text=True,
-                         check=True).stdout
+    for path in ("lmcore/model/decoder.py", "lmcore/model.py"):
+        res = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True)
+        if res.returncode == 0:
+            src = res.stdout
+            break
+    else:
+        raise SystemExit(f"--baseline {rev}: neither lmcore/model/decoder.py nor lmcore/model.py at that revision")
     name = f"lmcore_model_at_{rev.replace('~', '_').replace('^', '_')}"
     spec = importlib.util.spec_from_loader(name, loader=None)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod  # dataclasses look their module up
-    exec(compile(src, f"{rev}:lmcore/model.py", "exec"), mod.__dict__)
+    exec(compile(src, f"{rev}:{path}", "exec"), mod.__dict__)
+    if not hasattr(mod, "Decoder"):
+        mod.Decoder, mod.DecoderConfig = mod.GPT, mod.GPTConfig
     return mod
 
 
@@ -173,7 +182,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=4096, help="vocabulary (the default pipeline's tokenizer: 4096)")
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--models", default="lmcore,gpt2,llama", help="any of lmcore, gpt2, llama")
-    p.add_argument("--baseline", metavar="REV", help="also run lmcore/model.py as of this git revision")
+    p.add_argument("--baseline", metavar="REV", help="also run the model module as of this git revision")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per model before the rounds")
     p.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
     p.add_argument("--rounds", type=int, default=3, help="rounds over the models")
@@ -206,7 +215,8 @@ def main() -> None:
             elif name.startswith("lmcore@"):
                 old = model_module_at(args.baseline)
                 torch.manual_seed(args.seed)
-                model = old.GPT(old.GPTConfig(vocab_size=args.vocab, n_layer=L, n_head=H, n_embd=C, block_size=T))
+                model = old.Decoder(old.DecoderConfig(vocab_size=args.vocab, n_layer=L, n_head=H, n_embd=C,
+                                                      block_size=T))
                 fpt = flops_per_token(model, L, C, T)
             elif name == "gpt2":
                 torch.manual_seed(args.seed)

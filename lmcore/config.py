@@ -613,7 +613,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 class ModelShape(Section):
     """Shape of the decoder (Llama style: RoPE, RMSNorm, SwiGLU, no biases): the fields shared by
-    ``pretrain.model`` (:class:`ModelConfig`) and the model's own :class:`lmcore.model.decoder.GPTConfig`
+    ``pretrain.model`` (:class:`ModelConfig`) and the model's own :class:`lmcore.model.decoder.DecoderConfig`
     (which adds ``vocab_size``), defined once here."""
 
     n_layer: int = Field(default=4, ge=1)
@@ -664,7 +664,7 @@ class ModelConfig(ModelShape):
 
     def shape(self) -> dict[str, Any]:
         """The fields of :class:`ModelShape` (everything but ``preset``), for
-        :class:`lmcore.model.decoder.GPTConfig`."""
+        :class:`lmcore.model.decoder.DecoderConfig`."""
         return {name: getattr(self, name) for name in ModelShape.model_fields}
 
 

@@ -34,7 +34,7 @@ from lmcore.config import ExportConfig, TrackingConfig, flatten
 from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, require, write_json
 from lmcore.data.tokenizer import load
-from lmcore.model.folder import load_gpt
+from lmcore.model.folder import load_decoder
 from lmcore.model.llama import hf_name
 from lmcore.tracking import stage_run
 
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 def llama_config(gcfg: Any, eps: float, dtype: str, ids: dict[str, int]) -> dict[str, Any]:
-    """``config.json`` of the Llama model equivalent to an lmcore ``GPTConfig``."""
+    """``config.json`` of the Llama model equivalent to an lmcore ``DecoderConfig``."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -176,7 +176,7 @@ def export(cfg: ExportConfig, model_dir: Path, tokenizer_dir: Path, out: Path, m
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
 
     with stage_run("export", tracking, flatten(cfg, "export.")) as tr:
-        model = load_gpt(model_dir).eval()
+        model = load_decoder(model_dir).eval()
         g = model.cfg
         if tok.get_vocab_size() > g.vocab_size:
             raise StageError(f"{tokenizer_dir}: the tokenizer has {tok.get_vocab_size()} tokens but the model in "

@@ -121,7 +121,7 @@ def positions_of(real: torch.Tensor) -> torch.Tensor:
 def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = GenerationConfig(),
            stop_id: int | None = None, pad_id: int = 0) -> Iterator[list[int | None]]:
     """Generate continuations of ``prompts`` (lists of token ids, of any lengths) with ``model``
-    (a :class:`lmcore.model.decoder.GPT`), one step at a time: each step yields the new token of every row,
+    (a :class:`lmcore.model.decoder.Decoder`), one step at a time: each step yields the new token of every row,
     None for rows that have stopped. A row's ``stop_id`` token is yielded once and ends the row.
     ``pad_id`` fills the left of shorter prompts and the rows that stopped (it is masked out, so
     any id will do). The model is put in eval mode while the loop runs, without autograd."""

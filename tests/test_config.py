@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from lmcore import config
 from lmcore.config import ConfigError
-from lmcore.model.decoder import GPTConfig
+from lmcore.model.decoder import DecoderConfig
 
 
 def test_repo_params_validate_and_defaults_match():
@@ -108,7 +108,7 @@ def test_every_field_is_documented():
             config.LanguageSettings, config.MinHashConfig, config.ModelConfig, config.LocalTask} <= reached
     assert len(walked) > 150
     # and the model's own configuration, outside params.yaml, is documented too
-    missing = [f"GPTConfig.{n}" for _, n, f in walk_schema(GPTConfig) if not f.description]
+    missing = [f"DecoderConfig.{n}" for _, n, f in walk_schema(DecoderConfig) if not f.description]
     assert not missing
 
 
@@ -117,23 +117,23 @@ def test_model_shape_is_defined_once():
     assert shape == {"n_layer", "n_head", "n_kv_heads", "n_embd", "block_size", "mlp_ratio", "dropout",
                      "tie_embeddings", "rope_theta"}
     assert set(config.ModelConfig.model_fields) == shape | {"preset"}
-    assert set(GPTConfig.model_fields) == shape | {"vocab_size"}
+    assert set(DecoderConfig.model_fields) == shape | {"vocab_size"}
     def spec(f):
         return f.annotation, f.default, f.description, repr(f.metadata)
 
     for name in shape:  # the same field (default, constraints, docstring), inherited
-        assert spec(GPTConfig.model_fields[name]) == spec(config.ModelShape.model_fields[name]) \
+        assert spec(DecoderConfig.model_fields[name]) == spec(config.ModelShape.model_fields[name]) \
             == spec(config.ModelConfig.model_fields[name])
     m = config.ModelConfig(preset="llama-350m", dropout=0.1)
-    g = GPTConfig(vocab_size=512, **m.shape())
+    g = DecoderConfig(vocab_size=512, **m.shape())
     assert (g.n_layer, g.kv_heads, g.head_dim, g.dropout, g.vocab_size) == (24, 4, 64, 0.1, 512)
-    assert GPTConfig(**json.loads(json.dumps(g.model_dump()))) == g and hash(g) == hash(GPTConfig(**g.model_dump()))
+    assert DecoderConfig(**json.loads(json.dumps(g.model_dump()))) == g and hash(g) == hash(DecoderConfig(**g.model_dump()))
     with pytest.raises(ValueError):
         g.n_layer = 3  # frozen
     with pytest.raises(ValueError, match="divisible"):  # the shape's own checks hold for the model too
-        GPTConfig(vocab_size=64, n_embd=30, n_head=4)
+        DecoderConfig(vocab_size=64, n_embd=30, n_head=4)
     with pytest.raises(ValueError, match="vocab_size"):
-        GPTConfig(n_layer=2)
+        DecoderConfig(n_layer=2)
     # a model folder's config.json: the same keys and values as the dataclass gave
     assert g.model_dump() == {"vocab_size": 512, "n_layer": 24, "n_head": 16, "n_kv_heads": 4, "n_embd": 1024,
                               "block_size": 1024, "mlp_ratio": 8 / 3, "dropout": 0.1, "tie_embeddings": True,

@@ -25,8 +25,8 @@ from lmcore.eval.report import report_table
 from lmcore.eval.scored import encode_documents, split_selection
 from lmcore.eval.tasks import write_submission
 from lmcore.eval.windows import sliding_window_nll, window_plan
-from lmcore.model.decoder import GPT, GPTConfig
-from lmcore.model.folder import save_gpt
+from lmcore.model.decoder import Decoder, DecoderConfig
+from lmcore.model.folder import save_decoder
 
 OFF = TrackingConfig(enabled=False)
 UNICODE = ["café", "naïve", "Zürich", "—", "東京", "🙂", "Ελλάδα"]  # 2, 3 and 4 UTF-8 bytes per character
@@ -35,13 +35,13 @@ UNICODE = ["café", "naïve", "Zürich", "—", "東京", "🙂", "Ελλάδα"
 # --------------------------------------------------------------------------------------------- windows
 
 
-def _tiny_model(vocab: int = 50, block: int = 8) -> GPT:
+def _tiny_model(vocab: int = 50, block: int = 8) -> Decoder:
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=vocab, n_layer=1, n_head=2, n_embd=16, block_size=block)).eval()
+    return Decoder(DecoderConfig(vocab_size=vocab, n_layer=1, n_head=2, n_embd=16, block_size=block)).eval()
 
 
 @torch.no_grad()
-def _token_nll(model: GPT, tokens: np.ndarray, begin: int, t: int) -> float:
+def _token_nll(model: Decoder, tokens: np.ndarray, begin: int, t: int) -> float:
     """-log p(tokens[t] | tokens[begin:t]), one forward pass for this token alone."""
     x = torch.from_numpy(tokens[begin:t].astype(np.int64))[None]
     logits, _ = model(x)
@@ -126,8 +126,8 @@ def project(tmp_path_factory):
     encode(EncodeConfig(workers=1), root / "clean", root / "tokenizer", root / "tokens", root / "m/encode.json", OFF)
     manifest = json.loads((root / "tokens/manifest.json").read_text())
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=manifest["vocab_size"], n_layer=1, n_head=2, n_embd=32, block_size=16))
-    save_gpt(model, root / "model", {"tokenizer_sha256": manifest["tokenizer_sha256"], "steps": 0})
+    model = Decoder(DecoderConfig(vocab_size=manifest["vocab_size"], n_layer=1, n_head=2, n_embd=32, block_size=16))
+    save_decoder(model, root / "model", {"tokenizer_sha256": manifest["tokenizer_sha256"], "steps": 0})
     # held-out text: a plain text file and JSONL files matched by a glob
     held = [_doc(rng, rng.randint(15, 40)) for _ in range(6)]
     (root / "heldout").mkdir()
@@ -250,7 +250,7 @@ def test_same_text_with_another_tokenizer_has_the_same_bytes(project, tmp_path):
 
     vocab = load(tmp_path / "tok300").get_vocab_size()
     torch.manual_seed(1)
-    save_gpt(GPT(GPTConfig(vocab_size=vocab, n_layer=1, n_head=2, n_embd=32, block_size=16)), tmp_path / "model300",
+    save_decoder(Decoder(DecoderConfig(vocab_size=vocab, n_layer=1, n_head=2, n_embd=32, block_size=16)), tmp_path / "model300",
              {"tokenizer_sha256": sha256_file(tmp_path / "tok300/tokenizer.json")})
     files = [str(root / "heldout/*.jsonl")]
     a = evaluate_texts(root / "model", files, root / "tokenizer")

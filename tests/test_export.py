@@ -20,8 +20,8 @@ from lmcore.core.errors import StageError
 from lmcore.data.tokenizer import save as save_tokenizer
 from lmcore.data.tokenizer import train
 from lmcore.export import export
-from lmcore.model.decoder import GPT, GPTConfig
-from lmcore.model.folder import save_gpt
+from lmcore.model.decoder import Decoder, DecoderConfig
+from lmcore.model.folder import save_decoder
 
 OFF = TrackingConfig(enabled=False)
 VOCAB = 300
@@ -40,10 +40,10 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def tiny_model(folder: Path, seed: int = 0, **shape) -> GPT:
-    """A tiny GPT with random weights (norms too, so that their mapping matters), saved to ``folder``."""
+def tiny_model(folder: Path, seed: int = 0, **shape) -> Decoder:
+    """A tiny Decoder with random weights (norms too, so that their mapping matters), saved to ``folder``."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{"vocab_size": VOCAB, "n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32,
+    model = Decoder(DecoderConfig(**{"vocab_size": VOCAB, "n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32,
                              **shape})).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -53,7 +53,7 @@ def tiny_model(folder: Path, seed: int = 0, **shape) -> GPT:
                 p.copy_(0.2 * torch.randn_like(p))
         if not model.cfg.tie_embeddings:
             model.lm_head.weight.copy_(0.2 * torch.randn_like(model.lm_head.weight))
-    save_gpt(model, folder)
+    save_decoder(model, folder)
     return model
 
 

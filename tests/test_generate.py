@@ -28,7 +28,7 @@ from lmcore.generate import (
     top_k_filter,
     top_p_filter,
 )
-from lmcore.model.decoder import GPT, GPTConfig, KVCache
+from lmcore.model.decoder import Decoder, DecoderConfig, KVCache
 
 VOCAB = 64
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [60, 61, 62, 63, 0, 1]]
@@ -43,11 +43,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def randomised(block: int = 32, **kw) -> GPT:
+def randomised(block: int = 32, **kw) -> Decoder:
     """A tiny model with large random weights: peaked, varied logits (an untrained model's are
     nearly flat and its greedy output one repeated token)."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, block_size=block, **kw))
+    model = Decoder(DecoderConfig(vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, block_size=block, **kw))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3 if p.dim() > 1 else 1.0)
@@ -281,7 +281,7 @@ def folder(tmp_path_factory) -> Path:
     saved as ``runs/pretrain/final`` and ``data/tokenizer`` under a project root."""
     from lmcore.config import TokenizerConfig
     from lmcore.data import tokenizer as tokmod
-    from lmcore.model.folder import save_gpt
+    from lmcore.model.folder import save_decoder
 
     root = tmp_path_factory.mktemp("generate")
     rng = random.Random(0)
@@ -289,11 +289,11 @@ def folder(tmp_path_factory) -> Path:
     tok = tokmod.train(cfg, [make_text(rng, 200) for _ in range(20)])
     tokmod.save(tok, cfg, root / "data/tokenizer")
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_embd=32, block_size=64))
+    model = Decoder(DecoderConfig(vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_embd=32, block_size=64))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2 if p.dim() > 1 else 1.0)
-    save_gpt(model, root / "runs/pretrain/final")
+    save_decoder(model, root / "runs/pretrain/final")
     return root
 
 

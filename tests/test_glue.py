@@ -477,15 +477,15 @@ def backbone(tmp_path_factory):
     from lmcore.config import TokenizerConfig
     from lmcore.data.tokenizer import save as save_tokenizer
     from lmcore.data.tokenizer import train
-    from lmcore.model.decoder import GPT, GPTConfig
-    from lmcore.model.folder import save_gpt
+    from lmcore.model.decoder import Decoder, DecoderConfig
+    from lmcore.model.folder import save_decoder
 
     root = tmp_path_factory.mktemp("backbone")
     cfg = TokenizerConfig(vocab_size=300)
     rng = random.Random(0)
     save_tokenizer(train(cfg, [make_text(rng, 80) for _ in range(20)]), cfg, root / "tokenizer")
     torch.manual_seed(0)
-    save_gpt(GPT(GPTConfig(vocab_size=300, n_layer=1, n_head=2, n_embd=32, block_size=32)), root / "pretrained")
+    save_decoder(Decoder(DecoderConfig(vocab_size=300, n_layer=1, n_head=2, n_embd=32, block_size=32)), root / "pretrained")
     return root
 
 

@@ -93,7 +93,7 @@ def test_fsdp_config_wraps_lmcore_blocks(monkeypatch):
     from accelerate.utils.launch import prepare_multi_gpu_env
     from torch.distributed.fsdp import StateDictType
 
-    from lmcore.model.decoder import GPT, Block, GPTConfig
+    from lmcore.model.decoder import Decoder, Block, DecoderConfig
 
     args = launcher_args("--config_file", cfg_arg("fsdp.yaml"))
     assert args.use_fsdp and args.num_processes == 8
@@ -109,7 +109,7 @@ def test_fsdp_config_wraps_lmcore_blocks(monkeypatch):
     assert plugin.fsdp_version == 2
     assert plugin.reshard_after_forward is True  # FSDP2's full shard
     assert plugin.state_dict_type == StateDictType.SHARDED_STATE_DICT
-    plugin.set_auto_wrap_policy(GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=16)))
+    plugin.set_auto_wrap_policy(Decoder(DecoderConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=16)))
     assert plugin.auto_wrap_policy.keywords["transformer_layer_cls"] == {Block}
 
 

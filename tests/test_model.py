@@ -5,14 +5,14 @@ import torch
 
 import lmcore.model.decoder as model_module
 from lmcore.generate import generate_ids
-from lmcore.model.decoder import GPT, GPTConfig
+from lmcore.model.decoder import Decoder, DecoderConfig
 from lmcore.model.llama import hf_name
 from lmcore.model.reference import reference_forward
 
 
-def tiny(**kw) -> GPT:
+def tiny(**kw) -> Decoder:
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=16, **kw))
+    return Decoder(DecoderConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=16, **kw))
 
 
 def test_causal_mask_future_tokens_do_not_change_past_logits():
@@ -75,18 +75,18 @@ def test_greedy_generation_is_deterministic_and_stops_at_eot():
 # the fast training step computes the textbook model (lmcore.model.reference)
 
 
-def randomised(**kw) -> GPT:
+def randomised(**kw) -> Decoder:
     """A small model with every parameter random (norm weights too, so that their folding into
     the next matmul is exercised)."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**{"vocab_size": 96, "n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32, **kw}))
+    model = Decoder(DecoderConfig(**{"vocab_size": 96, "n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32, **kw}))
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
     return model
 
 
-def grads(model: GPT, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+def grads(model: Decoder, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     model.zero_grad()
     loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters()}

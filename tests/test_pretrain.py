@@ -20,7 +20,7 @@ from conftest import BIN, ROOT, run_env
 
 from lmcore import config
 from lmcore.core.errors import StageError
-from lmcore.model.decoder import GPT, GPTConfig
+from lmcore.model.decoder import Decoder, DecoderConfig
 from lmcore.train.checkpoint import list_checkpoints
 from lmcore.train.sampler import WindowSampler, micro_batches
 from lmcore.train.schedule import lr_factor
@@ -130,7 +130,7 @@ def test_accumulated_loss_is_normalised_by_all_target_tokens_of_the_step():
     from accelerate import Accelerator
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=16, block_size=16))
+    model = Decoder(DecoderConfig(vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=16, block_size=16))
     x = torch.randint(0, VOCAB, (6, 16))
     y = torch.randint(0, VOCAB, (6, 16))
     y[0, :13] = -100  # micro-batches with very different numbers of target tokens
@@ -274,7 +274,7 @@ def test_nonfinite_losses_skip_steps_then_stop(tmp_path, monkeypatch):
     from lmcore.train import pretrain as pt
 
     root = make_project(tmp_path)
-    real_forward = GPT.forward
+    real_forward = Decoder.forward
     calls = {"n": 0}
 
     def flaky(self, idx, targets=None, reduction="mean"):
@@ -285,7 +285,7 @@ def test_nonfinite_losses_skip_steps_then_stop(tmp_path, monkeypatch):
                 loss = loss * float("nan")
         return logits, loss
 
-    monkeypatch.setattr(GPT, "forward", flaky)
+    monkeypatch.setattr(Decoder, "forward", flaky)
     AcceleratorState._reset_state(True)
     cfg = config.load(root / "params.yaml").pretrain
     with pytest.raises(StageError, match="not finite for 5 steps in a row.*pretrain.lr"):

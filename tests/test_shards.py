@@ -20,7 +20,7 @@ from lmcore.data.tokenizer import load as load_tok
 from lmcore.data.tokenizer import train_tokenizer
 from lmcore.eval.unigram import unigram_nll
 from lmcore.eval.windows import sliding_window_nll
-from lmcore.model.decoder import GPT, GPTConfig
+from lmcore.model.decoder import Decoder, DecoderConfig
 from lmcore.train.pretrain import WindowSampler, fixed_windows
 
 OFF = TrackingConfig(enabled=False)
@@ -227,7 +227,7 @@ def test_pretrain_and_evaluate_read_token_shards_like_an_array(synthetic):
         assert np.array_equal(a.next_step(view, 5), b.next_step(flat, 5))
     assert torch.equal(fixed_windows(view, 5, 8), fixed_windows(flat, 5, 8))
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=8)).eval()
+    model = Decoder(DecoderConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=8)).eval()
     a = sliding_window_nll(model, view, 8, 5, batch_size=3, max_tokens=60)
     b = sliding_window_nll(model, flat, 8, 5, batch_size=3, max_tokens=60)
     assert a[1] == b[1] and math.isclose(a[0], b[0], rel_tol=1e-6)

@@ -18,7 +18,7 @@ from lmcore.data.clean import clean, split_of
 from lmcore.data.prepare import prepare
 from lmcore.eval.unigram import unigram_nll
 from lmcore.eval.windows import sliding_window_nll
-from lmcore.model.decoder import GPT, GPTConfig
+from lmcore.model.decoder import Decoder, DecoderConfig
 
 OFF = TrackingConfig(enabled=False)
 
@@ -62,7 +62,7 @@ def test_split_is_a_function_of_text():
 
 def test_sliding_window_scores_each_token_once():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=8)).eval()
+    model = Decoder(DecoderConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=8)).eval()
     tokens = np.random.default_rng(0).integers(0, 50, size=41).astype(np.uint16)
     for stride in (8, 5, 1):
         total, count = sliding_window_nll(model, tokens, 8, stride, batch_size=3)

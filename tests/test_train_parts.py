@@ -23,7 +23,7 @@ from lmcore.config import FinetuneConfig, FinetuneHyper, TrackingConfig
 from lmcore.core.errors import StageError
 from lmcore.core.io import write_json, write_jsonl
 from lmcore.data import glue
-from lmcore.model.decoder import GPT, GPTConfig
+from lmcore.model.decoder import Decoder, DecoderConfig
 from lmcore.train import finetune as ft
 from lmcore.train.checkpoint import list_checkpoints, prune, stop_signals
 from lmcore.train.sampler import epoch_batches, step_groups
@@ -40,7 +40,7 @@ def acc():
 
 def classifier(seed: int = 0, dropout: float = 0.0) -> ft.SequenceClassifier:
     torch.manual_seed(seed)
-    return ft.SequenceClassifier(GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=16)), 3,
+    return ft.SequenceClassifier(Decoder(DecoderConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=16)), 3,
                                  dropout)
 
 
@@ -107,7 +107,7 @@ def test_one_micro_batch_step_is_bitwise_the_plain_loop(acc, regression):
 
 def _lm_and_batch():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=32, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    model = Decoder(DecoderConfig(vocab_size=32, n_layer=1, n_head=2, n_embd=16, block_size=8))
     x = torch.randint(0, 32, (4, 8))
     return model, [(x, torch.roll(x, -1, 1))]
 
@@ -137,7 +137,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(acc):
     bad = [(batches[0][0], batches[0][1])]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     state = TrainState()
-    real = GPT.forward
+    real = Decoder.forward
     nan = {"on": True}
 
     def forward(self, idx, targets=None, reduction="mean"):
@@ -145,7 +145,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(acc):
         return logits, loss * float("nan") if nan["on"] else loss
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(GPT, "forward", forward)
+        mp.setattr(Decoder, "forward", forward)
         before = [p.detach().clone() for p in model.parameters()]
         for _ in range(2):
             res = train_step(model, [opt], bad, acc, state, grad_clip=1.0, max_nonfinite=3, hint="try this")
@@ -243,14 +243,14 @@ def ft_inputs(tmp_path_factory):
     from lmcore.config import TokenizerConfig
     from lmcore.data.tokenizer import save as save_tokenizer
     from lmcore.data.tokenizer import train
-    from lmcore.model.folder import save_gpt
+    from lmcore.model.folder import save_decoder
 
     root = tmp_path_factory.mktemp("ft")
     rng = random.Random(0)
     tcfg = TokenizerConfig(vocab_size=300)
     save_tokenizer(train(tcfg, [make_text(rng, 80) for _ in range(20)]), tcfg, root / "tokenizer")
     torch.manual_seed(0)
-    save_gpt(GPT(GPTConfig(vocab_size=300, n_layer=1, n_head=2, n_embd=32, block_size=32)), root / "pretrained")
+    save_decoder(Decoder(DecoderConfig(vocab_size=300, n_layer=1, n_head=2, n_embd=32, block_size=32)), root / "pretrained")
     tasks = {}
     for name in ("sst2", "stsb"):
         spec = glue.TASKS[name]

@@ -1,4 +1,4 @@
-"""A Llama-style decoder-only transformer (lmcore's GPT), readable top to bottom.
+"""A Llama-style decoder-only transformer (lmcore's Decoder), readable top to bottom.
 
 What it computes: the token embedding; ``n_layer`` pre-norm blocks, each RMSNorm, causal
 self-attention with rotary position embedding (RoPE, Llama's "rotate half" layout; grouped-query
@@ -13,7 +13,7 @@ The same function written the textbook way, one step per line and no trick, is
 ``tests/test_model.py`` checks this module's logits, loss and every gradient against it.
 
 There is no parallelism code here: Accelerate wraps the model. Generation (``lmcore.generate``)
-runs through :meth:`GPT.next_token_logits` with a :class:`KVCache`, explicit positions and a
+runs through :meth:`Decoder.next_token_logits` with a :class:`KVCache`, explicit positions and a
 padding mask.
 
 The training step computes that function faster than the textbook version
@@ -30,7 +30,7 @@ order of this file:
   multiply, and gate and up from another: the separate weights are concatenated at run time (a
   copy of a few MB; its backward splits the gradient; a :class:`KVCache` keeps the fused weights
   while one generation runs);
-- :meth:`Block.forward` (and :meth:`GPT.forward` for the final norm): each RMSNorm's weight is
+- :meth:`Block.forward` (and :meth:`Decoder.forward` for the final norm): each RMSNorm's weight is
   folded into the weight of the matmul that follows it;
 - :class:`_RowCrossEntropy` (:func:`cross_entropy`): the loss has a leaner backward than
   ``F.cross_entropy`` (no zero-filled N x V gradient).
@@ -55,10 +55,10 @@ from pydantic import Field
 from lmcore.config import ModelShape
 
 
-class GPTConfig(ModelShape):
+class DecoderConfig(ModelShape):
     """The decoder's configuration: the shape fields of :class:`lmcore.config.ModelShape` (their
     defaults, documentation and checks) and the vocabulary size. Frozen and hashable;
-    ``GPTConfig(**cfg.model_dump())`` gives it back (the ``model`` section of a model folder's
+    ``DecoderConfig(**cfg.model_dump())`` gives it back (the ``model`` section of a model folder's
     ``config.json``)."""
 
     vocab_size: int = Field(ge=1)
@@ -195,8 +195,8 @@ class KVCache:
     Layer i keeps a (batch, kv_heads, max_len, head_dim) tensor of keys and one of values,
     allocated at its first use in the dtype and on the device of the keys; ``length`` positions are
     filled. Keys are stored after RoPE, in the pair-adjacent layout of :func:`pair_rows`, the layout
-    of the queries that read them. Pass the cache to :meth:`GPT.next_token_logits` (or
-    :meth:`GPT.residual_stream`), which appends the new tokens' keys and values and advances
+    of the queries that read them. Pass the cache to :meth:`Decoder.next_token_logits` (or
+    :meth:`Decoder.residual_stream`), which appends the new tokens' keys and values and advances
     ``length``; ``lmcore.generate`` drives it.
 
     It also keeps each layer's fused weights (q/k/v and gate/up, with the norm folded in), built at
@@ -250,7 +250,7 @@ class LayerCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
@@ -292,7 +292,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
@@ -310,7 +310,7 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
@@ -381,8 +381,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 # the model
 
 
-class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)

@@ -15,7 +15,7 @@ from safetensors.torch import save_model as st_save
 
 from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, require, sha256_file
-from lmcore.model.decoder import GPT, GPTConfig
+from lmcore.model.decoder import Decoder, DecoderConfig
 from lmcore.model.llama import load_llama
 
 
@@ -28,7 +28,7 @@ def save_model(model: torch.nn.Module, folder: Path, config: dict[str, Any], ext
     return Path(folder)
 
 
-def save_gpt(model: GPT, folder: Path, extra: dict[str, Any] | None = None) -> Path:
+def save_decoder(model: Decoder, folder: Path, extra: dict[str, Any] | None = None) -> Path:
     return save_model(model, folder, {"model": model.cfg.model_dump()}, extra)
 
 
@@ -37,13 +37,13 @@ def read_config(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_gpt(folder: Path, map_location: str = "cpu") -> GPT:
-    """Load a GPT saved by :func:`save_gpt`."""
+def load_decoder(folder: Path, map_location: str = "cpu") -> Decoder:
+    """Load a Decoder saved by :func:`save_decoder`."""
     folder = Path(folder)
     cfg = read_config(folder)
     if "model" not in cfg:
         raise StageError(f"{folder}/config.json: no 'model' section")
-    model = GPT(GPTConfig(**cfg["model"]))
+    model = Decoder(DecoderConfig(**cfg["model"]))
     st_load(model, str(require(folder / "model.safetensors", "model weights")), device=map_location)
     return model
 
@@ -56,7 +56,7 @@ def load_lm(folder: str | Path) -> tuple[Any, dict[str, Any]]:
     folder = Path(folder)
     cfg = read_config(folder)
     if "model" in cfg:
-        return load_gpt(folder).float().eval(), cfg
+        return load_decoder(folder).float().eval(), cfg
     if cfg.get("model_type") == "llama":
         return load_llama(folder, cfg).eval(), cfg
     raise StageError(f"{folder / 'config.json'}: neither an lmcore model folder (a 'model' section) nor a Llama "

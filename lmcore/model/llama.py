@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from lmcore.core.errors import StageError
 from lmcore.core.io import require
-from lmcore.model.decoder import GPT, GPTConfig
+from lmcore.model.decoder import Decoder, DecoderConfig
 
 _RENAMES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(p), r) for p, r in (
@@ -48,8 +48,8 @@ def hf_name(name: str) -> str | None:
     return None
 
 
-def load_llama(folder: Path, c: dict[str, Any]) -> GPT:
-    """An lmcore GPT holding the weights of a Llama folder (the reverse of lmcore.export)."""
+def load_llama(folder: Path, c: dict[str, Any]) -> Decoder:
+    """An lmcore Decoder holding the weights of a Llama folder (the reverse of lmcore.export)."""
 
 
     where = folder / "config.json"
@@ -62,7 +62,7 @@ def load_llama(folder: Path, c: dict[str, Any]) -> GPT:
                          "rms_norm_eps 1e-5): load it with transformers instead")
     try:
         n_embd, n_head = int(c["hidden_size"]), int(c["num_attention_heads"])
-        gcfg = GPTConfig(vocab_size=int(c["vocab_size"]), n_layer=int(c["num_hidden_layers"]), n_head=n_head,
+        gcfg = DecoderConfig(vocab_size=int(c["vocab_size"]), n_layer=int(c["num_hidden_layers"]), n_head=n_head,
                          n_kv_heads=int(c.get("num_key_value_heads", n_head)), n_embd=n_embd,
                          block_size=int(c["max_position_embeddings"]),
                          mlp_ratio=int(c["intermediate_size"]) / n_embd,
@@ -70,7 +70,7 @@ def load_llama(folder: Path, c: dict[str, Any]) -> GPT:
                          rope_theta=float(c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 1e4))))
     except KeyError as e:
         raise StageError(f"{where}: missing key {e}") from None
-    model = GPT(gcfg)
+    model = Decoder(gcfg)
     ours = {hf_name(k): k for k in model.state_dict() if hf_name(k)}
     weights = require(folder / "model.safetensors", "model weights (model.safetensors)")
     state = {}

@@ -1,6 +1,6 @@
 """The textbook decoder: the oracle that :mod:`lmcore.model.decoder` is tested against.
 
-:func:`reference_forward` computes, from a :class:`~lmcore.model.decoder.GPT`'s own parameters,
+:func:`reference_forward` computes, from a :class:`~lmcore.model.decoder.Decoder`'s own parameters,
 the function that the Llama paper and Hugging Face's ``LlamaForCausalLM`` describe, written the
 plain way, one step per line and no trick:
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmcore.model.decoder import GPT
+from lmcore.model.decoder import Decoder
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -47,7 +47,7 @@ def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return (x * cos + rotated * sin).type_as(x)
 
 
-def reference_forward(model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_forward(model: Decoder, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (B, T, vocab) and mean cross-entropy (``-100`` = ignore) of ``model``'s parameters,
     computed the textbook way (see the module docstring); gradients flow to the parameters."""
     cfg = model.cfg

@@ -41,8 +41,8 @@ from lmcore.core.io import atomic_path, read_json, read_jsonl, require, write_js
 from lmcore.data import glue
 from lmcore.data import tokenizer as tokmod
 from lmcore.data.tokenizer import special_ids
-from lmcore.model.decoder import GPT, GPTConfig
-from lmcore.model.folder import load_gpt, read_config
+from lmcore.model.decoder import Decoder, DecoderConfig
+from lmcore.model.folder import load_decoder, read_config
 from lmcore.tracking import stage_run
 from lmcore.train.accel import make_accelerator
 from lmcore.train.optim import finetune_optimizer
@@ -54,7 +54,7 @@ from lmcore.train.step import TrainState, train_step
 class SequenceClassifier(nn.Module):
     """The decoder plus a linear head on the hidden state of the last real token."""
 
-    def __init__(self, backbone: GPT, num_labels: int, dropout: float = 0.1) -> None:
+    def __init__(self, backbone: Decoder, num_labels: int, dropout: float = 0.1) -> None:
         super().__init__()
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout)
@@ -157,7 +157,7 @@ def load_classifier(folder: Path) -> tuple[SequenceClassifier, glue.TaskSpec]:
 
     cfg = read_config(folder)
     spec = glue.TaskSpec.from_dict(cfg["task"])
-    model = SequenceClassifier(GPT(GPTConfig(**cfg["model"])), spec.num_labels, cfg.get("dropout", 0.0))
+    model = SequenceClassifier(Decoder(DecoderConfig(**cfg["model"])), spec.num_labels, cfg.get("dropout", 0.0))
     st_load(model, str(require(Path(folder) / "model.safetensors", "fine-tuned weights")))
     return model, spec
 
@@ -221,7 +221,7 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
     process (the step of :mod:`lmcore.train.step`: the loss normalised by the examples of the
     whole step, clipping at ``grad_clip``, non-finite steps skipped)."""
     pad = special_ids(tok).pad
-    backbone = load_gpt(pretrained)
+    backbone = load_decoder(pretrained)
     max_len = min(hp.max_length, backbone.cfg.block_size)
     torch.manual_seed(hp.seed)
     model = SequenceClassifier(backbone, spec.num_labels, hp.dropout)

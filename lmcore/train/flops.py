@@ -2,7 +2,7 @@
 
 MFU = achieved FLOP/s / peak FLOP/s of the hardware, in the run's dtype.
 
-Achieved FLOP/s = tokens per second x training FLOPs per token, where (``GPT.flops_per_token`` in
+Achieved FLOP/s = tokens per second x training FLOPs per token, where (``Decoder.flops_per_token`` in
 ``lmcore/model.py``, the PaLM paper's MFU appendix):
 
     FLOPs per token = 6 x (parameters of every matmul, output projection included,

@@ -40,8 +40,8 @@ from lmcore.config import ModelConfig, PretrainConfig, TrackingConfig, flatten
 from lmcore.core.errors import Interrupted
 from lmcore.core.io import atomic_path, write_json
 from lmcore.data.encode import load_manifest, load_tokens
-from lmcore.model.decoder import GPT, GPTConfig
-from lmcore.model.folder import save_gpt
+from lmcore.model.decoder import Decoder, DecoderConfig
+from lmcore.model.folder import save_decoder
 from lmcore.tracking import stage_run
 from lmcore.train.accel import make_accelerator
 from lmcore.train.checkpoint import config_hash, resume, save_checkpoint, stop_requested, stop_signals
@@ -57,8 +57,8 @@ log = logging.getLogger(__name__)
 NONFINITE_HINT = "lower pretrain.lr, raise pretrain.warmup_steps or use pretrain.mixed_precision: 'no'"
 
 
-def gpt_config(model: ModelConfig, vocab_size: int) -> GPTConfig:
-    return GPTConfig(vocab_size=vocab_size, **model.shape())
+def decoder_config(model: ModelConfig, vocab_size: int) -> DecoderConfig:
+    return DecoderConfig(vocab_size=vocab_size, **model.shape())
 
 
 @dataclasses.dataclass
@@ -102,7 +102,7 @@ def _final_peak(peak: Peak, history: list[dict[str, float]], fpt: float, world: 
     return peak
 
 
-def _full_model(model, raw_model, gcfg: GPTConfig, build_model, accelerator):
+def _full_model(model, raw_model, gcfg: DecoderConfig, build_model, accelerator):
     """The model to save on the main process (under FSDP a full copy gathered by all processes)."""
     if accelerator.distributed_type.name != "FSDP":
         return raw_model
@@ -116,10 +116,10 @@ def _full_model(model, raw_model, gcfg: GPTConfig, build_model, accelerator):
 
 def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, plots: Path | None = None,
              tracking: TrackingConfig = TrackingConfig(),
-             build_model: Callable[[GPTConfig], torch.nn.Module] = GPT) -> PretrainResult:
+             build_model: Callable[[DecoderConfig], torch.nn.Module] = Decoder) -> PretrainResult:
     """Train from ``tokens_dir`` into ``out`` (see the module docstring); write ``metrics``
     (JSON) and the loss history ``plots`` (CSV). ``build_model`` makes the model from its shape
-    (benchmarks pass other architectures with GPT's interface: ``forward(idx, targets,
+    (benchmarks pass other architectures with Decoder's interface: ``forward(idx, targets,
     reduction)``, ``num_params``, ``matmul_params``, ``flops_per_token`` and a ``cfg``)."""
     out = Path(out)
     if cfg.threads:
@@ -133,7 +133,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
     accelerator = make_accelerator(cfg.mixed_precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(cfg.seed)
-    gcfg = gpt_config(cfg.model, manifest["vocab_size"])
+    gcfg = decoder_config(cfg.model, manifest["vocab_size"])
     model = build_model(gcfg)
     n_params, fpt = model.num_params(), model.flops_per_token()
     optimizers = build_optimizers(model, cfg)
@@ -230,7 +230,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
         final_model = _full_model(model, raw_model, gcfg, build_model, accelerator)
         if accelerator.is_main_process:
             train_loss = next((h["train_loss"] for h in reversed(state.history) if "train_loss" in h), loss_val)
-            save_gpt(final_model, result_dir,
+            save_decoder(final_model, result_dir,
                      {"tokenizer_sha256": manifest["tokenizer_sha256"], "steps": cfg.max_steps})
             m = {"train_loss": train_loss, "val_loss": val_loss, "val_bpb": val_bpb,
                  "val_perplexity": math.exp(val_loss), "best_val_loss": state.best_val_loss,
