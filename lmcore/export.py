@@ -1,15 +1,8 @@
 """Stage ``export``: the pretrained model as a Hugging Face Llama folder.
 
 lmcore's decoder is a Llama (RoPE in the "rotate half" layout, RMSNorm, SwiGLU, no biases,
-grouped-query attention), so exporting is a renaming of tensors, with no permutation:
-
-    embed.weight                      -> model.embed_tokens.weight
-    blocks.{i}.attn_norm.weight       -> model.layers.{i}.input_layernorm.weight
-    blocks.{i}.attn.{q,k,v,o}_proj    -> model.layers.{i}.self_attn.{q,k,v,o}_proj
-    blocks.{i}.mlp_norm.weight        -> model.layers.{i}.post_attention_layernorm.weight
-    blocks.{i}.mlp.{gate,up,down}_proj -> model.layers.{i}.mlp.{gate,up,down}_proj
-    norm.weight                       -> model.norm.weight
-    lm_head.weight                    -> lm_head.weight (left out when tied to the embedding)
+grouped-query attention), so exporting is a renaming of tensors, with no permutation (the table
+of names is in :mod:`lmcore.model.llama`, which also reads such a folder back).
 
 The folder (``runs/export``) holds ``config.json`` (a ``LlamaConfig``), ``generation_config.json``,
 ``model.safetensors`` and the tokenizer files, and loads with

@@ -230,8 +230,8 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
         final_model = _full_model(model, raw_model, gcfg, build_model, accelerator)
         if accelerator.is_main_process:
             train_loss = next((h["train_loss"] for h in reversed(state.history) if "train_loss" in h), loss_val)
-            save_decoder(final_model, result_dir,
-                     {"tokenizer_sha256": manifest["tokenizer_sha256"], "steps": cfg.max_steps})
+            extra = {"tokenizer_sha256": manifest["tokenizer_sha256"], "steps": cfg.max_steps}
+            save_decoder(final_model, result_dir, extra)
             m = {"train_loss": train_loss, "val_loss": val_loss, "val_bpb": val_bpb,
                  "val_perplexity": math.exp(val_loss), "best_val_loss": state.best_val_loss,
                  "best_step": state.best_step, "tokens_per_second": tps_total, "mfu": run_mfu,
