@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from lmcore.config import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -31,10 +33,6 @@ KEY_TAG = "lmcore.pipeline_key"
 
 
 def _dvc_ancestor_key() -> str | None:
-    try:
-        import psutil
-    except ImportError:  # pragma: no cover - psutil comes with the stack
-        return None
     try:
         proc = psutil.Process().parent()
         while proc is not None:
@@ -74,7 +72,7 @@ class Tracker:
     def params(self, params: dict[str, Any]) -> None:
         if not self.active:
             return
-        import mlflow
+        import mlflow  # lazy: mlflow takes ~2 s to import; a run with tracking off never loads it
 
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
@@ -83,7 +81,7 @@ class Tracker:
     def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.active:
             return
-        import mlflow
+        import mlflow  # lazy: mlflow takes ~2 s to import; a run with tracking off never loads it
 
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         if clean:
@@ -92,7 +90,7 @@ class Tracker:
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
         if not self.active:
             return
-        import mlflow
+        import mlflow  # lazy: mlflow takes ~2 s to import; a run with tracking off never loads it
 
         path = Path(path)
         if path.is_dir():
@@ -103,7 +101,7 @@ class Tracker:
     def json(self, obj: dict[str, Any], name: str) -> None:
         if not self.active:
             return
-        import mlflow
+        import mlflow  # lazy: mlflow takes ~2 s to import; a run with tracking off never loads it
 
         mlflow.log_dict(obj, name)
 
@@ -114,7 +112,7 @@ def _param_value(v: Any) -> Any:
 
 
 def _configure(cfg: TrackingConfig) -> None:
-    import mlflow
+    import mlflow  # lazy: mlflow takes ~2 s to import; a run with tracking off never loads it
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = cfg.tracking_uri
@@ -126,7 +124,9 @@ def _configure(cfg: TrackingConfig) -> None:
 
 
 def _parent_run_id(key: str, experiment: str) -> str:
-    import mlflow
+    import mlflow  # lazy: mlflow takes ~2 s to import; a run with tracking off never loads it
+
+    # lazy: mlflow takes ~2 s to import; a run with tracking off never loads it
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -158,7 +158,7 @@ def stage_run(
     if not (cfg.enabled and active):
         yield Tracker(False)
         return
-    import mlflow
+    import mlflow  # lazy: mlflow takes ~2 s to import; a run with tracking off never loads it
 
     _configure(cfg)
     key = pipeline_key()
@@ -179,6 +179,7 @@ def stage_run(
             yield tracker
     except BaseException:
         if key:  # the pipeline execution failed with this stage
+            # lazy: mlflow takes ~2 s to import; a run with tracking off never loads it
             from mlflow.tracking import MlflowClient
 
             MlflowClient().set_terminated(tags["mlflow.parentRunId"], "FAILED")

@@ -93,7 +93,7 @@ def test_fsdp_config_wraps_lmcore_blocks(monkeypatch):
     from accelerate.utils.launch import prepare_multi_gpu_env
     from torch.distributed.fsdp import StateDictType
 
-    from lmcore.model.decoder import Decoder, Block, DecoderConfig
+    from lmcore.model.decoder import Block, Decoder, DecoderConfig
 
     args = launcher_args("--config_file", cfg_arg("fsdp.yaml"))
     assert args.use_fsdp and args.num_processes == 8

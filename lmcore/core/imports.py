@@ -128,6 +128,24 @@ def imports_of(name: str, package_dir: Path = PACKAGE_DIR) -> tuple[Import, ...]
     return tuple(sorted(found, key=lambda i: (i.line, i.target)))
 
 
+def function_level_imports(name: str, package_dir: Path = PACKAGE_DIR) -> list[tuple[int, str, str | None]]:
+    """Every import inside a function or class body of module ``name``, of any module (lmcore's
+    or another package's): ``(line, imported module, the # lazy: reason or None)``."""
+    path = module_path(name, package_dir)
+    if path is None:
+        raise KeyError(name)
+    src = path.read_text(encoding="utf-8")
+    tree = ast.parse(src)
+    lines = src.splitlines()
+    top = _top_level_nodes(tree)
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+            mod = node.names[0].name if isinstance(node, ast.Import) else "." * node.level + (node.module or "")
+            out.append((node.lineno, mod, _reason(lines, node)))
+    return sorted(out)
+
+
 def parents(name: str) -> list[str]:
     """The packages Python imports before module ``name``: ``lmcore``, ``lmcore.data``..."""
     parts = name.split(".")

@@ -157,7 +157,7 @@ def read_hub_split(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
     if spec.name == "mnli" and split == "test_ax":
         config, hub_split, cols = "ax", "test", TASKS["ax"].hub_columns
     try:
-        import datasets
+        import datasets  # lazy: heavy optional dependency, only for hub tasks
 
         ds = datasets.load_dataset("nyu-mll/glue", config, split=hub_split)
     except Exception as e:  # noqa: BLE001 - the hub raises many kinds of errors offline
@@ -328,7 +328,10 @@ def compute_metrics(spec: TaskSpec, preds: Sequence[float], labels: Sequence[flo
     """The official GLUE metrics of a task on one split, with scikit-learn and scipy: accuracy,
     F1 of class 1 (binary tasks), Matthews correlation, Pearson and Spearman correlation. An
     undefined correlation (constant predictions or labels) counts as 0."""
+    # lazy: scipy and scikit-learn take ~1.5 s to import; only scoring needs them
     from scipy.stats import pearsonr, spearmanr
+
+    # lazy: scipy and scikit-learn take ~1.5 s to import; only scoring needs them
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
     out: dict[str, float] = {}

@@ -123,7 +123,10 @@ def bow_baseline(spec: glue.TaskSpec, train: list[dict[str, Any]],
                  evals: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
     """Predictions of a bag-of-words model (uni- and bigram TF-IDF; logistic regression, or ridge
     regression for a regression task; scikit-learn) trained on ``train``, per split of ``evals``."""
+    # lazy: scikit-learn takes ~1.5 s to import; only the bag-of-words baseline needs it
     from sklearn.feature_extraction.text import TfidfVectorizer
+
+    # lazy: scikit-learn takes ~1.5 s to import; only the bag-of-words baseline needs it
     from sklearn.linear_model import LogisticRegression, Ridge
 
     def text(e: dict[str, Any]) -> str:

@@ -409,6 +409,7 @@ def _identifier():
     """py3langid's identifier (its model ships inside the package), loaded once per process."""
     ident = _LANGID.get("identifier")
     if ident is None:
+        # lazy: loads its model (~1 s); only the language filter needs it
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
         ident = _LANGID["identifier"] = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)

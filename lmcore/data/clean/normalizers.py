@@ -12,6 +12,8 @@ import unicodedata
 from collections import Counter
 from typing import ClassVar
 
+import ftfy
+
 
 @dataclasses.dataclass
 class UnicodeNormalizer:
@@ -37,8 +39,6 @@ class MojibakeFixer:
     def __call__(self, text: str) -> str:
         if text.isascii():
             return text
-        import ftfy
-
         fixed = ftfy.fix_encoding(text)
         if fixed != text:
             self.counts["documents_repaired"] += 1
