@@ -76,7 +76,7 @@ def test_an_upward_or_sideways_import_and_a_circle_are_caught(tmp_path):
         assert ["lmcore.config", "lmcore.core.task_specs"] in [
             [m for m in c if m in ("lmcore.config", "lmcore.core.task_specs")] for c in imports.cycles(imports.graph(pkg))]
     finally:
-        imports.imports_of.cache_clear()
+        imports.clear_cache()
 
 
 def test_function_level_imports_give_a_reason():
@@ -116,14 +116,14 @@ def test_an_edit_to_sampling_code_changes_the_cache_key_of_evaluate_only(tmp_pat
     """The Prefect cache key hashes the same closure that dvc.yaml lists."""
     pkg = tmp_path / "lmcore"
     shutil.copytree(imports.PACKAGE_DIR, pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    imports.imports_of.cache_clear()
+    imports.clear_cache()
     before = {name: code_fingerprint(name, pkg) for name in ORDER}
     with open(pkg / "generate.py", "a", encoding="utf-8") as f:
         f.write("\n\ndef _edited() -> None:\n    pass\n")
     after = {name: code_fingerprint(name, pkg) for name in ORDER}
     changed = sorted(n for n in ORDER if before[n] != after[n])
     assert changed == ["evaluate"]
-    imports.imports_of.cache_clear()
+    imports.clear_cache()
 
 
 @pytest.mark.parametrize("source, expected", [

@@ -88,16 +88,21 @@ def _top_level_nodes(tree: ast.Module) -> set[int]:
 
 
 @cache
-def imports_of(name: str, package_dir: Path = PACKAGE_DIR) -> tuple[Import, ...]:
-    """The imports of package modules in module ``name``, in source order. A ``TYPE_CHECKING``
-    block counts as not imported at run time (left out)."""
+def _parsed(name: str, package_dir: Path) -> tuple[Path, ast.Module, list[str], set[int]]:
+    """Module ``name``'s file, syntax tree, source lines and module-level import nodes (ids)."""
     path = module_path(name, package_dir)
     if path is None:
         raise KeyError(name)
     src = path.read_text(encoding="utf-8")
     tree = ast.parse(src)
-    lines = src.splitlines()
-    top = _top_level_nodes(tree)
+    return path, tree, src.splitlines(), _top_level_nodes(tree)
+
+
+@cache
+def imports_of(name: str, package_dir: Path = PACKAGE_DIR) -> tuple[Import, ...]:
+    """The imports of package modules in module ``name``, in source order. A ``TYPE_CHECKING``
+    block counts as not imported at run time (left out)."""
+    path, tree, lines, top = _parsed(name, package_dir)
     typing_only: set[int] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
@@ -128,16 +133,16 @@ def imports_of(name: str, package_dir: Path = PACKAGE_DIR) -> tuple[Import, ...]
     return tuple(sorted(found, key=lambda i: (i.line, i.target)))
 
 
+def clear_cache() -> None:
+    """Forget what was read: for a caller that edits source files between two reads."""
+    _parsed.cache_clear()
+    imports_of.cache_clear()
+
+
 def function_level_imports(name: str, package_dir: Path = PACKAGE_DIR) -> list[tuple[int, str, str | None]]:
     """Every import inside a function or class body of module ``name``, of any module (lmcore's
     or another package's): ``(line, imported module, the # lazy: reason or None)``."""
-    path = module_path(name, package_dir)
-    if path is None:
-        raise KeyError(name)
-    src = path.read_text(encoding="utf-8")
-    tree = ast.parse(src)
-    lines = src.splitlines()
-    top = _top_level_nodes(tree)
+    _, tree, lines, top = _parsed(name, package_dir)
     out = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
