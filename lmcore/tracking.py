@@ -32,6 +32,14 @@ PIPELINE_ENV = "LMCORE_PIPELINE_RUN"
 KEY_TAG = "lmcore.pipeline_key"
 
 
+def _mlflow():
+    """The mlflow module, imported at the first use: it takes ~2 s to import, and a stage with
+    ``tracking.enabled: false`` never loads it."""
+    import mlflow  # lazy: see the docstring
+
+    return mlflow
+
+
 def _dvc_ancestor_key() -> str | None:
     try:
         proc = psutil.Process().parent()
@@ -72,7 +80,7 @@ class Tracker:
     def params(self, params: dict[str, Any]) -> None:
         if not self.active:
             return
-        import mlflow  # lazy: mlflow takes ~2 s to import; a run with tracking off never loads it
+        mlflow = _mlflow()
 
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
@@ -81,7 +89,7 @@ class Tracker:
     def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.active:
             return
-        import mlflow  # lazy: mlflow takes ~2 s to import; a run with tracking off never loads it
+        mlflow = _mlflow()
 
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         if clean:
@@ -90,7 +98,7 @@ class Tracker:
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
         if not self.active:
             return
-        import mlflow  # lazy: mlflow takes ~2 s to import; a run with tracking off never loads it
+        mlflow = _mlflow()
 
         path = Path(path)
         if path.is_dir():
@@ -101,7 +109,7 @@ class Tracker:
     def json(self, obj: dict[str, Any], name: str) -> None:
         if not self.active:
             return
-        import mlflow  # lazy: mlflow takes ~2 s to import; a run with tracking off never loads it
+        mlflow = _mlflow()
 
         mlflow.log_dict(obj, name)
 
@@ -112,7 +120,7 @@ def _param_value(v: Any) -> Any:
 
 
 def _configure(cfg: TrackingConfig) -> None:
-    import mlflow  # lazy: mlflow takes ~2 s to import; a run with tracking off never loads it
+    mlflow = _mlflow()
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = cfg.tracking_uri
@@ -124,12 +132,9 @@ def _configure(cfg: TrackingConfig) -> None:
 
 
 def _parent_run_id(key: str, experiment: str) -> str:
-    import mlflow  # lazy: mlflow takes ~2 s to import; a run with tracking off never loads it
+    mlflow = _mlflow()
 
-    # lazy: mlflow takes ~2 s to import; a run with tracking off never loads it
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
+    client = mlflow.MlflowClient()
     exp = mlflow.get_experiment_by_name(experiment)
     found = client.search_runs(
         [exp.experiment_id],
@@ -158,7 +163,7 @@ def stage_run(
     if not (cfg.enabled and active):
         yield Tracker(False)
         return
-    import mlflow  # lazy: mlflow takes ~2 s to import; a run with tracking off never loads it
+    mlflow = _mlflow()
 
     _configure(cfg)
     key = pipeline_key()
@@ -179,8 +184,5 @@ def stage_run(
             yield tracker
     except BaseException:
         if key:  # the pipeline execution failed with this stage
-            # lazy: mlflow takes ~2 s to import; a run with tracking off never loads it
-            from mlflow.tracking import MlflowClient
-
-            MlflowClient().set_terminated(tags["mlflow.parentRunId"], "FAILED")
+            _mlflow().MlflowClient().set_terminated(tags["mlflow.parentRunId"], "FAILED")
         raise

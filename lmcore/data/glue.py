@@ -330,8 +330,6 @@ def compute_metrics(spec: TaskSpec, preds: Sequence[float], labels: Sequence[flo
     undefined correlation (constant predictions or labels) counts as 0."""
     # lazy: scipy and scikit-learn take ~1.5 s to import; only scoring needs them
     from scipy.stats import pearsonr, spearmanr
-
-    # lazy: scipy and scikit-learn take ~1.5 s to import; only scoring needs them
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
     out: dict[str, float] = {}
