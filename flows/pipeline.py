@@ -11,39 +11,48 @@ import os
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow
 from prefect.runtime import flow_run
 
 from lmcore import config
+from lmcore.config import ConfigError
+from lmcore.core.errors import StageError
 from lmcore.core.layout import Layout
 from lmcore.stages import ORDER, outputs_exist, stage_items
 from lmcore.tracking import PIPELINE_ENV
-from tasks import STAGE_TASKS
+from tasks import STAGE_TASKS, launch_overrides
 
 
 @flow(name="lmcore-pipeline", log_prints=True)
-def pipeline(params_file: str = "params.yaml", root: str = ".", force: bool = False) -> dict[str, Any]:
+def pipeline(params_file: str = "params.yaml", root: str = ".", force: bool = False,
+             launch: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every stage; a stage whose inputs and params are unchanged and whose outputs exist is
     taken from Prefect's cache. ``finetune`` runs as one task run per task of
     ``prepare.tasks.tasks`` (like DVC's ``finetune@<task>`` stages), one after the other: each
-    uses every core. All stages log under one MLflow parent run."""
+    uses every core. All stages log under one MLflow parent run.
+
+    ``launch``: values replacing those of ``params.yaml``'s ``launch`` section for this run (e.g.
+    ``{"config": "configs/accelerate/multi-gpu.yaml"}`` on a GPU worker, ``{"num_processes": 2}``):
+    pretrain and finetune run under ``accelerate launch`` as it says, in child processes."""
     previous = os.environ.get(PIPELINE_ENV)
     os.environ[PIPELINE_ENV] = previous or f"prefect-{flow_run.get_id()}"
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     results: dict[str, Any] = {}
     layout = Layout(Path(root))
     try:
+        params = config.load(params_file, launch_overrides(launch))  # a bad value fails before any stage runs
         for name in ORDER:
-            items = stage_items(name, config.load(params_file))
+            items = stage_items(name, params)
             if items is None:
                 refresh = force or not outputs_exist(name, layout)
-                results[name] = STAGE_TASKS[name].with_options(refresh_cache=refresh)(params_file, root)
+                results[name] = STAGE_TASKS[name].with_options(refresh_cache=refresh)(params_file, root, launch=launch)
                 continue
             results[name] = {}
             for item in items:
                 refresh = force or not outputs_exist(name, layout, item)
                 task = STAGE_TASKS[name].with_options(refresh_cache=refresh, task_run_name=f"{name}-{item}")
-                results[name][item] = task(params_file, root, item)
+                results[name][item] = task(params_file, root, item, launch=launch)
     finally:
         if previous is None:
             os.environ.pop(PIPELINE_ENV, None)
@@ -68,11 +77,23 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--root", default=".")
     ap.add_argument("--force", action="store_true", help="ignore cached stage results")
+    ap.add_argument("--launch", action="append", default=[], metavar="KEY=VALUE",
+                    help="replace a value of params.yaml's launch section for this run (num_processes=2, "
+                         "config=configs/accelerate/gpu.yaml); repeatable")
     ap.add_argument("--dask-address", help="run on this Dask scheduler (tcp://host:8786)")
     ap.add_argument("--dask-workers", type=int, help="run on a local Dask cluster of this many worker processes")
     args = ap.parse_args()
     flow = with_dask(args.dask_address, args.dask_workers) if (args.dask_address or args.dask_workers) else pipeline
-    flow(args.params, args.root, args.force)
+    launch = {}
+    for item in args.launch:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--launch {item}: expected KEY=VALUE")
+        launch[key.removeprefix("launch.")] = yaml.safe_load(value)
+    try:
+        flow(args.params, args.root, args.force, launch or None)
+    except (ConfigError, StageError) as e:  # a problem in the user's input: one line, no traceback
+        raise SystemExit(f"lmcore flow: error: {e}") from None
 
 
 if __name__ == "__main__":

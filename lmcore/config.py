@@ -926,6 +926,43 @@ class ExportConfig(Section):
     logits as lmcore's) or ``bfloat16`` (half the size; logits differ by bfloat16 rounding)."""
 
 
+class LaunchConfig(Section):
+    """How the training stages (``pretrain``, ``finetune@<task>``) are started: ``accelerate
+    launch`` with an Accelerate config file and the few values a user changes per machine.
+    ``lmcore launch <stage>`` (what ``dvc.yaml`` runs) and the Prefect tasks build the same
+    command from this section (:func:`lmcore.launch.launch_command`). Unset values (null) come
+    from the config file."""
+
+    config: str = "configs/accelerate/cpu.yaml"
+    """Accelerate config file, relative to the project folder (or absolute): ``cpu.yaml`` (one
+    CPU process), ``cpu-2proc.yaml``, ``gpu.yaml``, ``multi-gpu.yaml``, ``fsdp.yaml``,
+    ``multi-node.yaml`` in ``configs/accelerate``, or your own from ``accelerate config``."""
+    num_processes: int | None = Field(default=None, ge=1)
+    """Processes over all machines (one per GPU; on CPUs, one per group of cores). Above 1 with a
+    single-process config file, the launch becomes data-parallel."""
+    num_machines: int | None = Field(default=None, ge=1)
+    """Machines (nodes) taking part; each runs the same command with its own ``machine_rank``."""
+    machine_rank: int | None = Field(default=None, ge=0)
+    """This machine's rank, 0 ... num_machines - 1 (0 hosts the rendezvous)."""
+    main_process_ip: str | None = None
+    """Address of machine 0 as the other machines reach it."""
+    main_process_port: int | None = Field(default=None, ge=1, le=65535)
+    """Rendezvous port on machine 0 (open between the machines)."""
+    cpu: bool | None = None
+    """Train on CPU processes (gloo) even where GPUs exist (null: the config file's ``use_cpu``).
+    Sets ``ACCELERATE_USE_CPU`` for the launched processes, without which several CPU processes
+    would each train alone."""
+
+    @model_validator(mode="after")
+    def _ranks(self) -> "LaunchConfig":
+        if self.machine_rank is not None and self.num_machines is not None and self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank ({self.machine_rank}) must be below num_machines ({self.num_machines})")
+        if self.num_processes is not None and self.num_machines is not None and self.num_processes < self.num_machines:
+            raise ValueError(f"num_processes ({self.num_processes}) counts the processes of all machines: it must be "
+                             f">= num_machines ({self.num_machines})")
+        return self
+
+
 class TrackingConfig(Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     """MLflow tracking URI; relative sqlite paths are relative to the working directory."""
@@ -944,6 +981,7 @@ class Params(Section):
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
+    launch: LaunchConfig = LaunchConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

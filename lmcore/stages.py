@@ -100,13 +100,18 @@ class StageIO:
     and ``outs`` stands for the item."""
     metrics: tuple[str, ...] = ()
     """Metrics files (DVC ``metrics``, not cached), when they are not ``metrics/<stage>.json``."""
+    launched: bool = False
+    """Run under ``accelerate launch`` as ``params.yaml``'s ``launch`` section says
+    (:mod:`lmcore.launch`): ``lmcore launch <stage>`` in ``dvc.yaml``, a child process group of
+    the Prefect task. The other stages run in-process."""
 
     def expand(self, item: str) -> "StageIO":
         """This stage's inputs and outputs for one item of a ``foreach`` stage."""
         def sub(xs: tuple[str, ...]) -> tuple[str, ...]:
             return tuple(x.replace(ITEM, item) for x in xs)
 
-        return StageIO(sub(self.params), sub(self.deps), sub(self.outs), sub(self.persist), None, sub(self.metrics))
+        return dataclasses.replace(self, params=sub(self.params), deps=sub(self.deps), outs=sub(self.outs),
+                                   persist=sub(self.persist), foreach=None, metrics=sub(self.metrics))
 
 
 ENTRY_MODULES: dict[str, str] = {
@@ -123,21 +128,27 @@ ENTRY_MODULES: dict[str, str] = {
 closure of this module inside lmcore (:func:`code_deps`): what ``dvc.yaml`` declares and what the
 Prefect cache key hashes."""
 
-LAUNCH_CONFIG = "configs/accelerate/cpu.yaml"
+LAUNCH_CONFIG = "${launch.config}"
+"""The Accelerate config file of the launched stages: ``launch.config``, a dependency (DVC
+templating resolves it from ``params.yaml``; :func:`data_deps` does the same for Prefect)."""
+LAUNCH_PARAMS = ("launch.config", "launch.num_processes", "launch.num_machines", "launch.cpu")
+"""The ``launch`` keys a training result depends on (the number of processes sets the global
+batch; CPU or GPU the arithmetic). The rank, address and port of a machine do not."""
 
 STAGE_IO: dict[str, StageIO] = {
     "prepare": StageIO(("prepare",), (), ("data/raw",)),
     "clean": StageIO(("clean",), ("data/raw/corpus",), ("data/clean",)),
     "tokenizer": StageIO(("tokenizer",), ("data/clean",), ("data/tokenizer",)),
     "encode": StageIO(("encode",), ("data/clean", "data/tokenizer"), ("data/tokens",)),
-    "pretrain": StageIO(("pretrain",), (LAUNCH_CONFIG, "data/tokens"), ("runs/pretrain/final",),
-                        persist=("runs/pretrain/checkpoints",)),
+    "pretrain": StageIO(("pretrain", *LAUNCH_PARAMS), (LAUNCH_CONFIG, "data/tokens"), ("runs/pretrain/final",),
+                        persist=("runs/pretrain/checkpoints",), launched=True),
     "export": StageIO(("export",), ("runs/pretrain/final", "data/tokenizer"), ("runs/export",)),
     # one stage per task; each depends on the shared fine-tune settings and its own overrides only
-    "finetune": StageIO(("finetune.defaults", "finetune.mixed_precision", "finetune.threads", f"finetune.tasks.{ITEM}"),
+    "finetune": StageIO(("finetune.defaults", "finetune.mixed_precision", "finetune.threads", f"finetune.tasks.{ITEM}",
+                         *LAUNCH_PARAMS),
                         (LAUNCH_CONFIG, f"data/raw/tasks/{ITEM}", "data/tokenizer", "runs/pretrain/final"),
                         (f"runs/finetune/{ITEM}",), foreach="prepare.tasks.tasks",
-                        metrics=(f"metrics/finetune/{ITEM}.json",)),
+                        metrics=(f"metrics/finetune/{ITEM}.json",), launched=True),
     # reads every task's results and prediction files (GLUE score, submission zip) for the listed tasks
     "evaluate": StageIO(("evaluate", "prepare.tasks.tasks"),
                         ("data/tokens", "data/tokenizer", "runs/pretrain/final", "runs/finetune"), ("runs/evaluate",)),
@@ -187,12 +198,27 @@ def stage_io(name: str, item: str | None = None) -> StageIO:
     return io.expand(item)
 
 
+def data_deps(name: str, params: Params, layout: Layout, item: str | None = None) -> list[Path]:
+    """The data files and folders stage ``name`` reads, as paths (``${launch.config}`` resolved
+    from ``params`` like DVC's templating, relative to the project folder)."""
+    def path(dep: str) -> Path:
+        return layout / (params.launch.config if dep == LAUNCH_CONFIG else dep)
+
+    return [path(d) for d in stage_io(name, item).deps]
+
+
+def metrics_path(name: str, layout: Layout, item: str | None = None) -> Path:
+    """Stage ``name``'s metrics file (per item for a ``foreach`` stage)."""
+    io = stage_io(name, item)
+    return layout / io.metrics[0] if io.metrics else layout.metrics(name)
+
+
 def cache_key(name: str, params: Params, layout: Layout, item: str | None = None) -> str:
     """A key that changes when the stage's params keys, its input files, its code (the same
     :func:`code_deps` as ``dvc.yaml``) or the project folder change (the Prefect cache key); per
     item for a ``foreach`` stage."""
     io = stage_io(name, item)
-    data = [PACKAGE_DIR.parent / d if d.startswith("configs/") else layout / d for d in io.deps]
+    data = data_deps(name, params, layout, item)
     sections = {s: param_value(params, s) for s in io.params}
     payload = json.dumps([name, item, str(layout.root.resolve()), sections, fingerprint(*data), code_fingerprint(name)],
                          sort_keys=True)

@@ -1,5 +1,5 @@
 """Prefect tasks: one per lmcore stage, each a thin wrapper of :func:`lmcore.stages.run_stage`."""
 
-from tasks.stages import STAGE_TASKS, stage_task
+from tasks.stages import STAGE_TASKS, launch_overrides, stage_task
 
-__all__ = ["STAGE_TASKS", "stage_task"]
+__all__ = ["STAGE_TASKS", "launch_overrides", "stage_task"]

@@ -1,23 +1,33 @@
 """One Prefect task per stage. The work is :func:`lmcore.stages.run_stage`; this module only adds
 Prefect's retries and caching (keyed on the stage's params sections, input file contents and
-lmcore's code), and lets the ``clean`` stage spread its shards over the flow's task runner."""
+lmcore's code), and lets the ``clean`` stage spread its shards over the flow's task runner.
+
+The training stages (``launched`` in :data:`lmcore.stages.STAGE_IO`: pretrain, finetune) run the
+same ``accelerate launch`` command as ``dvc.yaml`` (:func:`lmcore.launch.launch_command`) as a
+child process group: its output goes to the task's log, a non-zero exit fails the task (a retry
+of pretrain resumes from its last checkpoint), and a cancelled or SIGTERMed flow run stops the
+training processes, which save a checkpoint first. The task returns the stage's metrics."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lmcore import config
+from lmcore.core.errors import StageError
+from lmcore.core.io import read_json
 from lmcore.core.layout import Layout
 from lmcore.data.clean import clean_shard
-from lmcore.stages import ORDER, cache_key, run_stage
+from lmcore.launch import launch_command, run_launched
+from lmcore.stages import ORDER, STAGE_IO, cache_key, metrics_path, run_stage
 
-RETRIES = {"prepare": 2}  # downloads can fail for passing reasons; training reruns cost too much
+# downloads can fail for passing reasons; pretrain's retry resumes from its last checkpoint
+RETRIES = {"prepare": 2, "pretrain": 1}
 
 
 @task(name="clean-shard", retries=1, cache_policy=NO_CACHE, persist_result=False)
@@ -35,9 +45,19 @@ def _shard_mapper():
     return lambda jobs: [f.result() for f in clean_shard_task.map(*map(list, zip(*jobs)))]
 
 
+def launch_overrides(launch: dict[str, Any] | None) -> dict[str, Any]:
+    """A flow's ``launch`` parameter (fields of ``params.yaml``'s ``launch`` section) as
+    overrides of ``params.yaml``."""
+    return {f"launch.{k}": v for k, v in (launch or {}).items()}
+
+
+def _params(parameters: dict[str, Any]) -> config.Params:
+    return config.load(parameters["params_file"], launch_overrides(parameters.get("launch")))
+
+
 def _key(stage: str):
     def key_fn(context: Any, parameters: dict[str, Any]) -> str:
-        params = config.load(parameters["params_file"])
+        params = _params(parameters)
         item = parameters.get("item")
         key = cache_key(stage, params, Layout(Path(parameters["root"])), item)
         return f"{stage}-{item}-{key}" if item else f"{stage}-{key}"
@@ -45,14 +65,31 @@ def _key(stage: str):
     return key_fn
 
 
+def run_launched_stage(stage: str, params: config.Params, params_file: str, root: str, item: str | None) -> Any:
+    """Run a training stage as ``dvc.yaml`` does (``accelerate launch``), streaming its output
+    into this task's log; return its metrics."""
+    logger = get_run_logger()
+    launch = launch_command(params.launch, stage, params_file, root, item)
+    result = run_launched(launch, logger.info)
+    if result.returncode != 0:
+        tail = "\n".join(result.tail[-15:])
+        raise StageError(f"{stage}{'@' + item if item else ''}: the launched processes exited with status "
+                         f"{result.returncode}:\n{tail}")
+    return read_json(metrics_path(stage, Layout(Path(root)), item))
+
+
 def stage_task(stage: str):
     """The Prefect task of a stage. A ``foreach`` stage (``finetune``) takes ``item`` (the task
     name): the flow runs it once per item, each run cached on its own inputs and params."""
-    def run(params_file: str = "params.yaml", root: str = ".", item: str | None = None) -> Any:
+    def run(params_file: str = "params.yaml", root: str = ".", item: str | None = None,
+            launch: dict[str, Any] | None = None) -> Any:
+        params = config.load(params_file, launch_overrides(launch))
+        if STAGE_IO[stage].launched:
+            return run_launched_stage(stage, params, params_file, root, item)
         extra: dict[str, Any] = {"map_shards": _shard_mapper()} if stage == "clean" else {}
         if item is not None:
             extra["task"] = item
-        return run_stage(stage, config.load(params_file), Layout(Path(root)), **extra)
+        return run_stage(stage, params, Layout(Path(root)), **extra)
 
     run.__name__ = run.__qualname__ = stage
     return task(

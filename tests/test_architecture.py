@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lmcore.data",),  # prepare, clean, tokenizer, encode, token shards, GLUE loaders and metrics
     ("lmcore.train", "lmcore.generate", "lmcore.export"),
     ("lmcore.eval",),  # the evaluate stage, run comparison
-    ("lmcore.stages",),  # each stage wired to params.yaml and the layout
+    ("lmcore.stages", "lmcore.launch"),  # each stage wired to params.yaml and the layout; accelerate launch
     ("lmcore.cli",),  # argument parsing and printing
 ]
 

@@ -1,5 +1,5 @@
 """Pretraining: the sampler, loss normalisation, schedules, golden losses, exact resume after a
-kill or a signal, NaN steps, and two processes against one."""
+kill or a signal, NaN steps. Several processes and machines against one: tests/test_launch.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import BIN, ROOT, run_env
+from conftest import BIN, run_env
 
 from lmcore import config
 from lmcore.core.errors import StageError
@@ -315,21 +315,3 @@ def test_fp16_is_refused_on_cpu(tmp_path):
     assert res.returncode == 2
     assert "fp16" in res.stderr and "refused on CPU" in res.stderr and "bf16" in res.stderr
     assert not (root / "runs/pretrain/final").exists()
-
-
-def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path):
-    one = make_project(tmp_path / "one", grad_accum=2, max_steps=8, checkpoint_interval=8)
-    two = make_project(tmp_path / "two", grad_accum=1, max_steps=8, checkpoint_interval=8)
-    res = run_cli(one)
-    assert res.returncode == 0, res.stderr[-3000:]
-    launcher = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu-2proc.yaml"),
-                "-m", "lmcore.cli"]
-    res2 = run_cli(two, launcher=launcher, env={"ACCELERATE_USE_CPU": "true"})
-    assert res2.returncode == 0, res2.stderr[-3000:]
-    assert "2 process(es)" in res2.stdout + res2.stderr  # really two data-parallel processes
-    wa, wb = final_weights(one), final_weights(two)
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
-    la, lb = train_losses(one), train_losses(two)
-    assert [s for s, _ in la] == [s for s, _ in lb]
-    np.testing.assert_allclose([float(v) for _, v in la], [float(v) for _, v in lb], rtol=1e-5)

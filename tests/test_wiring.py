@@ -7,7 +7,7 @@ import ast
 import yaml
 from conftest import ROOT
 
-from lmcore.stages import ORDER, STAGE_IO, code_deps
+from lmcore.stages import LAUNCH_PARAMS, ORDER, STAGE_IO, code_deps
 
 
 def test_dvc_yaml_declares_the_same_stages_inputs_and_outputs():
@@ -18,10 +18,11 @@ def test_dvc_yaml_declares_the_same_stages_inputs_and_outputs():
         if io.foreach:  # one stage per item: `foreach: ${key}` and the template under `do`
             assert st["foreach"] == "${" + io.foreach + "}", name
             st = st["do"]
-            assert st["cmd"].endswith(f"lmcore.cli {name} --task ${{item}}"), name
+            assert st["cmd"].split("#")[0].strip() == f"lmcore launch {name} --task ${{item}}", name
         else:
             assert "foreach" not in st, name
-            assert st["cmd"].endswith(f"lmcore {name}") or st["cmd"].endswith(f"lmcore.cli {name}")
+            want_cmd = f"lmcore launch {name}" if io.launched else f"lmcore {name}"
+            assert st["cmd"].split("#")[0].strip() == want_cmd, name
         want = [*code_deps(name), *io.deps]
         assert st["deps"] == want, (f"dvc.yaml: stage {name} must list its code (the import closure of its entry "
                                     "module, lmcore.stages.code_deps) then its data; expected deps:\n"
@@ -61,8 +62,8 @@ def test_finetune_depends_on_every_shared_setting_and_its_own_overrides_only():
 
     io = STAGE_IO["finetune"]
     shared = {f"finetune.{k}" for k in FinetuneConfig.model_fields if k != "tasks"}
-    assert set(io.params) == shared | {"finetune.tasks.${item}"}
-    assert io.expand("cola").params[-1] == "finetune.tasks.cola"
+    assert set(io.params) == shared | {"finetune.tasks.${item}"} | set(LAUNCH_PARAMS)
+    assert "finetune.tasks.cola" in io.expand("cola").params
     assert "data/raw/tasks/cola" in io.expand("cola").deps and io.expand("cola").outs == ("runs/finetune/cola",)
 
 

@@ -18,6 +18,7 @@ from lmcore.cli import compare, generate
 from lmcore.config import ConfigError
 from lmcore.core.errors import Interrupted, StageError
 from lmcore.core.layout import Layout
+from lmcore.launch import launch_command, run_here
 from lmcore.stages import ORDER, STAGE_IO, run_stage
 
 
@@ -45,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         if STAGE_IO[name].foreach:
             stage.add_argument("--task", help=f"run for this item of {STAGE_IO[name].foreach} only "
                                               "(what each DVC stage finetune@<task> runs); default: every one")
+    launched = [n for n in ORDER if STAGE_IO[n].launched]
+    launch = sub.add_parser("launch", help=f"run a training stage ({', '.join(launched)}) under accelerate launch "
+                                           "as params.yaml's launch section says (what dvc.yaml runs)")
+    launch.add_argument("launched_stage", choices=launched, metavar="STAGE", help=" | ".join(launched))
+    launch.add_argument("--task", help="the item of a foreach stage (finetune: the task)")
+    launch.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     compare.add_parser(sub)  # not a stage: a table and a plot of the runs in MLflow
     generate.add_parser(sub)  # not a stage either: text from a model folder
     args = parser.parse_args(argv)
@@ -57,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return compare.main(args)
     if args.stage == "generate":
         return generate.main(args)
+    if args.stage == "launch":
+        return _launch(args)
     try:
         params = config.load(args.params)
         options = {"task": args.task} if getattr(args, "task", None) else {}
@@ -72,6 +81,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(f"lmcore {args.stage}: done: {_summary(result)}")
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """``lmcore launch <stage>``: build the launch command (:func:`lmcore.launch.launch_command`)
+    and run it in the foreground (:func:`lmcore.launch.run_here`); DVC's signals reach the
+    training processes, and their exit status is DVC's."""
+    try:
+        params = config.load(args.params)
+        if args.task is None and STAGE_IO[args.launched_stage].foreach:
+            raise StageError(f"lmcore launch {args.launched_stage} needs --task (one of "
+                             f"{', '.join(params.prepare.tasks.tasks)})")
+        launch = launch_command(params.launch, args.launched_stage, args.params, args.root, args.task)
+    except (ConfigError, StageError) as e:
+        print(f"lmcore launch: error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(launch.describe())
+        return 0
+    return run_here(launch)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ one of the same settings.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import re
@@ -23,17 +24,40 @@ from typing import Any
 import torch
 
 from lmcore.config import PretrainConfig
+from lmcore.core.errors import StageError
 
 _CKPT = re.compile(r"^step-(\d{6,})$")
 # settings that change what is computed; the others (logging, checkpointing, threads) may
-# differ between a run and its resumption
-_BOOKKEEPING = {"eval_interval", "log_interval", "checkpoint_interval", "keep_checkpoints", "max_nonfinite", "threads"}
+# differ between a run and its resumption. How a step's windows are split (processes x
+# grad_accum x batch_size) is not part of the hash: a run resumes on another number of processes
+# when the product, the global batch, stays the same (StepLayout).
+_BOOKKEEPING = {"eval_interval", "log_interval", "checkpoint_interval", "keep_checkpoints", "max_nonfinite", "threads",
+                "grad_accum", "batch_size"}
 
 
-def config_hash(cfg: PretrainConfig, manifest: dict[str, Any], world: int) -> str:
+def config_hash(cfg: PretrainConfig, manifest: dict[str, Any]) -> str:
     data = json.dumps([cfg.model_dump(mode="json", exclude=_BOOKKEEPING), manifest["tokenizer_sha256"],
-                       manifest["splits"]["train"], world], sort_keys=True)
+                       manifest["splits"]["train"]], sort_keys=True)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLayout:
+    """How one optimizer step's windows are split: ``processes x grad_accum x batch_size``.
+    Only the product (the global batch) changes what is computed, up to the order of floating
+    point sums."""
+
+    processes: int
+    grad_accum: int
+    batch_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.processes * self.grad_accum * self.batch_size
+
+    def describe(self) -> str:
+        return (f"{self.global_batch} windows per step ({self.processes} process(es) x grad_accum {self.grad_accum} "
+                f"x batch_size {self.batch_size})")
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -74,23 +98,41 @@ def prune(folder: Path, keep: int, best_step: int | None) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def resume(accelerator, folder: Path, chash: str, sampler, schedulers: Sequence[Any]) -> dict[str, Any] | None:
-    """Load the newest checkpoint in ``folder`` if it has the settings hash ``chash``: the
-    Accelerate state, the sampler and the schedulers; return the rest of its ``trainer.json``.
-    Checkpoints of other settings are removed (None: start afresh)."""
+def resume(accelerator, folder: Path, chash: str, sampler, schedulers: Sequence[Any], layout: StepLayout,
+           max_steps: int) -> dict[str, Any] | None:
+    """Load the newest checkpoint in ``folder`` if it has the settings hash ``chash`` and the
+    global batch of ``layout``: the Accelerate state, the sampler and the schedulers; return the
+    rest of its ``trainer.json``. The number of processes may differ from the run that wrote it
+    (the sampler's position counts windows of all processes). Checkpoints of other settings, or
+    of a finished run with another global batch, are removed (None: start afresh); an unfinished
+    run with another global batch is refused (:class:`StageError`), so that its progress is not
+    lost to a changed launch."""
     ckpts = list_checkpoints(folder)
     if not ckpts:
         return None
-    saved = json.loads((ckpts[-1][1] / "trainer.json").read_text())
+    step, path = ckpts[-1]
+    saved = json.loads((path / "trainer.json").read_text())
     if saved.get("config_hash") == chash:
-        accelerator.load_state(str(ckpts[-1][1]))
-        sampler.load_state_dict(saved.pop("sampler"))
-        for sched, sd in zip(schedulers, saved.pop("schedulers"), strict=True):
-            sched.load_state_dict(sd)
-        accelerator.print(f"resuming from step {saved['step']} ({ckpts[-1][1]})")
-        return saved
-    accelerator.print(f"{folder}: checkpoints of other settings ({saved.get('config_hash')} != {chash}); "
-                      "starting afresh and replacing them")
+        was = StepLayout(**saved["layout"])
+        if was.global_batch == layout.global_batch:
+            accelerator.load_state(str(path))
+            sampler.load_state_dict(saved.pop("sampler"))
+            for sched, sd in zip(schedulers, saved.pop("schedulers"), strict=True):
+                sched.load_state_dict(sd)
+            moved = "" if was == layout else f"; written as {was.describe()}, continued as {layout.describe()}"
+            accelerator.print(f"resuming from step {saved['step']} ({path}){moved}")
+            return saved
+        if step < max_steps:
+            raise StageError(
+                f"{path} is step {step} of an unfinished run of {was.describe()}; this launch would train "
+                f"{layout.describe()}. A resumed run must keep the global batch (processes x grad_accum x batch_size): "
+                f"set pretrain.grad_accum or pretrain.batch_size so that the product is {was.global_batch}, "
+                f"or remove {folder} to start afresh")
+        accelerator.print(f"{folder}: a finished run of {was.describe()}; this run trains {layout.describe()}: "
+                          "starting afresh and replacing it")
+    else:
+        accelerator.print(f"{folder}: checkpoints of other settings ({saved.get('config_hash')} != {chash}); "
+                          "starting afresh and replacing them")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(folder)

@@ -44,7 +44,7 @@ from lmcore.model.decoder import Decoder, DecoderConfig
 from lmcore.model.folder import save_decoder
 from lmcore.tracking import stage_run
 from lmcore.train.accel import make_accelerator
-from lmcore.train.checkpoint import config_hash, resume, save_checkpoint, stop_requested, stop_signals
+from lmcore.train.checkpoint import StepLayout, config_hash, resume, save_checkpoint, stop_requested, stop_signals
 from lmcore.train.flops import Peak, dtype_of, mfu, peak_flops
 from lmcore.train.optim import build_optimizers
 from lmcore.train.sampler import WindowSampler, fixed_windows, micro_batches
@@ -152,9 +152,10 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
     peak = peak_flops(accelerator.device, dtype_of(accelerator.mixed_precision))  # "auto" resolved
 
     ckpt_dir = out / "checkpoints"
-    chash = config_hash(cfg, manifest, world)
+    chash = config_hash(cfg, manifest)
+    step_layout = StepLayout(world, cfg.grad_accum, cfg.batch_size)
     state = TrainState()
-    saved = resume(accelerator, ckpt_dir, chash, sampler, scheds)
+    saved = resume(accelerator, ckpt_dir, chash, sampler, scheds, step_layout, cfg.max_steps)
     if saved is not None:
         state.load(saved)
     start_step = state.step
@@ -169,7 +170,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
 
     def trainer_state() -> dict[str, Any]:
         return {**state.to_dict(), "sampler": sampler.state_dict(), "config_hash": chash,
-                "schedulers": [sched.state_dict() for sched in scheds]}
+                "layout": dataclasses.asdict(step_layout), "schedulers": [sched.state_dict() for sched in scheds]}
 
     def validate_now() -> float:
         row = validate(model, val_windows, cfg.batch_size, accelerator, state, tokens_per_byte)

@@ -1,0 +1,220 @@
+"""Starting the training stages the same way from DVC and from Prefect.
+
+``pretrain`` and ``finetune@<task>`` run under ``accelerate launch``: one process or many, on
+one machine or several. :func:`launch_command` builds that command from ``params.yaml``'s
+``launch`` section; it is the only place that does:
+
+- ``lmcore launch <stage>`` (what ``dvc.yaml`` runs) replaces itself with the command;
+- the Prefect task of the stage runs it as a child process (:func:`run_launched`): the child's
+  output streams into the task's log, its exit status decides the task's state, and a SIGTERM or
+  cancellation of the flow run reaches every training process, which saves a checkpoint and
+  exits; a retry resumes from it.
+
+The Accelerate config file decides the kind of launch (``distributed_type``); ``launch``'s
+fields override the per-machine values. On CPUs several processes need
+``ACCELERATE_USE_CPU=true`` (from the file's ``use_cpu`` or ``launch.cpu``), which the command
+sets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+import yaml
+
+from lmcore.config import LaunchConfig
+from lmcore.core.errors import StageError
+
+_MULTI = {"MULTI_GPU", "MULTI_CPU", "FSDP", "DEEPSPEED", "MEGATRON_LM"}
+"""Accelerate ``distributed_type`` values that already start several processes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """A built launch: the command line, the environment variables it adds, and what it will
+    start (from the config file and the overrides)."""
+
+    argv: list[str]
+    env: dict[str, str]
+    config_file: Path
+    distributed_type: str
+    num_processes: int
+    num_machines: int
+    cpu: bool
+
+    def describe(self) -> str:
+        extra = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        return f"{extra} {shlex.join(self.argv)}".strip()
+
+
+def read_accelerate_config(path: Path, value: str | None = None) -> dict[str, Any]:
+    """The Accelerate config file ``path`` as a mapping; errors name ``launch.config`` and its
+    ``value`` as written in params.yaml."""
+    key = f"launch.config = '{value or path}'"
+    if not path.is_file():
+        raise StageError(f"{key}: no such Accelerate config file ({path}; see configs/accelerate/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise StageError(f"{key}: not valid YAML: {e}") from None
+    if not isinstance(data, dict) or "distributed_type" not in data:
+        raise StageError(f"{key}: not an Accelerate config file (no distributed_type)")
+    return data
+
+
+def config_path(launch: LaunchConfig, root: Path) -> Path:
+    """``launch.config`` resolved against the project folder (as DVC resolves it)."""
+    p = Path(launch.config)
+    return p if p.is_absolute() else Path(root) / p
+
+
+def launch_command(launch: LaunchConfig, stage: str, params_file: str | Path = "params.yaml", root: str | Path = ".",
+                   task: str | None = None, python: str = sys.executable) -> Launch:
+    """The ``accelerate launch ... -m lmcore.cli --params P --root R <stage>`` command of
+    ``launch`` (see the module docstring). ``task``: the item of a ``foreach`` stage."""
+    root = Path(root)
+    path = config_path(launch, root)
+    file = read_accelerate_config(path, launch.config)
+    dtype = str(file["distributed_type"]).upper()
+    processes = launch.num_processes or int(file.get("num_processes") or 1)
+    machines = launch.num_machines or int(file.get("num_machines") or 1)
+    cpu = bool(file.get("use_cpu")) if launch.cpu is None else launch.cpu
+    if processes < machines:
+        raise StageError(f"launch: {processes} process(es) on {machines} machines: num_processes counts the processes "
+                         "of all machines (set launch.num_processes)")
+    argv = [python, "-m", "accelerate.commands.launch", "--config_file", str(path)]
+    if dtype not in _MULTI and (processes > 1 or machines > 1):
+        argv.append("--multi_gpu")  # a single-process file asked for more: data parallel
+        dtype = "MULTI_CPU" if cpu else "MULTI_GPU"
+    elif dtype == "MULTI_GPU" and cpu:
+        dtype = "MULTI_CPU"
+    for flag, value in (("--num_processes", launch.num_processes), ("--num_machines", launch.num_machines),
+                        ("--machine_rank", launch.machine_rank), ("--main_process_ip", launch.main_process_ip),
+                        ("--main_process_port", launch.main_process_port)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if machines > 1 and launch.main_process_ip is None and not file.get("main_process_ip"):
+        raise StageError(f"launch: {machines} machines need launch.main_process_ip (machine 0's address)")
+    argv += ["-m", "lmcore.cli", "--params", str(params_file), "--root", str(root), stage]
+    if task is not None:
+        argv += ["--task", task]
+    env = {"ACCELERATE_USE_CPU": "true"} if cpu else {}
+    return Launch(argv, env, path, dtype, processes, machines, cpu)
+
+
+USER_MESSAGE = re.compile(r"^lmcore [\w-]+: (error: |stopped by )")
+"""A training process's one-line report of a problem in the user's input, or of a stop by a
+signal (``lmcore.cli``). The launcher's traceback that follows it is noise: not shown."""
+
+
+class _Pump:
+    """Streams a launch's output to ``log``, line by line; after the first :data:`USER_MESSAGE`
+    only such messages pass (the launcher would add its own traceback of the same failure)."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log, self.tail, self.messages = log, [], []
+
+    def __call__(self, stream: IO[str]) -> None:
+        for line in stream:
+            line = line.rstrip("\n")
+            if USER_MESSAGE.match(line):
+                self.messages.append(line)
+            elif self.messages:
+                continue
+            self.log(line)
+            self.tail.append(line)
+            del self.tail[:-40]
+
+
+def stop_launch(proc: subprocess.Popen, grace: float) -> None:
+    """Stop a launch: SIGTERM to the training processes (the launcher's descendants), which save
+    a checkpoint and exit, and then the launcher exits on its own; whatever is left of the
+    process group after ``grace`` seconds gets SIGTERM, then SIGKILL. The launcher is not
+    signalled first: it would die at once and leave its training processes behind."""
+    try:
+        trainers = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        trainers = []
+    for p in trainers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGTERM)
+    for sig, wait in ((None, grace), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchResult:
+    returncode: int
+    """The training processes' status: 0, 2 (a problem in the input, reported in ``messages``),
+    128 + signal (stopped by a signal after a checkpoint), else the launcher's."""
+    tail: list[str]
+    """The last 40 lines of output shown."""
+    messages: list[str]
+    """The training processes' one-line error or stop reports (:data:`USER_MESSAGE`)."""
+
+
+def run_launched(launch: Launch, log: Callable[[str], None] = print, cwd: str | Path | None = None,
+                 grace: float = 120.0) -> LaunchResult:
+    """Run ``launch`` as a child process group, streaming its output line by line to ``log``.
+
+    An exception while waiting (Prefect's ``TerminationSignal`` when the flow run is cancelled or
+    SIGTERMed, ``KeyboardInterrupt``) stops the children first (:func:`stop_launch`: they save a
+    checkpoint) and is then raised again."""
+    log(f"launch: {launch.describe()}")
+    proc = subprocess.Popen(launch.argv, env={**os.environ, **launch.env}, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+    pump = _Pump(log)
+    reader = threading.Thread(target=pump, args=(proc.stdout,), daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait()
+    except BaseException:
+        log(f"launch: stopping the training processes (SIGTERM, then SIGKILL after {grace:.0f} s)")
+        stop_launch(proc, grace)
+        raise
+    finally:
+        reader.join(timeout=10)
+    stopped = next((m for m in pump.messages if "stopped by SIG" in m), None)
+    if rc != 0 and stopped is not None:
+        rc = 128 + next((int(s) for s in signal.Signals if f"stopped by {s.name} " in stopped), signal.SIGTERM)
+    elif rc != 0 and pump.messages:
+        rc = 2
+    return LaunchResult(rc, list(pump.tail), list(pump.messages))
+
+
+def run_here(launch: Launch) -> int:
+    """``lmcore launch``: run ``launch`` in the foreground, output to this process's stdout (the
+    training processes' one-line reports to stderr), SIGTERM and SIGINT passed on to the training
+    processes; the exit status of :func:`run_launched`."""
+    def to_terminal(line: str) -> None:
+        print(line, file=sys.stderr if USER_MESSAGE.match(line) else sys.stdout, flush=True)
+
+    def on_term(signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        return run_launched(launch, to_terminal).returncode
+    except KeyboardInterrupt:
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)

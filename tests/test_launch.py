@@ -1,0 +1,188 @@
+"""The launch section: one command for DVC and Prefect, several processes and "machines" on this
+machine, and resuming a checkpoint on another number of processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import BIN, ROOT, mlflow_runs, run_env
+from test_pretrain import final_weights, make_project, train_losses
+
+from lmcore import config
+from lmcore.config import ConfigError, LaunchConfig
+from lmcore.core.errors import StageError
+from lmcore.launch import launch_command
+from lmcore.train.checkpoint import list_checkpoints
+
+CPU = str(ROOT / "configs/accelerate/cpu.yaml")
+ELASTIC = {"max_steps": 30, "checkpoint_interval": 10, "eval_interval": 10, "warmup_steps": 4}
+
+
+def set_launch(root: Path, name: str = "params.yaml", **launch) -> Path:
+    """Write ``launch`` (and any ``pretrain`` changes under the key ``pretrain``) into a copy of
+    the project's params file named ``name``."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    pretrain = launch.pop("pretrain", {})
+    params["pretrain"].update(pretrain)
+    params["launch"] = {"config": CPU, **launch}
+    path = root / name
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def lmcore_launch(root: Path, params: Path | None = None, wait: bool = True, **kw):
+    cmd = [str(BIN / "lmcore"), "--params", str(params or root / "params.yaml"), "--root", str(root),
+           "launch", "pretrain"]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=root, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True, **kw)
+    return subprocess.run(cmd, cwd=root, env=run_env(), capture_output=True, text=True, timeout=600, **kw)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_close_runs(a: Path, b: Path) -> None:
+    """Same steps, losses within 1e-5 relative, weights within 1e-4 / 1e-5: the same run up to
+    the order of floating-point sums (all-reduce against accumulation)."""
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    la, lb = train_losses(a), train_losses(b)
+    assert [s for s, _ in la] == [s for s, _ in lb]
+    np.testing.assert_allclose([float(v) for _, v in la], [float(v) for _, v in lb], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def test_the_command_follows_the_launch_section(tmp_path):
+    one = launch_command(LaunchConfig(config=CPU), "pretrain", "p.yaml", tmp_path)
+    assert one.argv[1:] == ["-m", "accelerate.commands.launch", "--config_file", CPU, "-m", "lmcore.cli",
+                            "--params", "p.yaml", "--root", str(tmp_path), "pretrain"]
+    assert one.env == {"ACCELERATE_USE_CPU": "true"} and one.num_processes == 1
+    two = launch_command(LaunchConfig(config=CPU, num_processes=2), "finetune", task="sst2")
+    assert "--multi_gpu" in two.argv and two.argv[two.argv.index("--num_processes") + 1] == "2"
+    assert two.argv[-3:] == ["finetune", "--task", "sst2"] and two.distributed_type == "MULTI_CPU"
+    node = launch_command(LaunchConfig(config=CPU, num_processes=4, num_machines=2, machine_rank=1,
+                                       main_process_ip="10.0.0.1", main_process_port=29501), "pretrain")
+    flags = dict(zip(node.argv[::2], node.argv[1::2]))
+    assert (flags["--num_machines"], flags["--machine_rank"], flags["--main_process_ip"]) == ("2", "1", "10.0.0.1")
+    gpus = launch_command(LaunchConfig(config=str(ROOT / "configs/accelerate/multi-gpu.yaml")), "pretrain")
+    assert gpus.env == {} and gpus.num_processes == 8 and "--multi_gpu" not in gpus.argv  # the file says it
+
+
+def test_bad_launch_values_name_the_key(tmp_path):
+    with pytest.raises(StageError, match="launch.config = 'nowhere.yaml': no such Accelerate config file"):
+        launch_command(LaunchConfig(config="nowhere.yaml"), "pretrain", root=tmp_path)
+    with pytest.raises(StageError, match="main_process_ip"):
+        launch_command(LaunchConfig(config=CPU, num_processes=2, num_machines=2), "pretrain")
+    with pytest.raises(ConfigError, match="launch.num_processes = 0"):
+        config.from_dict({"launch": {"num_processes": 0}})
+    with pytest.raises(ConfigError, match="machine_rank .2. must be below num_machines .2."):
+        config.from_dict({"launch": {"num_machines": 2, "machine_rank": 2}})
+    (tmp_path / "params.yaml").write_text("launch:\n  config: nowhere.yaml\n")
+    res = subprocess.run([str(BIN / "lmcore"), "launch", "pretrain"], cwd=tmp_path, env=run_env(),
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "launch.config = 'nowhere.yaml'" in res.stderr and "Traceback" not in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# several processes, several machines, another number of processes on resume
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One process with twice the accumulation, uninterrupted: what every launch below must match."""
+    root = make_project(tmp_path_factory.mktemp("reference"), grad_accum=2, **ELASTIC)
+    set_launch(root)
+    res = lmcore_launch(root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "1 process(es)" in res.stdout + res.stderr
+    return root
+
+
+def _kill_after_checkpoint(proc: subprocess.Popen, root: Path, step: int = 10) -> int:
+    """SIGKILL the whole launch once checkpoint ``step`` is complete; the newest complete step."""
+    ckpt = root / f"runs/pretrain/checkpoints/step-{step:06d}/trainer.json"
+    t0 = time.time()
+    while not ckpt.exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() - t0 < 300
+        time.sleep(0.005)
+    import os
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    steps = [s for s, _ in list_checkpoints(root / "runs/pretrain/checkpoints")]
+    assert steps and steps[-1] < ELASTIC["max_steps"], steps
+    return steps[-1]
+
+
+def test_two_processes_resume_on_one_and_a_changed_global_batch_is_refused(reference, tmp_path):
+    root = make_project(tmp_path, grad_accum=1, **ELASTIC)
+    set_launch(root, num_processes=2)
+    stopped = _kill_after_checkpoint(lmcore_launch(root, wait=False), root)
+    saved = json.loads((root / f"runs/pretrain/checkpoints/step-{stopped:06d}/trainer.json").read_text())
+    assert saved["layout"] == {"processes": 2, "grad_accum": 1, "batch_size": 4}
+    # one process with the same accumulation would halve the global batch: refused, nothing lost
+    refused = lmcore_launch(root, set_launch(root, "half.yaml"))
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "must keep the global batch" in refused.stderr and "8 windows per step (2 process(es)" in refused.stderr
+    assert "Traceback" not in refused.stdout + refused.stderr  # the launcher's own report is not shown
+    assert [s for s, _ in list_checkpoints(root / "runs/pretrain/checkpoints")][-1] == stopped
+    res = lmcore_launch(root, set_launch(root, "one.yaml", pretrain={"grad_accum": 2}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert f"resuming from step {stopped}" in out and "1 process(es)" in out
+    assert "written as 8 windows per step (2 process(es) x grad_accum 1" in out
+    assert_close_runs(reference, root)
+
+
+def test_one_process_resumes_on_two(reference, tmp_path):
+    root = make_project(tmp_path, grad_accum=2, **ELASTIC)
+    set_launch(root)
+    stopped = _kill_after_checkpoint(lmcore_launch(root, wait=False), root)
+    res = lmcore_launch(root, set_launch(root, "two.yaml", num_processes=2, pretrain={"grad_accum": 1}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert f"resuming from step {stopped}" in out and "2 process(es)" in out
+    assert_close_runs(reference, root)
+
+
+def test_two_machines_of_one_process_match_one_process_and_only_rank_0_writes(reference, tmp_path):
+    """Two "machines" (two launches, machine_rank 0 and 1, rendezvous on 127.0.0.1 over gloo) on
+    a shared project folder, each with its own MLflow database: only rank 0 logs and writes."""
+    root = make_project(tmp_path, grad_accum=1, **ELASTIC)
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        params = set_launch(root, f"node{rank}.yaml", num_processes=2, num_machines=2, machine_rank=rank,
+                            main_process_ip="127.0.0.1", main_process_port=port)
+        raw = yaml.safe_load(params.read_text())
+        raw["tracking"] = {"enabled": True, "tracking_uri": f"sqlite:///{tmp_path / f'node{rank}.db'}",
+                           "experiment": "lmcore-test"}
+        params.write_text(yaml.safe_dump(raw))
+        procs.append(lmcore_launch(root, params, wait=False))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert "2 process(es)" in outs[0]
+    assert "--num_machines 2 --machine_rank 1 --main_process_ip 127.0.0.1" in outs[1]
+    assert_close_runs(reference, root)
+    runs = mlflow_runs(tmp_path / "node0.db")
+    assert [r.data.params["num_processes"] for r in runs] == ["2"]
+    assert mlflow_runs(tmp_path / "node1.db") == []
