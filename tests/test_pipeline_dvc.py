@@ -126,3 +126,11 @@ def test_dvc_repro_end_to_end(tiny_project):
     assert ran(exp.stdout) == ["evaluate"], exp.stdout
     shown = dvc(proj, "exp", "show", "--json")
     assert "greedy" in shown.stdout
+
+    # the same stage on two CPU processes through the launch section alone, no file edited
+    two = dvc(proj, "exp", "run", "-S", "launch.num_processes=2", "-n", "two-procs", "pretrain")
+    assert ran(two.stdout) == ["pretrain"], two.stdout
+    assert "2 process(es)" in two.stdout and "--multi_gpu --num_processes 2" in two.stdout
+    pre2 = [r for r in mlflow_runs(proj / "mlflow.db") if r.data.tags.get("lmcore.stage") == "pretrain"]
+    assert sorted(r.data.params["num_processes"] for r in pre2) == ["1", "2"]
+    assert (proj / "runs/pretrain/checkpoints/step-000012/random_states_1.pkl").exists()
