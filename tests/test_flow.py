@@ -90,3 +90,86 @@ def test_clean_shards_spread_over_a_local_two_worker_dask_cluster(prefect_harnes
             return [r for r in runs if r.name.startswith("clean-shard")]
 
     assert len(anyio.run(shard_runs)) == len(before) // 2  # one task run per raw shard
+
+
+def _trainers(root) -> list:
+    """The training processes of ``root`` (not their launcher)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "-m lmcore.cli" in cmd and str(root) in cmd and "accelerate.commands.launch" not in cmd:
+            found.append(p)
+    return found
+
+
+def _wait_for(path, proc=None, timeout: float = 300) -> None:
+    import time
+
+    t0 = time.time()
+    while not path.exists():
+        assert proc is None or proc.poll() is None, proc.stdout.read()[-3000:] if proc else ""
+        assert time.time() - t0 < timeout, f"{path} did not appear"
+        time.sleep(0.01)
+
+
+def test_sigterm_stops_training_with_a_checkpoint_a_crash_is_retried_and_both_resume(prefect_harness, tiny_project,
+                                                                                    monkeypatch):
+    """A flow run SIGTERMed during pretrain (a cancellation from a worker does this) stops the
+    training processes, which save a checkpoint first; the next flow run resumes from it. A
+    training process that dies (SIGKILL, as an out-of-memory kill) fails the task, and Prefect's
+    retry resumes from the last checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    import yaml
+    from conftest import run_env
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.pipeline import pipeline
+    from tasks import STAGE_TASKS
+
+    monkeypatch.chdir(tiny_project)
+    params_file = tiny_project / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["pretrain"].update(max_steps=600, checkpoint_interval=100, eval_interval=100, log_interval=50)
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    ckpts = tiny_project / "runs/pretrain/checkpoints"
+
+    env = {**run_env(), "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(tiny_project)}
+    flow = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--params", str(params_file), "--root",
+                             str(tiny_project)], cwd=tiny_project, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for(ckpts / "step-000100/trainer.json", flow)
+    flow.send_signal(signal.SIGTERM)
+    out, _ = flow.communicate(timeout=180)
+    assert flow.returncode != 0
+    assert "stopping the training processes" in out and "stopped by SIGTERM" in out, out[-3000:]
+    assert _trainers(tiny_project) == []  # nothing left behind
+    from lmcore.train.checkpoint import list_checkpoints
+
+    stopped = list_checkpoints(ckpts)[-1][0]
+    assert 100 <= stopped < 600 and not (tiny_project / "runs/pretrain/final").exists()
+
+    # the next run resumes; its training process is killed after the next checkpoint, the retry resumes again
+    monkeypatch.setattr(STAGE_TASKS["pretrain"], "retry_delay_seconds", 0)
+    killed: list[int] = []
+
+    def kill_after_next_checkpoint():
+        step = (stopped // 100 + 1) * 100
+        _wait_for(ckpts / f"step-{step:06d}/trainer.json")
+        for p in _trainers(tiny_project):
+            p.kill()
+        killed.append(step)
+
+    killer = threading.Thread(target=kill_after_next_checkpoint, daemon=True)
+    killer.start()
+    pipeline(str(params_file), str(tiny_project))
+    killer.join(timeout=5)
+    assert killed and (tiny_project / "runs/pretrain/final/model.safetensors").exists()
+    runs = [r for r in mlflow_runs(tiny_project / "mlflow.db") if r.data.tags.get("lmcore.stage") == "pretrain"]
+    resumed = sorted(int(r.data.params["resumed_from_step"]) for r in runs)
+    assert resumed[0] == 0 and resumed[1] == stopped and resumed[2] >= killed[0], resumed
