@@ -186,3 +186,34 @@ def test_two_machines_of_one_process_match_one_process_and_only_rank_0_writes(re
     runs = mlflow_runs(tmp_path / "node0.db")
     assert [r.data.params["num_processes"] for r in runs] == ["2"]
     assert mlflow_runs(tmp_path / "node1.db") == []
+
+
+def test_fsdp_on_two_cpu_processes_shards_and_resumes_from_its_sharded_checkpoint(reference, tmp_path):
+    """configs/accelerate/fsdp.yaml on two CPU processes trains with FSDP2 (Accelerate alone would
+    fall back to plain data parallelism there, lmcore.train.accel): sharded checkpoints, one shard
+    per process, a resume from one after a kill, and the same run as one process."""
+    root = make_project(tmp_path, grad_accum=1, **ELASTIC)
+    set_launch(root, config=str(ROOT / "configs/accelerate/fsdp.yaml"), num_processes=2, cpu=True)
+    stopped = _kill_after_checkpoint(lmcore_launch(root, wait=False), root)
+    ckpt = root / f"runs/pretrain/checkpoints/step-{stopped:06d}"
+    assert sorted(p.name for p in (ckpt / "pytorch_model_fsdp_0").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (ckpt / "model.safetensors").exists()  # not one whole copy: a shard per process
+    res = lmcore_launch(root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert f"resuming from step {stopped}" in out and "Saving FSDP model" in out
+    assert_close_runs(reference, root)  # the final model is gathered into one whole safetensors file
+
+
+def test_a_launch_asking_for_fsdp_that_lmcore_cannot_shard_on_cpu_is_refused(tmp_path):
+    """FSDP1 on CPU processes: Accelerate would train plain data parallel; lmcore stops instead."""
+    root = make_project(tmp_path, max_steps=4)
+    fsdp1 = yaml.safe_load((ROOT / "configs/accelerate/fsdp.yaml").read_text())
+    fsdp1["fsdp_config"]["fsdp_version"] = 1
+    (root / "fsdp1.yaml").write_text(yaml.safe_dump(fsdp1))
+    set_launch(root, config=str(root / "fsdp1.yaml"), num_processes=2, cpu=True)
+    res = lmcore_launch(root)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "asks for FSDP version 1" in res.stderr and "fsdp_version: 2" in res.stderr
+    assert "Traceback" not in res.stdout + res.stderr
+    assert not (root / "runs/pretrain/final").exists()

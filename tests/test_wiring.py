@@ -7,6 +7,7 @@ import ast
 import yaml
 from conftest import ROOT
 
+from lmcore import config
 from lmcore.stages import LAUNCH_PARAMS, ORDER, STAGE_IO, code_deps
 
 
@@ -96,13 +97,20 @@ def test_lmcore_imports_neither_prefect_nor_dvc():
                 assert n.split(".")[0] not in {"prefect", "dvc"}, f"{path} imports {n}"
 
 
-def test_prefect_yaml_deploys_the_pipeline_flow_on_a_process_pool():
+def test_prefect_yaml_deploys_the_pipeline_flow_on_a_cpu_and_a_gpu_pool():
     from prefect.flows import load_flow_from_entrypoint
 
+    from lmcore.launch import read_accelerate_config
+
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    (dep,) = spec["deployments"]
-    flow = load_flow_from_entrypoint(str(ROOT / dep["entrypoint"]))
-    assert flow.name == "lmcore-pipeline"
-    assert set(dep["parameters"]) <= set(flow.parameters.properties)
-    assert dep["work_pool"]["name"] == "lmcore-process"
-    assert dep["schedules"][0]["cron"] and dep["schedules"][0]["active"] is False
+    deps = {d["name"]: d for d in spec["deployments"]}
+    assert set(deps) == {"cpu", "gpu"}
+    for dep in deps.values():
+        flow = load_flow_from_entrypoint(str(ROOT / dep["entrypoint"]))
+        assert flow.name == "lmcore-pipeline"
+        assert set(dep["parameters"]) <= set(flow.parameters.properties)
+        config.from_dict({"launch": dep["parameters"]["launch"] or {}})  # valid launch values
+    assert deps["cpu"]["work_pool"]["name"] == "lmcore-process" and deps["gpu"]["work_pool"]["name"] == "lmcore-gpu"
+    gpu = read_accelerate_config(ROOT / deps["gpu"]["parameters"]["launch"]["config"])
+    assert gpu["distributed_type"] == "MULTI_GPU" and gpu["use_cpu"] is False
+    assert deps["cpu"]["schedules"][0]["cron"] and deps["cpu"]["schedules"][0]["active"] is False

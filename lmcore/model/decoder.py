@@ -157,8 +157,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_normalize(x, self.eps) * self.weight
+    def forward(self, x: torch.Tensor, project: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` normalised and scaled; with ``project``, the (out, dim) weight of the projection
+        that follows, that projection of it with the scale folded into the weight (one pass over
+        ``x`` fewer). Called as a module either way, so that a wrapper's hooks see it (Accelerate's
+        FSDP2 makes the final norm its own unit, gathered by a pre-forward hook)."""
+        if project is None:
+            return rms_normalize(x, self.eps) * self.weight
+        return linear(rms_normalize(x, self.eps), project * self.weight)
 
 
 def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -461,8 +467,7 @@ class Decoder(nn.Module):
                 reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) and, given ``targets`` (-100 = ignore), the cross-entropy."""
         # the final norm's weight folded into the output projection, as in Block
-        h = rms_normalize(self.residual_stream(idx), self.norm.eps)
-        logits = linear(h, self.lm_head.weight * self.norm.weight)
+        logits = self.norm(self.residual_stream(idx), project=self.lm_head.weight)
         loss = None
         if targets is not None:
             loss = cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
