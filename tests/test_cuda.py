@@ -12,7 +12,6 @@ import copy
 
 import pytest
 import torch
-
 from accelerate.state import AcceleratorState
 
 import lmcore.model.decoder as model_module

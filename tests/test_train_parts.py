@@ -25,11 +25,11 @@ from lmcore.core.io import write_json, write_jsonl
 from lmcore.data import glue
 from lmcore.model.decoder import Decoder, DecoderConfig
 from lmcore.train import finetune as ft
+from lmcore.train import step as step_module
 from lmcore.train.checkpoint import list_checkpoints, prune, stop_signals
+from lmcore.train.optim import build_optimizers, finetune_optimizer
 from lmcore.train.sampler import epoch_batches, step_groups
 from lmcore.train.schedule import linear_warmup_decay, lr_factor, schedulers
-from lmcore.train import step as step_module
-from lmcore.train.optim import build_optimizers, finetune_optimizer
 from lmcore.train.step import NEXT_TOKEN, TrainState, accumulate, pins_memory, to_device, train_step
 
 OFF = TrackingConfig(enabled=False)
