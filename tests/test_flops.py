@@ -112,6 +112,7 @@ def test_slow_dtype_probe_stays_short():
     assert time.perf_counter() - t0 < 10
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("name, dtype, expected", [
     ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12),
     ("NVIDIA A100-PCIE-40GB", torch.float16, 312e12),
@@ -119,6 +120,7 @@ def test_slow_dtype_probe_stays_short():
     ("NVIDIA H100 PCIe", torch.bfloat16, 756e12),
     ("NVIDIA H100 NVL", torch.bfloat16, 835e12),
     ("NVIDIA H200", torch.bfloat16, 989.4e12),
+    ("NVIDIA H200 NVL", torch.bfloat16, 835e12),
     ("NVIDIA L4", torch.bfloat16, 121e12),
     ("NVIDIA L40S", torch.bfloat16, 362.05e12),
     ("NVIDIA A10", torch.bfloat16, 125e12),
@@ -139,6 +141,7 @@ def test_table_lookup(name, dtype, expected):
     assert table_peak(name, dtype) == expected
 
 
+@pytest.mark.cuda
 def test_known_gpu_uses_the_table(monkeypatch, tmp_path: Path):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     peak = peak_flops(torch.device("cuda", 0), torch.bfloat16, cache=tmp_path / "c.json")

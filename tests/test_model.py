@@ -264,3 +264,47 @@ def test_a_model_cast_to_bfloat16_still_runs():
         logits16, loss16 = model.to(torch.bfloat16)(x, y)
     assert logits16.dtype == torch.bfloat16 and loss16.dtype == torch.float32
     assert abs(float(loss16) - float(loss)) < 0.05 * float(loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU-only paths are decided by the tensor's device (no GPU needed to check it)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("x86_without_bf16", [False, True])
+def test_bf16_emulation_and_cpu_kernels_are_for_cpu_devices_only(monkeypatch, x86_without_bf16):
+    monkeypatch.setattr(model_module, "X86_WITHOUT_BF16", x86_without_bf16)
+    assert model_module.emulates_bf16(torch.device("cpu")) is x86_without_bf16
+    assert model_module.emulates_bf16("cpu") is x86_without_bf16
+    assert model_module.uses_cpu_kernels(torch.device("cpu"))
+    for device in (torch.device("cuda"), torch.device("cuda", 1), "cuda:0", torch.device("meta"), "mps", "xpu"):
+        assert not model_module.emulates_bf16(device), device
+        assert not model_module.uses_cpu_kernels(device), device
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model_module.emulating_bf16(torch.empty(2, 3)) is x86_without_bf16
+        assert not model_module.emulating_bf16(torch.empty(2, 3, device="meta"))
+
+
+@pytest.mark.cuda
+def test_a_model_off_the_cpu_takes_none_of_the_cpu_paths(monkeypatch):
+    """A model on another device (meta here: the stand-in for CUDA on a machine without one) runs
+    neither the bf16 emulation nor the hand-written RMSNorm, even on a CPU that would emulate and
+    inside CPU bf16 autocast: its matmuls stay in the tensors' dtype (the emulation would return
+    bf16) and the norm is F.rms_norm."""
+    monkeypatch.setattr(model_module, "X86_WITHOUT_BF16", True)
+
+    def cpu_kernel(*args):
+        raise AssertionError("the hand-written CPU RMSNorm ran on a non-CPU tensor")
+
+    monkeypatch.setattr(model_module._RMSNormalize, "apply", cpu_kernel)
+    cfg = DecoderConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_heads=2, n_embd=32, block_size=16)
+    with torch.device("meta"):
+        model = Decoder(cfg)
+        x = torch.randint(0, 64, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(x, x)
+    assert logits.device.type == "meta" and logits.dtype == torch.float32
+    loss.backward()
+    assert model.blocks[0].attn.q_proj.weight.grad.device.type == "meta"
+    with pytest.raises(AssertionError, match="hand-written"):  # the same model on the CPU does use it
+        tiny()(torch.randint(0, 64, (1, 4)))

@@ -25,10 +25,12 @@ from lmcore.core.io import write_json, write_jsonl
 from lmcore.data import glue
 from lmcore.model.decoder import Decoder, DecoderConfig
 from lmcore.train import finetune as ft
+from lmcore.train import step as step_module
 from lmcore.train.checkpoint import list_checkpoints, prune, stop_signals
+from lmcore.train.optim import build_optimizers, finetune_optimizer
 from lmcore.train.sampler import epoch_batches, step_groups
 from lmcore.train.schedule import linear_warmup_decay, lr_factor, schedulers
-from lmcore.train.step import NEXT_TOKEN, TrainState, accumulate, train_step
+from lmcore.train.step import NEXT_TOKEN, TrainState, accumulate, pins_memory, to_device, train_step
 
 OFF = TrackingConfig(enabled=False)
 
@@ -321,3 +323,84 @@ def test_finetune_skips_nonfinite_steps_then_stops(ft_inputs, tmp_path, monkeypa
 def test_next_token_objective_counts_targets_that_are_not_ignored():
     y = torch.tensor([[1, -100, 2], [-100, -100, 3]])
     assert NEXT_TOKEN.targets((y, y)) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# devices: what goes differently on CUDA (decided from the device, checked without a GPU)
+
+
+class HostBatch:
+    """Stands in for a CPU tensor and records what is done to move it."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, pinned: bool = False) -> None:
+        self.pinned, self.calls = pinned, []
+
+    def is_pinned(self) -> bool:
+        return self.pinned
+
+    def pin_memory(self) -> HostBatch:
+        self.calls.append("pin_memory")
+        return self
+
+    def to(self, device, non_blocking: bool = False) -> HostBatch:
+        self.calls.append(("to", torch.device(device).type, non_blocking))
+        return self
+
+
+@pytest.mark.cuda
+def test_batches_go_to_cuda_through_pinned_memory_without_blocking_and_to_a_cpu_as_they_are():
+    assert pins_memory(torch.device("cuda")) and pins_memory("cuda:1")
+    assert not pins_memory(torch.device("cpu")) and not pins_memory("meta")
+    b = HostBatch()
+    to_device(b, torch.device("cuda", 0))
+    assert b.calls == ["pin_memory", ("to", "cuda", True)]
+    b = HostBatch(pinned=True)  # already pinned (e.g. by a DataLoader): not copied again
+    to_device(b, "cuda")
+    assert b.calls == [("to", "cuda", True)]
+    b = HostBatch()
+    to_device(b, torch.device("cpu"))
+    assert b.calls == [("to", "cpu", False)]
+    t = torch.arange(6)
+    assert to_device(t, torch.device("cpu")) is t
+
+
+@pytest.mark.cuda
+def test_both_objectives_move_their_batches_with_to_device(acc, monkeypatch):
+    seen = []
+
+    def spy(t, device):
+        seen.append(torch.device(device))
+        return t.to(device)
+
+    monkeypatch.setattr(step_module, "to_device", spy)
+    monkeypatch.setattr(ft, "to_device", spy)
+    model, batches = _lm_and_batch()
+    accumulate(model, batches, acc)
+    assert seen == [acc.device] * 2
+    seen.clear()
+    accumulate(classifier(), [example_batch(3, 1)], acc, ft.ExampleLoss(False))
+    assert seen == [acc.device] * 3
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_adamw_is_fused_for_cuda_even_while_the_parameters_are_still_on_the_cpu(optimizer):
+    """The optimizers are built before ``accelerator.prepare`` moves the model: the device where
+    training runs decides, not where the parameters are at that moment."""
+    model, _ = _lm_and_batch()
+    cfg = config.PretrainConfig(optimizer=optimizer)
+    adamw = build_optimizers(model, cfg, torch.device("cuda"))[-1]
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["fused"] is True
+    assert build_optimizers(model, cfg)[-1].defaults["fused"] is True  # on a CPU too, as before
+
+
+@pytest.mark.cuda
+def test_finetune_adamw_is_fused_on_cuda_and_unchanged_on_a_cpu():
+    model = classifier()
+    hp = FinetuneHyper()
+    assert finetune_optimizer(model, model.head, hp, torch.device("cuda")).defaults["fused"] is True
+    assert finetune_optimizer(model, model.head, hp, "cuda:0").defaults["fused"] is True
+    for device in (torch.device("cpu"), None):  # torch's default implementation: CPU results stay the same bits
+        assert not finetune_optimizer(model, model.head, hp, device).defaults["fused"]

@@ -20,9 +20,10 @@ The training step computes that function faster than the textbook version
 (``benchmarks/train_throughput.py``; results in ``benchmarks/RESULTS.md``). The fast paths, in the
 order of this file:
 
-- :func:`linear` (with ``X86_WITHOUT_BF16``): under bf16 autocast on an x86 CPU without bf16
+- :func:`linear` (where :func:`emulates_bf16`): under bf16 autocast on an x86 CPU without bf16
   dot-product instructions, matrix multiplies run as float32 products of bf16-rounded operands;
-- :class:`_RMSNormalize` (:func:`rms_normalize`): the normalisation with a hand-written backward;
+- :class:`_RMSNormalize` (:func:`rms_normalize`, on CPU devices): the normalisation with a
+  hand-written backward;
 - :func:`pair_rows` and :func:`apply_rope`: RoPE is one complex multiply: the q and k weight rows
   are reordered at run time so that each rotary pair sits side by side, which leaves every
   attention score unchanged;
@@ -37,6 +38,13 @@ order of this file:
 
 Each trick says what it saved where it is. The gains were measured on a shared 2-core Skylake
 Xeon (no AVX512-BF16) with torch 2.13.
+
+Two of them exist for CPUs only and are decided per tensor, from its device, never by a
+global: the bf16 emulation (:func:`emulates_bf16`: a CPU device on an x86 CPU without bf16
+instructions, under CPU autocast) and the hand-written RMSNorm backward
+(:func:`uses_cpu_kernels`: a CPU device). On CUDA (and any other device) the matmuls and
+attention are torch's own bf16 kernels under CUDA autocast and the norm is ``F.rms_norm``
+(one fused kernel there). The others are plain torch ops and serve every device alike.
 """
 
 from __future__ import annotations
@@ -94,11 +102,27 @@ def _x86_without_bf16() -> bool:
 
 
 X86_WITHOUT_BF16 = _x86_without_bf16()
+"""This process's CPU has no bf16 arithmetic. It describes the host CPU only: whether a tensor's
+bf16 matmuls are emulated is :func:`emulates_bf16` of its device."""
+
+
+def emulates_bf16(device: torch.device | str) -> bool:
+    """Whether bf16 matrix multiplies on ``device`` run as float32 GEMMs of bf16-rounded operands
+    (:func:`linear`): only on a CPU device, and only on an x86 CPU without bf16 instructions.
+    Never on CUDA or any other accelerator, whose bf16 kernels are native."""
+    return torch.device(device).type == "cpu" and X86_WITHOUT_BF16
+
+
+def uses_cpu_kernels(device: torch.device | str) -> bool:
+    """Whether the hand-written CPU kernels (:class:`_RMSNormalize`'s backward) run on ``device``:
+    on a CPU device only. Elsewhere the norm is ``F.rms_norm``, which has a fused CUDA kernel
+    (and which ``torch.compile`` fuses on any device)."""
+    return torch.device(device).type == "cpu"
 
 
 def emulating_bf16(x: torch.Tensor) -> bool:
-    """True inside CPU bf16 autocast on such a CPU."""
-    return (X86_WITHOUT_BF16 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    """True for a tensor on a device that :func:`emulates_bf16`, inside CPU bf16 autocast."""
+    return (emulates_bf16(x.device) and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
@@ -129,7 +153,8 @@ class _RMSNormalize(torch.autograd.Function):
     passes over x forward and backward; torch 2.13 has no fused RMSNorm kernel on CPU
     (``F.rms_norm`` is the same composite, and was no faster). Here: one reduction and one
     multiply forward, four passes backward; with the weight, 1.8x faster than the composite
-    (16 x 256 x 384, float32, forward and backward)."""
+    (16 x 256 x 384, float32, forward and backward). Used on CPU devices only
+    (:func:`uses_cpu_kernels`)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -147,8 +172,11 @@ class _RMSNormalize(torch.autograd.Function):
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm without its weight, computed in float32, returned in ``x``'s dtype."""
-    return _RMSNormalize.apply(x.float(), eps).to(x.dtype)
+    """RMSNorm without its weight, computed in float32, returned in ``x``'s dtype: the
+    hand-written backward on a CPU (:func:`uses_cpu_kernels`), ``F.rms_norm`` elsewhere."""
+    if uses_cpu_kernels(x.device):
+        return _RMSNormalize.apply(x.float(), eps).to(x.dtype)
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -348,7 +376,9 @@ class _RowCrossEntropy(torch.autograd.Function):
     reads the logits in their own dtype and writes float32 once; the backward is
     softmax - one_hot, scaled, in one buffer. 2x faster (float32 and bf16 logits alike) than the
     plain call; chunking the rows to stay in cache was 5x slower on the shared 2-core machine
-    (hundreds of small ops, each waiting for both threads)."""
+    (hundreds of small ops, each waiting for both threads). Plain torch ops, used on every device:
+    on a GPU it also keeps one float32 N x V buffer fewer alive than ``F.cross_entropy`` of float32
+    logits (the zero-filled gradient)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:

@@ -48,7 +48,7 @@ from lmcore.train.accel import make_accelerator
 from lmcore.train.optim import finetune_optimizer
 from lmcore.train.sampler import epoch_batches, step_groups
 from lmcore.train.schedule import linear_warmup_decay, schedulers
-from lmcore.train.step import TrainState, train_step
+from lmcore.train.step import TrainState, to_device, train_step
 
 
 class SequenceClassifier(nn.Module):
@@ -111,8 +111,8 @@ def predict(model: SequenceClassifier, seqs: list[list[int]], pad_id: int, regre
     for i in range(0, len(order), batch_size):
         chunk = order[i : i + batch_size]
         x, lengths = collate([seqs[j] for j in chunk], pad_id)
-        with autocast() if autocast else torch.autocast("cpu", enabled=False):
-            logits = model(x.to(device), lengths.to(device))
+        with autocast() if autocast else torch.autocast(device.type, enabled=False):
+            logits = model(to_device(x, device), to_device(lengths, device))
         out = logits[:, 0].tolist() if regression else logits.argmax(-1).tolist()
         for j, p in zip(chunk, out):
             preds[j] = p
@@ -208,7 +208,7 @@ class ExampleLoss:
         return len(batch[2])
 
     def loss(self, model, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], accelerator) -> torch.Tensor:
-        x, lengths, y = (t.to(accelerator.device) for t in batch)
+        x, lengths, y = (to_device(t, accelerator.device) for t in batch)
         logits = model(x, lengths)
         return F.mse_loss(logits[:, 0], y) if self.regression else F.cross_entropy(logits, y)
 
@@ -238,7 +238,7 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
     batches_per_epoch = math.ceil(len(train) / (hp.batch_size * accelerator.num_processes))
     total = math.ceil(batches_per_epoch / hp.grad_accum) * hp.epochs
     warmup = int(hp.warmup_fraction * total)
-    optimizer = finetune_optimizer(model, model.head, hp)
+    optimizer = finetune_optimizer(model, model.head, hp, accelerator.device)
     (scheduler,) = schedulers([optimizer], lambda s: linear_warmup_decay(s, warmup, total))
     model, optimizer = accelerator.prepare(model, optimizer)  # scheduler stepped by hand, once per step
     raw = accelerator.unwrap_model(model)

@@ -31,29 +31,48 @@ def param_groups(named: Sequence[tuple[str, torch.nn.Parameter]], weight_decay: 
     return [g for g in groups if g["params"]]
 
 
-def _adamw(groups: list[dict[str, Any]], cfg: PretrainConfig) -> torch.optim.Optimizer:
+def _target_device(model: torch.nn.Module, device: torch.device | str | None) -> torch.device:
+    """The device the parameters will train on: ``device`` when given (the optimizers are built
+    before ``accelerator.prepare`` moves the model, so the parameters may still be on the CPU),
+    else where they are now."""
+    if device is not None:
+        return torch.device(device)
+    return next(model.parameters()).device
+
+
+def _adamw(groups: list[dict[str, Any]], cfg: PretrainConfig, device: torch.device) -> torch.optim.Optimizer:
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    try:  # one fused kernel for all parameters where this torch has it for the device
+    if device.type == "cuda":  # one fused kernel for all parameters; never a silent fallback on CUDA
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    try:  # the fused kernel where this torch has it for the device (CPU since torch 2.4)
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, **kwargs)
 
 
-def build_optimizers(model: torch.nn.Module, cfg: PretrainConfig) -> list[torch.optim.Optimizer]:
-    """AdamW for everything, or Muon for the blocks' 2-D weights plus AdamW for the rest."""
+def build_optimizers(model: torch.nn.Module, cfg: PretrainConfig,
+                     device: torch.device | str | None = None) -> list[torch.optim.Optimizer]:
+    """AdamW for everything, or Muon for the blocks' 2-D weights plus AdamW for the rest. AdamW
+    is the fused one (on CUDA always). ``device``: where training runs (``accelerator.device``;
+    default: where the parameters are now)."""
     named = list(model.named_parameters())
+    target = _target_device(model, device)
     if cfg.optimizer == "adamw":
-        return [_adamw(param_groups(named, cfg.weight_decay, cfg.decay_embeddings), cfg)]
+        return [_adamw(param_groups(named, cfg.weight_decay, cfg.decay_embeddings), cfg, target)]
     hidden = [p for n, p in named if _is_hidden_matrix(n, p)]
     rest = [(n, p) for n, p in named if not _is_hidden_matrix(n, p)]
     muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay)
-    return [muon, _adamw(param_groups(rest, cfg.weight_decay, cfg.decay_embeddings), cfg)]
+    return [muon, _adamw(param_groups(rest, cfg.weight_decay, cfg.decay_embeddings), cfg, target)]
 
 
-def finetune_optimizer(model: torch.nn.Module, head: torch.nn.Module, hp: FinetuneHyper) -> torch.optim.Optimizer:
-    """AdamW: ``hp.lr`` for the pretrained body, ``hp.head_lr`` for the fresh ``head``."""
+def finetune_optimizer(model: torch.nn.Module, head: torch.nn.Module, hp: FinetuneHyper,
+                       device: torch.device | str | None = None) -> torch.optim.Optimizer:
+    """AdamW: ``hp.lr`` for the pretrained body, ``hp.head_lr`` for the fresh ``head``; the fused
+    kernel on CUDA (``device``: where training runs, default where the parameters are now), torch's
+    default implementation elsewhere (as fine-tuning on a CPU always ran)."""
     head_params = list(head.parameters())
     head_ids = {id(p) for p in head_params}
     body = [p for p in model.parameters() if id(p) not in head_ids]
+    fused = True if _target_device(model, device).type == "cuda" else None
     return torch.optim.AdamW([{"params": body, "lr": hp.lr}, {"params": head_params, "lr": hp.head_lr}],
-                             weight_decay=hp.weight_decay)
+                             weight_decay=hp.weight_decay, fused=fused)

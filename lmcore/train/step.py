@@ -22,6 +22,23 @@ import torch
 from lmcore.core.errors import StageError
 
 
+def pins_memory(device: torch.device | str) -> bool:
+    """Whether host batches bound for ``device`` are copied through pinned (page-locked) memory
+    with ``non_blocking=True``: on CUDA, where the copy then runs asynchronously (DMA) and the
+    host goes on queueing kernels; never on a CPU, where there is no copy to make."""
+    return torch.device(device).type == "cuda"
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device``: a CPU tensor bound for CUDA goes through pinned memory, copied with
+    ``non_blocking=True`` (:func:`pins_memory`); otherwise ``t.to(device)`` (the same tensor when
+    it is there already). Safe to use at once: the copy is ordered before later work on the
+    current stream, and torch keeps the pinned buffer alive until the copy is done."""
+    if pins_memory(device) and t.device.type == "cpu":
+        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    return t.to(device)
+
+
 class Objective(Protocol):
     """What a micro-batch's loss is: ``loss`` returns the ``sum`` of its targets' losses, or their
     ``mean`` (then scaled by its number of targets, so the arithmetic of a one-micro-batch step is
@@ -43,7 +60,7 @@ class NextToken:
         return int((batch[1] != -100).sum())
 
     def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], accelerator) -> torch.Tensor:
-        x, y = batch[0].to(accelerator.device), batch[1].to(accelerator.device)
+        x, y = to_device(batch[0], accelerator.device), to_device(batch[1], accelerator.device)
         with accelerator.autocast():
             _, loss = model(x, y, reduction="sum")
         return loss
