@@ -136,7 +136,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
     gcfg = decoder_config(cfg.model, manifest["vocab_size"])
     model = build_model(gcfg)
     n_params, fpt = model.num_params(), model.flops_per_token()
-    optimizers = build_optimizers(model, cfg)
+    optimizers = build_optimizers(model, cfg, accelerator.device)
     scheds = schedulers(optimizers, lambda s: lr_factor(s, cfg))
     if cfg.compile:
         model.compile()  # in place: parameter names (and so checkpoints) stay the same

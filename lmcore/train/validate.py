@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from lmcore.train.step import TrainState
+from lmcore.train.step import TrainState, to_device
 
 
 @torch.no_grad()
@@ -18,10 +18,10 @@ def evaluate_windows(model: torch.nn.Module, windows: torch.Tensor, batch: int, 
     mine = windows[rank::world]
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for i in range(0, len(mine), batch):
-        w = mine[i : i + batch].to(accelerator.device)
+        w = to_device(mine[i : i + batch], accelerator.device)
         with accelerator.autocast():
             _, loss = model(w[:, :-1], w[:, 1:], reduction="sum")
-        sums[0] += float(loss)
+        sums[0] += loss.detach().double()  # no device sync per batch
         sums[1] += w[:, 1:].numel()
     if world > 1:
         sums = accelerator.reduce(sums, "sum")
