@@ -26,7 +26,7 @@ from tasks import STAGE_TASKS, launch_overrides
 
 @flow(name="lmcore-pipeline", log_prints=True)
 def pipeline(params_file: str = "params.yaml", root: str = ".", force: bool = False,
-             launch: dict[str, Any] | None = None) -> dict[str, Any]:
+             launch: dict[str, Any] | None = None, until: str | None = None) -> dict[str, Any]:
     """Run every stage; a stage whose inputs and params are unchanged and whose outputs exist is
     taken from Prefect's cache. ``finetune`` runs as one task run per task of
     ``prepare.tasks.tasks`` (like DVC's ``finetune@<task>`` stages), one after the other: each
@@ -34,7 +34,10 @@ def pipeline(params_file: str = "params.yaml", root: str = ".", force: bool = Fa
 
     ``launch``: values replacing those of ``params.yaml``'s ``launch`` section for this run (e.g.
     ``{"config": "configs/accelerate/multi-gpu.yaml"}`` on a GPU worker, ``{"num_processes": 2}``):
-    pretrain and finetune run under ``accelerate launch`` as it says, in child processes."""
+    pretrain and finetune run under ``accelerate launch`` as it says, in child processes.
+
+    ``until``: stop after this stage (the stages before it run or come from the cache), e.g.
+    ``"encode"`` to prepare the token shards only."""
     previous = os.environ.get(PIPELINE_ENV)
     os.environ[PIPELINE_ENV] = previous or f"prefect-{flow_run.get_id()}"
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -42,7 +45,9 @@ def pipeline(params_file: str = "params.yaml", root: str = ".", force: bool = Fa
     layout = Layout(Path(root))
     try:
         params = config.load(params_file, launch_overrides(launch))  # a bad value fails before any stage runs
-        for name in ORDER:
+        if until is not None and until not in ORDER:
+            raise StageError(f"until = '{until}': no such stage ({', '.join(ORDER)})")
+        for name in ORDER[: ORDER.index(until) + 1] if until else ORDER:
             items = stage_items(name, params)
             if items is None:
                 refresh = force or not outputs_exist(name, layout)
@@ -80,6 +85,7 @@ def main() -> None:
     ap.add_argument("--launch", action="append", default=[], metavar="KEY=VALUE",
                     help="replace a value of params.yaml's launch section for this run (num_processes=2, "
                          "config=configs/accelerate/gpu.yaml); repeatable")
+    ap.add_argument("--until", metavar="STAGE", help="stop after this stage")
     ap.add_argument("--dask-address", help="run on this Dask scheduler (tcp://host:8786)")
     ap.add_argument("--dask-workers", type=int, help="run on a local Dask cluster of this many worker processes")
     args = ap.parse_args()
@@ -91,7 +97,7 @@ def main() -> None:
             ap.error(f"--launch {item}: expected KEY=VALUE")
         launch[key.removeprefix("launch.")] = yaml.safe_load(value)
     try:
-        flow(args.params, args.root, args.force, launch or None)
+        flow(args.params, args.root, args.force, launch or None, args.until)
     except (ConfigError, StageError) as e:  # a problem in the user's input: one line, no traceback
         raise SystemExit(f"lmcore flow: error: {e}") from None
 

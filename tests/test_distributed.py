@@ -1,4 +1,5 @@
-"""Two CPU processes through `accelerate launch`, and the guard against the silent trap."""
+"""The guard against the silent trap of two processes that each think they are alone (two CPU
+processes training together: tests/test_launch.py, the DVC and Prefect tests)."""
 
 from __future__ import annotations
 
@@ -27,15 +28,6 @@ def launch(proj, env_extra):
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu-2proc.yaml"),
            "-m", "lmcore.cli", "pretrain"]
     return subprocess.run(cmd, cwd=proj, env={**run_env(), **env_extra}, capture_output=True, text=True, timeout=300)
-
-
-def test_two_cpu_processes_train_together(encoded_project):
-    res = launch(encoded_project, {"ACCELERATE_USE_CPU": "true"})
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "2 process(es)" in res.stdout + res.stderr
-    state = encoded_project / "runs/pretrain/checkpoints/step-000012"
-    assert (state / "random_states_0.pkl").exists() and (state / "random_states_1.pkl").exists()
-    assert (encoded_project / "runs/pretrain/final/model.safetensors").exists()
 
 
 def test_two_processes_that_each_think_they_are_alone_are_refused(encoded_project):

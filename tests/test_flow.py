@@ -75,10 +75,11 @@ def test_clean_shards_spread_over_a_local_two_worker_dask_cluster(prefect_harnes
     monkeypatch.chdir(tiny_project)
     from flows.pipeline import pipeline, with_dask
 
-    pipeline(str(tiny_project / "params.yaml"), str(tiny_project))
+    results = pipeline(str(tiny_project / "params.yaml"), str(tiny_project), until="clean")
+    assert list(results) == ["prepare", "clean"]  # the stages after `until` do not run
     before = {p: p.read_bytes() for p in sorted((tiny_project / "data/clean").rglob("*.jsonl"))}
     assert len(before) > 4
-    with_dask(workers=2)(str(tiny_project / "params.yaml"), str(tiny_project), force=True)
+    with_dask(workers=2)(str(tiny_project / "params.yaml"), str(tiny_project), force=True, until="clean")
     after = {p: p.read_bytes() for p in sorted((tiny_project / "data/clean").rglob("*.jsonl"))}
     assert after == before
     import anyio
