@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpt2_baseline
 
 from lmcore.core.machine import cpu_name, git_commit  # noqa: E402
 from lmcore.model.decoder import Decoder, DecoderConfig  # noqa: E402
@@ -181,7 +182,9 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256, help="tokens per sequence (block size)")
     p.add_argument("--vocab", type=int, default=4096, help="vocabulary (the default pipeline's tokenizer: 4096)")
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
-    p.add_argument("--models", default="lmcore,gpt2,llama", help="any of lmcore, gpt2, llama")
+    p.add_argument("--models", default="lmcore,gpt2,llama",
+                   help="any of lmcore, gpt2, llama (Hugging Face), plain (benchmarks/gpt2_baseline.py: a GPT-2 as "
+                        "plain as nanoGPT's, same loop)")
     p.add_argument("--baseline", metavar="REV", help="also run the model module as of this git revision")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per model before the rounds")
     p.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
@@ -221,6 +224,12 @@ def main() -> None:
             elif name == "gpt2":
                 torch.manual_seed(args.seed)
                 model = hf_gpt2(L, H, C, T, args.vocab)
+                fpt = flops_per_token(model, L, C, T)
+            elif name == "plain":
+                from gpt2_baseline import GPT2  # lazy: benchmark script beside this one
+
+                torch.manual_seed(args.seed)
+                model = GPT2(gcfg)
                 fpt = flops_per_token(model, L, C, T)
             elif name == "llama":
                 torch.manual_seed(args.seed)
