@@ -1,0 +1,90 @@
+"""Greedy generation: lmcore's ``generate`` on a trained model folder against ``transformers``'
+``LlamaForCausalLM.generate`` on the same model exported by the export stage.
+
+Both decode greedily with their KV caches, float32, from the same random prompts, for a fixed
+number of new tokens (no stop token). The cases are interleaved in rounds; the table gives the
+median tokens/s (all rows, prefill included) and how many rows produced the same tokens.
+
+    python benchmarks/generate_vs_hf.py --model runs/pretrain/final --export runs/export
+    python benchmarks/generate_vs_hf.py --model ... --export ... --batches 1 8 --new-tokens 200 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lmcore.core.machine import cpu_name, git_commit  # noqa: E402
+from lmcore.generate import GenerationConfig, generate  # noqa: E402
+from lmcore.model.folder import load_decoder  # noqa: E402
+
+
+def lmcore_run(model, ids: torch.Tensor, n: int) -> tuple[float, list[list[int]]]:
+    cfg = GenerationConfig(max_new_tokens=n, temperature=0.0)
+    t0 = time.perf_counter()
+    out = generate(model, ids.tolist(), cfg)
+    return time.perf_counter() - t0, [c.tokens for c in out]
+
+
+def hf_run(model, ids: torch.Tensor, n: int) -> tuple[float, list[list[int]]]:
+    t0 = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, use_cache=True, pad_token_id=0)
+    return time.perf_counter() - t0, out[:, ids.shape[1]:].tolist()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True, help="an lmcore model folder (runs/pretrain/final)")
+    ap.add_argument("--export", type=Path, required=True, help="its Hugging Face export (runs/export)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    args = ap.parse_args()
+    from transformers import LlamaForCausalLM  # lazy: a benchmark-only dependency
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ours = load_decoder(args.model).eval()
+    theirs = LlamaForCausalLM.from_pretrained(args.export, torch_dtype=torch.float32).eval()
+    vocab = ours.cfg.vocab_size
+    prompts = {b: torch.randint(1, vocab, (b, args.prompt_tokens), generator=torch.Generator().manual_seed(b))
+               for b in args.batches}
+    runners = {"lmcore": lambda ids, n: lmcore_run(ours, ids, n), "transformers": lambda ids, n: hf_run(theirs, ids, n)}
+    cases = [(name, b) for b in args.batches for name in runners]
+    times: dict[tuple[str, int], list[float]] = {c: [] for c in cases}
+    tokens: dict[tuple[str, int], list[list[int]]] = {}
+    with torch.no_grad():
+        for name, b in cases:  # warm-up
+            runners[name](prompts[b], 4)
+        for r in range(args.rounds):
+            order = cases[r % len(cases):] + cases[: r % len(cases)]
+            for name, b in order:
+                secs, toks = runners[name](prompts[b], args.new_tokens)
+                times[(name, b)].append(secs)
+                tokens[(name, b)] = toks
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
+          f"commit {git_commit(Path(__file__).resolve().parents[1])}; {dt.date.today()}")
+    print(f"model {args.model} ({ours.num_params() / 1e6:.2f}M parameters), greedy, float32, prompt "
+          f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens, {args.rounds} rounds\n")
+    print("| batch | lmcore tokens/s | transformers tokens/s | lmcore / transformers | same tokens (rows) |")
+    print("|---|---|---|---|---|")
+    for b in args.batches:
+        ours_s, hf_s = statistics.median(times[("lmcore", b)]), statistics.median(times[("transformers", b)])
+        same = sum(a == h for a, h in zip(tokens[("lmcore", b)], tokens[("transformers", b)]))
+        print(f"| {b} | {b * args.new_tokens / ours_s:,.0f} | {b * args.new_tokens / hf_s:,.0f} | "
+              f"{hf_s / ours_s:.2f}x | {same}/{b} |")
+
+
+if __name__ == "__main__":
+    main()
