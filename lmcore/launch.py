@@ -34,8 +34,11 @@ from typing import IO, Any
 import psutil
 import yaml
 
-from lmcore.config import LaunchConfig
+from lmcore.config import LaunchConfig, Params
 from lmcore.core.errors import StageError
+from lmcore.core.io import read_json
+from lmcore.core.layout import Layout
+from lmcore.stages import metrics_path
 
 _MULTI = {"MULTI_GPU", "MULTI_CPU", "FSDP", "DEEPSPEED", "MEGATRON_LM"}
 """Accelerate ``distributed_type`` values that already start several processes."""
@@ -218,3 +221,16 @@ def run_here(launch: Launch) -> int:
         return 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def run_stage_launched(stage: str, params: Params, params_file: str | Path, root: str | Path,
+                       item: str | None = None, log: Callable[[str], None] = print) -> Any:
+    """Run a training stage as ``dvc.yaml`` does (:func:`launch_command`, then
+    :func:`run_launched`, output to ``log``); return its metrics, or raise :class:`StageError`
+    with the last lines of output when the processes fail."""
+    result = run_launched(launch_command(params.launch, stage, params_file, root, item), log)
+    if result.returncode != 0:
+        tail = "\n".join(result.tail[-15:])
+        raise StageError(f"{stage}{'@' + item if item else ''}: the launched processes exited with status "
+                         f"{result.returncode}:\n{tail}")
+    return read_json(metrics_path(stage, Layout(Path(root)), item))

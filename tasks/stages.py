@@ -3,8 +3,8 @@ Prefect's retries and caching (keyed on the stage's params sections, input file 
 lmcore's code), and lets the ``clean`` stage spread its shards over the flow's task runner.
 
 The training stages (``launched`` in :data:`lmcore.stages.STAGE_IO`: pretrain, finetune) run the
-same ``accelerate launch`` command as ``dvc.yaml`` (:func:`lmcore.launch.launch_command`) as a
-child process group: its output goes to the task's log, a non-zero exit fails the task (a retry
+same ``accelerate launch`` command as ``dvc.yaml`` as a child process group
+(:func:`lmcore.launch.run_stage_launched`): its output goes to the task's log, a non-zero exit fails the task (a retry
 of pretrain resumes from its last checkpoint), and a cancelled or SIGTERMed flow run stops the
 training processes, which save a checkpoint first. The task returns the stage's metrics."""
 
@@ -19,12 +19,10 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lmcore import config
-from lmcore.core.errors import StageError
-from lmcore.core.io import read_json
 from lmcore.core.layout import Layout
 from lmcore.data.clean import clean_shard
-from lmcore.launch import launch_command, run_launched
-from lmcore.stages import ORDER, STAGE_IO, cache_key, metrics_path, run_stage
+from lmcore.launch import run_stage_launched
+from lmcore.stages import ORDER, STAGE_IO, cache_key, run_stage
 
 # downloads can fail for passing reasons; pretrain's retry resumes from its last checkpoint
 RETRIES = {"prepare": 2, "pretrain": 1}
@@ -65,19 +63,6 @@ def _key(stage: str):
     return key_fn
 
 
-def run_launched_stage(stage: str, params: config.Params, params_file: str, root: str, item: str | None) -> Any:
-    """Run a training stage as ``dvc.yaml`` does (``accelerate launch``), streaming its output
-    into this task's log; return its metrics."""
-    logger = get_run_logger()
-    launch = launch_command(params.launch, stage, params_file, root, item)
-    result = run_launched(launch, logger.info)
-    if result.returncode != 0:
-        tail = "\n".join(result.tail[-15:])
-        raise StageError(f"{stage}{'@' + item if item else ''}: the launched processes exited with status "
-                         f"{result.returncode}:\n{tail}")
-    return read_json(metrics_path(stage, Layout(Path(root)), item))
-
-
 def stage_task(stage: str):
     """The Prefect task of a stage. A ``foreach`` stage (``finetune``) takes ``item`` (the task
     name): the flow runs it once per item, each run cached on its own inputs and params."""
@@ -85,7 +70,7 @@ def stage_task(stage: str):
             launch: dict[str, Any] | None = None) -> Any:
         params = config.load(params_file, launch_overrides(launch))
         if STAGE_IO[stage].launched:
-            return run_launched_stage(stage, params, params_file, root, item)
+            return run_stage_launched(stage, params, params_file, root, item, get_run_logger().info)
         extra: dict[str, Any] = {"map_shards": _shard_mapper()} if stage == "clean" else {}
         if item is not None:
             extra["task"] = item

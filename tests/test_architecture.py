@@ -21,7 +21,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("lmcore.data",),  # prepare, clean, tokenizer, encode, token shards, GLUE loaders and metrics
     ("lmcore.train", "lmcore.generate", "lmcore.export"),
     ("lmcore.eval",),  # the evaluate stage, run comparison
-    ("lmcore.stages", "lmcore.launch"),  # each stage wired to params.yaml and the layout; accelerate launch
+    ("lmcore.stages",),  # each stage wired to params.yaml and the layout
+    ("lmcore.launch",),  # the training stages under accelerate launch, for DVC and Prefect
     ("lmcore.cli",),  # argument parsing and printing
 ]
 
