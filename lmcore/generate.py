@@ -137,16 +137,21 @@ def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = Gene
             raise ValueError(f"prompt {i} holds token ids outside the model's vocabulary 0 .. {vocab - 1}")
     device = next(model.parameters()).device
     B, W = len(rows), max(map(len, rows))
-    seq = torch.full((B, W), pad_id, dtype=torch.long)
-    real = torch.zeros((B, W), dtype=torch.bool)
+    # the tokens and their realness in buffers allocated once (no copy of the sequence per token);
+    # seq and real below are views of the filled columns
+    width = W + cfg.max_new_tokens
+    tokens = torch.full((B, width), pad_id, dtype=torch.long)
+    reals = torch.zeros((B, width), dtype=torch.bool)
     for i, p in enumerate(rows):
-        seq[i, W - len(p):] = torch.tensor(p)
-        real[i, W - len(p):] = True
-    seq, real = seq.to(device), real.to(device)
+        tokens[i, W - len(p):W] = torch.tensor(p)
+        reals[i, W - len(p):W] = True
+    tokens, reals = tokens.to(device), reals.to(device)
+    filled = W
+    padded = min(map(len, rows)) < W  # a key mask is needed once any row has padding (or has stopped)
     seen = None
     if cfg.repetition_penalty != 1.0:  # the tokens of each row so far (padding goes to column `vocab`)
         seen = torch.zeros((B, vocab + 1), dtype=torch.bool, device=device)
-        seen.scatter_(1, torch.where(real, seq, vocab), True)
+        seen.scatter_(1, torch.where(reals[:, :W], tokens[:, :W], vocab), True)
         seen = seen[:, :vocab]
     generator = torch.Generator(device=device)
     if cfg.seed is None:
@@ -154,39 +159,52 @@ def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = Gene
     else:
         generator.manual_seed(cfg.seed)
 
-
     cache = KVCache(block) if cfg.use_cache else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    next_pos = None  # with the cache: each row's position for its next token, (B, 1)
     training = model.training
     model.eval()
     try:
         for _ in range(cfg.max_new_tokens):
+            seq, real = tokens[:, :filled], reals[:, :filled]
             with torch.no_grad():  # not across the yield: the caller's code runs with its own grad mode
-                if cache is not None and seq.shape[1] <= block:
+                if cache is not None and filled <= block:
                     start = cache.length  # the whole prompts first (prefill), then the last token only
-                    logits = model.next_token_logits(seq[:, start:], positions=positions_of(real)[:, start:],
-                                                     key_mask=real, cache=cache)
+                    if start == 0:
+                        positions = positions_of(real)
+                        next_pos = positions[:, -1:] + 1
+                    else:
+                        positions, next_pos = next_pos, next_pos + 1
+                    logits = model.next_token_logits(seq[:, start:], positions=positions,
+                                                     key_mask=real if padded else None, cache=cache)
                 else:  # no cache, or the context is full: encode the last block_size tokens again
                     if cache is not None:
                         log.warning("generate: %d tokens exceed the model's context of %d: from here on each step "
-                                    "encodes the last %d tokens again, without the KV cache", seq.shape[1], block,
+                                    "encodes the last %d tokens again, without the KV cache", filled, block,
                                     block)
                         cache = None
                     win = real[:, -block:]
                     logits = model.next_token_logits(seq[:, -block:], positions=positions_of(win), key_mask=win)
-                nxt = next_tokens(logits, cfg, seen, generator).masked_fill(done, pad_id)
+                nxt = next_tokens(logits, cfg, seen, generator)
+                if padded:
+                    nxt = nxt.masked_fill(done, pad_id)
             live = ~done
-            out = [t if alive else None for t, alive in zip(nxt.tolist(), live.tolist())]
-            seq = torch.cat([seq, nxt[:, None]], dim=1)
-            real = torch.cat([real, live[:, None]], dim=1)
+            alive = live.tolist()
+            out = [t if a else None for t, a in zip(nxt.tolist(), alive)]
+            tokens[:, filled] = nxt
+            reals[:, filled] = live
+            filled += 1
             if seen is not None:
                 idx = live.nonzero().squeeze(1)
                 seen[idx, nxt[idx]] = True
             if stop_id is not None:
                 done = done | (nxt == stop_id)
+                stopped = done.tolist()
+                if all(stopped):
+                    yield out
+                    break
+                padded = padded or any(stopped)  # a stopped row's next tokens are masked out
             yield out
-            if bool(done.all()):
-                break
     finally:
         model.train(training)
 

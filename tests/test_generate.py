@@ -119,6 +119,24 @@ def test_a_left_padded_batch_gives_each_prompt_its_own_tokens():
     assert tokens(model, PROMPTS, greedy(20), pad_id=17) == batch
 
 
+def test_rows_of_one_length_decode_without_a_mask_until_one_stops():
+    # equal prompts need no key mask; once a row stops, its later tokens are masked out and the
+    # other rows go on exactly as they would alone
+    model = randomised()
+    prompts = [[1, 2, 3], [7, 8, 9], [60, 61, 62]]
+    free = tokens(model, prompts, greedy(12))
+    assert free == [tokens(model, [p], greedy(12))[0] for p in prompts]
+    # a token of row 0 that stops it early and the others at least two tokens later, or never
+    j, stop = next((j, t) for j, t in enumerate(free[0]) if t not in free[0][:j]
+                   and all(t not in row[: j + 3] for row in free[1:]))
+    assert j < 9
+    done = generate(model, prompts, greedy(12), stop_id=stop)
+    assert done[0].tokens == free[0][:j] and done[0].stopped
+    for row, c in zip(free[1:], done[1:]):
+        cut = row.index(stop) if stop in row else len(row)
+        assert c.tokens == row[:cut]
+
+
 def test_positions_start_at_each_rows_first_token():
     real = torch.tensor([[False, False, True, True], [True, True, True, True]])
     assert positions_of(real).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
