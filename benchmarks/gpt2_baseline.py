@@ -12,7 +12,7 @@ residual output projections (``attn.c_proj``, ``mlp.c_proj``) at 0.02 / sqrt(2 x
 It takes lmcore's :class:`lmcore.model.decoder.DecoderConfig` (``mlp_ratio``, ``n_kv_heads`` and
 ``rope_theta`` are Llama options and ignored: GPT-2's MLP is 4x wide and every head has its own
 keys and values) and offers what ``lmcore.train.pretrain.pretrain(..., build_model=GPT2)`` uses:
-``forward(idx, targets=None, reduction="mean") -> (logits, loss)`` (targets of -100 ignored),
+``forward(idx, targets=None, reduction="mean", return_logits=True) -> (logits, loss)`` (targets of -100 ignored),
 ``num_params()``, ``matmul_params()``, ``flops_per_token()`` and ``cfg``.
 
 Parameter names keep lmcore's conventions where its optimiser looks at them: the embeddings
@@ -102,8 +102,9 @@ class GPT2(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) and, given ``targets`` (-100 = ignore), the cross-entropy."""
+                reduction: str = "mean", return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits (B, T, vocab) and, given ``targets`` (-100 = ignore), the cross-entropy
+        (``return_logits=False``: ``(None, loss)``, as lmcore's Decoder)."""
         T = idx.shape[1]
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.cfg.block_size}")
@@ -116,7 +117,7 @@ class GPT2(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-100, reduction=reduction)
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())  # the tied head is counted once

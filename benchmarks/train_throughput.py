@@ -41,7 +41,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpt2_baseline
 
-from lmcore.core.machine import cpu_name, git_commit  # noqa: E402
+from lmcore.core.machine import allocator, cpu_name, git_commit  # noqa: E402
 from lmcore.model.decoder import Decoder, DecoderConfig  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +266,8 @@ def main() -> None:
     peak32 = max(peaks0[torch.float32], peaks1[torch.float32])
 
     tokens = B * T
-    print(f"\nmachine: {cpu_name()}, {args.threads} threads; torch {torch.__version__}; commit {commit}")
+    print(f"\nmachine: {cpu_name()}, {args.threads} threads; torch {torch.__version__}; commit {commit}; "
+          f"allocator {allocator()}")
     print(f"batch {B} x context {T} = {tokens} tokens/step, vocab {args.vocab}, {args.precision}"
           f"{' autocast' if args.precision == 'bf16' else ''}, fused AdamW, clip 1.0"
           f"{', torch.compile' if args.compile else ''}; {args.rounds} rounds x {args.steps} steps "

@@ -952,6 +952,13 @@ class LaunchConfig(Section):
     """Train on CPU processes (gloo) even where GPUs exist (null: the config file's ``use_cpu``).
     Sets ``ACCELERATE_USE_CPU`` for the launched processes, without which several CPU processes
     would each train alone."""
+    allocator: str = Field(default="auto", min_length=1)
+    """Memory allocator of the launched training processes (through ``LD_PRELOAD``, on Linux):
+    ``auto`` (tcmalloc for CPU training where this machine has it, ``libtcmalloc_minimal.so.4``
+    from Debian's ``libtcmalloc-minimal4`` or ``libtcmalloc.so.4``; else the system's),
+    ``system`` (the C library's malloc), or the path of a malloc library to preload. glibc maps
+    and unmaps every large tensor anew, and the page faults cost 10-25 % of a CPU training step
+    (benchmarks/RESULTS.md); the numbers trained are the same with either."""
 
     @model_validator(mode="after")
     def _ranks(self) -> "LaunchConfig":

@@ -32,11 +32,13 @@ from pathlib import Path
 from typing import IO, Any
 
 import psutil
+import torch
 import yaml
 
 from lmcore.config import LaunchConfig, Params
 from lmcore.core.errors import StageError
 from lmcore.core.io import read_json
+from lmcore.core.machine import find_tcmalloc
 from lmcore.core.layout import Layout
 from lmcore.stages import metrics_path
 
@@ -114,7 +116,28 @@ def launch_command(launch: LaunchConfig, stage: str, params_file: str | Path = "
     if task is not None:
         argv += ["--task", task]
     env = {"ACCELERATE_USE_CPU": "true"} if cpu else {}
+    preload = allocator_library(launch, cpu)
+    if preload is not None:
+        env["LD_PRELOAD"] = " ".join(filter(None, [preload, os.environ.get("LD_PRELOAD")]))
     return Launch(argv, env, path, dtype, processes, machines, cpu)
+
+
+def allocator_library(launch: LaunchConfig, cpu: bool) -> str | None:
+    """The malloc library to preload into the training processes (``launch.allocator``): with
+    ``auto``, tcmalloc where this machine has it and the training runs on CPUs; None for the
+    system's allocator."""
+    value = launch.allocator
+    if value == "system":
+        return None
+    if value == "auto":
+        return find_tcmalloc() if cpu or not torch.cuda.is_available() else None
+    if not sys.platform.startswith("linux"):
+        raise StageError(f"launch.allocator = '{value}': preloading a malloc library needs Linux (LD_PRELOAD); "
+                         "use auto or system here")
+    if not Path(value).is_file():
+        raise StageError(f"launch.allocator = '{value}': no such file (auto, system, or the path of a malloc "
+                         "library such as /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4)")
+    return str(Path(value).resolve())
 
 
 USER_MESSAGE = re.compile(r"^lmcore [\w-]+: (error: |stopped by )")

@@ -7,6 +7,7 @@ import json
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from test_pretrain import final_weights, make_project, train_losses
 from lmcore import config
 from lmcore.config import ConfigError, LaunchConfig
 from lmcore.core.errors import StageError
+from lmcore.core.machine import find_tcmalloc
 from lmcore.launch import launch_command
 from lmcore.train.checkpoint import list_checkpoints
 
@@ -71,7 +73,7 @@ def assert_close_runs(a: Path, b: Path) -> None:
 
 
 def test_the_command_follows_the_launch_section(tmp_path):
-    one = launch_command(LaunchConfig(config=CPU), "pretrain", "p.yaml", tmp_path)
+    one = launch_command(LaunchConfig(config=CPU, allocator="system"), "pretrain", "p.yaml", tmp_path)
     assert one.argv[1:] == ["-m", "accelerate.commands.launch", "--config_file", CPU, "-m", "lmcore.cli",
                             "--params", "p.yaml", "--root", str(tmp_path), "pretrain"]
     assert one.env == {"ACCELERATE_USE_CPU": "true"} and one.num_processes == 1
@@ -82,8 +84,28 @@ def test_the_command_follows_the_launch_section(tmp_path):
                                        main_process_ip="10.0.0.1", main_process_port=29501), "pretrain")
     flags = dict(zip(node.argv[::2], node.argv[1::2]))
     assert (flags["--num_machines"], flags["--machine_rank"], flags["--main_process_ip"]) == ("2", "1", "10.0.0.1")
-    gpus = launch_command(LaunchConfig(config=str(ROOT / "configs/accelerate/multi-gpu.yaml")), "pretrain")
+    gpus = launch_command(LaunchConfig(config=str(ROOT / "configs/accelerate/multi-gpu.yaml"), allocator="system"),
+                          "pretrain")
     assert gpus.env == {} and gpus.num_processes == 8 and "--multi_gpu" not in gpus.argv  # the file says it
+
+
+def test_the_allocator_is_preloaded_where_asked(tmp_path, monkeypatch):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert "LD_PRELOAD" not in launch_command(LaunchConfig(config=CPU, allocator="system"), "pretrain").env
+    auto = launch_command(LaunchConfig(config=CPU), "pretrain").env
+    assert auto.get("LD_PRELOAD") == find_tcmalloc()  # None (absent) on a machine without tcmalloc
+    with pytest.raises(StageError, match="launch.allocator = '/no/such/libmalloc.so': no such file"):
+        launch_command(LaunchConfig(config=CPU, allocator="/no/such/libmalloc.so"), "pretrain")
+    if find_tcmalloc() is None:
+        pytest.skip("no tcmalloc on this machine (Debian: apt-get install libtcmalloc-minimal4)")
+    monkeypatch.setenv("LD_PRELOAD", "libm.so.6")  # a preload of the user's own is kept
+    env = launch_command(LaunchConfig(config=CPU), "pretrain").env
+    assert env["LD_PRELOAD"] == f"{find_tcmalloc()} libm.so.6"
+    probe = "from lmcore.core.machine import allocator; print(allocator())"
+    for preload, name in ((env["LD_PRELOAD"], "tcmalloc"), ("", "system")):
+        out = subprocess.run([sys.executable, "-c", probe], env={**run_env(), "LD_PRELOAD": preload},
+                             capture_output=True, text=True, check=True).stdout.strip()
+        assert out == name
 
 
 def test_bad_launch_values_name_the_key(tmp_path):
@@ -113,6 +135,7 @@ def reference(tmp_path_factory) -> Path:
     res = lmcore_launch(root)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "1 process(es)" in res.stdout + res.stderr
+    assert f"allocator {'system' if find_tcmalloc() is None else 'tcmalloc'}" in res.stdout + res.stderr
     return root
 
 

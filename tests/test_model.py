@@ -230,6 +230,21 @@ def test_cross_entropy_equals_torch(dtype, reduction):
     torch.testing.assert_close(go, gr, atol=1e-6 if dtype == torch.float32 else 4e-3, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_of_a_target_far_below_the_maximum_is_exact(dtype):
+    # a probability far below float32's smallest (exp(-300)): the loss is still the log-softmax's
+    import torch.nn.functional as F
+
+    logits = torch.zeros(3, 8, dtype=dtype)
+    logits[:, 2] = 150.0
+    logits[1, 5] = -150.0
+    targets = torch.tensor([5, 5, 2])
+    ours = model_module.cross_entropy(logits, targets, reduction="none")
+    ref = F.cross_entropy(logits.float(), targets, reduction="none")
+    assert ref[1] > 299 and torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-6)
+
+
 def test_cross_entropy_backward_gradcheck():
     logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([0, 4, -100, 2, 2, 1])

@@ -142,8 +142,8 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(acc):
     real = Decoder.forward
     nan = {"on": True}
 
-    def forward(self, idx, targets=None, reduction="mean"):
-        logits, loss = real(self, idx, targets, reduction)
+    def forward(self, idx, targets=None, reduction="mean", return_logits=True):
+        logits, loss = real(self, idx, targets, reduction, return_logits)
         return logits, loss * float("nan") if nan["on"] else loss
 
     with pytest.MonkeyPatch.context() as mp:

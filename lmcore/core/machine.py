@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import platform
 import subprocess
+import sys
 from pathlib import Path
+
+TCMALLOC = ("tcmalloc_minimal", "tcmalloc")
+"""Library names of tcmalloc (gperftools), the minimal one first."""
 
 
 def cpu_name() -> str:
@@ -30,3 +35,28 @@ def git_commit(root: str | Path) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha + (" + uncommitted" if dirty else "")
+
+
+def find_tcmalloc() -> str | None:
+    """The soname of a tcmalloc library this machine's dynamic loader finds (``ldconfig``), e.g.
+    ``libtcmalloc_minimal.so.4``; None where there is none, or off Linux (no ``LD_PRELOAD``)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    for name in TCMALLOC:
+        found = ctypes.util.find_library(name)
+        if found:
+            return found
+    return None
+
+
+def allocator() -> str:
+    """The malloc this process runs with: ``tcmalloc``, ``jemalloc`` or ``mimalloc`` when one is
+    mapped into it (preloaded), else ``system``."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "system"
+    for name in ("tcmalloc", "jemalloc", "mimalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return "system"

@@ -73,7 +73,7 @@ def sliding_window_nll(model, tokens: Any, block: int, stride: int, batch_size: 
                 tgt = w[1:].clone()
                 tgt[:first] = -100
                 y[r, : len(w) - 1] = tgt
-            _, loss = model(x.to(device), y.to(device), reduction="sum")
+            _, loss = model(x.to(device), y.to(device), reduction="sum", return_logits=False)
             scored = int((y != -100).sum())
             total += float(loss)
             count += scored

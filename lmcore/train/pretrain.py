@@ -39,6 +39,7 @@ from tqdm import tqdm
 from lmcore.config import ModelConfig, PretrainConfig, TrackingConfig, flatten
 from lmcore.core.errors import Interrupted
 from lmcore.core.io import atomic_path, write_json
+from lmcore.core.machine import allocator
 from lmcore.data.encode import load_manifest, load_tokens
 from lmcore.model.decoder import Decoder, DecoderConfig
 from lmcore.model.folder import save_decoder
@@ -120,7 +121,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
     """Train from ``tokens_dir`` into ``out`` (see the module docstring); write ``metrics``
     (JSON) and the loss history ``plots`` (CSV). ``build_model`` makes the model from its shape
     (benchmarks pass other architectures with Decoder's interface: ``forward(idx, targets,
-    reduction)``, ``num_params``, ``matmul_params``, ``flops_per_token`` and a ``cfg``)."""
+    reduction, return_logits)``, ``num_params``, ``matmul_params``, ``flops_per_token`` and a ``cfg``)."""
     out = Path(out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -162,11 +163,11 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
 
     params = {**flatten(cfg, "pretrain."), "n_params": n_params, "flops_per_token": fpt,
               "num_processes": world, "peak_flops": peak.flops, "peak_source": peak.source,
-              "resumed_from_step": start_step}
+              "resumed_from_step": start_step, "allocator": allocator()}
     accelerator.print(
         f"model: {n_params / 1e6:.2f}M parameters, {fpt / 1e6:.1f} MFLOPs/token "
         f"(6 x {raw_model.matmul_params():,} matmul params + 12 x layers x width x context), {world} process(es); "
-        f"peak {peak.flops / 1e9:.0f} GFLOP/s ({peak.source}, {peak.dtype})")
+        f"peak {peak.flops / 1e9:.0f} GFLOP/s ({peak.source}, {peak.dtype}); allocator {params['allocator']}")
 
     def trainer_state() -> dict[str, Any]:
         return {**state.to_dict(), "sampler": sampler.state_dict(), "config_hash": chash,

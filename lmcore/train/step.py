@@ -62,7 +62,7 @@ class NextToken:
     def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], accelerator) -> torch.Tensor:
         x, y = to_device(batch[0], accelerator.device), to_device(batch[1], accelerator.device)
         with accelerator.autocast():
-            _, loss = model(x, y, reduction="sum")
+            _, loss = model(x, y, reduction="sum", return_logits=False)
         return loss
 
 

@@ -20,7 +20,7 @@ def evaluate_windows(model: torch.nn.Module, windows: torch.Tensor, batch: int, 
     for i in range(0, len(mine), batch):
         w = to_device(mine[i : i + batch], accelerator.device)
         with accelerator.autocast():
-            _, loss = model(w[:, :-1], w[:, 1:], reduction="sum")
+            _, loss = model(w[:, :-1], w[:, 1:], reduction="sum", return_logits=False)
         sums[0] += loss.detach().double()  # no device sync per batch
         sums[1] += w[:, 1:].numel()
     if world > 1:
