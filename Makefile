@@ -1,4 +1,4 @@
-# make pipeline | make test | make ui | make flow
+# make pipeline | make test | make ui | make flow | make tracking-server
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: setup pipeline test ui flow clean-outputs
+.PHONY: setup pipeline test ui flow tracking-server clean-outputs
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ test: $(STAMP)
 
 flow: $(STAMP)
 	$(BIN)/python -m flows.pipeline
+
+# MLflow on PostgreSQL for a team (params.yaml: tracking.server); stop it with one Ctrl-C or SIGTERM
+tracking-server: $(STAMP)
+	$(BIN)/lmcore tracking-server
 
 ui: $(STAMP)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --host 127.0.0.1 --port 5000 --workers 1 \

@@ -970,13 +970,44 @@ class LaunchConfig(Section):
         return self
 
 
+class TrackingServerConfig(Section):
+    """``lmcore tracking-server``: an MLflow tracking server on a PostgreSQL database, with the
+    artifacts proxied through the server."""
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    """Address the MLflow server listens on (``0.0.0.0``: every interface, for a team)."""
+    port: int = Field(default=5000, ge=1, le=65535)
+    """Port of the MLflow server."""
+    data: str = Field(default="tracking-server", min_length=1)
+    """Folder (relative to the project root) of the PostgreSQL database, the default artifact
+    store and both servers' logs."""
+    postgres_port: int = Field(default=5433, ge=1, le=65535)
+    """Port of the PostgreSQL server that the command starts (on 127.0.0.1 only)."""
+    backend_store_uri: str | None = None
+    """An existing database instead of one started here, e.g.
+    ``postgresql://mlflow:secret@db.example.org:5432/mlflow``; null: start PostgreSQL in ``data``."""
+    artifacts_destination: str | None = None
+    """Where the server keeps artifacts: a folder, ``s3://bucket/prefix``, ``gs://bucket/prefix``;
+    null: ``<data>/artifacts``."""
+    workers: int = Field(default=1, ge=1)
+    """MLflow server worker processes."""
+
+
 class TrackingConfig(Section):
     tracking_uri: str = "sqlite:///mlflow.db"
-    """MLflow tracking URI; relative sqlite paths are relative to the working directory."""
+    """MLflow tracking URI; relative sqlite paths are relative to the working directory. An
+    ``http://`` URI logs to a tracking server (``lmcore tracking-server`` starts one)."""
     experiment: str = "lmcore"
     """MLflow experiment name."""
     enabled: bool = True
     """Log to MLflow at all."""
+    request_timeout: int = Field(default=30, ge=1)
+    """Seconds one HTTP request to a tracking server may take."""
+    request_retries: int = Field(default=4, ge=0, le=10)
+    """Retries of a failed request to a tracking server (waits of 1, 2, 4, 8... s). When they
+    are spent in the middle of a stage, the stage goes on untracked and says so once."""
+    server: TrackingServerConfig = TrackingServerConfig()
+    """What ``lmcore tracking-server`` starts (not read by the stages)."""
 
 
 class Params(Section):

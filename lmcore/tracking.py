@@ -9,6 +9,17 @@ touches the MLflow API. A pipeline execution is identified by a *pipeline key*:
 3. otherwise the stage's run stands alone.
 
 The parent run is found by its ``lmcore.pipeline_key`` tag, or created by the first stage.
+
+The store is the same for every backend: a local sqlite file (the default) or a tracking server
+over HTTP (``lmcore tracking-server``: MLflow on PostgreSQL). Several stages may start at once
+against a new store: on sqlite a file lock beside the database serialises the first use (MLflow's
+schema migration, the experiment, the parent run); on a server a second creator of the
+experiment reads it back, and of two parent runs created at once for one key the earlier is kept.
+
+Tracking failures: a store that does not answer when a stage starts stops the stage before it
+does anything (a :class:`StageError` naming the URI). A store lost in the middle of a stage (after
+``tracking.request_retries`` retries) does not: the stage goes on, its outputs are written, and
+one warning says that its MLflow run is incomplete.
 """
 
 from __future__ import annotations
@@ -18,13 +29,17 @@ import logging
 import os
 import socket
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import filelock
 import psutil
 
 from lmcore.config import TrackingConfig
+from lmcore.core.errors import StageError
 
 log = logging.getLogger(__name__)
 
@@ -69,87 +84,146 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-class Tracker:
-    """Logging helpers for one stage run. With ``active=False`` every method does nothing
-    (tracking disabled, or a non-main process of a distributed run)."""
+def _errors() -> tuple[type[BaseException], ...]:
+    """What a tracking store raises when it fails (unreachable, refused, timed out, locked)."""
+    import requests  # lazy: loaded with mlflow, only when a stage tracks
+    import sqlalchemy.exc  # lazy: as above
+    from mlflow.exceptions import MlflowException  # lazy: as above
 
-    def __init__(self, active: bool) -> None:
+    return MlflowException, requests.exceptions.RequestException, sqlalchemy.exc.SQLAlchemyError, OSError
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:240]}{'...' if len(text) > 240 else ''}"
+
+
+class Tracker:
+    """Logging helpers for one stage run, through an ``MlflowClient`` bound to its run. With
+    ``active=False`` every method does nothing (tracking disabled, or a non-main process of a
+    distributed run). The first failure of the store prints one warning and turns it off."""
+
+    def __init__(self, active: bool, client: Any = None, uri: str = "") -> None:
         self.active = active
+        self.client = client
+        self.uri = uri
         self.run_id: str | None = None
+        self.lost: str | None = None
+        """Why tracking stopped in the middle of the stage (None while it works)."""
+
+    def _call(self, fn, *args, **kwargs) -> None:
+        if not self.active:
+            return
+        try:
+            fn(*args, **kwargs)
+        except _errors() as e:
+            self._lose(e)
+
+    def _lose(self, e: BaseException) -> None:
+        self.active = False
+        self.lost = _short(e)
+        print(f"lmcore: warning: tracking at {self.uri} failed ({self.lost}); the stage goes on untracked and "
+              f"writes its outputs as usual; MLflow run {self.run_id} is incomplete", file=sys.stderr, flush=True)
 
     def params(self, params: dict[str, Any]) -> None:
         if not self.active:
             return
-        mlflow = _mlflow()
+        from mlflow.entities import Param  # lazy: mlflow loads only when a stage tracks
 
-        items = list(params.items())
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            mlflow.log_params({k: _param_value(v) for k, v in items[i : i + 100]})
+            self._call(self.client.log_batch, self.run_id, params=items[i : i + 100], synchronous=True)
 
     def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.active:
             return
-        mlflow = _mlflow()
+        from mlflow.entities import Metric  # lazy: mlflow loads only when a stage tracks
 
-        clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        if clean:
-            mlflow.log_metrics(clean, step=step)
+        now = int(time.time() * 1000)
+        clean = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(clean), 1000):  # MLflow caps a batch at 1,000 metrics
+            self._call(self.client.log_batch, self.run_id, metrics=clean[i : i + 1000], synchronous=True)
 
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
         if not self.active:
             return
-        mlflow = _mlflow()
-
         path = Path(path)
         if path.is_dir():
-            mlflow.log_artifacts(str(path), artifact_path=folder)
+            self._call(self.client.log_artifacts, self.run_id, str(path), artifact_path=folder)
         else:
-            mlflow.log_artifact(str(path), artifact_path=folder)
+            self._call(self.client.log_artifact, self.run_id, str(path), artifact_path=folder)
 
     def json(self, obj: dict[str, Any], name: str) -> None:
         if not self.active:
             return
-        mlflow = _mlflow()
-
-        mlflow.log_dict(obj, name)
+        self._call(self.client.log_dict, self.run_id, obj, name)
 
 
-def _param_value(v: Any) -> Any:
+def _param_value(v: Any) -> str:
     s = str(v)
     return s if len(s) <= 6000 else s[:5997] + "..."
 
 
-def _configure(cfg: TrackingConfig) -> None:
-    mlflow = _mlflow()
-
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+def resolved_uri(cfg: TrackingConfig) -> str:
+    """The tracking URI with a relative sqlite path made absolute, so subprocesses agree on the
+    database."""
     uri = cfg.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        # make relative sqlite paths absolute so subprocesses agree on the database
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(cfg.experiment)
+    return uri
 
 
-def _parent_run_id(key: str, experiment: str) -> str:
-    mlflow = _mlflow()
+def _store_lock(uri: str) -> contextlib.AbstractContextManager:
+    """A lock that serialises the first use of a sqlite store by several processes (MLflow's
+    schema migration is not safe to run twice at once); a server needs none."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        return filelock.FileLock(str(db) + ".lock", timeout=600)
+    return contextlib.nullcontext()
 
-    client = mlflow.MlflowClient()
-    exp = mlflow.get_experiment_by_name(experiment)
-    found = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`{KEY_TAG}` = '{key}' and tags.`lmcore.kind` = 'pipeline'",
-        max_results=1,
-    )
+
+def _http_settings(cfg: TrackingConfig) -> None:
+    """MLflow's HTTP client reads its retry policy from the environment: a failing server is
+    given up on after ``request_retries`` retries (waits 1, 2, 4... s), not MLflow's default of
+    7 retries over about four minutes."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(cfg.request_retries)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(cfg.request_timeout)
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    from mlflow.exceptions import MlflowException  # lazy: mlflow loads only when a stage tracks
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as e:  # created by another stage in the meantime
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _parent_run_id(client: Any, key: str, experiment_id: str) -> str:
+    where = f"tags.`{KEY_TAG}` = '{key}' and tags.`lmcore.kind` = 'pipeline'"
+    order = ["attributes.start_time ASC"]
+    found = client.search_runs([experiment_id], filter_string=where, max_results=1, order_by=order)
     if found:
         return found[0].info.run_id
     tags = {KEY_TAG: key, "mlflow.runName": f"pipeline {key}", "lmcore.kind": "pipeline"}
     commit = _git_commit()
     if commit:
         tags["lmcore.git_commit"] = commit
-    run = client.create_run(exp.experiment_id, tags=tags)
+    run = client.create_run(experiment_id, tags=tags)
     client.set_terminated(run.info.run_id, "FINISHED")
-    return run.info.run_id
+    # two stages of one execution that started at once on a server may both have created one:
+    # every stage keeps the earliest, and a later creator deletes its own
+    first = client.search_runs([experiment_id], filter_string=where, max_results=1, order_by=order)[0]
+    if first.info.run_id != run.info.run_id:
+        client.delete_run(run.info.run_id)
+    return first.info.run_id
 
 
 @contextlib.contextmanager
@@ -165,24 +239,36 @@ def stage_run(
         return
     mlflow = _mlflow()
 
-    _configure(cfg)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = resolved_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        _http_settings(cfg)
     key = pipeline_key()
-    tags = {**(tags or {}), "lmcore.stage": stage, "lmcore.kind": "stage"}
-    if key:
-        tags["mlflow.parentRunId"] = _parent_run_id(key, cfg.experiment)
-        tags[KEY_TAG] = key
+    tags = {**(tags or {}), "lmcore.stage": stage, "lmcore.kind": "stage", "mlflow.runName": run_name or stage}
     commit = _git_commit()
     if commit:
         tags["lmcore.git_commit"] = commit
-    tracker = Tracker(True)
     try:
-        with mlflow.start_run(run_name=run_name or stage, tags=tags) as run:
-            tracker.run_id = run.info.run_id
-            if params:
-                tracker.params(params)
-                tracker.json(params, f"config/{stage}.json")
-            yield tracker
-    except BaseException:
-        if key:  # the pipeline execution failed with this stage
-            _mlflow().MlflowClient().set_terminated(tags["mlflow.parentRunId"], "FAILED")
-        raise
+        with _store_lock(uri):
+            client = mlflow.MlflowClient(tracking_uri=uri)  # a new sqlite store is created (migrated) here
+            experiment_id = _experiment_id(client, cfg.experiment)
+            if key:
+                tags["mlflow.parentRunId"] = _parent_run_id(client, key, experiment_id)
+                tags[KEY_TAG] = key
+        run = client.create_run(experiment_id, run_name=run_name or stage, tags=tags)
+    except _errors() as e:
+        raise StageError(f"the tracking store {uri} (tracking.tracking_uri) did not answer: {_short(e)}; start it "
+                         "(lmcore tracking-server), correct the URI, or set tracking.enabled: false") from e
+    tracker = Tracker(True, client, uri)
+    tracker.run_id = run.info.run_id
+    status = "FAILED"
+    try:
+        if params:
+            tracker.params(params)
+            tracker.json(params, f"config/{stage}.json")
+        yield tracker
+        status = "FINISHED"
+    finally:
+        tracker._call(client.set_terminated, tracker.run_id, status)
+        if status == "FAILED" and key:  # the pipeline execution failed with this stage
+            tracker._call(client.set_terminated, tags["mlflow.parentRunId"], "FAILED")

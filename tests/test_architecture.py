@@ -17,7 +17,7 @@ from lmcore.stages import ENTRY_MODULES, ORDER, code_deps, code_fingerprint
 LAYERS: list[tuple[str, ...]] = [
     ("lmcore", "lmcore.core"),  # errors, io, layout, machine, readers, task registry, import graph
     ("lmcore.config",),  # params.yaml into typed settings
-    ("lmcore.tracking", "lmcore.model"),  # MLflow runs; the decoder and model folders
+    ("lmcore.tracking", "lmcore.tracking_server", "lmcore.model"),  # MLflow runs, the tracking server; the decoder
     ("lmcore.data",),  # prepare, clean, tokenizer, encode, token shards, GLUE loaders and metrics
     ("lmcore.train", "lmcore.generate", "lmcore.export"),
     ("lmcore.eval",),  # the evaluate stage, run comparison

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from lmcore import config
-from lmcore.cli import compare, generate
+from lmcore.cli import compare, generate, tracking_server
 from lmcore.config import ConfigError
 from lmcore.core.errors import Interrupted, StageError
 from lmcore.core.layout import Layout
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     launch.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     compare.add_parser(sub)  # not a stage: a table and a plot of the runs in MLflow
     generate.add_parser(sub)  # not a stage either: text from a model folder
+    tracking_server.add_parser(sub)  # a server for a team: MLflow on PostgreSQL
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         return compare.main(args)
     if args.stage == "generate":
         return generate.main(args)
+    if args.stage == "tracking-server":
+        return tracking_server.main(args)
     if args.stage == "launch":
         return _launch(args)
     try:

@@ -1,0 +1,210 @@
+"""``lmcore tracking-server``: real PostgreSQL and a real ``mlflow server``, started by the tests
+on 127.0.0.1; stages log to them over HTTP, several at once, and survive the server going away."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import BIN, read_json, run_env
+from test_tracking import check_one_pipeline_of, start_stages
+
+pytest.importorskip("psycopg2", reason="the tracking server needs lmcore[server] (psycopg2-binary, pgserver)")
+
+from lmcore.tracking_server import Postgres, postgres_bin  # noqa: E402
+
+try:
+    postgres_bin()
+except Exception as e:  # noqa: BLE001
+    pytest.skip(f"no PostgreSQL binaries: {e}", allow_module_level=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``lmcore tracking-server`` as a child process, in a folder of its own."""
+
+    def __init__(self) -> None:
+        # /tmp, not pytest's 0700 folder: under root PostgreSQL runs as 'nobody', who must reach it
+        self.folder = Path(tempfile.mkdtemp(prefix="lmcore-ts-", dir="/tmp"))
+        self.folder.chmod(0o755)
+        self.port, self.pg_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        params = {"tracking": {"server": {"port": self.port, "postgres_port": self.pg_port, "data": "server"}}}
+        (self.folder / "params.yaml").write_text(yaml.safe_dump(params))
+        self.proc = subprocess.Popen([str(BIN / "lmcore"), "tracking-server"], cwd=self.folder, env=run_env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self.lines: list[str] = []
+        ready = threading.Event()
+
+        def read() -> None:
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if "MLflow tracking server at" in line:
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        ready.wait(180)
+        assert self.proc.poll() is None and any("MLflow tracking server at" in x for x in self.lines), self.lines
+
+    @property
+    def postgres(self) -> Postgres:
+        return Postgres(self.folder / "server", self.pg_port)
+
+    def stop(self) -> int:
+        """One SIGTERM; the exit status."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        self.stop()
+        self.postgres.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server()
+    yield s
+    s.close()
+
+
+def client(url: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=url)
+
+
+def use_server(project: Path, url: str, **tracking) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tracking"].update(tracking_uri=url, **tracking)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def lmcore(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "lmcore"), *args], cwd=project, env=run_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_stages_log_to_the_server_and_read_back_from_postgresql(server, tiny_project):
+    use_server(tiny_project, server.url)
+    for stage in ("prepare", "clean"):
+        out = lmcore(tiny_project, stage)
+        assert out.returncode == 0, out.stderr[-2000:]
+    c = client(server.url)
+    exp = c.get_experiment_by_name("lmcore-test")
+    runs = {r.data.tags["lmcore.stage"]: r for r in c.search_runs([exp.experiment_id])
+            if r.data.tags.get("lmcore.kind") == "stage"}
+    assert set(runs) == {"prepare", "clean"}
+    clean = runs["clean"]
+    assert clean.info.status == "FINISHED" and clean.data.params["clean.min_chars"] == "50"
+    local = read_json(tiny_project / "metrics/clean.json")
+    assert clean.data.metrics["documents_kept"] == local["documents_kept"] > 0
+    # artifacts go through the server into its store; they read back byte for byte
+    logged = c.download_artifacts(clean.info.run_id, "config/clean.json", str(tiny_project / "back"))
+    assert read_json(logged)["clean.min_chars"] == 50
+    assert list((server.folder / "server/artifacts").rglob("clean.json"))
+    # the runs live in PostgreSQL
+    import psycopg2
+
+    with psycopg2.connect(host="127.0.0.1", port=server.pg_port, user="lmcore", dbname="mlflow") as conn:
+        with conn.cursor() as cur:
+            cur.execute("SELECT name, status FROM runs WHERE experiment_id = %s", (int(exp.experiment_id),))
+            rows = dict(cur.fetchall())
+    assert rows["clean"] == "FINISHED" and rows["prepare"] == "FINISHED"
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from lmcore.config import TrackingConfig
+from lmcore.tracking import stage_run
+url, name, folder = sys.argv[1:4]
+with stage_run(name, TrackingConfig(tracking_uri=url, experiment="writers"), {f"p{i}": i for i in range(150)}) as tr:
+    for step in range(200):
+        tr.metrics({"loss": 1.0 / (step + 1), "lr": step * 1e-4}, step=step)
+    for i in range(5):
+        f = Path(folder) / f"{name}-{i}.txt"
+        f.write_text(name * (i + 1))
+        tr.artifact(f, "files")
+"""
+
+
+def test_two_stages_writing_at_once_lose_nothing(server, tmp_path):
+    env = {**run_env(), "LMCORE_PIPELINE_RUN": "two-writers"}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, server.url, n, str(tmp_path)], env=env,
+                              stderr=subprocess.PIPE, text=True) for n in ("left", "right")]
+    assert [p.wait(300) for p in procs] == [0, 0], [p.stderr.read()[-2000:] for p in procs]
+    c = client(server.url)
+    exp = c.get_experiment_by_name("writers")
+    for r in [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("lmcore.kind") == "stage"]:
+        name = r.data.tags["lmcore.stage"]
+        assert len(r.data.params) == 150
+        for key in ("loss", "lr"):
+            history = c.get_metric_history(r.info.run_id, key)
+            assert sorted(m.step for m in history) == list(range(200))
+        assert sorted(a.path for a in c.list_artifacts(r.info.run_id, "files")) == [
+            f"files/{name}-{i}.txt" for i in range(5)]
+
+
+def test_four_stages_start_at_once_on_the_server(server):
+    names = ["prepare", "clean", "tokenizer", "encode"]
+    done = start_stages(server.url, "four-at-once", names, "four-on-the-server")
+    assert [d.returncode for d in done] == [0, 0, 0, 0], [d.stderr[-2000:] for d in done]
+    c = client(server.url)
+    exp = c.get_experiment_by_name("four-at-once")
+    check_one_pipeline_of(c.search_runs([exp.experiment_id]), names, "four-on-the-server")
+
+
+STEPS = 300  # the server is stopped at step 20
+
+
+def test_the_server_going_away_mid_stage_leaves_the_stage_and_its_outputs_whole(tiny_project):
+    params = yaml.safe_load((tiny_project / "params.yaml").read_text())
+    params["tracking"]["enabled"] = False  # the data stages untracked: only pretraining talks to the server
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
+    for stage in ("prepare", "clean", "tokenizer", "encode"):
+        assert lmcore(tiny_project, stage).returncode == 0
+    own = Server()  # this test stops its server
+    try:
+        params["tracking"].update(enabled=True, tracking_uri=own.url, request_retries=1, request_timeout=5)
+        params["pretrain"].update(max_steps=STEPS, log_interval=2, eval_interval=20, checkpoint_interval=STEPS)
+        (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
+        proc = subprocess.Popen([str(BIN / "lmcore"), "pretrain"], cwd=tiny_project, env=run_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in proc.stdout:  # the first validation: the run is open and logging
+            if line.startswith("step 20:"):
+                break
+        assert own.stop() == 0  # one SIGTERM stops MLflow and PostgreSQL
+        assert not own.postgres.running()
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+        warnings = [x for x in stderr.splitlines() if x.startswith("lmcore: warning: tracking at")]
+        assert len(warnings) == 1 and own.url in warnings[0] and "untracked" in warnings[0], stderr[-3000:]
+        assert "Traceback" not in stderr
+        m = read_json(tiny_project / "metrics/pretrain.json")
+        assert m["trained_tokens"] == STEPS * 4 * 32
+        assert (tiny_project / "runs/pretrain/final/model.safetensors").exists()
+    finally:
+        own.close()
