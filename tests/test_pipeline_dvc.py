@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import configparser
+import hashlib
 import json
 import re
 import subprocess
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import yaml
-from conftest import BIN, mlflow_runs, read_json, run_env
+from conftest import BIN, ROOT, mlflow_runs, read_json, run_env
 
 from lmcore.data.encode import load_tokens
 
@@ -25,6 +28,95 @@ def dvc(proj, *args, check=True):
     if check and res.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}")
     return res
+
+
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+
+
+def run_git(cwd, *args) -> str:
+    return subprocess.run([*GIT, *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def objects(store: Path) -> set[str]:
+    """The content hashes a DVC cache or local remote holds (files/md5/ab/cdef..., '.dir' for a folder)."""
+    return {p.parent.name + p.name for p in (store / "files/md5").glob("*/*")}
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """md5 of every file under a folder, by relative path (DVC 3 hashes the raw bytes)."""
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_repository_names_a_default_remote():
+    """.dvc/config names the team remote as the default: a folder beside the project folder (a
+    relative url there is relative to the .dvc folder), overridden per machine in config.local."""
+    conf = configparser.ConfigParser()
+    conf.read(ROOT / ".dvc/config")
+    assert conf["core"]["remote"] == "team"
+    assert conf['\'remote "team"\'']["url"] == "../../lmcore-dvc-remote"
+    # as DVC itself reads the project file alone (a config.local of this checkout is left out)
+    listed = dvc(ROOT, "remote", "list", "--project").stdout.split()
+    assert listed == ["team", str(ROOT.parent / "lmcore-dvc-remote"), "(default)"], listed
+
+
+def check_push_and_pull(proj: Path) -> None:
+    """The team workflow on the reproduced project: `dvc push` to the shared remote, a second git
+    clone configures the same remote, `dvc pull`s and has nothing to reproduce; the resumable
+    checkpoints (persist, cache: false) go neither to the cache nor to the remote."""
+    tmp = proj.parent
+    storage = tmp / "storage"
+    # the default remote exactly as the repository's .dvc/config has it, then a per-machine override
+    dvc(proj, "remote", "add", "-d", "team", "../lmcore-dvc-remote")
+    conf = configparser.ConfigParser()
+    conf.read(proj / ".dvc/config")
+    assert conf['\'remote "team"\'']["url"] == "../../lmcore-dvc-remote"
+    dvc(proj, "remote", "modify", "--local", "team", "url", str(storage))
+    pushed = dvc(proj, "push")
+    assert not (tmp / "lmcore-dvc-remote").exists() and storage.is_dir(), pushed.stdout
+    assert "in sync" in dvc(proj, "status", "--cloud").stdout
+
+    # what the remote holds: the cache, less the copies of the `cache: false` metrics that the run
+    # cache keeps (push leaves the run cache out), and no checkpoint in either
+    cache = proj / ".dvc/cache"
+    assert objects(storage) == objects(cache) - set(tree(proj / "metrics").values())
+    assert f"{len(objects(storage))} files pushed" in pushed.stdout
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())
+    ckpt = next(o for o in lock["stages"]["pretrain"]["outs"] if o["path"] == "runs/pretrain/checkpoints")
+    assert ckpt["md5"].endswith(".dir") and ckpt["md5"] not in objects(storage) | objects(cache)
+    ckpt_files = tree(proj / "runs/pretrain/checkpoints")
+    # the weights of the last checkpoint are the final ones; the optimizer and trainer state are its own
+    only_ckpt = set(ckpt_files.values()) - set(tree(proj / "runs/pretrain/final").values())
+    assert any(f.endswith("trainer.json") for f in ckpt_files) and only_ckpt
+    assert not only_ckpt & (objects(storage) | objects(cache))
+
+    # the metrics are `cache: false` outputs, that is git's to carry: the repository's .gitignore
+    # leaves /metrics/ out, so they are added by force here
+    run_git(proj, "add", "-A")
+    run_git(proj, "add", "-f", "metrics")
+    run_git(proj, "commit", "-qm", "pipeline run")
+    clone = tmp / "clone"
+    subprocess.run(["git", "clone", "-q", str(proj), str(clone)], check=True)
+    assert ".dvc/config.local" not in run_git(clone, "ls-files")  # the override stays on its machine
+    dvc(clone, "remote", "modify", "--local", "team", "url", str(storage))
+    pulled = dvc(clone, "pull")
+    assert "fetched" in pulled.stdout, pulled.stdout
+    for out in ("data/raw", "data/clean", "data/tokenizer", "data/tokens", "runs/pretrain/final", "runs/export",
+                "runs/finetune/sst2", "runs/evaluate"):
+        assert tree(clone / out) == tree(proj / out), out
+    assert not (clone / "runs/pretrain/checkpoints").exists()
+
+    # every stage is unchanged but the one whose checkpoints stayed behind; `--allow-missing` runs nothing
+    assert json.loads(dvc(clone, "status", "--json").stdout) == {
+        "pretrain": [{"changed outs": {"runs/pretrain/checkpoints": "deleted"}}]}
+    assert ran(dvc(clone, "repro", "--dry").stdout) == ["pretrain"]
+    n_runs = len(mlflow_runs(proj / "mlflow.db"))
+    again = dvc(clone, "repro", "--allow-missing")
+    assert ran(again.stdout) == [] and "Data and pipelines are up to date." in again.stdout, again.stdout
+    assert len(mlflow_runs(proj / "mlflow.db")) == n_runs
+    assert not (clone / "runs/pretrain/checkpoints").exists()
+    shown = [json.loads(dvc(p, "metrics", "show", "--json").stdout) for p in (proj, clone)]
+    assert shown[0] == shown[1] and shown[0][""]["data"]["metrics/evaluate.json"]["data"]["lm.val_bpb"] > 0
 
 
 def test_dvc_repro_end_to_end(tiny_project):
@@ -81,6 +173,9 @@ def test_dvc_repro_end_to_end(tiny_project):
     again = dvc(proj, "repro")
     assert "up to date" in again.stdout
     assert len(mlflow_runs(proj / "mlflow.db")) == len(runs)
+
+    # shared through a DVC remote: pushed, pulled into a second clone, nothing to reproduce there
+    check_push_and_pull(proj)
 
     # an edit to a function of the sampling code makes evaluate stale (its code deps are the import
     # closure of its entry module), and not the stages that never run that code
