@@ -991,6 +991,9 @@ class TrackingServerConfig(Section):
     null: ``<data>/artifacts``."""
     workers: int = Field(default=1, ge=1)
     """MLflow server worker processes."""
+    allowed_hosts: list[str] = []
+    """Host names clients may use to reach the server beyond localhost and private addresses
+    (MLflow's ``--allowed-hosts``, a guard against DNS rebinding), e.g. ``[mlflow.example.org]``."""
 
 
 class TrackingConfig(Section):

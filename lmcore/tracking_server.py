@@ -160,9 +160,15 @@ class Postgres:
 
 
 def mlflow_command(cfg: TrackingServerConfig, backend_uri: str, artifacts: str) -> list[str]:
+    hosts = []
+    if cfg.allowed_hosts:  # MLflow's list replaces its defaults (localhost, private IPs): keep them
+        from mlflow.server.security_utils import get_default_allowed_hosts  # lazy: this command only
+
+        names = [h for name in cfg.allowed_hosts for h in (name, f"{name}:*")]
+        hosts = ["--allowed-hosts", ",".join([*get_default_allowed_hosts(), *names])]
     return [sys.executable, "-m", "mlflow", "server", "--host", cfg.host, "--port", str(cfg.port),
             "--workers", str(cfg.workers), "--backend-store-uri", backend_uri,
-            "--serve-artifacts", "--artifacts-destination", artifacts]
+            "--serve-artifacts", "--artifacts-destination", artifacts, *hosts]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:

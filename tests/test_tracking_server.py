@@ -208,3 +208,14 @@ def test_the_server_going_away_mid_stage_leaves_the_stage_and_its_outputs_whole(
         assert (tiny_project / "runs/pretrain/final/model.safetensors").exists()
     finally:
         own.close()
+
+
+def test_allowed_hosts_add_to_mlflows_defaults():
+    from lmcore.config import TrackingServerConfig
+    from lmcore.tracking_server import mlflow_command
+
+    plain = mlflow_command(TrackingServerConfig(), "postgresql://x", "/a")
+    assert "--allowed-hosts" not in plain  # MLflow's defaults: localhost and private addresses
+    cmd = mlflow_command(TrackingServerConfig(host="0.0.0.0", allowed_hosts=["mlflow.example.org"]), "postgresql://x", "/a")
+    hosts = cmd[cmd.index("--allowed-hosts") + 1].split(",")
+    assert {"mlflow.example.org", "mlflow.example.org:*", "localhost:*", "10.*"} <= set(hosts)
