@@ -96,6 +96,9 @@ class Postgres:
         self.log = folder / "postgres.log"
         self.bin = postgres_bin()
         self.user = pwd.getpwnam(UNPRIVILEGED) if os.geteuid() == 0 else None
+        copied = folder / "pgcopy" / self.bin.parent.parent.name / self.bin.parent.name / "bin"
+        if self.user and (copied / "pg_ctl").exists():  # made by an earlier start (see _prepare_folder)
+            self.bin = copied
 
     @property
     def uri(self) -> str:
@@ -118,12 +121,30 @@ class Postgres:
                                  f"tracking.server.data in a folder others may traverse, or run as another user")
             for p in (self.pgdata, self.log):
                 os.chown(p, self.user.pw_uid, self.user.pw_gid)
+            if _traversable_by(self.bin / "initdb", self.user) is not None:
+                # the binaries sit where 'nobody' cannot go (a venv in a private folder): a copy
+                # of the installation (bin, lib, share; ~34 MB) beside the data, made once
+                install = self.bin.parent  # .../pgserver/pginstall; its rpath names ../../../pgserver.libs
+                copy = self.folder / "pgcopy"
+                local = copy / install.parent.name / install.name
+                if not (local / "bin" / "pg_ctl").exists():
+                    shutil.copytree(install, local, ignore=shutil.ignore_patterns("include"), dirs_exist_ok=True)
+                    libs = install.parent.parent / f"{install.parent.name}.libs"
+                    if libs.is_dir():
+                        shutil.copytree(libs, copy / libs.name, dirs_exist_ok=True)
+                self.bin = local / "bin"
 
     def running(self) -> bool:
         return (self.pgdata / "PG_VERSION").exists() and self._run("pg_ctl", "-D", str(self.pgdata), "status",
                                                                    check=False).returncode == 0
 
     def start(self) -> None:
+        try:
+            self._start()
+        except OSError as e:
+            raise StageError(f"PostgreSQL could not start in {self.folder}: {e}") from e
+
+    def _start(self) -> None:
         self._prepare_folder()
         if not (self.pgdata / "PG_VERSION").exists():
             out = self._run("initdb", "-D", str(self.pgdata), "-U", ROLE, "--auth=trust", "-E", "UTF8",
