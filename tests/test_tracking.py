@@ -3,6 +3,7 @@ store that does not answer (real MLflow, real processes)."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -47,17 +48,16 @@ def test_four_stages_start_at_once_on_a_new_sqlite_store(tmp_path):
     check_one_pipeline_of(mlflow_runs(db), names, "four-at-once")
 
 
-def _refused_port() -> int:
-    import socket
-
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on (bound once, closed again)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again: nothing listens there
+        return s.getsockname()[1]
 
 
 def test_a_tracking_server_that_does_not_answer_stops_the_stage_before_it_writes(tiny_project):
     params = yaml.safe_load((tiny_project / "params.yaml").read_text())
-    url = f"http://127.0.0.1:{_refused_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     params["tracking"].update(tracking_uri=url, request_retries=0, request_timeout=5)
     (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
     out = subprocess.run([str(BIN / "lmcore"), "prepare"], cwd=tiny_project, env=run_env(), capture_output=True,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import BIN, read_json, run_env
-from test_tracking import check_one_pipeline_of, start_stages
+from test_tracking import check_one_pipeline_of, free_port, start_stages
 
 pytest.importorskip("psycopg2", reason="the tracking server needs lmcore[server] (psycopg2-binary, pgserver)")
 
@@ -27,12 +26,6 @@ try:
     postgres_bin()
 except Exception as e:  # noqa: BLE001
     pytest.skip(f"no PostgreSQL binaries: {e}", allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
