@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# ends with a short summary of the execution (lmcore summary); `dvc metrics show` has every number
 pipeline: $(STAMP)
-	LMCORE_PIPELINE_RUN=$${LMCORE_PIPELINE_RUN:-make-$$(date +%Y%m%d-%H%M%S)} dvc repro
-	dvc metrics show
+	key=$${LMCORE_PIPELINE_RUN:-make-$$(date +%Y%m%d-%H%M%S)}; \
+	LMCORE_PIPELINE_RUN=$$key dvc repro && LMCORE_PIPELINE_RUN=$$key lmcore summary
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -20,6 +20,7 @@ from lmcore.config import ConfigError
 from lmcore.core.errors import StageError
 from lmcore.core.layout import Layout
 from lmcore.stages import ORDER, outputs_exist, stage_items
+from lmcore.summary import summarize
 from lmcore.tracking import PIPELINE_ENV
 from tasks import STAGE_TASKS, launch_overrides
 
@@ -30,7 +31,9 @@ def pipeline(params_file: str = "params.yaml", root: str = ".", force: bool = Fa
     """Run every stage; a stage whose inputs and params are unchanged and whose outputs exist is
     taken from Prefect's cache. ``finetune`` runs as one task run per task of
     ``prepare.tasks.tasks`` (like DVC's ``finetune@<task>`` stages), one after the other: each
-    uses every core. All stages log under one MLflow parent run.
+    uses every core. All stages log under one MLflow parent run; the flow ends by printing
+    :func:`lmcore.summary.summarize` (which also gives an execution of cached tasks its parent
+    run, linked to the runs it reused).
 
     ``launch``: values replacing those of ``params.yaml``'s ``launch`` section for this run (e.g.
     ``{"config": "configs/accelerate/multi-gpu.yaml"}`` on a GPU worker, ``{"num_processes": 2}``):
@@ -58,6 +61,8 @@ def pipeline(params_file: str = "params.yaml", root: str = ".", force: bool = Fa
                 refresh = force or not outputs_exist(name, layout, item)
                 task = STAGE_TASKS[name].with_options(refresh_cache=refresh, task_run_name=f"{name}-{item}")
                 results[name][item] = task(params_file, root, item, launch=launch)
+        if until is None:  # recorded in MLflow even when every task came from the cache
+            print(summarize(params, layout, os.environ[PIPELINE_ENV]))
     finally:
         if previous is None:
             os.environ.pop(PIPELINE_ENV, None)

@@ -17,6 +17,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     Strict,
     ValidationError,
     ValidationInfo,
@@ -1011,6 +1012,13 @@ class TrackingConfig(Section):
     are spent in the middle of a stage, the stage goes on untracked and says so once."""
     server: TrackingServerConfig = TrackingServerConfig()
     """What ``lmcore tracking-server`` starts (not read by the stages)."""
+    _params_file: Path | None = PrivateAttr(default=None)
+
+    @property
+    def params_file(self) -> Path | None:
+        """The settings file these settings were read from (:func:`load`), for lineage; None
+        for settings built in code."""
+        return self._params_file
 
 
 class Params(Section):
@@ -1082,7 +1090,9 @@ def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = No
     data = data if data is not None else {}
     for key, value in (overrides or {}).items():
         set_key(data, key, value)
-    return from_dict(data, str(path))
+    params = from_dict(data, str(path))
+    params.tracking._params_file = path.absolute()
+    return params
 
 
 def set_key(data: dict[str, Any], key: str, value: Any) -> None:

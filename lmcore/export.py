@@ -168,7 +168,8 @@ def export(cfg: ExportConfig, model_dir: Path, tokenizer_dir: Path, out: Path, m
     ids, tokens = _special_ids(tok, tok_cfg, tokenizer_dir)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
 
-    with stage_run("export", tracking, flatten(cfg, "export.")) as tr:
+    with stage_run("export", tracking, flatten(cfg, "export."), inputs=[model_dir, tokenizer_dir],
+                   outputs=[out]) as tr:
         model = load_decoder(model_dir).eval()
         g = model.cfg
         if tok.get_vocab_size() > g.vocab_size:

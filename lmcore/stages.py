@@ -225,6 +225,17 @@ def cache_key(name: str, params: Params, layout: Layout, item: str | None = None
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def pipeline_outputs(params: Params, layout: Layout) -> dict[str, list[Path]]:
+    """Every stage's outputs, in stage order (``finetune@<task>`` for each task of a ``foreach``
+    stage)."""
+    out: dict[str, list[Path]] = {}
+    for name in ORDER:
+        items = stage_items(name, params)
+        for item in items if items is not None else [None]:
+            out[name if item is None else f"{name}@{item}"] = [layout / o for o in stage_io(name, item).outs]
+    return out
+
+
 def outputs_exist(name: str, layout: Layout, item: str | None = None) -> bool:
     return all((layout / o).exists() for o in stage_io(name, item).outs)
 

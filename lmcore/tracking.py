@@ -8,7 +8,17 @@ touches the MLflow API. A pipeline execution is identified by a *pipeline key*:
    that DVC process, so all stages of one ``dvc repro`` share a parent;
 3. otherwise the stage's run stands alone.
 
-The parent run is found by its ``lmcore.pipeline_key`` tag, or created by the first stage.
+The parent run is found by its ``lmcore.pipeline_key`` tag, or created by the first stage. It spans
+the execution: each stage sets it RUNNING when it starts and FINISHED (with that end time) or
+FAILED when it ends, so after the last stage its status and end time are the execution's.
+
+Lineage: every stage run records the git commit (and whether the tree had uncommitted changes
+besides ``dvc.lock``), the sha256 of the params file, the host and process that ran it, and what
+it read and wrote as MLflow dataset inputs with their content digests (:meth:`Tracker.inputs`,
+:meth:`Tracker.outputs`).
+
+A run whose process died without closing it (SIGKILL, a lost machine) is closed as KILLED by the
+next stage that starts on the same host, and so is its pipeline's parent run.
 
 The store is the same for every backend: a local sqlite file (the default) or a tracking server
 over HTTP (``lmcore tracking-server``: MLflow on PostgreSQL). Several stages may start at once
@@ -25,21 +35,26 @@ one warning says that its MLflow run is incomplete.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 import logging
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import filelock
 import psutil
+import yaml
 
 from lmcore.config import TrackingConfig
 from lmcore.core.errors import StageError
+from lmcore.core.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +89,60 @@ def pipeline_key() -> str | None:
     return os.environ.get(PIPELINE_ENV) or _dvc_ancestor_key()
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_tags() -> dict[str, str]:
+    """``lmcore.git_commit`` and ``lmcore.git_dirty`` ("true" when tracked files other than
+    ``dvc.lock``, which the pipeline itself rewrites, differ from the commit) of the working
+    directory's repository; empty outside a repository."""
+    commit = _git("rev-parse", "HEAD")
+    if not commit:
+        return {}
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude,top)dvc.lock")
+    return {"lmcore.git_commit": commit, "lmcore.git_dirty": "unknown" if status is None else str(bool(status)).lower()}
+
+
+def _process_tags() -> dict[str, str]:
+    me = psutil.Process()
+    return {"lmcore.host": socket.gethostname(), "lmcore.pid": str(me.pid),
+            "lmcore.pid_started": f"{me.create_time():.2f}"}
+
+
+def _alive(pid: str | None, started: str | None) -> bool:
+    """Whether the process that opened a run on this host still runs (same pid, same start)."""
+    try:
+        proc = psutil.Process(int(pid or ""))
+        return started is None or abs(proc.create_time() - float(started)) < 0.05
+    except (ValueError, psutil.Error):
+        return False
+
+
+def close_stale_runs(client: Any, experiment_id: str) -> list[str]:
+    """Close as KILLED the RUNNING stage runs of this host whose process is gone, and their
+    pipeline's parent run; return their ids."""
+    host = socket.gethostname()
+    where = f"attributes.status = 'RUNNING' and tags.`lmcore.host` = '{host}' and tags.`lmcore.kind` = 'stage'"
+    closed = []
+    for run in client.search_runs([experiment_id], filter_string=where, max_results=1000):
+        tags = run.data.tags
+        if _alive(tags.get("lmcore.pid"), tags.get("lmcore.pid_started")):
+            continue
+        client.set_tag(run.info.run_id, "lmcore.closed_as_killed_by_pid", str(os.getpid()))
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+        parent = tags.get("mlflow.parentRunId")
+        if parent and client.get_run(parent).info.status == "RUNNING":
+            client.set_terminated(parent, "KILLED")
+    if closed:
+        print(f"lmcore: closed {len(closed)} MLflow run(s) left RUNNING by a process that is gone (now KILLED): "
+              f"{', '.join(closed)}", file=sys.stderr, flush=True)
+    return closed
 
 
 def _errors() -> tuple[type[BaseException], ...]:
@@ -158,6 +219,94 @@ class Tracker:
             return
         self._call(self.client.log_dict, self.run_id, obj, name)
 
+    def datasets(self, paths: Sequence[str | Path], context: str) -> None:
+        """Log files or folders as MLflow datasets of this run (``context``: ``input`` or
+        ``output``), each with its content digest (:func:`data_digest`); an output's digest is
+        also a tag ``lmcore.output.<name>``, so the run that produced a folder is found by its
+        digest (:func:`producer_of`)."""
+        if not (self.active and paths):
+            return
+        from mlflow.entities import DatasetInput, InputTag  # lazy: mlflow loads only when a stage tracks
+
+        found = [dataset_entity(Path(p)) for p in paths if Path(p).exists()]
+        inputs = [DatasetInput(d, [InputTag("mlflow.data.context", context)]) for d in found]
+        self._call(self.client.log_inputs, self.run_id, datasets=inputs)
+        if context == "output":
+            for d in found:
+                self._call(self.client.set_tag, self.run_id, f"lmcore.output.{d.name}", d.digest)
+
+
+def dataset_name(path: Path) -> str:
+    """A dataset's name: its path relative to the working directory (the project folder) when it
+    lies inside it (``data/tokens``), else its absolute path."""
+    path = path.absolute()
+    try:
+        return path.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+_FILE_SHA: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha(f: Path) -> str:
+    """sha256 of a file, remembered by path, size and modification time: a stage that logs a
+    folder and a folder inside it (``data/raw``, ``data/raw/corpus``) reads each file once."""
+    st = f.stat()
+    key = (str(f.absolute()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_SHA:
+        _FILE_SHA[key] = sha256_file(f)
+    return _FILE_SHA[key]
+
+
+def data_digest(path: Path) -> dict[str, Any]:
+    """The content digest of a file or folder: the sha256 of its files' relative names and
+    bytes (the hash :func:`lmcore.core.io.fingerprint` gives), its file count and size."""
+    files = sorted(x for x in path.rglob("*") if x.is_file() and "__pycache__" not in x.parts) \
+        if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        h.update(_file_sha(f).encode())
+    return {"sha256": h.hexdigest(), "files": len(files), "bytes": sum(f.stat().st_size for f in files)}
+
+
+def dataset_entity(path: Path) -> Any:
+    """An MLflow ``Dataset`` for a file or folder: name :func:`dataset_name`, digest the first 32
+    hex digits of its sha256 (MLflow keeps 36 characters), profile the whole digest and, where
+    ``dvc.lock`` lists it, DVC's md5."""
+    from mlflow.entities import Dataset  # lazy: mlflow loads only when a stage tracks
+
+    name = dataset_name(path)
+    profile = data_digest(path)
+    md5 = dvc_lock_hashes().get(name)
+    if md5:
+        profile["dvc_md5"] = md5
+    return Dataset(name=name, digest=profile["sha256"][:32], source_type="local",
+                   source=json.dumps({"uri": path.absolute().as_posix()}), profile=json.dumps(profile))
+
+
+def dvc_lock_hashes(lock: Path = Path("dvc.lock")) -> dict[str, str]:
+    """``{path: md5}`` of every output ``dvc.lock`` records (empty without one)."""
+    try:
+        data = yaml.safe_load(lock.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    out: dict[str, str] = {}
+    for entry in (data.get("stages") or {}).values():
+        for o in (entry or {}).get("outs") or []:
+            if isinstance(o, dict) and o.get("path") and o.get("md5"):
+                out[str(o["path"])] = str(o["md5"])
+    return out
+
+
+def producer_of(client: Any, experiment_id: str, name: str, digest: str) -> Any | None:
+    """The latest FINISHED stage run that wrote ``name`` with this digest, or None."""
+    where = f"tags.`lmcore.output.{name}` = '{digest}' and attributes.status = 'FINISHED'"
+    found = client.search_runs([experiment_id], filter_string=where, max_results=1,
+                               order_by=["attributes.start_time DESC"])
+    return found[0] if found else None
+
 
 def _param_value(v: Any) -> str:
     s = str(v)
@@ -206,18 +355,15 @@ def _experiment_id(client: Any, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def _parent_run_id(client: Any, key: str, experiment_id: str) -> str:
+def _parent_run_id(client: Any, key: str, experiment_id: str, tags: dict[str, str]) -> str:
+    """The parent run of execution ``key``, created (RUNNING, with ``tags``) by its first stage."""
     where = f"tags.`{KEY_TAG}` = '{key}' and tags.`lmcore.kind` = 'pipeline'"
     order = ["attributes.start_time ASC"]
     found = client.search_runs([experiment_id], filter_string=where, max_results=1, order_by=order)
     if found:
         return found[0].info.run_id
-    tags = {KEY_TAG: key, "mlflow.runName": f"pipeline {key}", "lmcore.kind": "pipeline"}
-    commit = _git_commit()
-    if commit:
-        tags["lmcore.git_commit"] = commit
+    tags = {**tags, KEY_TAG: key, "mlflow.runName": f"pipeline {key}", "lmcore.kind": "pipeline"}
     run = client.create_run(experiment_id, tags=tags)
-    client.set_terminated(run.info.run_id, "FINISHED")
     # two stages of one execution that started at once on a server may both have created one:
     # every stage keeps the earliest, and a later creator deletes its own
     first = client.search_runs([experiment_id], filter_string=where, max_results=1, order_by=order)[0]
@@ -226,14 +372,54 @@ def _parent_run_id(client: Any, key: str, experiment_id: str) -> str:
     return first.info.run_id
 
 
+def _continued(client: Any, experiment_id: str, run_id: str, tags: dict[str, str]) -> Any | None:
+    """Run ``run_id`` reopened for a resumed stage, or None when the store does not hold it."""
+    from mlflow.exceptions import MlflowException  # lazy: mlflow loads only when a stage tracks
+
+    try:
+        old = client.get_run(run_id)
+    except MlflowException:
+        return None
+    if old.info.experiment_id != experiment_id or old.info.lifecycle_stage != "active":
+        return None
+    before = old.data.tags.get("mlflow.parentRunId")
+    if before and before != tags.get("mlflow.parentRunId"):
+        tags = {**tags, "lmcore.resumed_from_parent": before}
+        if client.get_run(before).info.status == "RUNNING":  # the execution it was part of ended there
+            client.set_terminated(before, "KILLED")
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+    client.update_run(run_id, status="RUNNING")
+    print(f"lmcore: continuing MLflow run {run_id} (the run this stage resumes)", file=sys.stderr, flush=True)
+    return client.get_run(run_id)
+
+
+def params_file_tags(cfg: TrackingConfig) -> dict[str, str]:
+    """``lmcore.params_file`` and ``lmcore.params_sha256`` of the settings file ``cfg`` was read
+    from (:func:`lmcore.config.load`); empty for settings built in code."""
+    path = cfg.params_file
+    if path is None or not path.is_file():
+        return {}
+    return {"lmcore.params_file": str(path), "lmcore.params_sha256": sha256_file(path)}
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str, cfg: TrackingConfig, params: dict[str, Any] | None = None, active: bool = True,
     run_name: str | None = None, tags: dict[str, str] | None = None,
+    inputs: Sequence[str | Path] = (), outputs: Sequence[str | Path] = (), resume: str | None = None,
 ) -> Iterator[Tracker]:
     """Open the MLflow run of one stage (a child of the pipeline's parent run) and yield a
-    :class:`Tracker`. The run is marked FAILED if the block raises. A stage that runs once per
-    item (``finetune``: one run per task) passes its own ``run_name`` and ``tags``."""
+    :class:`Tracker`. ``inputs`` (files or folders the stage reads) are logged as dataset inputs
+    when the run opens, ``outputs`` when the block ends without error. The run is marked FAILED
+    if the block raises. A stage that runs once per item (``finetune``: one run per task) passes
+    its own ``run_name`` and ``tags``.
+
+    ``resume``: the id of this stage's run that an interrupted execution left (a pretraining run
+    resumed from its checkpoint): that run is continued (RUNNING again, moved under this
+    execution's parent; params it holds are kept, new ones added, changed ones recorded as
+    ``lmcore.resume.<key>`` tags), so one training is one run and one loss curve. A run that the
+    store does not hold is not continued: a new run is opened, tagged ``lmcore.resumes_run``."""
     if not (cfg.enabled and active):
         yield Tracker(False)
         return
@@ -244,18 +430,26 @@ def stage_run(
     if uri.startswith(("http://", "https://")):
         _http_settings(cfg)
     key = pipeline_key()
-    tags = {**(tags or {}), "lmcore.stage": stage, "lmcore.kind": "stage", "mlflow.runName": run_name or stage}
-    commit = _git_commit()
-    if commit:
-        tags["lmcore.git_commit"] = commit
+    provenance = {**git_tags(), **params_file_tags(cfg)}
+    tags = {**(tags or {}), **provenance, **_process_tags(), "lmcore.stage": stage, "lmcore.kind": "stage",
+            "mlflow.runName": run_name or stage}
+    parent = None
     try:
         with _store_lock(uri):
             client = mlflow.MlflowClient(tracking_uri=uri)  # a new sqlite store is created (migrated) here
             experiment_id = _experiment_id(client, cfg.experiment)
             if key:
-                tags["mlflow.parentRunId"] = _parent_run_id(client, key, experiment_id)
+                parent = _parent_run_id(client, key, experiment_id, provenance)
+                tags["mlflow.parentRunId"] = parent
                 tags[KEY_TAG] = key
-        run = client.create_run(experiment_id, run_name=run_name or stage, tags=tags)
+        run = _continued(client, experiment_id, resume, tags) if resume else None
+        if run is None:
+            if resume:
+                tags["lmcore.resumes_run"] = resume
+            run = client.create_run(experiment_id, run_name=run_name or stage, tags=tags)
+        close_stale_runs(client, experiment_id)
+        if parent:
+            client.update_run(parent, status="RUNNING")
     except _errors() as e:
         raise StageError(f"the tracking store {uri} (tracking.tracking_uri) did not answer: {_short(e)}; start it "
                          "(lmcore tracking-server), correct the URI, or set tracking.enabled: false") from e
@@ -264,11 +458,83 @@ def stage_run(
     status = "FAILED"
     try:
         if params:
-            tracker.params(params)
+            held = run.data.params
+            changed = {k: v for k, v in params.items() if k in held and held[k] != _param_value(v)}
+            tracker.params({k: v for k, v in params.items() if k not in held})
+            for k, v in changed.items():
+                tracker._call(client.set_tag, tracker.run_id, f"lmcore.resume.{k}", _param_value(v))
             tracker.json(params, f"config/{stage}.json")
+        if not run.data.params:  # a continued run logged its inputs when it opened
+            tracker.datasets(inputs, "input")
         yield tracker
+        tracker.datasets(outputs, "output")
         status = "FINISHED"
     finally:
         tracker._call(client.set_terminated, tracker.run_id, status)
-        if status == "FAILED" and key:  # the pipeline execution failed with this stage
-            tracker._call(client.set_terminated, tags["mlflow.parentRunId"], "FAILED")
+        if parent:  # the execution's status and end time follow its stages
+            tracker._call(client.set_terminated, parent, status)
+
+
+@dataclasses.dataclass
+class Execution:
+    """What :func:`link_execution` found: the execution's parent run and, per output, the run
+    that produced it as it is now (None: no run with that digest)."""
+
+    parent_id: str
+    created: bool
+    """The parent run was created now: no stage of this execution ran (every output reused)."""
+    producers: dict[str, Any]
+    """``{output name: Run or None}``."""
+    uri: str
+
+
+def open_client(cfg: TrackingConfig) -> tuple[Any, str, str]:
+    """``(MlflowClient, experiment id, URI)`` of ``cfg``'s store, creating a new store (sqlite)
+    or the experiment under the same lock as a stage. Raises :class:`StageError` when it does not
+    answer."""
+    mlflow = _mlflow()
+    uri = resolved_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        _http_settings(cfg)
+    try:
+        with _store_lock(uri):
+            client = mlflow.MlflowClient(tracking_uri=uri)
+            return client, _experiment_id(client, cfg.experiment), uri
+    except _errors() as e:
+        raise StageError(f"the tracking store {uri} (tracking.tracking_uri) did not answer: {_short(e)}") from e
+
+
+def find_parent(client: Any, experiment_id: str, key: str) -> Any | None:
+    where = f"tags.`{KEY_TAG}` = '{key}' and tags.`lmcore.kind` = 'pipeline'"
+    found = client.search_runs([experiment_id], filter_string=where, max_results=1,
+                               order_by=["attributes.start_time ASC"])
+    return found[0] if found else None
+
+
+def link_execution(cfg: TrackingConfig, key: str, outputs: Sequence[Path]) -> Execution:
+    """Give execution ``key`` its parent run even when every stage came from a cache (a no-op
+    ``dvc repro``, a Prefect run of cached tasks), and tag it with the run that produced each of
+    ``outputs`` as it is now (``lmcore.produced_by.<name>``: a run of this execution or of an
+    earlier one, found by the output's digest), so every execution is findable and says where
+    its outputs came from."""
+    client, experiment_id, uri = open_client(cfg)
+    try:
+        with _store_lock(uri):
+            parent = find_parent(client, experiment_id, key)
+            created = parent is None
+            parent_id = (_parent_run_id(client, key, experiment_id, {**git_tags(), **params_file_tags(cfg)})
+                         if created else parent.info.run_id)
+        producers: dict[str, Any] = {}
+        for path in outputs:
+            if not path.exists():
+                continue
+            name = dataset_name(path)
+            run = producer_of(client, experiment_id, name, data_digest(path)["sha256"][:32])
+            producers[name] = run
+            client.set_tag(parent_id, f"lmcore.produced_by.{name}", run.info.run_id if run else "unknown")
+        if created:
+            client.set_tag(parent_id, "lmcore.cached", "true")
+            client.set_terminated(parent_id, "FINISHED")
+    except _errors() as e:
+        raise StageError(f"the tracking store {uri} (tracking.tracking_uri) did not answer: {_short(e)}") from e
+    return Execution(parent_id, created, producers, uri)

@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lmcore.train", "lmcore.generate", "lmcore.export"),
     ("lmcore.eval",),  # the evaluate stage, run comparison
     ("lmcore.stages",),  # each stage wired to params.yaml and the layout
+    ("lmcore.summary", "lmcore.lineage"),  # what one pipeline execution did; the chain behind a run
     ("lmcore.launch",),  # the training stages under accelerate launch, for DVC and Prefect
     ("lmcore.cli",),  # argument parsing and printing
 ]

@@ -45,9 +45,14 @@ def test_flow_runs_every_stage_then_uses_its_cache(prefect_harness, tiny_project
     assert (tiny_project / "runs/pretrain/checkpoints/step-000012/random_states_1.pkl").exists()
     assert results["pretrain"]["val_bpb"] > 0 and results["finetune"]["sst2"]["score"] >= 0  # their metrics
 
-    # a second run with nothing changed takes every stage from Prefect's cache: no new MLflow runs
+    # a second run with nothing changed takes every stage from Prefect's cache: no new stage run,
+    # one parent run for the execution, linked to the runs that produced what it reused
     pipeline(str(tiny_project / "params.yaml"), str(tiny_project), launch=two)
-    assert len(mlflow_runs(tiny_project / "mlflow.db")) == len(runs)
+    cached = [r for r in mlflow_runs(tiny_project / "mlflow.db") if r.info.run_id not in {x.info.run_id for x in runs}]
+    assert [r.data.tags["lmcore.kind"] for r in cached] == ["pipeline"] and cached[0].data.tags["lmcore.cached"] == "true"
+    pre = next(r for r in children if r.data.tags["lmcore.stage"] == "pretrain")
+    assert cached[0].data.tags["lmcore.produced_by.runs/pretrain/final"] == pre.info.run_id
+    runs += cached
 
     # a changed evaluate param reruns evaluate only
     import yaml
@@ -172,5 +177,17 @@ def test_sigterm_stops_training_with_a_checkpoint_a_crash_is_retried_and_both_re
     killer.join(timeout=5)
     assert killed and (tiny_project / "runs/pretrain/final/model.safetensors").exists()
     runs = [r for r in mlflow_runs(tiny_project / "mlflow.db") if r.data.tags.get("lmcore.stage") == "pretrain"]
-    resumed = sorted(int(r.data.params["resumed_from_step"]) for r in runs)
-    assert resumed[0] == 0 and resumed[1] == stopped and resumed[2] >= killed[0], resumed
+    # one training, one MLflow run: stopped, resumed, killed and resumed again, it is continued each
+    # time (now under the last flow run's parent) and holds one loss curve over every logged step
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", [(r.info.run_id, r.info.status) for r in runs]
+    run = runs[0]
+    assert run.data.params["resumed_from_step"] == "0"
+    assert int(run.data.tags["lmcore.resume.resumed_from_step"]) >= killed[0] > stopped
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tiny_project / 'mlflow.db'}")
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")}
+    assert steps == set(range(50, 601, 50)), sorted(steps)
+    first_parent = client.get_run(run.data.tags["lmcore.resumed_from_parent"])
+    assert first_parent.info.status == "FAILED"  # the SIGTERMed flow run's execution
+    assert client.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "FINISHED"

@@ -30,6 +30,12 @@ def dvc(proj, *args, check=True):
     return res
 
 
+def lmcore(proj, *args) -> str:
+    res = subprocess.run([str(BIN / "lmcore"), *args], cwd=proj, env=run_env(), capture_output=True, text=True)
+    assert res.returncode == 0, f"lmcore {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}"
+    return res.stdout
+
+
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 
 
@@ -167,12 +173,54 @@ def test_dvc_repro_end_to_end(tiny_project):
     assert [m.step for m in history] == [3, 6, 9, 12]
     assert all(r.info.status == "FINISHED" for r in children)
 
+    # lineage: the parent spans its stages; what a stage read is what the stage before it wrote
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.info.end_time >= max(r.info.end_time for r in children)
+    by_stage = {r.data.tags["lmcore.stage"]: r for r in children}
+
+    def datasets(run, context):
+        return {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs
+                if {t.key: t.value for t in d.tags}["mlflow.data.context"] == context}
+
+    tokens = datasets(by_stage["encode"], "output")["data/tokens"]
+    assert datasets(by_stage["pretrain"], "input")["data/tokens"] == tokens
+    assert set(datasets(by_stage["evaluate"], "input")) == {"data/tokens", "data/tokenizer", "runs/pretrain/final",
+                                                           "runs/finetune/sst2"}
+    assert by_stage["pretrain"].data.tags["lmcore.params_sha256"] == hashlib.sha256(
+        (proj / "params.yaml").read_bytes()).hexdigest()
+
+    # the summary of that execution: each stage's time, the headline numbers, the outputs
+    key = parent.data.tags["lmcore.pipeline_key"]
+    summary = lmcore(proj, "summary", "--pipeline", key)
+    assert re.search(r"^  pretrain +[0-9.]+ s +finished$", summary, re.M), summary
+    assert re.search(r"^  finetune@sst2 +[0-9.]+ s +finished$", summary, re.M), summary
+    assert "language model, validation bits per byte: " in summary and "(unigram " in summary
+    assert "sst2, accuracy: " in summary and "majority " in summary
+    assert max(len(line) for line in summary.splitlines()) < 160
+
+    # the lineage command follows every link from the raw corpus to the evaluation
+    chain = lmcore(proj, "lineage", "runs/evaluate")
+    assert chain.splitlines()[0] == "lineage of runs/evaluate: 7 run(s)" and chain.endswith("every link found\n")
+    for fact in ("corpus: files ", "kept 12 of 14 documents; dropped: ", "exact_duplicate 1", "vocabulary 400",
+                 "train and ", "steps at lr ", "task sst2: score ", "val bpb "):
+        assert fact in chain, (fact, chain)
+    assert "read  data/tokens " in chain and f"<- encode run {by_stage['encode'].info.run_id[:8]}" in chain
+    assert lmcore(proj, "lineage", key).splitlines()[0] == "lineage of " + key + ": 8 run(s)"
+
     # metrics show works, and a second repro does nothing
     shown = dvc(proj, "metrics", "show")
     assert "lm.val_bpb" in shown.stdout
     again = dvc(proj, "repro")
     assert "up to date" in again.stdout
     assert len(mlflow_runs(proj / "mlflow.db")) == len(runs)
+    # ... and its summary still records the execution: a parent run linked to the runs it reused
+    summary = lmcore(proj, "summary", "--pipeline", "noop-execution")
+    assert "pipeline noop-execution: every stage reused" in summary
+    assert re.search(rf"^  pretrain +reused +from run {by_stage['pretrain'].info.run_id[:8]} ", summary, re.M), summary
+    noop = [r for r in mlflow_runs(proj / "mlflow.db") if r.data.tags.get("lmcore.pipeline_key") == "noop-execution"]
+    assert len(noop) == 1 and noop[0].data.tags["lmcore.cached"] == "true" and noop[0].info.status == "FINISHED"
+    assert noop[0].data.tags["lmcore.produced_by.runs/pretrain/final"] == by_stage["pretrain"].info.run_id
+    runs = mlflow_runs(proj / "mlflow.db")
 
     # shared through a DVC remote: pushed, pulled into a second clone, nothing to reproduce there
     check_push_and_pull(proj)

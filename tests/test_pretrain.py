@@ -65,12 +65,13 @@ TINY = {"model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}, "b
         "checkpoint_interval": 10, "mixed_precision": "no", "threads": 1, "seed": 7}
 
 
-def make_project(root: Path, **pretrain) -> Path:
-    """A project folder with token shards and a params.yaml holding ``TINY`` updated by ``pretrain``."""
+def make_project(root: Path, tracking: dict | None = None, **pretrain) -> Path:
+    """A project folder with token shards and a params.yaml holding ``TINY`` updated by ``pretrain``
+    (tracking off unless ``tracking`` gives the section)."""
     write_tokens(root / "data/tokens")
     settings = {**TINY, **pretrain, "model": {**TINY["model"], **pretrain.get("model", {})}}
     params = {"pretrain": settings, "evaluate": {"stride": 16},
-              "tracking": {"enabled": False}}
+              "tracking": tracking or {"enabled": False}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 
@@ -218,7 +219,8 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 
 def test_killed_run_resumes_bitwise_identically(straight, tmp_path):
-    root = make_project(tmp_path, **RESUMABLE)
+    db = tmp_path / "mlflow.db"
+    root = make_project(tmp_path, tracking={"tracking_uri": f"sqlite:///{db}", "experiment": "resume"}, **RESUMABLE)
     proc = run_cli(root, wait=False)
     _wait_for(proc, root / "runs/pretrain/checkpoints/step-000020")
     proc.send_signal(signal.SIGKILL)
@@ -237,6 +239,15 @@ def test_killed_run_resumes_bitwise_identically(straight, tmp_path):
     # the last 2 checkpoints plus the best by validation loss are kept
     kept = [s for s, _ in list_checkpoints(root / "runs/pretrain/checkpoints")]
     assert kept[-2:] == [30, 40] and len(kept) <= 3
+    # MLflow: the killed run is continued, not doubled: one run, one loss curve over every step
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert run.info.status == "FINISHED" and "continuing MLflow run" in res.stderr
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert set(steps) == set(range(1, 41))  # steps after the checkpoint and before the kill are logged twice
+    assert run.data.params["resumed_from_step"] == "0" and run.data.tags["lmcore.resume.resumed_from_step"] == "20"
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(straight, tmp_path):

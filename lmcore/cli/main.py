@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from lmcore import config
-from lmcore.cli import compare, generate, tracking_server
+from lmcore.cli import compare, generate, lineage, summary, tracking_server
 from lmcore.config import ConfigError
 from lmcore.core.errors import Interrupted, StageError
 from lmcore.core.layout import Layout
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_parser(sub)  # not a stage: a table and a plot of the runs in MLflow
     generate.add_parser(sub)  # not a stage either: text from a model folder
     tracking_server.add_parser(sub)  # a server for a team: MLflow on PostgreSQL
+    summary.add_parser(sub)  # what one pipeline execution did
+    lineage.add_parser(sub)  # the chain behind a run or a folder
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -67,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         return generate.main(args)
     if args.stage == "tracking-server":
         return tracking_server.main(args)
+    if args.stage == "summary":
+        return summary.main(args)
+    if args.stage == "lineage":
+        return lineage.main(args)
     if args.stage == "launch":
         return _launch(args)
     try:

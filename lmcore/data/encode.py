@@ -233,7 +233,8 @@ def encode(cfg: EncodeConfig, clean_dir: Path, tokenizer_dir: Path, out: Path, m
     vocab_size = tok.get_vocab_size()
     dtype = dtype_for(vocab_size)
     sources = {split: split_shards(clean_dir, split) for split in SPLITS}
-    with stage_run("encode", tracking, flatten(cfg, "encode.")) as tr:
+    with stage_run("encode", tracking, flatten(cfg, "encode."), inputs=[clean_dir, tokenizer_dir],
+                   outputs=[out]) as tr:
         t0 = time.perf_counter()
         with atomic_path(out) as tmp:
             tmp.mkdir()

@@ -259,7 +259,9 @@ def prepare(cfg: PrepareConfig, out: Path, metrics: Path, tracking: TrackingConf
     """Fetch the corpus into ``out/corpus/*.jsonl`` shards and the tasks into ``out/tasks/``;
     write counts (and what was skipped, per file, in ``out/read_report.json``) to ``metrics``."""
     out, metrics = Path(out), Path(metrics)
-    with stage_run("prepare", tracking, flatten(cfg, "prepare.")) as tr:
+    with stage_run("prepare", tracking, flatten(cfg, "prepare."),
+                   outputs=[out, out / "corpus", *(out / "tasks" / t for t in cfg.tasks.tasks)],
+                   inputs=[Path(x) for x in cfg.corpus.paths] if cfg.corpus.kind == "files" else []) as tr:
         stats = ReadStats()
         n_docs = n_chars = 0
 

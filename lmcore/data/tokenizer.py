@@ -222,7 +222,8 @@ def train_tokenizer(cfg: TokenizerConfig, clean_dir: Path, out: Path, metrics: P
     clean_dir = Path(clean_dir)
     train_shards = split_shards(clean_dir, "train")
     valid = split_shards(clean_dir, "validation")
-    with stage_run("tokenizer", tracking, flatten(cfg, "tokenizer.")) as tr:
+    with stage_run("tokenizer", tracking, flatten(cfg, "tokenizer."), inputs=[clean_dir],
+                   outputs=[out]) as tr:
         counted = {"docs": 0, "chars": 0}
 
         def stream() -> Iterator[str]:

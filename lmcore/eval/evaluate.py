@@ -140,7 +140,9 @@ def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned:
     params["evaluate.texts"] = json.dumps([t.model_dump() for t in cfg.texts])
     params |= describe_model(model, model_cfg, tok, tok_file)
 
-    with stage_run("evaluate", tracking, params) as tr:
+    read = [tokens_dir, tokenizer_dir, pretrained, *(Path(finetuned) / t for t in tasks)]
+    with stage_run("evaluate", tracking, params, inputs=read,
+                   outputs=[out]) as tr:
         # the validation split first: lm.val_bpb is the first key of the metrics file
         logp = unigram_logp(train, manifest["vocab_size"])
         scored = score_split(model, tok, val, info, eot, stride, cfg.batch_size, cfg.max_tokens, logp,

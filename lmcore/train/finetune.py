@@ -297,7 +297,8 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
     params = {"task": spec.name, **flatten(hp, "finetune."), "finetune.mixed_precision": cfg.mixed_precision,
               "num_processes": accelerator.num_processes}
     with stage_run("finetune", tracking, params, active=accelerator.is_main_process, run_name=f"finetune {spec.name}",
-                   tags={"lmcore.task": spec.name}) as tr:
+                   tags={"lmcore.task": spec.name},
+                   inputs=[task_dir, tokenizer_dir, pretrained], outputs=[out]) as tr:
         model, best, max_len = _train(hp, spec, splits, tok, Path(pretrained), accelerator, tr)
         result: dict[str, Any] = {**best["metrics"], "score": best["score"], "best_epoch": best["epoch"],
                                   **best["speed"]}

@@ -170,7 +170,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
         f"peak {peak.flops / 1e9:.0f} GFLOP/s ({peak.source}, {peak.dtype}); allocator {params['allocator']}")
 
     def trainer_state() -> dict[str, Any]:
-        return {**state.to_dict(), "sampler": sampler.state_dict(), "config_hash": chash,
+        return {**state.to_dict(), "sampler": sampler.state_dict(), "config_hash": chash, "mlflow_run_id": tr.run_id,
                 "layout": dataclasses.asdict(step_layout), "schedulers": [sched.state_dict() for sched in scheds]}
 
     def validate_now() -> float:
@@ -181,7 +181,9 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
         return row["val_loss"]
 
     loss_val, val_loss = float("nan"), float("nan")
-    with stage_run("pretrain", tracking, params, active=accelerator.is_main_process) as tr, stop_signals() as stop:
+    with stage_run("pretrain", tracking, params, active=accelerator.is_main_process,
+                   inputs=[tokens_dir], outputs=[Path(out) / "final"],
+                   resume=saved.get("mlflow_run_id") if saved else None) as tr, stop_signals() as stop:
         model.train()
         speed = Throughput()
         bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,

@@ -402,7 +402,8 @@ def clean(cfg: CleanConfig, raw: Path, out: Path, metrics: Path, tracking: Track
     shards = raw_shards(raw)
     work = work_dir(out)
     shutil.rmtree(work, ignore_errors=True)
-    with stage_run("clean", tracking, flatten(cfg, "clean.")) as tr:
+    with stage_run("clean", tracking, flatten(cfg, "clean."), inputs=[raw_shards(raw)[0].parent],
+                   outputs=[out]) as tr:
         t0 = time.perf_counter()
         workers = min(cfg.workers, len(shards))
         if map_shards is not None:

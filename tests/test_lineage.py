@@ -1,0 +1,148 @@
+"""Lineage in MLflow (real MLflow on sqlite, real processes): the parent run spans its
+stages, a killed stage is closed as KILLED by the next one, and what a stage reads and writes is
+recorded as datasets with digests that link a run to the run that produced its input."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import run_env
+
+from lmcore.tracking import PIPELINE_ENV
+
+STAGE = """
+import os, signal, sys, time
+from pathlib import Path
+from lmcore import config
+from lmcore.tracking import stage_run
+cfg = config.load(sys.argv[1]).tracking
+name, inp, out, how = sys.argv[2:6]
+with stage_run(name, cfg, {"which": name}, inputs=[Path(inp)] if inp != "-" else [],
+               outputs=[Path(out)]) as tr:
+    tr.metrics({"m": 1.0})
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "part.txt").write_text(name)
+    time.sleep(0.3)
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "fail":
+        raise SystemExit("failed on purpose")
+"""
+
+
+def stage(proj: Path, key: str, name: str, inp: str, out: str, how: str = "ok") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", STAGE, "params.yaml", name, inp, out, how], cwd=proj,
+                          env={**run_env(), PIPELINE_ENV: key}, capture_output=True, text=True, timeout=120)
+
+
+def project(tmp_path: Path) -> tuple[Path, object]:
+    import mlflow
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "params.yaml").write_text(f"tracking:\n  tracking_uri: sqlite:///{proj / 'mlflow.db'}\n"
+                                      "  experiment: lineage\n")
+    return proj, mlflow.MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlflow.db'}")
+
+
+def runs_of(client, key: str) -> dict[str, object]:
+    exp = client.get_experiment_by_name("lineage")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`lmcore.pipeline_key` = '{key}'")
+    return {r.data.tags.get("lmcore.stage", "pipeline"): r for r in runs}
+
+
+def test_parent_spans_its_stages_and_records_the_params_file(tmp_path):
+    proj, client = project(tmp_path)
+    assert stage(proj, "p1", "a", "-", "out/a").returncode == 0
+    assert stage(proj, "p1", "b", "out/a", "out/b").returncode == 0
+    runs = runs_of(client, "p1")
+    parent, a, b = runs["pipeline"], runs["a"], runs["b"]
+    assert parent.info.status == "FINISHED"
+    assert parent.info.start_time <= a.info.start_time
+    assert parent.info.end_time >= b.info.end_time > a.info.end_time  # not milliseconds after its start
+    digest = __import__("hashlib").sha256((proj / "params.yaml").read_bytes()).hexdigest()
+    assert parent.data.tags["lmcore.params_sha256"] == digest == b.data.tags["lmcore.params_sha256"]
+    assert b.data.tags["lmcore.host"] and b.data.tags["lmcore.pid"]
+
+    # a failing stage of another execution leaves that execution FAILED, and this one as it was
+    assert stage(proj, "p2", "a", "-", "out/a2", how="fail").returncode != 0
+    assert runs_of(client, "p2")["pipeline"].info.status == "FAILED"
+    assert runs_of(client, "p1")["pipeline"].info.status == "FINISHED"
+
+
+def test_a_killed_stage_is_closed_as_killed_by_the_next_stage(tmp_path):
+    proj, client = project(tmp_path)
+    killed = stage(proj, "k1", "a", "-", "out/a", how="kill")
+    assert killed.returncode == -signal.SIGKILL
+    assert runs_of(client, "k1")["a"].info.status == "RUNNING"  # what MLflow holds after a SIGKILL
+    nxt = stage(proj, "k2", "a", "-", "out/a")
+    assert nxt.returncode == 0, nxt.stderr[-2000:]
+    assert "closed 1 MLflow run(s) left RUNNING" in nxt.stderr
+    old = runs_of(client, "k1")
+    assert old["a"].info.status == "KILLED" and old["pipeline"].info.status == "KILLED"
+    assert old["a"].info.end_time is not None
+    assert runs_of(client, "k2")["a"].info.status == "FINISHED"
+
+
+def test_inputs_and_outputs_are_datasets_whose_digests_link_producer_and_consumer(tmp_path):
+    from lmcore.tracking import data_digest, producer_of
+
+    proj, client = project(tmp_path)
+    assert stage(proj, "d1", "a", "-", "out/a").returncode == 0
+    assert stage(proj, "d1", "b", "out/a", "out/b").returncode == 0
+    runs = runs_of(client, "d1")
+    a, b = runs["a"], runs["b"]
+
+    def datasets(run, context):
+        return {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs
+                if {t.key: t.value for t in d.tags}.get("mlflow.data.context") == context}
+
+    out_a, in_b = datasets(a, "output")["out/a"], datasets(b, "input")["out/a"]
+    assert out_a.digest == in_b.digest == data_digest(proj / "out/a")["sha256"][:32]
+    profile = json.loads(in_b.profile)
+    assert profile["files"] == 1 and profile["bytes"] == 1
+    assert json.loads(in_b.source)["uri"] == (proj / "out/a").as_posix()
+    exp = client.get_experiment_by_name("lineage").experiment_id
+    assert producer_of(client, exp, "out/a", in_b.digest).info.run_id == a.info.run_id
+    assert producer_of(client, exp, "out/a", "0" * 32) is None
+    assert "lmcore.git_commit" not in a.data.tags  # the folder is no git repository
+
+    # the same bytes written again by a later run: the latest producer is the link
+    assert stage(proj, "d2", "a", "-", "out/a").returncode == 0
+    again = runs_of(client, "d2")["a"]
+    assert producer_of(client, exp, "out/a", in_b.digest).info.run_id == again.info.run_id
+
+
+def test_lineage_command_follows_the_links_and_names_a_missing_one(tmp_path):
+    proj, _ = project(tmp_path)
+    assert stage(proj, "l1", "a", "-", "out/a").returncode == 0
+    assert stage(proj, "l1", "b", "out/a", "out/b").returncode == 0
+    (proj / "untracked").mkdir()
+    (proj / "untracked/made-by-hand.txt").write_text("x")
+    assert stage(proj, "l1", "c", "untracked", "out/c").returncode == 0
+
+    def lineage(what: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "lmcore.cli", "lineage", what], cwd=proj, env=run_env(),
+                              capture_output=True, text=True, timeout=120)
+
+    ok = lineage("out/b")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines()[0] == "lineage of out/b: 2 run(s)"
+    assert "read  out/a " in ok.stdout and "<- a run " in ok.stdout and ok.stdout.endswith("every link found\n")
+    bad = lineage("out/c")
+    assert bad.returncode == 1 and "read  untracked " in bad.stdout and "MISSING LINK" in bad.stdout
+    assert "1 missing link(s)" in bad.stdout
+    # from the start of the chain downstream: a's output was read by b
+    down = lineage("out/a")
+    assert "lineage of out/a: 2 run(s)" in down.stdout
+    # a folder no run wrote, and a name that is nothing: one line each, no traceback
+    (proj / "out/a/part.txt").write_text("changed")
+    changed = lineage("out/a")
+    assert changed.returncode == 2 and "no MLflow run in this experiment wrote it as it is now" in changed.stderr
+    nothing = lineage("no-such-thing")
+    assert nothing.returncode == 2 and "no such file or folder, MLflow run id or pipeline key" in nothing.stderr
+    assert "Traceback" not in changed.stderr + nothing.stderr
