@@ -1010,6 +1010,9 @@ class TrackingConfig(Section):
     request_retries: int = Field(default=4, ge=0, le=10)
     """Retries of a failed request to a tracking server (waits of 1, 2, 4, 8... s). When they
     are spent in the middle of a stage, the stage goes on untracked and says so once."""
+    system_metrics_interval: int = Field(default=10, ge=0)
+    """Seconds between samples of CPU, memory, disk, network (and GPU where there is one) that
+    MLflow's system-metrics monitor logs to the training stages' runs (``system/...``); 0: off."""
     server: TrackingServerConfig = TrackingServerConfig()
     """What ``lmcore tracking-server`` starts (not read by the stages)."""
     _params_file: Path | None = PrivateAttr(default=None)

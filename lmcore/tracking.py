@@ -394,6 +394,16 @@ def _continued(client: Any, experiment_id: str, run_id: str, tags: dict[str, str
     return client.get_run(run_id)
 
 
+def _system_monitor(run_id: str, uri: str, interval: int, resumed: bool) -> Any:
+    """MLflow's system-metrics monitor on a thread, logging to ``run_id`` every ``interval``
+    seconds (a continued run goes on from its last system-metrics step)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # lazy: with mlflow
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=resumed, tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
 def params_file_tags(cfg: TrackingConfig) -> dict[str, str]:
     """``lmcore.params_file`` and ``lmcore.params_sha256`` of the settings file ``cfg`` was read
     from (:func:`lmcore.config.load`); empty for settings built in code."""
@@ -408,6 +418,7 @@ def stage_run(
     stage: str, cfg: TrackingConfig, params: dict[str, Any] | None = None, active: bool = True,
     run_name: str | None = None, tags: dict[str, str] | None = None,
     inputs: Sequence[str | Path] = (), outputs: Sequence[str | Path] = (), resume: str | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[Tracker]:
     """Open the MLflow run of one stage (a child of the pipeline's parent run) and yield a
     :class:`Tracker`. ``inputs`` (files or folders the stage reads) are logged as dataset inputs
@@ -419,7 +430,11 @@ def stage_run(
     resumed from its checkpoint): that run is continued (RUNNING again, moved under this
     execution's parent; params it holds are kept, new ones added, changed ones recorded as
     ``lmcore.resume.<key>`` tags), so one training is one run and one loss curve. A run that the
-    store does not hold is not continued: a new run is opened, tagged ``lmcore.resumes_run``."""
+    store does not hold is not continued: a new run is opened, tagged ``lmcore.resumes_run``.
+
+    ``system_metrics``: MLflow's system-metrics monitor samples the machine every
+    ``cfg.system_metrics_interval`` seconds into this run while the block runs (the training
+    stages)."""
     if not (cfg.enabled and active):
         yield Tracker(False)
         return
@@ -455,6 +470,8 @@ def stage_run(
                          "(lmcore tracking-server), correct the URI, or set tracking.enabled: false") from e
     tracker = Tracker(True, client, uri)
     tracker.run_id = run.info.run_id
+    monitor = _system_monitor(tracker.run_id, uri, cfg.system_metrics_interval, resumed=bool(run.data.params)) \
+        if system_metrics and cfg.system_metrics_interval > 0 else None
     status = "FAILED"
     try:
         if params:
@@ -470,6 +487,8 @@ def stage_run(
         tracker.datasets(outputs, "output")
         status = "FINISHED"
     finally:
+        if monitor is not None:
+            monitor.finish()
         tracker._call(client.set_terminated, tracker.run_id, status)
         if parent:  # the execution's status and end time follow its stages
             tracker._call(client.set_terminated, parent, status)

@@ -146,3 +146,33 @@ def test_lineage_command_follows_the_links_and_names_a_missing_one(tmp_path):
     nothing = lineage("no-such-thing")
     assert nothing.returncode == 2 and "no such file or folder, MLflow run id or pipeline key" in nothing.stderr
     assert "Traceback" not in changed.stderr + nothing.stderr
+
+
+def test_training_stages_get_mlflow_system_metrics_and_a_continued_run_goes_on_from_its_last_step(tmp_path):
+    import time
+
+    import mlflow
+
+    from lmcore.config import TrackingConfig
+    from lmcore.tracking import stage_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = TrackingConfig(tracking_uri=uri, experiment="system", system_metrics_interval=1)
+
+    def busy(seconds: float) -> None:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            sum(range(10_000))
+
+    with stage_run("pretrain", cfg, {"a": 1}, system_metrics=True) as tr:
+        busy(2.5)
+    with stage_run("pretrain", cfg, {"a": 1}, resume=tr.run_id, system_metrics=True) as again:
+        busy(2.5)
+    with stage_run("encode", cfg, {"a": 1}) as other:  # not a training stage: no monitor
+        busy(1.5)
+    client = mlflow.MlflowClient(uri)
+    assert again.run_id == tr.run_id
+    steps = [m.step for m in client.get_metric_history(tr.run_id, "system/cpu_utilization_percentage")]
+    assert len(steps) >= 3 and steps == sorted(set(steps)), steps  # the continued run went on, no step twice
+    assert "system/system_memory_usage_megabytes" in client.get_run(tr.run_id).data.metrics
+    assert not any(k.startswith("system/") for k in client.get_run(other.run_id).data.metrics)

@@ -298,7 +298,7 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
               "num_processes": accelerator.num_processes}
     with stage_run("finetune", tracking, params, active=accelerator.is_main_process, run_name=f"finetune {spec.name}",
                    tags={"lmcore.task": spec.name},
-                   inputs=[task_dir, tokenizer_dir, pretrained], outputs=[out]) as tr:
+                   inputs=[task_dir, tokenizer_dir, pretrained], outputs=[out], system_metrics=True) as tr:
         model, best, max_len = _train(hp, spec, splits, tok, Path(pretrained), accelerator, tr)
         result: dict[str, Any] = {**best["metrics"], "score": best["score"], "best_epoch": best["epoch"],
                                   **best["speed"]}

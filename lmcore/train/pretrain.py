@@ -183,7 +183,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
     loss_val, val_loss = float("nan"), float("nan")
     with stage_run("pretrain", tracking, params, active=accelerator.is_main_process,
                    inputs=[tokens_dir], outputs=[Path(out) / "final"],
-                   resume=saved.get("mlflow_run_id") if saved else None) as tr, stop_signals() as stop:
+                   resume=saved.get("mlflow_run_id") if saved else None, system_metrics=True) as tr, stop_signals() as stop:
         model.train()
         speed = Throughput()
         bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
