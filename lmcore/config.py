@@ -997,6 +997,21 @@ class TrackingServerConfig(Section):
     (MLflow's ``--allowed-hosts``, a guard against DNS rebinding), e.g. ``[mlflow.example.org]``."""
 
 
+class RegistryConfig(Section):
+    enabled: bool = True
+    """Log each final model (the pretrained one, each fine-tuned one) as an MLflow logged model and
+    register it as a new version (alias ``candidate``) of a named model in MLflow's registry;
+    false: the folder is a plain artifact of its run."""
+    prefix: str = Field(default="lmcore", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Registered names: ``<prefix>-base`` for the pretrained model, ``<prefix>-<task>`` for each
+    fine-tuned one."""
+    base_metric: Literal["val_bpb", "val_loss", "val_perplexity", "best_val_loss"] = "val_bpb"
+    """The pretraining metric ``lmcore promote`` compares (lower is better)."""
+    task_metric: str = "score"
+    """The fine-tuning metric ``lmcore promote`` compares (higher is better): ``score`` (the task's
+    main metric) or one the task reports, e.g. ``accuracy``, ``f1``, ``mcc``, ``pearson``."""
+
+
 class TrackingConfig(Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     """MLflow tracking URI; relative sqlite paths are relative to the working directory. An
@@ -1013,6 +1028,8 @@ class TrackingConfig(Section):
     system_metrics_interval: int = Field(default=10, ge=0)
     """Seconds between samples of CPU, memory, disk, network (and GPU where there is one) that
     MLflow's system-metrics monitor logs to the training stages' runs (``system/...``); 0: off."""
+    registry: RegistryConfig = RegistryConfig()
+    """The MLflow model registry (``lmcore promote`` moves the ``champion`` alias)."""
     server: TrackingServerConfig = TrackingServerConfig()
     """What ``lmcore tracking-server`` starts (not read by the stages)."""
     _params_file: Path | None = PrivateAttr(default=None)

@@ -198,7 +198,7 @@ def export(cfg: ExportConfig, model_dir: Path, tokenizer_dir: Path, out: Path, m
         result = ExportResult(out, n_params, size, cfg.dtype, g.tie_embeddings)
         write_json(metrics, {"n_params": n_params, "size_bytes": size, "folder_bytes": folder, "dtype": cfg.dtype})
         tr.metrics({"n_params": n_params, "size_bytes": size, "folder_bytes": folder})
-        tr.artifact(out, "export")
+        tr.export_model(out, model_dir)
         log.info("export: %s parameters (%s, %.1f MB) as a Llama folder in %s", f"{n_params:,}", cfg.dtype,
                  size / 1e6, out)
         return result

@@ -169,6 +169,9 @@ class Tracker:
         self.client = client
         self.uri = uri
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.registry = False
+        """Final models go to the model registry (``tracking.registry.enabled``)."""
         self.lost: str | None = None
         """Why tracking stopped in the middle of the stage (None while it works)."""
 
@@ -218,6 +221,80 @@ class Tracker:
         if not self.active:
             return
         self._call(self.client.log_dict, self.run_id, obj, name)
+
+    def model(self, folder: Path, name: str, metrics: dict[str, float], metric: str, goal: str,
+              step: int = 0) -> None:
+        """Log ``folder`` (a final model) as an MLflow logged model of this run with ``metrics``
+        logged at ``step`` and linked to it (they are also the run's metrics: the caller does not
+        log them again), and register it as a new version of ``name`` with the alias
+        ``candidate``; the registered model remembers which ``metric`` ``lmcore promote`` compares
+        and its ``goal`` (minimize or maximize). Without a registry: the metrics and the folder
+        as a plain run artifact ``model``."""
+        if not self.active:
+            return
+        if not self.registry:
+            self.metrics(metrics, step=step)
+            self.artifact(folder, "model")
+            return
+        self._call(self._register, folder, name, metrics, metric, goal, step)
+
+    def _register(self, folder: Path, name: str, metrics: dict[str, float], metric: str, goal: str,
+                  step: int) -> None:
+        from mlflow.entities import Metric  # lazy: mlflow loads only when a stage tracks
+        from mlflow.exceptions import MlflowException  # lazy: as above
+
+        c = self.client
+        lm = c.create_logged_model(self.experiment_id, name=Path(folder).name, source_run_id=self.run_id,
+                                   model_type="lmcore", tags={"lmcore.registered_name": name})
+        c.log_model_artifacts(lm.model_id, str(folder))
+        c.finalize_logged_model(lm.model_id, "READY")
+        now = int(time.time() * 1000)
+        c.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step, model_id=lm.model_id)
+                                          for k, v in metrics.items() if v is not None], synchronous=True)
+        try:
+            c.create_registered_model(name, tags={"lmcore.metric": metric, "lmcore.goal": goal})
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        mv = c.create_model_version(name, source=lm.artifact_location, run_id=self.run_id, model_id=lm.model_id,
+                                    # the sql registry keeps no model_id of its own: a tag holds it
+                                    tags={metric: str(metrics.get(metric)), "lmcore.model_id": lm.model_id})
+        c.set_registered_model_alias(name, "candidate", mv.version)
+        c.set_tag(self.run_id, "lmcore.model_version", f"models:/{name}/{mv.version}")
+        print(f"lmcore: registered {name} version {mv.version} (alias candidate; {metric} {metrics.get(metric)}); "
+              f"lmcore promote {name} compares it with the champion", file=sys.stderr, flush=True)
+
+    def export_model(self, folder: Path, source: Path) -> None:
+        """Log ``folder`` (a Hugging Face export of the model in ``source``) as an MLflow logged
+        model of this run and attach it to the registered version of ``source`` (found through
+        the run that wrote those bytes): tag ``lmcore.hf_model_id`` on the version, so
+        ``models:/<name>@<alias>`` downloads as a folder ``transformers`` loads. Without a
+        registry, or when ``source`` was registered by no run: a plain run artifact ``export``."""
+        if not self.active:
+            return
+        if not self.registry:
+            self.artifact(folder, "export")
+            return
+        self._call(self._attach_export, Path(folder), Path(source))
+
+    def _attach_export(self, folder: Path, source: Path) -> None:
+        c = self.client
+        run = producer_of(c, self.experiment_id, dataset_name(source), data_digest(source)["sha256"][:32])
+        version = run.data.tags.get("lmcore.model_version") if run else None
+        if not version:
+            print(f"lmcore: {dataset_name(source)} was registered by no tracked run: its export is a plain artifact "
+                  f"of this run, not attached to a registered model", file=sys.stderr, flush=True)
+            self.artifact(folder, "export")
+            return
+        name, number = version.removeprefix("models:/").rsplit("/", 1)
+        lm = c.create_logged_model(self.experiment_id, name=f"{folder.name}-hf", source_run_id=self.run_id,
+                                   model_type="transformers-llama", tags={"lmcore.export_of": version})
+        c.log_model_artifacts(lm.model_id, str(folder))
+        c.finalize_logged_model(lm.model_id, "READY")
+        c.set_model_version_tag(name, number, "lmcore.hf_model_id", lm.model_id)
+        c.set_tag(self.run_id, "lmcore.model_version", version)
+        print(f"lmcore: the Hugging Face export of {name} version {number} is attached to it "
+              f"(lmcore download {version} DIR --hf)", file=sys.stderr, flush=True)
 
     def datasets(self, paths: Sequence[str | Path], context: str) -> None:
         """Log files or folders as MLflow datasets of this run (``context``: ``input`` or
@@ -451,7 +528,7 @@ def stage_run(
     parent = None
     try:
         with _store_lock(uri):
-            client = mlflow.MlflowClient(tracking_uri=uri)  # a new sqlite store is created (migrated) here
+            client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # a new sqlite store is migrated here
             experiment_id = _experiment_id(client, cfg.experiment)
             if key:
                 parent = _parent_run_id(client, key, experiment_id, provenance)
@@ -470,6 +547,8 @@ def stage_run(
                          "(lmcore tracking-server), correct the URI, or set tracking.enabled: false") from e
     tracker = Tracker(True, client, uri)
     tracker.run_id = run.info.run_id
+    tracker.experiment_id = experiment_id
+    tracker.registry = cfg.registry.enabled
     monitor = _system_monitor(tracker.run_id, uri, cfg.system_metrics_interval, resumed=bool(run.data.params)) \
         if system_metrics and cfg.system_metrics_interval > 0 else None
     status = "FAILED"
@@ -517,7 +596,7 @@ def open_client(cfg: TrackingConfig) -> tuple[Any, str, str]:
         _http_settings(cfg)
     try:
         with _store_lock(uri):
-            client = mlflow.MlflowClient(tracking_uri=uri)
+            client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
             return client, _experiment_id(client, cfg.experiment), uri
     except _errors() as e:
         raise StageError(f"the tracking store {uri} (tracking.tracking_uri) did not answer: {_short(e)}") from e
@@ -557,3 +636,67 @@ def link_execution(cfg: TrackingConfig, key: str, outputs: Sequence[Path]) -> Ex
     except _errors() as e:
         raise StageError(f"the tracking store {uri} (tracking.tracking_uri) did not answer: {_short(e)}") from e
     return Execution(parent_id, created, producers, uri)
+
+
+def promote(cfg: TrackingConfig, name: str, version: str | None = None) -> tuple[bool, str]:
+    """Move the alias ``champion`` of registered model ``name`` to ``version`` (default: the
+    ``candidate``) when it beats the current champion on the metric the model was registered
+    with (``lmcore.metric``, ``lmcore.goal``), or when there is none; return whether it moved and
+    why, in one sentence."""
+    from mlflow.exceptions import MlflowException  # lazy: mlflow loads only when a command reads runs
+
+    client, _, uri = open_client(cfg)
+    try:
+        model = client.get_registered_model(name)
+        mv = (client.get_model_version(name, version) if version
+              else client.get_model_version_by_alias(name, "candidate"))
+        champion = client.get_model_version_by_alias(name, "champion") if "champion" in model.aliases else None
+    except MlflowException as e:
+        raise StageError(f"{name}{' version ' + version if version else '@candidate'}: not in the model registry at "
+                         f"{uri} ({_short(e)})") from None
+    metric, goal = model.tags.get("lmcore.metric", "val_bpb"), model.tags.get("lmcore.goal", "minimize")
+
+    def value(v: Any) -> float:
+        model_id = v.model_id or v.tags.get("lmcore.model_id")
+        linked = {m.key: m.value for m in (client.get_logged_model(model_id).metrics or [])} if model_id else {}
+        got = linked.get(metric, client.get_run(v.run_id).data.metrics.get(metric))
+        if got is None:
+            raise StageError(f"{name} version {v.version}: its run {v.run_id} has no metric {metric}")
+        return float(got)
+
+    new = value(mv)
+    if champion is None:
+        client.set_registered_model_alias(name, "champion", mv.version)
+        return True, f"{name} version {mv.version} is now champion ({metric} {new:.4f}; there was none)"
+    if champion.version == mv.version:
+        return False, f"{name} version {mv.version} is already champion ({metric} {new:.4f})"
+    old = value(champion)
+    better = new < old if goal == "minimize" else new > old
+    way = "lower" if goal == "minimize" else "higher"
+    cmp = f"{metric} {new:.4f} against {old:.4f} of version {champion.version} ({way} is better)"
+    if not better:
+        return False, f"{name} version {mv.version} stays candidate: {cmp}"
+    client.set_registered_model_alias(name, "champion", mv.version)
+    return True, f"{name} version {mv.version} is now champion: {cmp}"
+
+
+def download_model(cfg: TrackingConfig, uri: str, dst: Path, hf: bool = False) -> Path:
+    """The folder of a registered model, ``models:/<name>@<alias>`` or ``models:/<name>/<version>``,
+    downloaded into ``dst``: lmcore's model folder, or with ``hf`` the Hugging Face export the
+    export stage attached to that version (``transformers`` loads it; it holds the tokenizer)."""
+    mlflow = _mlflow()
+    client, _, store = open_client(cfg)
+    try:
+        if hf:
+            name, _, ref = uri.removeprefix("models:/").partition("@")
+            mv = (client.get_model_version_by_alias(name, ref) if ref
+                  else client.get_model_version(*name.rsplit("/", 1)))
+            model_id = mv.tags.get("lmcore.hf_model_id")
+            if not model_id:
+                raise StageError(f"{uri} (version {mv.version}) has no Hugging Face export: run the export stage on "
+                                 f"that model (lmcore export) with tracking on")
+            uri = f"models:/{model_id}"
+        dst.mkdir(parents=True, exist_ok=True)
+        return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst), tracking_uri=store, registry_uri=store))
+    except _errors() as e:
+        raise StageError(f"{uri}: not found in the model registry at {store} ({_short(e)})") from None

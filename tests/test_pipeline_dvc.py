@@ -125,7 +125,7 @@ def check_push_and_pull(proj: Path) -> None:
     assert shown[0] == shown[1] and shown[0][""]["data"]["metrics/evaluate.json"]["data"]["lm.val_bpb"] > 0
 
 
-def test_dvc_repro_end_to_end(tiny_project):
+def test_dvc_repro_end_to_end(tiny_project, tmp_path):
     proj = tiny_project
     # an unlabelled test split: predicted in the leaderboard format and zipped by evaluate
     (proj.parent / "glue/SST-2/test.tsv").write_text("index\tsentence\n0\tthe good king .\n1\tan ill wind .\n")
@@ -207,6 +207,35 @@ def test_dvc_repro_end_to_end(tiny_project):
     assert "read  data/tokens " in chain and f"<- encode run {by_stage['encode'].info.run_id[:8]}" in chain
     assert lmcore(proj, "lineage", key).splitlines()[0] == "lineage of " + key + ": 8 run(s)"
 
+    # the model registry: each final model is a version with the alias candidate; promote makes the
+    # first one champion, and models:/<name>@champion loads into lmcore generate
+    client = mlflow.MlflowClient(f"sqlite:///{proj / 'mlflow.db'}", registry_uri=f"sqlite:///{proj / 'mlflow.db'}")
+    base = client.get_model_version_by_alias("lmcore-base", "candidate")
+    assert str(base.version) == "1" and base.run_id == by_stage["pretrain"].info.run_id
+    assert client.get_model_version_by_alias("lmcore-sst2", "candidate").run_id == by_stage["finetune"].info.run_id
+    logged = client.get_logged_model(base.tags["lmcore.model_id"])
+    assert {m.key for m in logged.metrics} >= {"val_bpb", "val_loss"}
+    promoted = lmcore(proj, "promote", "lmcore-base")
+    assert "lmcore-base version 1 is now champion (val_bpb " in promoted and "there was none" in promoted
+    text = lmcore(proj, "generate", "--model", "models:/lmcore-base@champion", "--prompt", "the king",
+                  "--max-new-tokens", "4", "--no-stream")
+    assert text.startswith("the king")
+    # ... and into transformers: the export stage attached its Hugging Face folder to that version
+    hf_dir, v1 = tmp_path / "champion-hf", tmp_path / "v1"  # outside the repository
+    got = lmcore(proj, "download", "models:/lmcore-base@champion", str(hf_dir), "--hf")
+    assert f"-> {hf_dir} (Hugging Face folder" in got
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir)
+    ids = AutoTokenizer.from_pretrained(hf_dir)("the king", return_tensors="pt").input_ids
+    assert hf.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    assert (hf_dir / "tokenizer.json").read_bytes() == (proj / "runs/export/tokenizer.json").read_bytes()
+    lmcore(proj, "download", "models:/lmcore-base/1", str(v1))
+    assert (v1 / "model.safetensors").read_bytes() == (proj / "runs/pretrain/final/model.safetensors").read_bytes()
+    twice = subprocess.run([str(BIN / "lmcore"), "download", "models:/lmcore-base/1", str(v1)], cwd=proj, env=run_env(),
+                           capture_output=True, text=True)
+    assert twice.returncode == 2 and f"{v1}: already exists" in twice.stderr
+
     # metrics show works, and a second repro does nothing
     shown = dvc(proj, "metrics", "show")
     assert "lm.val_bpb" in shown.stdout
@@ -277,3 +306,18 @@ def test_dvc_repro_end_to_end(tiny_project):
     pre2 = [r for r in mlflow_runs(proj / "mlflow.db") if r.data.tags.get("lmcore.stage") == "pretrain"]
     assert sorted(r.data.params["num_processes"] for r in pre2) == ["1", "2"]
     assert (proj / "runs/pretrain/checkpoints/step-000012/random_states_1.pkl").exists()
+    # that run registered version 2 of the base model: promote moves champion only if its val_bpb is lower
+    v2 = client.get_model_version_by_alias("lmcore-base", "candidate")
+    assert str(v2.version) == "2" and v2.run_id != base.run_id
+    bpb = [{m.key: m.value for m in client.get_logged_model(v.tags["lmcore.model_id"]).metrics}["val_bpb"] for v in (base, v2)]
+    second = subprocess.run([str(BIN / "lmcore"), "promote", "lmcore-base"], cwd=proj, env=run_env(),
+                            capture_output=True, text=True)
+    verdict = "is now champion: " if bpb[1] < bpb[0] else "stays candidate: "
+    assert second.returncode == (0 if bpb[1] < bpb[0] else 1), second
+    assert f"lmcore-base version 2 {verdict}val_bpb {bpb[1]:.4f} against {bpb[0]:.4f} of version 1" in second.stdout
+    assert "(lower is better)" in second.stdout
+    champion = client.get_model_version_by_alias("lmcore-base", "champion")
+    assert str(champion.version) == ("2" if bpb[1] < bpb[0] else "1")
+    missing = subprocess.run([str(BIN / "lmcore"), "promote", "no-such-model"], cwd=proj, env=run_env(),
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "not in the model registry" in missing.stderr and "Traceback" not in missing.stderr

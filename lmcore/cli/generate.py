@@ -6,9 +6,12 @@ Argument parsing, prompt files and printing; the generation itself is :mod:`lmco
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
+import shutil
 import sys
+import tempfile
 import time
 import typing
 from pathlib import Path
@@ -32,7 +35,8 @@ def add_parser(sub: Any) -> None:
                                    "--file, else from standard input: one prompt per line (a .jsonl file: a JSON "
                                    "string or an object with a 'prompt' field per line, for prompts with newlines). "
                                    "Sampling defaults come from the evaluate section of the params file.")
-    p.add_argument("--model", help="model folder: runs/pretrain/final (default, under --root) or an exported "
+    p.add_argument("--model", help="model folder: runs/pretrain/final (default, under --root), a registered "
+                                   "model (models:/lmcore-base@champion) or an exported "
                                    "Hugging Face Llama folder such as runs/export")
     p.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json (default: the model folder when it holds "
                                        "tokenizer.json, else data/tokenizer under --root)")
@@ -116,6 +120,16 @@ def settings(args: argparse.Namespace, defaults: Sampling) -> Any:
                                    if err["loc"] else err["msg"] for err in e.errors())) from None
 
 
+def registered(uri: str, params: str) -> Path:
+    """A registered model (``models:/<name>@<alias>``, ``models:/<name>/<version>``) downloaded
+    from the registry of ``params``' tracking store into a temporary folder."""
+    from lmcore.tracking import download_model  # lazy: MLflow loads only for a registered model
+
+    tmp = tempfile.mkdtemp(prefix="lmcore-model-")
+    atexit.register(shutil.rmtree, tmp, True)
+    return download_model(config.load(params).tracking, uri, Path(tmp))
+
+
 def main(args: argparse.Namespace, stdin=None, stdout=None) -> int:
     """Run ``lmcore generate`` from parsed arguments (also reads ``args.params`` and ``args.root``)."""
     # lazy: the CLI loads a command's code (torch) only when that command runs
@@ -129,7 +143,8 @@ def main(args: argparse.Namespace, stdin=None, stdout=None) -> int:
     try:
         defaults = config.load(args.params).evaluate if Path(args.params).exists() else EvaluateConfig()
         cfg = settings(args, defaults)
-        model_dir = Path(args.model) if args.model else layout.pretrained
+        model_dir = registered(args.model, args.params) if (args.model or "").startswith("models:/") else (
+            Path(args.model) if args.model else layout.pretrained)
         if not (model_dir / "config.json").is_file():
             raise StageError(f"{model_dir}: no model folder here (config.json missing); give --model, e.g. "
                              "runs/pretrain/final or runs/export")

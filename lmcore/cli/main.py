@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from lmcore import config
-from lmcore.cli import compare, generate, lineage, summary, tracking_server
+from lmcore.cli import compare, download, generate, lineage, promote, summary, tracking_server
 from lmcore.config import ConfigError
 from lmcore.core.errors import Interrupted, StageError
 from lmcore.core.layout import Layout
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     tracking_server.add_parser(sub)  # a server for a team: MLflow on PostgreSQL
     summary.add_parser(sub)  # what one pipeline execution did
     lineage.add_parser(sub)  # the chain behind a run or a folder
+    promote.add_parser(sub)  # the registry's champion
+    download.add_parser(sub)  # a registered model's folder
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -73,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         return summary.main(args)
     if args.stage == "lineage":
         return lineage.main(args)
+    if args.stage == "promote":
+        return promote.main(args)
+    if args.stage == "download":
+        return download.main(args)
     if args.stage == "launch":
         return _launch(args)
     try:

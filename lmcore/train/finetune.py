@@ -331,11 +331,11 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
                     for name, text in tables.items():
                         (tmp / "submission" / name).write_text(text, encoding="utf-8")
             write_json(metrics, result)
-            tr.metrics(result)
             tr.artifact(out / "results.json")
             if tables:
                 tr.artifact(out / "submission", "submission")
-            tr.artifact(out, "model")
+            reg = tracking.registry
+            tr.model(out, f"{reg.prefix}-{spec.name}", result, reg.task_metric, "maximize")
         accelerator.print(f"{spec.name}: score {best['score']:.4f} (epoch {best['epoch']}); majority "
                           f"{result['majority_score']:.4f}, bag of words {result['bow_score']:.4f}")
     return FinetuneResult(spec.name, out, best["score"], result)

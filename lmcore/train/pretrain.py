@@ -242,11 +242,16 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
                  "train_seconds": state.train_seconds, "n_params": n_params, "flops_per_token": fpt,
                  "trained_tokens": trained_tokens, "skipped_steps": state.skipped_steps}
             write_json(metrics, m)
-            tr.metrics({"tokens_per_second_mean": tps_total, "mfu_mean": run_mfu, "train_seconds": state.train_seconds})
             if plots is not None:
                 write_history(Path(plots), state.history)
                 tr.artifact(plots, "plots")
-            tr.artifact(result_dir, "model")
+            reg = tracking.registry
+            # the model's numbers at its last step (val_loss and val_bpb repeat that step's point);
+            # the per-step curves (train_loss, lr, ...) stay the run's alone
+            final = {k: m[k] for k in ("val_loss", "val_bpb", "val_perplexity", "best_val_loss", "best_step",
+                                       "n_params", "trained_tokens", "train_seconds")}
+            final |= {"tokens_per_second_mean": tps_total, "mfu_mean": run_mfu}
+            tr.model(result_dir, f"{reg.prefix}-base", final, reg.base_metric, "minimize", step=cfg.max_steps)
         accelerator.wait_for_everyone()
         return PretrainResult(result_dir, ckpt_dir / f"step-{cfg.max_steps:06d}", cfg.max_steps, start_step, loss_val,
                               val_loss, val_bpb, tps_total, run_mfu, state.skipped_steps)
