@@ -19,6 +19,7 @@ from lmcore import config
 from lmcore.config import ConfigError
 from lmcore.core.errors import StageError
 from lmcore.core.layout import Layout
+from lmcore.report import report_execution
 from lmcore.stages import ORDER, outputs_exist, stage_items
 from lmcore.summary import summarize
 from lmcore.tracking import PIPELINE_ENV
@@ -62,7 +63,9 @@ def pipeline(params_file: str = "params.yaml", root: str = ".", force: bool = Fa
                 task = STAGE_TASKS[name].with_options(refresh_cache=refresh, task_run_name=f"{name}-{item}")
                 results[name][item] = task(params_file, root, item, launch=launch)
         if until is None:  # recorded in MLflow even when every task came from the cache
-            print(summarize(params, layout, os.environ[PIPELINE_ENV]))
+            text = summarize(params, layout, os.environ[PIPELINE_ENV])
+            print(text)
+            print(f"report: {report_execution(params, layout, os.environ[PIPELINE_ENV], text)}")
     finally:
         if previous is None:
             os.environ.pop(PIPELINE_ENV, None)

@@ -147,7 +147,7 @@ def test_dvc_repro_end_to_end(tiny_project, tmp_path):
     with zipfile.ZipFile(proj / "runs/evaluate/glue_submission.zip") as z:
         assert z.namelist() == ["SST-2.tsv"]
     clean = read_json(proj / "metrics/clean.json")
-    assert clean["dedup.dropped_docs.exact_duplicate"] == 1 and clean["shards"] > 1
+    assert clean["dedup.dropped_docs.exact_duplicate"] == 1 and read_json(proj / "data/clean/stats.json")["shards"] > 1
     assert clean["min_length.dropped_docs.too_short"] == 1
     ev = read_json(proj / "metrics/evaluate.json")
     assert 0 < ev["lm.val_bpb"] < ev["lm.unigram_val_bpb"] * 1.5
@@ -196,7 +196,18 @@ def test_dvc_repro_end_to_end(tiny_project, tmp_path):
     assert re.search(r"^  finetune@sst2 +[0-9.]+ s +finished$", summary, re.M), summary
     assert "language model, validation bits per byte: " in summary and "(unigram " in summary
     assert "sst2, accuracy: " in summary and "majority " in summary
-    assert max(len(line) for line in summary.splitlines()) < 160
+    assert max(len(line) for line in summary.splitlines()[:-1]) < 160
+    # ... and its report: one page, offline, with the figures inline, logged to the parent run
+    assert summary.splitlines()[-1].startswith("report: runs/report/index.html")
+    page = (proj / "runs/report/index.html").read_text(encoding="utf-8")
+    for part in ("<h2>Scores beside their baselines</h2>", "<td>sst2</td>", "validation bits per byte",
+                 "exact_duplicate", "<h2>Samples</h2>", "lineage of ", "every link found", f"pipeline {key}"):
+        assert part in page, part
+    assert page.count("data:image/png;base64,") == 2  # the data report and the training curves
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing fetched from elsewhere
+    assert (proj / "runs/report/curves.png").read_bytes()[:4] == b"\x89PNG"
+    logged = mlflow.MlflowClient(f"sqlite:///{proj / 'mlflow.db'}").list_artifacts(parent.info.run_id, "report")
+    assert {Path(a.path).name for a in logged} == {"index.html", "curves.png"}
 
     # the lineage command follows every link from the raw corpus to the evaluation
     chain = lmcore(proj, "lineage", "runs/evaluate")
@@ -239,6 +250,15 @@ def test_dvc_repro_end_to_end(tiny_project, tmp_path):
     # metrics show works, and a second repro does nothing
     shown = dvc(proj, "metrics", "show")
     assert "lm.val_bpb" in shown.stdout
+    # headline numbers only: tens of columns, not hundreds
+    as_json = json.loads(dvc(proj, "metrics", "show", "--json").stdout)
+    files = next(iter(as_json.values()))["data"]
+
+    def leaves(d):
+        return sum(leaves(v) if isinstance(v, dict) else 1 for v in d.values())
+
+    n = sum(leaves(f["data"]) for f in files.values())
+    assert 30 <= n <= 80, {name: leaves(f["data"]) for name, f in files.items()}
     again = dvc(proj, "repro")
     assert "up to date" in again.stdout
     assert len(mlflow_runs(proj / "mlflow.db")) == len(runs)

@@ -21,18 +21,23 @@ from lmcore.tracking import PIPELINE_ENV
 def add_parser(sub: Any) -> None:
     """The ``summary`` subcommand of the ``lmcore`` CLI."""
     p = sub.add_parser("summary", help="each stage's time, the headline numbers and the outputs of one pipeline "
-                                       "execution; records it in MLflow even when every stage was cached")
+                                       "execution; records it in MLflow even when every stage was cached, and writes its "
+                                       "HTML report to runs/report/")
     p.add_argument("--pipeline", help=f"the execution's key (default: ${PIPELINE_ENV}, as make pipeline sets it)")
 
 
 def main(args: argparse.Namespace) -> int:
-    from lmcore.summary import summarize  # lazy: the CLI loads a command's code only when it runs
+    from lmcore.report import report_execution  # lazy: the CLI loads a command's code only when it runs
+    from lmcore.summary import summarize  # lazy: as above
 
     try:
         params = config.load(args.params)
-        text = summarize(params, Layout(Path(args.root)), args.pipeline or os.environ.get(PIPELINE_ENV))
+        layout, key = Layout(Path(args.root)), args.pipeline or os.environ.get(PIPELINE_ENV)
+        text = summarize(params, layout, key)
+        print(text, flush=True)
+        page = report_execution(params, layout, key, text)
     except (ConfigError, StageError) as e:
         print(f"lmcore summary: error: {e}", file=sys.stderr)
         return 2
-    print(text)
+    print(f"report: {page} (open it in a browser; also in the MLflow parent run's artifacts)")
     return 0

@@ -299,7 +299,7 @@ def finalize(cfg: CleanConfig, results: list[ShardResult], out: Path, metrics: P
         hist_in = sum((r.hist_in for r in results), np.zeros(len(HIST_BINS) - 1, dtype=np.int64))
         write_json(tmp / "stats.json", stats)
         _report(tmp / "report.png", hist_in, hist_out, stats)
-    write_json(metrics, stats)
+    write_json(metrics, headline(stats))
     for line in (w for r in results for w in warning_lines(r.read)):
         log.warning(line)
     if tracker is not None:
@@ -344,6 +344,18 @@ def _stats(results: list[ShardResult], dedup_drops: Counter, dedup_chars: Counte
     out["documents_dropped"] = docs_in - out["documents_kept"]
     out["slowest_shard_seconds"] = round(seconds, 3)
     return out
+
+
+HEADLINE = ("documents_in", "documents_kept", "documents_dropped", "chars_in", "mb_in", "mb_per_second",
+            "train_documents", "validation_documents", "train_chars", "validation_chars")
+
+
+def headline(stats: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of the clean stage a user compares between experiments (its DVC metrics file):
+    the totals and the documents dropped per step and reason (``<step>.dropped_docs.<reason>``).
+    Per-step timings, documents seen and characters changed stay in ``data/clean/stats.json`` and
+    the stage's MLflow run."""
+    return {k: v for k, v in stats.items() if k in HEADLINE or ".dropped_docs." in k or k.startswith("read.skipped.")}
 
 
 def _report(path: Path, hist_in: np.ndarray, hist_out: np.ndarray, stats: dict[str, Any]) -> None:
@@ -418,7 +430,7 @@ def clean(cfg: CleanConfig, raw: Path, out: Path, metrics: Path, tracking: Track
         seconds = time.perf_counter() - t0
         result.stats["mb_per_second"] = result.stats["mb_in"] / max(seconds, 1e-9)
         tr.metrics({"mb_per_second": result.stats["mb_per_second"], "seconds": seconds})
-        write_json(metrics, result.stats)
+        write_json(metrics, headline(result.stats))
         log.info("clean: %.1f MB in %.1f s (%.2f MB/s), kept %d of %d documents", result.stats["mb_in"], seconds,
                  result.stats["mb_per_second"], result.stats["documents_kept"], result.stats["documents_in"])
         shutil.rmtree(work, ignore_errors=True)
