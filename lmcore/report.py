@@ -15,7 +15,6 @@ parent run.
 from __future__ import annotations
 
 import base64
-import csv
 import datetime
 import html
 import io
@@ -32,6 +31,7 @@ from lmcore.core.layout import Layout
 from lmcore.lineage import render, trace
 from lmcore.summary import REPORT, headlines
 from lmcore.tracking import find_parent, open_client
+from lmcore.train.pretrain import read_history
 
 FOLDER = "runs/report"
 
@@ -77,19 +77,6 @@ def _table(head: list[str], rows: list[list[Any]], classes: list[list[str]] | No
             cells.append(f"<td{attr}>{_num(v)}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     return "\n".join(out + ["</table>"])
-
-
-def read_history(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """The pretraining history (``metrics/plots/pretrain_loss.csv``) as ``{column: [(step, value)]}``,
-    empty cells left out."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            step = int(float(row["step"]))
-            for k, v in row.items():
-                if k != "step" and v not in ("", None):
-                    series.setdefault(k, []).append((step, float(v)))
-    return series
 
 
 def curves_png(series: dict[str, list[tuple[int, float]]]) -> bytes:
@@ -197,8 +184,8 @@ def write_report(layout: Layout, title: str, summary: str, lineage: str | None) 
     """Write ``runs/report/`` (``index.html``, ``curves.png``) from the outputs under ``layout``;
     ``summary``: the text of :func:`lmcore.summary.summarize`; ``lineage``: the text of
     :func:`lmcore.lineage.render` (None: not tracked). Returns the page's path."""
-    history = layout / "metrics/plots/pretrain_loss.csv"
-    curves = curves_png(read_history(history)) if history.exists() else None
+    history = read_history(layout.plots)
+    curves = curves_png(history) if history else None
     samples = _samples(layout / "runs/evaluate/samples.md") if (layout / "runs/evaluate/samples.md").exists() else []
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = [

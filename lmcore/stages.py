@@ -50,7 +50,7 @@ def _encode(p: Params, L: Layout) -> Any:
 def _pretrain(p: Params, L: Layout) -> Any:
     from lmcore.train.pretrain import pretrain  # lazy: each stage loads only its own code
 
-    return pretrain(p.pretrain, L.tokens, L.pretrain, L.metrics("pretrain"), L.loss_plot, p.tracking)
+    return pretrain(p.pretrain, L.tokens, L.pretrain, L.metrics("pretrain"), L.plots, p.tracking)
 
 
 def _export(p: Params, L: Layout) -> Any:

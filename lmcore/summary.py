@@ -4,7 +4,8 @@ was reused from), the headline numbers beside their baselines, where the outputs
 ``make pipeline`` prints it after ``dvc repro`` (``lmcore summary``), the Prefect flow at its end.
 Building it also records the execution in MLflow (:func:`lmcore.tracking.link_execution`): an
 execution whose stages all came from a cache still gets its parent run, linked to the runs that
-produced its outputs.
+produced its outputs; after ``dvc repro``, each stage run that ran gets its ``dvc.lock`` entry
+(:func:`lmcore.tracking.record_dvc_lock`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from lmcore.config import Params
 from lmcore.core.layout import Layout
 from lmcore.stages import pipeline_outputs
-from lmcore.tracking import Execution, dataset_name, link_execution, open_client
+from lmcore.tracking import Execution, dataset_name, link_execution, open_client, record_dvc_lock
 
 REPORT = "runs/evaluate/report.md"
 
@@ -85,6 +86,7 @@ def summarize(params: Params, layout: Layout, key: str | None) -> str:
         parent = client.get_run(execution.parent_id)
         children = client.search_runs([experiment_id], max_results=1000,
                                       filter_string=f"tags.`mlflow.parentRunId` = '{execution.parent_id}'")
+        record_dvc_lock(client, parent, children, layout / "dvc.lock")
         took = _seconds(parent)
         state = "every stage reused" if execution.created else (
             f"{parent.info.status.lower()}" + (f", {took:.0f} s" if took is not None else ""))

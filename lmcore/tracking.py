@@ -377,6 +377,31 @@ def dvc_lock_hashes(lock: Path = Path("dvc.lock")) -> dict[str, str]:
     return out
 
 
+def record_dvc_lock(client: Any, parent: Any, children: Sequence[Any], lock: Path) -> list[str]:
+    """Attach ``dvc.lock``'s entry of each stage that ran in this execution to its MLflow run
+    (artifact ``dvc.lock/<stage>.yaml``, tag ``lmcore.dvc_lock_sha256``) and the whole file to the
+    parent run. Only a ``dvc.lock`` written during the execution counts (a Prefect run leaves an
+    older one as it was). Returns the stages recorded."""
+    try:
+        if lock.stat().st_mtime * 1000 < parent.info.start_time:
+            return []
+        entries = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    done = []
+    for run in children:
+        tags = run.data.tags
+        stage = tags.get("lmcore.stage", "") + (f"@{tags['lmcore.task']}" if "lmcore.task" in tags else "")
+        if stage not in entries or run.info.status != "FINISHED":
+            continue
+        text = yaml.safe_dump({stage: entries[stage]}, sort_keys=False)
+        client.log_text(run.info.run_id, text, f"dvc.lock/{stage}.yaml")
+        client.set_tag(run.info.run_id, "lmcore.dvc_lock_sha256", hashlib.sha256(text.encode()).hexdigest())
+        done.append(stage)
+    client.log_text(parent.info.run_id, lock.read_text(encoding="utf-8"), "dvc.lock")
+    return done
+
+
 def producer_of(client: Any, experiment_id: str, name: str, digest: str) -> Any | None:
     """The latest FINISHED stage run that wrote ``name`` with this digest, or None."""
     where = f"tags.`lmcore.output.{name}` = '{digest}' and attributes.status = 'FINISHED'"

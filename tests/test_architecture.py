@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lmcore.eval",),  # the evaluate stage, run comparison
     ("lmcore.stages",),  # each stage wired to params.yaml and the layout
     ("lmcore.summary", "lmcore.lineage"),  # what one pipeline execution did; the chain behind a run
-    ("lmcore.report",),  # one execution's HTML page
+    ("lmcore.report", "lmcore.plots"),  # one execution's HTML page; dvc plots offline
     ("lmcore.launch",),  # the training stages under accelerate launch, for DVC and Prefect
     ("lmcore.cli",),  # argument parsing and printing
 ]

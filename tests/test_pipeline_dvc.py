@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import csv
 import hashlib
 import json
 import re
@@ -15,6 +16,7 @@ import yaml
 from conftest import BIN, ROOT, mlflow_runs, read_json, run_env
 
 from lmcore.data.encode import load_tokens
+from lmcore.plots import install_offline_template
 
 STAGES = ["prepare", "clean", "tokenizer", "encode", "pretrain", "export", "finetune", "evaluate"]
 
@@ -208,6 +210,25 @@ def test_dvc_repro_end_to_end(tiny_project, tmp_path):
     assert (proj / "runs/report/curves.png").read_bytes()[:4] == b"\x89PNG"
     logged = mlflow.MlflowClient(f"sqlite:///{proj / 'mlflow.db'}").list_artifacts(parent.info.run_id, "report")
     assert {Path(a.path).name for a in logged} == {"index.html", "curves.png"}
+    # ... and each stage run that ran carries its dvc.lock entry, the parent the whole file
+    store = mlflow.MlflowClient(f"sqlite:///{proj / 'mlflow.db'}")
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]
+    for stage, run in [("pretrain", by_stage["pretrain"]), ("finetune@sst2", tuned)]:
+        entry = (Path(store.download_artifacts(run.info.run_id, f"dvc.lock/{stage}.yaml", str(tmp_path)))).read_text()
+        assert yaml.safe_load(entry) == {stage: lock[stage]}
+        assert store.get_run(run.info.run_id).data.tags["lmcore.dvc_lock_sha256"] == hashlib.sha256(
+            entry.encode()).hexdigest()
+    assert "dvc.lock" in {a.path for a in store.list_artifacts(parent.info.run_id)}
+
+    # dvc plots show: the training curves from two tables without empty cells, drawn offline
+    assert "" not in {c for r in csv.reader(open(proj / "metrics/plots/pretrain_val.csv")) for c in r}
+    install_offline_template(proj)
+    dvc(proj, "plots", "show")
+    plots_page = (proj / "dvc_plots/index.html").read_text(encoding="utf-8")
+    assert "window.vegaEmbed=" in plots_page and "cdn.jsdelivr" not in plots_page
+    assert not re.search(r"""<script[^>]+src=""", plots_page)
+    for title in ("pretraining loss (nats per token)", "validation bits per byte", "learning rate"):
+        assert title in plots_page, title
 
     # the lineage command follows every link from the raw corpus to the evaluation
     chain = lmcore(proj, "lineage", "runs/evaluate")

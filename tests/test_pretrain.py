@@ -87,8 +87,8 @@ def run_cli(root: Path, *, wait: bool = True, launcher: list[str] | None = None,
 
 
 def train_losses(root: Path) -> list[tuple[int, str]]:
-    with open(root / "metrics/plots/pretrain_loss.csv") as f:
-        return [(int(r["step"]), r["train_loss"]) for r in csv.DictReader(f) if r["train_loss"]]
+    with open(root / "metrics/plots/pretrain_train.csv") as f:
+        return [(int(r["step"]), r["train_loss"]) for r in csv.DictReader(f)]
 
 
 def final_weights(root: Path) -> dict[str, torch.Tensor]:

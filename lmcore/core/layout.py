@@ -60,5 +60,6 @@ class Layout:
         return self / f"metrics/{stage}.json"
 
     @property
-    def loss_plot(self) -> Path:
-        return self / "metrics/plots/pretrain_loss.csv"
+    def plots(self) -> Path:
+        """Pretraining's history for ``dvc plots``: pretrain_train.csv, pretrain_val.csv."""
+        return self / "metrics/plots"

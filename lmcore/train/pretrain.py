@@ -119,7 +119,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
              tracking: TrackingConfig = TrackingConfig(),
              build_model: Callable[[DecoderConfig], torch.nn.Module] = Decoder) -> PretrainResult:
     """Train from ``tokens_dir`` into ``out`` (see the module docstring); write ``metrics``
-    (JSON) and the loss history ``plots`` (CSV). ``build_model`` makes the model from its shape
+    (JSON) and the history into the folder ``plots`` (:func:`write_history`). ``build_model`` makes the model from its shape
     (benchmarks pass other architectures with Decoder's interface: ``forward(idx, targets,
     reduction, return_logits)``, ``num_params``, ``matmul_params``, ``flops_per_token`` and a ``cfg``)."""
     out = Path(out)
@@ -243,8 +243,8 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
                  "trained_tokens": trained_tokens, "skipped_steps": state.skipped_steps}
             write_json(metrics, m)
             if plots is not None:
-                write_history(Path(plots), state.history)
-                tr.artifact(plots, "plots")
+                for path in write_history(Path(plots), state.history):
+                    tr.artifact(path, "plots")
             reg = tracking.registry
             # the model's numbers at its last step (val_loss and val_bpb repeat that step's point);
             # the per-step curves (train_loss, lr, ...) stay the run's alone
@@ -257,12 +257,38 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
                               val_loss, val_bpb, tps_total, run_mfu, state.skipped_steps)
 
 
-HISTORY_KEYS = ["step", "train_loss", "val_loss", "val_bpb", "lr", "grad_norm", "tokens_per_second", "mfu"]
+# the history as two tables without empty cells (DVC's plots read an empty cell as 0): one row per
+# log_interval (training) and one per eval_interval (validation)
+HISTORY_FILES = {"pretrain_train.csv": ["step", "train_loss", "lr", "grad_norm", "tokens_per_second", "mfu"],
+                 "pretrain_val.csv": ["step", "val_loss", "val_bpb"]}
 
 
-def write_history(path: Path, history: list[dict[str, float]]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=HISTORY_KEYS)
-        w.writeheader()
-        for row in history:
-            w.writerow({k: row.get(k, "") for k in HISTORY_KEYS})
+def write_history(folder: Path, history: list[dict[str, float]]) -> list[Path]:
+    """Write the history's training and validation rows into ``folder`` (:data:`HISTORY_FILES`)."""
+    written = []
+    for name, keys in HISTORY_FILES.items():
+        path = Path(folder) / name
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            for row in history:
+                if keys[1] in row:
+                    w.writerow({k: row.get(k, "") for k in keys})
+        written.append(path)
+    return written
+
+
+def read_history(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """The history :func:`write_history` wrote, as ``{column: [(step, value)]}`` (files that are
+    missing are left out)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for name in HISTORY_FILES:
+        if not (Path(folder) / name).exists():
+            continue
+        with open(Path(folder) / name, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                step = int(float(row["step"]))
+                for k, v in row.items():
+                    if k != "step" and v not in ("", None):
+                        series.setdefault(k, []).append((step, float(v)))
+    return series
