@@ -67,9 +67,27 @@ def _consumers(client: Any, experiment_id: str, link: Link) -> list[Any]:
             if any(i.name == link.name and i.digest == link.digest for i in _datasets(r, "input"))]
 
 
+def _model_version(client: Any, uri: str) -> Any:
+    from mlflow.exceptions import MlflowException  # lazy: mlflow loads only when a command reads runs
+
+    name, sep, ref = uri[len("models:/"):].partition("@")
+    if not sep:
+        name, _, ref = name.rpartition("/")
+    if not name or not ref:
+        raise StageError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    try:
+        return client.get_model_version_by_alias(name, ref) if sep else client.get_model_version(name, ref)
+    except MlflowException as e:
+        raise StageError(f"{uri}: no such registered model version ({str(e).splitlines()[0][:200]})") from None
+
+
 def resolve(client: Any, experiment_id: str, what: str) -> list[Any]:
     """The run(s) ``what`` names: a run id (a pipeline's parent run stands for its stages, run or
-    reused), a pipeline key, or a file or folder (the run that wrote it as it is now)."""
+    reused), a pipeline key, a registered model version (``models:/<name>@<alias>`` or
+    ``models:/<name>/<version>``: the run that logged it), or a file or folder (the run that
+    wrote it as it is now)."""
+    if what.startswith("models:/"):
+        return [client.get_run(_model_version(client, what).run_id)]
     path = Path(what)
     if path.exists():
         run = producer_of(client, experiment_id, dataset_name(path), data_digest(path)["sha256"][:32])

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 PIPELINE_ENV = "LMCORE_PIPELINE_RUN"
 KEY_TAG = "lmcore.pipeline_key"
+EXPERIMENT_KIND = "mlflow.experimentKind"  # read by the MLflow UI to pick its layout
 
 
 def _mlflow():
@@ -201,7 +202,7 @@ class Tracker:
     def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.active:
             return
-        from mlflow.entities import Metric  # lazy: mlflow loads only when a stage tracks
+        from mlflow.entities import LoggedModelOutput, Metric  # lazy: mlflow loads only when a stage tracks
 
         now = int(time.time() * 1000)
         clean = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
@@ -240,17 +241,18 @@ class Tracker:
 
     def _register(self, folder: Path, name: str, metrics: dict[str, float], metric: str, goal: str,
                   step: int) -> None:
-        from mlflow.entities import Metric  # lazy: mlflow loads only when a stage tracks
+        from mlflow.entities import LoggedModelOutput, Metric  # lazy: mlflow loads only when a stage tracks
         from mlflow.exceptions import MlflowException  # lazy: as above
 
         c = self.client
-        lm = c.create_logged_model(self.experiment_id, name=Path(folder).name, source_run_id=self.run_id,
+        lm = c.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id,
                                    model_type="lmcore", tags={"lmcore.registered_name": name})
         c.log_model_artifacts(lm.model_id, str(folder))
         c.finalize_logged_model(lm.model_id, "READY")
         now = int(time.time() * 1000)
         c.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step, model_id=lm.model_id)
                                           for k, v in metrics.items() if v is not None], synchronous=True)
+        c.log_outputs(self.run_id, [LoggedModelOutput(lm.model_id, step)])  # the run's "Logged models"
         try:
             c.create_registered_model(name, tags={"lmcore.metric": metric, "lmcore.goal": goal})
         except MlflowException as e:
@@ -278,6 +280,8 @@ class Tracker:
         self._call(self._attach_export, Path(folder), Path(source))
 
     def _attach_export(self, folder: Path, source: Path) -> None:
+        from mlflow.entities import LoggedModelOutput  # lazy: mlflow loads only when a stage tracks
+
         c = self.client
         run = producer_of(c, self.experiment_id, dataset_name(source), data_digest(source)["sha256"][:32])
         version = run.data.tags.get("lmcore.model_version") if run else None
@@ -287,10 +291,11 @@ class Tracker:
             self.artifact(folder, "export")
             return
         name, number = version.removeprefix("models:/").rsplit("/", 1)
-        lm = c.create_logged_model(self.experiment_id, name=f"{folder.name}-hf", source_run_id=self.run_id,
+        lm = c.create_logged_model(self.experiment_id, name=f"{name}-hf", source_run_id=self.run_id,
                                    model_type="transformers-llama", tags={"lmcore.export_of": version})
         c.log_model_artifacts(lm.model_id, str(folder))
         c.finalize_logged_model(lm.model_id, "READY")
+        c.log_outputs(self.run_id, [LoggedModelOutput(lm.model_id, 0)])
         c.set_model_version_tag(name, number, "lmcore.hf_model_id", lm.model_id)
         c.set_tag(self.run_id, "lmcore.model_version", version)
         print(f"lmcore: the Hugging Face export of {name} version {number} is attached to it "
@@ -448,9 +453,12 @@ def _experiment_id(client: Any, name: str) -> str:
 
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND not in exp.tags:  # made before lmcore set it (or by hand): a user's own choice stays
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        # the UI's "Model training" view (runs, charts, models), not the GenAI one (traces, judges)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND: "custom_model_development"})
     except MlflowException as e:  # created by another stage in the meantime
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise

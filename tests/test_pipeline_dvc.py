@@ -245,10 +245,15 @@ def test_dvc_repro_end_to_end(tiny_project, tmp_path):
     base = client.get_model_version_by_alias("lmcore-base", "candidate")
     assert str(base.version) == "1" and base.run_id == by_stage["pretrain"].info.run_id
     assert client.get_model_version_by_alias("lmcore-sst2", "candidate").run_id == by_stage["finetune"].info.run_id
+    assert [o.model_id for o in client.get_run(base.run_id).outputs.model_outputs][0] == base.tags["lmcore.model_id"]
+    assert client.get_experiment_by_name("lmcore-test").tags["mlflow.experimentKind"] == "custom_model_development"
     logged = client.get_logged_model(base.tags["lmcore.model_id"])
     assert {m.key for m in logged.metrics} >= {"val_bpb", "val_loss"}
     promoted = lmcore(proj, "promote", "lmcore-base")
     assert "lmcore-base version 1 is now champion (val_bpb " in promoted and "there was none" in promoted
+    by_alias = lmcore(proj, "lineage", "models:/lmcore-base@champion")
+    assert by_alias.splitlines()[0] == "lineage of models:/lmcore-base@champion: 8 run(s)", by_alias  # export too
+    assert by_alias.endswith("every link found\n") and "task sst2: score " in by_alias
     text = lmcore(proj, "generate", "--model", "models:/lmcore-base@champion", "--prompt", "the king",
                   "--max-new-tokens", "4", "--no-stream")
     assert text.startswith("the king")

@@ -15,8 +15,10 @@ from lmcore.core.errors import StageError
 def add_parser(sub: Any) -> None:
     """The ``lineage`` subcommand of the ``lmcore`` CLI."""
     p = sub.add_parser("lineage", help="the chain raw corpus -> clean -> tokenizer -> tokens -> pretraining -> "
-                                       "fine-tuning -> evaluation behind a run, a folder or a pipeline execution")
-    p.add_argument("what", help="an MLflow run id, a pipeline key or its parent run id, or a file or folder "
+                                       "fine-tuning -> evaluation behind a run, a registered model, a folder or a pipeline "
+                                       "execution")
+    p.add_argument("what", help="an MLflow run id, a pipeline key or its parent run id, a registered model "
+                                "(models:/lmcore-base@champion, models:/lmcore-sst2/2), or a file or folder "
                                 "(runs/pretrain/final: the run that wrote it as it is now)")
 
 
