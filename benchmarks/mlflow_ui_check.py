@@ -8,13 +8,15 @@ shows what it should, saves a screenshot of each, stops the server, and prints o
     python benchmarks/mlflow_ui_check.py --project /path/to/a/project/after/make-pipeline \\
         --out /tmp/ui-check
 
-Needs `chromium` (Debian: apt-get install chromium). Not a test: a page takes ~20 s of virtual
-browser time to settle, so the whole check takes about two minutes.
+Needs `chromium` (Debian: apt-get install chromium). The browser is driven over the DevTools protocol
+(websockets, which MLflow's server installs) and waits in real time for each page. Not a test:
+the whole check takes about a minute.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import re
@@ -23,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -55,19 +58,81 @@ def start_server(project: Path, port: int) -> subprocess.Popen:
     raise SystemExit("mlflow server did not answer in 90 s")
 
 
-def chromium(*args: str, budget_ms: int = 20000) -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if exe is None:
-        raise SystemExit("no chromium on PATH (Debian: apt-get install chromium)")
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-           f"--virtual-time-budget={budget_ms}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
+class Browser:
+    """Headless Chromium driven over the DevTools protocol: open a page, wait (in real time) until
+    its text holds what is expected, read the text, take a screenshot."""
 
+    def __init__(self, width: int = 1400, height: int = 1000) -> None:
+        from websockets.sync.client import connect  # websockets: installed with MLflow's server
 
-def page_text(dom: str) -> str:
-    """The visible words of a dumped DOM (tags, scripts and styles removed)."""
-    dom = re.sub(r"(?is)<(script|style)[^>]*>.*?</\1>", " ", dom)
-    return re.sub(r"\s+", " ", re.sub(r"(?s)<[^>]+>", " ", dom))
+        exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+        if exe is None:
+            raise SystemExit("no chromium on PATH (Debian: apt-get install chromium)")
+        port = free_port()
+        self.proc = subprocess.Popen([exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                                      f"--remote-debugging-port={port}", f"--window-size={width},{height}",
+                                      f"--user-data-dir={tempfile.mkdtemp(prefix='ui-check-chromium-')}",
+                                      "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while True:
+            try:
+                targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=2))
+                page = next(t for t in targets if t["type"] == "page")
+                break
+            except (OSError, StopIteration):
+                if time.time() > deadline:
+                    raise SystemExit("chromium did not open its DevTools port in 30 s") from None
+                time.sleep(0.3)
+        self.ws = connect(page["webSocketDebuggerUrl"], max_size=None)
+        self.n = 0
+
+    def call(self, method: str, **params):
+        self.n += 1
+        self.ws.send(json.dumps({"id": self.n, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == self.n:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg["result"]
+
+    def text(self) -> str:
+        r = self.call("Runtime.evaluate", expression="document.body ? document.body.innerText : ''", returnByValue=True)
+        return re.sub(r"\s+", " ", r["result"].get("value") or "")
+
+    def open(self, url: str, expected: list[str], timeout: float) -> tuple[str, float]:
+        """Navigate and wait until every expected string is on the page (or ``timeout`` seconds)."""
+        t = time.time()
+        self.call("Page.navigate", url=url)
+        text = ""
+        while time.time() - t < timeout:
+            time.sleep(1.0)
+            text = self.text()
+            if all(s in text for s in expected):
+                break
+        time.sleep(2.0)  # the charts' last frames
+        return self.text(), time.time() - t
+
+    def scroll_through(self) -> str:
+        """The page's text gathered while scrolling its scrolling panes from top to end: the UI draws
+        (and keeps) only the charts in view."""
+        js = ("(async () => { let seen = document.body.innerText; const els = [...document.querySelectorAll('*')]"
+              ".filter(e => e.scrollHeight > e.clientHeight + 50 && getComputedStyle(e).overflowY.match(/auto|scroll/));"
+              " for (const e of els) { for (let y = 0; y <= e.scrollHeight; y += 300) { e.scrollTop = y; await new "
+              "Promise(r => setTimeout(r, 700)); seen += ' ' + document.body.innerText; } e.scrollTop = 0; } "
+              "return seen; })()")
+        r = self.call("Runtime.evaluate", expression=js, awaitPromise=True, returnByValue=True)
+        return re.sub(r"\s+", " ", r["result"].get("value") or "")
+
+    def screenshot(self, path: Path) -> None:
+        self.call("Runtime.evaluate", expression="document.querySelectorAll('*').forEach(e => e.scrollTop = 0)")
+        time.sleep(1.0)
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+
+    def close(self) -> None:
+        self.ws.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
 
 
 def main() -> int:
@@ -75,6 +140,7 @@ def main() -> int:
     ap.add_argument("--project", type=Path, required=True, help="a project folder with mlflow.db after make pipeline")
     ap.add_argument("--out", type=Path, default=Path("ui-check"), help="folder for the screenshots and results.json")
     ap.add_argument("--experiment", default="lmcore")
+    ap.add_argument("--timeout", type=float, default=60, help="seconds a page gets to show what is expected")
     args = ap.parse_args()
     project = args.project.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -104,18 +170,22 @@ def main() -> int:
     ]
     port = free_port()
     server = start_server(project, port)
+    browser = Browser()
     results = []
     try:
         for name, frag, expected in pages:
             url = f"http://127.0.0.1:{port}/{frag}"
-            t = time.time()
-            text = page_text(chromium("--window-size=1400,6000", "--dump-dom", url))  # tall: every chart drawn
-            chromium("--window-size=1400,1000", f"--screenshot={args.out / (name + '.png')}", url)
+            text, secs = browser.open(url, expected[:1] if "charts" in name else expected, args.timeout)
+            if "charts" in name:  # the charts below the first screen are drawn once scrolled into view
+                text = browser.scroll_through()
+            browser.screenshot(args.out / f"{name}.png")
             missing = [s for s in expected if s not in text]
             results.append({"page": name, "url": frag, "expected": expected, "missing": missing,
-                            "seconds": round(time.time() - t, 1)})
-            print(f"{name:18s} {'ok' if not missing else 'MISSING ' + ', '.join(missing):40s} {frag}", flush=True)
+                            "seconds": round(secs, 1)})
+            print(f"{name:18s} {'ok' if not missing else 'MISSING ' + ', '.join(missing):40s} {secs:5.1f} s  {frag}",
+                  flush=True)
     finally:
+        browser.close()
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
     (args.out / "results.json").write_text(json.dumps({"project": str(project), "pipeline": key,

@@ -898,6 +898,10 @@ class EvaluateConfig(EvaluateSampling):  # type: ignore[valid-type,misc]
     the model's context (no overlap). Smaller is slower and closer to full-context perplexity."""
     batch_size: int = Field(default=16, ge=1)
     """Windows per forward pass."""
+    document_level: bool = True
+    """Also score each validation document on its own as lm-evaluation-harness does (rolling
+    windows from one prefix token, :mod:`lmcore.eval.harness`): ``lm.val_doc_bpb``,
+    ``lm.val_byte_perplexity``, ``lm.val_word_perplexity``; one more pass over the split."""
     texts: list[HeldOutText] = []
     """More held-out text to score with the same model, tokenizer and windows, e.g.
     ``[{name: sonnets, paths: [data/heldout/sonnets.txt]}]``; reported as ``lm.<name>.*`` after

@@ -76,7 +76,7 @@ def _evaluate(p: Params, L: Layout) -> Any:
     from lmcore.eval.evaluate import evaluate  # lazy: each stage loads only its own code
 
     return evaluate(p.evaluate, L.tokens, L.pretrained, L.finetune, L.tokenizer, p.prepare.tasks.tasks, L.evaluate,
-                    L.metrics("evaluate"), p.tracking)
+                    L.metrics("evaluate"), p.tracking, clean_dir=L.clean)
 
 
 ITEM = "${item}"
@@ -100,6 +100,9 @@ class StageIO:
     and ``outs`` stands for the item."""
     metrics: tuple[str, ...] = ()
     """Metrics files (DVC ``metrics``, not cached), when they are not ``metrics/<stage>.json``."""
+    plots: tuple[str, ...] = ()
+    """Folders of the tables ``dvc.yaml``'s top-level ``plots`` draw (outputs with ``cache: false``:
+    git carries them, as the metrics files)."""
     launched: bool = False
     """Run under ``accelerate launch`` as ``params.yaml``'s ``launch`` section says
     (:mod:`lmcore.launch`): ``lmcore launch <stage>`` in ``dvc.yaml``, a child process group of
@@ -111,7 +114,8 @@ class StageIO:
             return tuple(x.replace(ITEM, item) for x in xs)
 
         return dataclasses.replace(self, params=sub(self.params), deps=sub(self.deps), outs=sub(self.outs),
-                                   persist=sub(self.persist), foreach=None, metrics=sub(self.metrics))
+                                   persist=sub(self.persist), foreach=None, metrics=sub(self.metrics),
+                                   plots=sub(self.plots))
 
 
 ENTRY_MODULES: dict[str, str] = {
@@ -141,7 +145,7 @@ STAGE_IO: dict[str, StageIO] = {
     "tokenizer": StageIO(("tokenizer",), ("data/clean",), ("data/tokenizer",)),
     "encode": StageIO(("encode",), ("data/clean", "data/tokenizer"), ("data/tokens",)),
     "pretrain": StageIO(("pretrain", *LAUNCH_PARAMS), (LAUNCH_CONFIG, "data/tokens"), ("runs/pretrain/final",),
-                        persist=("runs/pretrain/checkpoints",), launched=True),
+                        persist=("runs/pretrain/checkpoints",), plots=("metrics/plots",), launched=True),
     "export": StageIO(("export",), ("runs/pretrain/final", "data/tokenizer"), ("runs/export",)),
     # one stage per task; each depends on the shared fine-tune settings and its own overrides only
     "finetune": StageIO(("finetune.defaults", "finetune.mixed_precision", "finetune.threads", f"finetune.tasks.{ITEM}",
@@ -151,7 +155,8 @@ STAGE_IO: dict[str, StageIO] = {
                         metrics=(f"metrics/finetune/{ITEM}.json",), launched=True),
     # reads every task's results and prediction files (GLUE score, submission zip) for the listed tasks
     "evaluate": StageIO(("evaluate", "prepare.tasks.tasks"),
-                        ("data/tokens", "data/tokenizer", "runs/pretrain/final", "runs/finetune"), ("runs/evaluate",)),
+                        ("data/clean", "data/tokens", "data/tokenizer", "runs/pretrain/final", "runs/finetune"),
+                        ("runs/evaluate",)),
 }
 """Each stage's params keys, data dependencies and outputs. ``dvc.yaml`` declares the same, with
 the stage's :func:`code_deps` before the data dependencies (a test keeps them equal)."""

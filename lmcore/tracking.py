@@ -492,6 +492,8 @@ def _continued(client: Any, experiment_id: str, run_id: str, tags: dict[str, str
         return None
     if old.info.experiment_id != experiment_id or old.info.lifecycle_stage != "active":
         return None
+    if old.info.status == "FINISHED":  # that training ended: a rerun from its last checkpoint is a run of its own
+        return None
     before = old.data.tags.get("mlflow.parentRunId")
     if before and before != tags.get("mlflow.parentRunId"):
         tags = {**tags, "lmcore.resumed_from_parent": before}

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import run_env
 
 from lmcore.tracking import PIPELINE_ENV
@@ -164,10 +165,15 @@ def test_training_stages_get_mlflow_system_metrics_and_a_continued_run_goes_on_f
         while time.perf_counter() - t0 < seconds:
             sum(range(10_000))
 
-    with stage_run("pretrain", cfg, {"a": 1}, system_metrics=True) as tr:
-        busy(2.5)
+    with pytest.raises(RuntimeError):  # stopped before its end (a run that FINISHED is not continued)
+        with stage_run("pretrain", cfg, {"a": 1}, system_metrics=True) as tr:
+            busy(2.5)
+            raise RuntimeError("stopped")
     with stage_run("pretrain", cfg, {"a": 1}, resume=tr.run_id, system_metrics=True) as again:
         busy(2.5)
+    with stage_run("pretrain", cfg, {"a": 1}, resume=tr.run_id) as rerun:  # resumed from the end: a run of its own
+        pass
+    assert rerun.run_id != tr.run_id
     with stage_run("encode", cfg, {"a": 1}) as other:  # not a training stage: no monitor
         busy(1.5)
     client = mlflow.MlflowClient(uri)

@@ -153,6 +153,12 @@ def test_dvc_repro_end_to_end(tiny_project, tmp_path):
     assert clean["min_length.dropped_docs.too_short"] == 1
     ev = read_json(proj / "metrics/evaluate.json")
     assert 0 < ev["lm.val_bpb"] < ev["lm.unigram_val_bpb"] * 1.5
+    # per document as lm-evaluation-harness scores it, and the same from the export through transformers
+    assert ev["lm.val_doc_documents"] == ev["lm.val_documents"]  # the same whole documents within max_tokens
+    scored = json.loads(lmcore(proj, "score", "runs/export", "--json", "--limit", str(ev["lm.val_doc_documents"])))
+    assert scored["backend"] == "transformers" and scored["documents"] == ev["lm.val_doc_documents"]
+    assert abs(scored["bits_per_byte"] - ev["lm.val_doc_bpb"]) < 1e-5 * ev["lm.val_doc_bpb"]
+    assert abs(scored["word_perplexity"] - ev["lm.val_word_perplexity"]) < 1e-4 * ev["lm.val_word_perplexity"]
     assert 0.0 <= ev["sst2.accuracy"] <= 1.0
     assert ev["glue.score"] == ev["sst2.score"] == ft["score"] and ev["glue.tasks"] == 1
     assert ev["sst2.bow_accuracy"] == ft["bow_accuracy"] and ev["glue.submission_files"] == 1
@@ -186,8 +192,8 @@ def test_dvc_repro_end_to_end(tiny_project, tmp_path):
 
     tokens = datasets(by_stage["encode"], "output")["data/tokens"]
     assert datasets(by_stage["pretrain"], "input")["data/tokens"] == tokens
-    assert set(datasets(by_stage["evaluate"], "input")) == {"data/tokens", "data/tokenizer", "runs/pretrain/final",
-                                                           "runs/finetune/sst2"}
+    assert set(datasets(by_stage["evaluate"], "input")) == {"data/clean", "data/tokens", "data/tokenizer",
+                                                           "runs/pretrain/final", "runs/finetune/sst2"}
     assert by_stage["pretrain"].data.tags["lmcore.params_sha256"] == hashlib.sha256(
         (proj / "params.yaml").read_bytes()).hexdigest()
 

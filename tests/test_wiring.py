@@ -29,12 +29,11 @@ def test_dvc_yaml_declares_the_same_stages_inputs_and_outputs():
                                     "module, lmcore.stages.code_deps) then its data; expected deps:\n"
                                     + "\n".join(f"  - {d}" for d in want))
         plain = tuple(o for o in st["outs"] if isinstance(o, str))
-        kept = tuple(next(iter(o)) for o in st["outs"] if isinstance(o, dict))
+        options = {next(iter(o)): next(iter(o.values())) for o in st["outs"] if isinstance(o, dict)}
         assert plain == io.outs, name
-        assert kept == io.persist, name
-        for o in st["outs"]:
-            if isinstance(o, dict):
-                assert next(iter(o.values())) == {"persist": True, "cache": False}, name
+        assert tuple(o for o, v in options.items() if v == {"persist": True, "cache": False}) == io.persist, name
+        assert tuple(o for o, v in options.items() if v == {"cache": False}) == io.plots, name
+        assert len(options) == len(io.persist) + len(io.plots), name
         assert tuple(st["params"]) == io.params, name
         metrics = tuple(next(iter(m)) for m in st["metrics"])
         assert metrics == (io.metrics or (f"metrics/{name}.json",)), name

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from lmcore import config
-from lmcore.cli import compare, download, generate, lineage, offline_plots, promote, summary, tracking_server
+from lmcore.cli import compare, download, generate, lineage, offline_plots, promote, score, summary, tracking_server
 from lmcore.config import ConfigError
 from lmcore.core.errors import Interrupted, StageError
 from lmcore.core.layout import Layout
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     promote.add_parser(sub)  # the registry's champion
     download.add_parser(sub)  # a registered model's folder
     offline_plots.add_parser(sub)  # dvc plots show without a CDN
+    score.add_parser(sub)  # any model folder on held-out text, as lm-evaluation-harness scores it
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         return download.main(args)
     if args.stage == "offline-plots":
         return offline_plots.main(args)
+    if args.stage == "score":
+        return score.main(args)
     if args.stage == "launch":
         return _launch(args)
     try:

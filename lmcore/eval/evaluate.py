@@ -36,14 +36,16 @@ from typing import Any
 from lmcore.config import EvaluateConfig, TrackingConfig, flatten
 from lmcore.core import readers
 from lmcore.core.errors import StageError
-from lmcore.core.io import atomic_path, require, write_text
+from lmcore.core.io import atomic_path, iter_field, require, split_shards, write_text
 from lmcore.data import tokenizer as tokmod
-from lmcore.data.encode import load_manifest, load_tokens
+from lmcore.data.tokenizer import special_ids
+from lmcore.data.encode import load_manifest, load_tokens, specials_as_text
+from lmcore.eval.harness import DecoderScorer, DocumentScores, load_hf, score_documents
 from lmcore.eval.report import describe_model, report_table, samples
 from lmcore.eval.scored import score_split, score_texts
 from lmcore.eval.tasks import SUBMISSION, task_results, write_submission
 from lmcore.eval.unigram import unigram_logp
-from lmcore.model.folder import check_tokenizer, load_lm
+from lmcore.model.folder import check_tokenizer, load_lm, read_config
 from lmcore.tracking import stage_run
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,59 @@ def evaluate_texts(model_dir: str | Path, paths: Sequence[str | Path], tokenizer
     return {**s.metrics(""), "cut": s.cut}
 
 
+def score_clean_documents(model, tok, clean_dir: Path, eot: int, batch_size: int,
+                          max_tokens: int | None) -> DocumentScores:
+    """The clean validation documents scored one by one as lm-evaluation-harness does
+    (:mod:`lmcore.eval.harness`), the first whole documents within ``max_tokens``."""
+    shards = split_shards(clean_dir, "validation")
+    if not shards:
+        raise StageError(f"{clean_dir}: no validation shards to score (validation/*.jsonl)")
+    texts, ids, total = [], [], 0
+    with specials_as_text(tok):
+        for text in iter_field(shards):
+            enc = tok.encode(text)
+            toks = enc.ids
+            if max_tokens is not None and total + len(toks) > max_tokens:
+                if texts:
+                    break
+                # the first document alone is longer: its beginning, and the text those tokens hold
+                toks, text = toks[:max_tokens], text[: enc.offsets[max_tokens - 1][1]]
+            texts.append(text)
+            ids.append(toks)
+            total += len(toks)
+    return score_documents(DecoderScorer(model), ids, texts, eot, batch_size, desc="evaluate: per document")
+
+
+def score_model_documents(model_dir: str | Path, texts: Sequence[str], tokenizer_dir: str | Path | None = None,
+                          backend: str = "auto", batch_size: int = 8) -> tuple[DocumentScores, str]:
+    """Score ``texts`` one document at a time as lm-evaluation-harness does, with any model
+    folder: lmcore's own (``runs/pretrain/final``, with ``tokenizer_dir``) or a Hugging Face causal
+    LM folder (``runs/export`` or any other: through ``transformers``; ``backend="lmcore"`` reads
+    an lmcore export without it). Returns the scores and the backend used."""
+    model_dir = Path(model_dir)
+    cfg = read_config(model_dir)
+    if backend == "auto":
+        backend = "lmcore" if "model" in cfg else "transformers"
+    if backend == "transformers":
+        loaded = load_hf(model_dir)
+        scorer, encode, prefix = loaded.scorer, loaded.encode, loaded.prefix
+    elif backend == "lmcore":
+        tok_path = Path(tokenizer_dir if tokenizer_dir is not None else model_dir)
+        tok_file = tok_path / "tokenizer.json" if tok_path.is_dir() else tok_path
+        model, model_cfg = load_lm(model_dir)
+        tok = tokmod.load(require(tok_file, "tokenizer"))
+        check_tokenizer(model, model_cfg, tok, tok_file, model_dir)
+        scorer, prefix = DecoderScorer(model), special_ids(tok).eot
+
+        def encode(text: str) -> list[int]:
+            with specials_as_text(tok):
+                return tok.encode(text).ids
+    else:
+        raise StageError(f"backend {backend!r}: expected auto, lmcore or transformers")
+    ids = [encode(t) for t in texts]
+    return score_documents(scorer, ids, texts, prefix, batch_size, desc=f"score {model_dir}"), backend
+
+
 # ---------------------------------------------------------------------------------------------
 # the stage
 
@@ -115,9 +170,10 @@ class EvaluateResult:
 
 def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned: Path, tokenizer_dir: Path,
              tasks: Sequence[str], out: Path, metrics: Path,
-             tracking: TrackingConfig = TrackingConfig()) -> EvaluateResult:
+             tracking: TrackingConfig = TrackingConfig(), clean_dir: Path | None = None) -> EvaluateResult:
     """Evaluate the language model (validation split, then ``cfg.texts``) and collect the
-    fine-tuned ``tasks`` (names, in order)."""
+    fine-tuned ``tasks`` (names, in order); ``clean_dir``: the clean stage's folder, whose
+    validation documents ``cfg.document_level`` scores one by one (None: not scored)."""
 
     out = Path(out)
     manifest = load_manifest(tokens_dir)
@@ -140,7 +196,9 @@ def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned:
     params["evaluate.texts"] = json.dumps([t.model_dump() for t in cfg.texts])
     params |= describe_model(model, model_cfg, tok, tok_file)
 
-    read = [tokens_dir, tokenizer_dir, pretrained, *(Path(finetuned) / t for t in tasks)]
+    document_level = cfg.document_level and clean_dir is not None
+    read = [*([clean_dir] if document_level else []), tokens_dir, tokenizer_dir, pretrained,
+            *(Path(finetuned) / t for t in tasks)]
     with stage_run("evaluate", tracking, params, inputs=read,
                    outputs=[out]) as tr:
         # the validation split first: lm.val_bpb is the first key of the metrics file
@@ -157,6 +215,11 @@ def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned:
         rows = [("language model", "validation bits per byte", m["lm.val_bpb"], m["lm.unigram_val_bpb"], "unigram")]
         log.info("evaluate: validation %.4f bits per byte, perplexity %.2f (%d tokens, %d bytes, %d documents)",
                  scored.bpb, math.exp(scored.loss), scored.tokens, scored.bytes, scored.documents)
+        if document_level:
+            docs = score_clean_documents(model, tok, Path(clean_dir), eot, cfg.batch_size, cfg.max_tokens)
+            m |= docs.metrics("lm.val_")
+            log.info("evaluate: validation per document (as lm-evaluation-harness): %.4f bits per byte, word "
+                     "perplexity %.2f (%d documents)", docs.bits_per_byte, docs.word_perplexity, len(docs.bytes))
 
         for text in cfg.texts:  # held-out text, in the order listed
             what = f"evaluate.texts ({text.name})"

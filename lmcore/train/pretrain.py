@@ -232,8 +232,9 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
         val_bpb = bits_per_byte(val_loss, tokens_per_byte)
         result_dir = out / "final"
         final_model = _full_model(model, raw_model, gcfg, build_model, accelerator)
+        # the last logged training loss (a run resumed at its end trains no step of its own)
+        train_loss = next((h["train_loss"] for h in reversed(state.history) if "train_loss" in h), loss_val)
         if accelerator.is_main_process:
-            train_loss = next((h["train_loss"] for h in reversed(state.history) if "train_loss" in h), loss_val)
             extra = {"tokenizer_sha256": manifest["tokenizer_sha256"], "steps": cfg.max_steps}
             save_decoder(final_model, result_dir, extra)
             m = {"train_loss": train_loss, "val_loss": val_loss, "val_bpb": val_bpb,
@@ -253,8 +254,8 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
             final |= {"tokens_per_second_mean": tps_total, "mfu_mean": run_mfu}
             tr.model(result_dir, f"{reg.prefix}-base", final, reg.base_metric, "minimize", step=cfg.max_steps)
         accelerator.wait_for_everyone()
-        return PretrainResult(result_dir, ckpt_dir / f"step-{cfg.max_steps:06d}", cfg.max_steps, start_step, loss_val,
-                              val_loss, val_bpb, tps_total, run_mfu, state.skipped_steps)
+        return PretrainResult(result_dir, ckpt_dir / f"step-{cfg.max_steps:06d}", cfg.max_steps, start_step,
+                              train_loss, val_loss, val_bpb, tps_total, run_mfu, state.skipped_steps)
 
 
 # the history as two tables without empty cells (DVC's plots read an empty cell as 0): one row per

@@ -1,0 +1,60 @@
+"""``lmcore score``: document-level bits per byte, byte and word perplexity of any model folder
+on held-out text, as lm-evaluation-harness computes them (not a stage); the scoring is
+:func:`lmcore.eval.evaluate.score_model_documents`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from lmcore.core.errors import StageError
+
+
+def add_parser(sub: Any) -> None:
+    """The ``score`` subcommand of the ``lmcore`` CLI."""
+    p = sub.add_parser("score", help="bits per byte, byte and word perplexity of any model folder (lmcore's or a "
+                                     "Hugging Face causal LM) on held-out text, per document as lm-evaluation-harness "
+                                     "scores it")
+    p.add_argument("model", help="a model folder: runs/pretrain/final, runs/export, or any Hugging Face causal LM")
+    p.add_argument("--texts", nargs="+", default=["data/clean/validation"],
+                   help="files, folders or globs of text or JSONL (default: the clean validation split)")
+    p.add_argument("--text-field", default="text", help="the JSONL field holding the text (default: text)")
+    p.add_argument("--tokenizer", help="tokenizer.json or its folder, for an lmcore model folder "
+                                       "(default: data/tokenizer for runs/pretrain/final, else the model folder)")
+    p.add_argument("--backend", choices=["auto", "lmcore", "transformers"], default="auto",
+                   help="auto: lmcore's loader for its own model folders, transformers for the rest")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--limit", type=int, help="score the first N documents only")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def main(args: argparse.Namespace) -> int:
+    from lmcore.eval.evaluate import read_documents, score_model_documents  # lazy: loads torch
+
+    root = Path(args.root)
+    try:
+        model = Path(args.model)
+        texts = [t for i, t in zip(range(args.limit or 10**12), read_documents(args.texts, args.text_field))]
+        if not texts:
+            raise StageError(f"{', '.join(args.texts)}: no documents to score")
+        tok = args.tokenizer
+        if tok is None and not (model / "tokenizer.json").exists():
+            tok = root / "data/tokenizer"
+        scores, backend = score_model_documents(model, texts, tok, args.backend, args.batch_size)
+    except StageError as e:
+        print(f"lmcore score: error: {e}", file=sys.stderr)
+        return 2
+    out = {"model": str(model), "backend": backend, "documents": len(texts), "tokens": sum(scores.tokens),
+           "bytes": sum(scores.bytes), "words": sum(scores.words), "loglikelihood": sum(scores.loglikelihoods),
+           "bits_per_byte": scores.bits_per_byte, "byte_perplexity": scores.byte_perplexity,
+           "word_perplexity": scores.word_perplexity}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{model} ({backend}): {out['documents']} documents, {out['tokens']:,} tokens, {out['bytes']:,} bytes, "
+              f"{out['words']:,} words\n  bits per byte {out['bits_per_byte']:.6f}  byte perplexity "
+              f"{out['byte_perplexity']:.6f}  word perplexity {out['word_perplexity']:.4f}")
+    return 0
