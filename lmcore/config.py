@@ -775,6 +775,15 @@ class FinetuneHyper(Section):
     is skipped)."""
     seed: int = 1337
     """Seed for the head and the batch order."""
+    seeds: int = Field(default=1, ge=1)
+    """Fine-tune this many times, with seeds ``seed``, ``seed + 1``, ...: the task's metrics are
+    then the mean over seeds (each seed keeps its own best epoch), with ``<metric>_std`` (sample
+    standard deviation) and ``score_seed_<seed>``; the model kept (and its test predictions) is
+    the first seed's. Small tasks (RTE, MRPC, CoLA, STS-B) move by points from seed to seed."""
+    scratch_baseline: bool = True
+    """Also fine-tune the same architecture from random initialisation, with the same settings
+    and budget: what pretraining bought, reported as ``scratch_<metric>`` beside the majority
+    class and bag-of-words (one more fine-tuning of the task: turn it off for large tasks)."""
 
 
 def _overrides(model: type[Section], name: str, doc: str) -> type[Section]:

@@ -173,8 +173,9 @@ def _facts(run: Any) -> Iterator[str]:
                f"{p.get('pretrain.max_steps', '?')} steps at lr {p.get('pretrain.lr', '?')}; "
                f"val bpb {m.get('val_bpb', nan):.4f}")
     elif stage == "finetune":
+        scratch = f", from scratch {m['scratch_score']:.4f}" if "scratch_score" in m else ""
         yield (f"task {run.data.tags.get('lmcore.task', '?')}: score {m.get('score', nan):.4f} "
-               f"(majority {m.get('majority_score', nan):.4f}, bag-of-words {m.get('bow_score', nan):.4f})")
+               f"(majority {m.get('majority_score', nan):.4f}, bag-of-words {m.get('bow_score', nan):.4f}{scratch})")
     elif stage == "evaluate":
         tasks = sorted(k.removesuffix(".score") for k in m if k.endswith(".score") and k != "glue.score")
         scores = ", ".join(f"{t} {m[t + '.score']:.4f}" for t in tasks)

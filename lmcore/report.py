@@ -172,11 +172,11 @@ def _training_section(layout: Layout, curves: bytes | None) -> str:
     rows = []
     for f in fine:
         r = _read_json(f) or {}
-        rows.append([f.stem, r.get("score", ""), r.get("majority_score", ""), r.get("bow_score", ""),
-                     r.get("best_epoch", ""), r.get("train_examples", "")])
+        rows.append([f.stem, r.get("score", ""), r.get("scratch_score", ""), r.get("majority_score", ""),
+                     r.get("bow_score", ""), r.get("best_epoch", ""), r.get("train_examples", "")])
     if rows:
-        parts.append("<h3>Fine-tuning</h3>" + _table(["task", "score", "majority", "bag of words", "best epoch",
-                                                     "train examples"], rows))
+        parts.append("<h3>Fine-tuning</h3>" + _table(["task", "score", "from scratch", "majority", "bag of words",
+                                                     "best epoch", "train examples"], rows))
     return "\n".join(parts) or '<p class="missing">no pretraining yet (metrics/pretrain.json is missing)</p>'
 
 

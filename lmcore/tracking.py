@@ -710,7 +710,8 @@ def promote(cfg: TrackingConfig, name: str, version: str | None = None) -> tuple
     way = "lower" if goal == "minimize" else "higher"
     cmp = f"{metric} {new:.4f} against {old:.4f} of version {champion.version} ({way} is better)"
     if not better:
-        return False, f"{name} version {mv.version} stays candidate: {cmp}"
+        held = "stays candidate" if "candidate" in (mv.aliases or []) else "is not promoted"
+        return False, f"{name} version {mv.version} {held}: {cmp}"
     client.set_registered_model_alias(name, "champion", mv.version)
     return True, f"{name} version {mv.version} is now champion: {cmp}"
 

@@ -502,7 +502,7 @@ def test_finetune_one_task_at_a_time_then_evaluate_collects_score_and_zip(tmp_pa
     from lmcore.train.finetune import finetune
 
     cfg = FinetuneConfig(mixed_precision="no", defaults={"epochs": 1, "batch_size": 2, "max_length": 32},
-                         tasks={"mnli": {"epochs": 2}, "stsb": {}, "cola": None})
+                         tasks={"mnli": {"epochs": 2}, "stsb": {"scratch_baseline": False}, "cola": None})
     out = tmp_path / "runs/finetune"
     results = {}
     for task in ("mnli", "stsb", "cola"):
@@ -516,6 +516,9 @@ def test_finetune_one_task_at_a_time_then_evaluate_collects_score_and_zip(tmp_pa
     assert m["score"] == pytest.approx((m["accuracy_matched"] + m["accuracy_mismatched"]) / 2)
     assert m["best_epoch"] in (1, 2) and m["score"] == max(h["score"] for h in res["history"])
     assert {"majority_accuracy_matched", "majority_score", "bow_accuracy_mismatched", "bow_score"} <= set(m)
+    # the same fine-tuning from random weights, beside it (on by default; off for stsb here)
+    assert {"scratch_accuracy_matched", "scratch_accuracy_mismatched", "scratch_score", "scratch_best_epoch"} <= set(m)
+    assert not any(k.startswith("scratch_") for k in json.loads((out / "stsb/results.json").read_text())["metrics"])
     assert res["submissions"] == {"test_matched": "submission/MNLI-m.tsv", "test_mismatched": "submission/MNLI-mm.tsv",
                                   "test_ax": "submission/AX.tsv"}
     ax = (out / "mnli/submission/AX.tsv").read_text().splitlines()
@@ -532,8 +535,33 @@ def test_finetune_one_task_at_a_time_then_evaluate_collects_score_and_zip(tmp_pa
     assert metrics["glue.score"] == pytest.approx(sum(scores.values()) / 3) and metrics["glue.tasks"] == 3
     assert metrics["mnli.score"] == scores["mnli"] and "mnli.bow_accuracy_matched" in metrics
     assert math.isfinite(metrics["stsb.pearson"]) and "cola.majority_matthews" in metrics
+    assert metrics["mnli.scratch_accuracy_matched"] == m["scratch_accuracy_matched"] and "stsb.scratch_pearson" not in metrics
+    assert ("mnli", "accuracy_matched", m["accuracy_matched"], m["scratch_accuracy_matched"], "from scratch") in rows
     names = glue.write_submission_zip(files, tmp_path / "glue_submission.zip")
     assert names == ["CoLA.tsv", "STS-B.tsv", "MNLI-m.tsv", "MNLI-mm.tsv", "AX.tsv"]
+
+
+def test_finetune_with_several_seeds_reports_their_mean_spread_and_each_score(tmp_path, glue_dir, backbone):
+    from lmcore.eval.evaluate import task_results
+    from lmcore.train.finetune import finetune
+
+    cfg = FinetuneConfig(mixed_precision="no", defaults={"epochs": 1, "batch_size": 2, "max_length": 32, "seeds": 3})
+    folder = _prepare(glue_dir, tmp_path / "raw", "rte")
+    got = finetune(cfg, folder, backbone / "pretrained", backbone / "tokenizer", tmp_path / "out/rte",
+                   tmp_path / "rte.json", OFF)
+    res = json.loads((tmp_path / "out/rte/results.json").read_text())
+    m = res["metrics"]
+    assert [r["seed"] for r in res["seeds"]] == [1337, 1338, 1339]
+    each = [r["score"] for r in res["seeds"]]
+    assert [m[f"score_seed_{s}"] for s in (1337, 1338, 1339)] == each
+    assert m["score"] == pytest.approx(sum(each) / 3) == got.score
+    assert m["accuracy"] == pytest.approx(sum(r["metrics"]["accuracy"] for r in res["seeds"]) / 3)
+    mean = sum(each) / 3
+    assert m["score_std"] == pytest.approx((sum((x - mean) ** 2 for x in each) / 2) ** 0.5)
+    assert {"scratch_score", "scratch_score_std", "scratch_score_seed_1339"} <= set(m)  # from scratch per seed too
+    metrics, rows, _ = task_results(tmp_path / "out", ["rte"])
+    assert metrics["rte.score_std"] == m["score_std"]
+    assert ("rte", "score std over 3 seeds", m["score_std"]) in [r[:3] for r in rows]
 
 
 def test_finetune_stage_refuses_a_task_that_is_not_listed(tmp_path):

@@ -1,7 +1,7 @@
 """Task metrics of the evaluate stage: what fine-tuning measured, beside its baselines.
 
 :func:`task_results` reads every fine-tuned task's ``runs/finetune/<task>/results.json`` (the best
-epoch's validation metrics, its majority-class and bag-of-words baselines) and the GLUE score (mean
+epoch's validation metrics, its majority-class, bag-of-words and from-scratch baselines) and the GLUE score (mean
 of the GLUE task scores); :func:`write_submission` packs the leaderboard prediction files of the
 GLUE tasks into ``glue_submission.zip``, ready to upload.
 """
@@ -20,7 +20,8 @@ SUBMISSION = "glue_submission.zip"
 
 def task_results(finetuned: Path, tasks: Sequence[str]) -> tuple[dict[str, Any], list[tuple], list[Path]]:
     """Metrics of the fine-tuned ``tasks`` (``runs/finetune/<task>/results.json``) as
-    ``<task>.<metric>``, ``<task>.majority_<metric>``, ``<task>.bow_<metric>`` and ``<task>.score``,
+    ``<task>.<metric>``, ``<task>.majority_<metric>``, ``<task>.bow_<metric>``,
+    ``<task>.scratch_<metric>`` (when fine-tuned from random weights too) and ``<task>.score``,
     plus ``glue.score`` (mean of the GLUE task scores) and ``glue.tasks``; report rows; and the
     leaderboard prediction files of the GLUE tasks."""
 
@@ -39,7 +40,14 @@ def task_results(finetuned: Path, tasks: Sequence[str]) -> tuple[dict[str, Any],
             m[f"{task}.bow_{k}"] = r[f"bow_{k}"]
             rows.append((task, k, r[k], r[f"majority_{k}"], "majority class"))
             rows.append((task, k, r[k], r[f"bow_{k}"], "TF-IDF logistic regression" if spec.labels else "TF-IDF ridge"))
+            if f"scratch_{k}" in r:  # finetune.defaults.scratch_baseline
+                m[f"{task}.scratch_{k}"] = r[f"scratch_{k}"]
+                rows.append((task, k, r[k], r[f"scratch_{k}"], "from scratch"))
         m[f"{task}.score"] = scores[task] = r["score"]
+        if "score_std" in r:  # finetune.defaults.seeds > 1: the spread of the score over seeds
+            n = sum(k.startswith("score_seed_") for k in r)
+            m[f"{task}.score_std"] = r["score_std"]
+            rows.append((task, f"score std over {n} seeds", r["score_std"], float("nan"), ""))
         if spec.is_glue:
             files += [folder / f for f in res.get("submissions", {}).values()]
     glue_score = glue.glue_score(scores)

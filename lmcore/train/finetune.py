@@ -218,15 +218,24 @@ NONFINITE_HINT = ("lower finetune.lr or finetune.head_lr, raise finetune.warmup_
 
 
 def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[str, Any]]], tok, pretrained: Path,
-           accelerator, tr) -> tuple[SequenceClassifier, dict[str, Any], int]:
+           accelerator, tr, from_scratch: bool = False, seed: int | None = None,
+           ) -> tuple[SequenceClassifier, dict[str, Any], int]:
     """Train, keep the best epoch's weights; return the model, the best epoch's record, and the
     history of every epoch. A step takes ``grad_accum`` batches of ``batch_size`` examples per
     process (the step of :mod:`lmcore.train.step`: the loss normalised by the examples of the
-    whole step, clipping at ``grad_clip``, non-finite steps skipped)."""
+    whole step, clipping at ``grad_clip``, non-finite steps skipped). ``from_scratch``: the
+    pretrained model's architecture with freshly initialised weights (its metrics are logged
+    as ``scratch_*``). ``seed``: this seed instead of ``hp.seed`` (a seed after the first logs its
+    curves as ``seed<seed>_*``)."""
     pad = special_ids(tok).pad
     backbone = load_decoder(pretrained)
     max_len = min(hp.max_length, backbone.cfg.block_size)
-    torch.manual_seed(hp.seed)
+    first = seed is None or seed == hp.seed
+    seed = hp.seed if seed is None else seed
+    torch.manual_seed(seed)
+    if from_scratch:
+        backbone = Decoder(backbone.cfg)  # the initialisation pretraining starts from
+    prefix = ("scratch_" if from_scratch else "") + ("" if first else f"seed{seed}_")
     model = SequenceClassifier(backbone, spec.num_labels, hp.dropout)
     train = splits["train"]
     train_seqs = encode_examples(tok, train, max_len)
@@ -247,14 +256,16 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
     best: dict[str, Any] = {"score": -math.inf}
     history: list[dict[str, Any]] = []
     state = TrainState()
-    rng = np.random.default_rng(hp.seed)
+    rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     n_tokens = 0
     for epoch in range(1, hp.epochs + 1):
         model.train()
         batches = epoch_batches(train_lengths, hp.batch_size, rng, hp.group_by_length)
         batches = batches[accelerator.process_index :: accelerator.num_processes]
-        bar = tqdm(step_groups(batches, hp.grad_accum), desc=f"finetune {spec.name} epoch {epoch}",
+        bar = tqdm(step_groups(batches, hp.grad_accum),
+                   desc=f"finetune {spec.name}{' from scratch' if from_scratch else ''}"
+                        f"{'' if first else f' seed {seed}'} epoch {epoch}",
                    disable=not accelerator.is_local_main_process, mininterval=2)
         for group in bar:
             micro = [(*collate([train_seqs[i] for i in b], pad), labels[b]) for b in group]
@@ -263,12 +274,14 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
             scheduler.step()
             n_tokens += sum(int(lengths.sum()) for _, lengths, _ in micro)
             if state.step % 20 == 0:
-                tr.metrics({"train_loss": res.loss, "lr": scheduler.get_last_lr()[0]}, step=state.step)
+                tr.metrics({f"{prefix}train_loss": res.loss, f"{prefix}lr": scheduler.get_last_lr()[0]}, step=state.step)
                 bar.set_postfix(loss=f"{res.loss:.3f}")
         scores, score = _evaluate(raw, valid_seqs, pad, spec, valid_labels, accelerator.autocast)
         history.append({"epoch": epoch, "step": state.step, "score": score, **scores})
-        tr.metrics({f"val_{k}": v for k, v in scores.items()} | {"val_score": score}, step=state.step)
-        accelerator.print(f"{spec.name} epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        tr.metrics({f"{prefix}val_{k}": v for k, v in scores.items()} | {f"{prefix}val_score": score}, step=state.step)
+        accelerator.print(f"{spec.name}{' from scratch' if from_scratch else ''}{'' if first else f' seed {seed}'} "
+                          f"epoch {epoch}: "
+                          + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         if score > best["score"]:
             best = {"score": score, "epoch": epoch, "metrics": scores, "state": copy.deepcopy(raw.state_dict())}
     elapsed = time.perf_counter() - t0
@@ -278,6 +291,19 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
                      "train_tokens_per_second": n_tokens * accelerator.num_processes / max(elapsed, 1e-9)}
     best["history"] = history
     return raw, best, max_len
+
+
+def over_seeds(bests: list[dict[str, Any]], seeds: list[int]) -> dict[str, float]:
+    """The best-epoch metrics of one fine-tuning per seed as one record: each metric and the
+    score averaged over seeds; with several seeds also ``<metric>_std`` and ``score_std`` (sample
+    standard deviation) and each seed's ``score_seed_<seed>``."""
+    keys = list(bests[0]["metrics"]) + ["score"]
+    values = {k: [float(b["metrics"][k] if k != "score" else b["score"]) for b in bests] for k in keys}
+    out = {k: float(np.mean(v)) for k, v in values.items()}
+    if len(bests) > 1:
+        out |= {f"{k}_std": float(np.std(v, ddof=1)) for k, v in values.items()}
+        out |= {f"score_seed_{s}": float(b["score"]) for s, b in zip(seeds, bests)}
+    return out
 
 
 def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_dir: Path, out: Path, metrics: Path,
@@ -299,10 +325,17 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
     with stage_run("finetune", tracking, params, active=accelerator.is_main_process, run_name=f"finetune {spec.name}",
                    tags={"lmcore.task": spec.name},
                    inputs=[task_dir, tokenizer_dir, pretrained], outputs=[out], system_metrics=True) as tr:
+        seeds = [hp.seed + i for i in range(hp.seeds)]
         model, best, max_len = _train(hp, spec, splits, tok, Path(pretrained), accelerator, tr)
-        result: dict[str, Any] = {**best["metrics"], "score": best["score"], "best_epoch": best["epoch"],
-                                  **best["speed"]}
+        bests = [best] + [_train(hp, spec, splits, tok, Path(pretrained), accelerator, tr, seed=s)[1]
+                          for s in seeds[1:]]
+        result: dict[str, Any] = {**over_seeds(bests, seeds), "best_epoch": best["epoch"], **best["speed"]}
         result |= baselines(spec, splits)
+        if hp.scratch_baseline:  # the same fine-tuning from random weights: what pretraining bought
+            scratch = [_train(hp, spec, splits, tok, Path(pretrained), accelerator, tr, from_scratch=True, seed=s)[1]
+                       for s in seeds]
+            result |= {f"scratch_{k}": v for k, v in over_seeds(scratch, seeds).items()}
+            result["scratch_best_epoch"] = scratch[0]["epoch"]
 
         pad = tokmod.special_ids(tok).pad
         files: dict[str, str] = {}
@@ -320,7 +353,9 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
             config = {"model": model.backbone.cfg.model_dump(), "task": spec.to_dict(), "dropout": hp.dropout,
                       "max_length": max_len, "best_epoch": best["epoch"]}
             summary = {"task": spec.name, "glue": spec.is_glue, "metrics": result, "history": best["history"],
-                       "hyperparameters": hp.model_dump(), "submissions": files}
+                       "hyperparameters": hp.model_dump(), "submissions": files,
+                       "seeds": [{"seed": sd, "score": b["score"], "best_epoch": b["epoch"], "metrics": b["metrics"]}
+                                 for sd, b in zip(seeds, bests)]}
             with atomic_path(out) as tmp:
                 tmp.mkdir()
                 st_save(model, str(tmp / "model.safetensors"))
@@ -336,6 +371,8 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
                 tr.artifact(out / "submission", "submission")
             reg = tracking.registry
             tr.model(out, f"{reg.prefix}-{spec.name}", result, reg.task_metric, "maximize")
-        accelerator.print(f"{spec.name}: score {best['score']:.4f} (epoch {best['epoch']}); majority "
-                          f"{result['majority_score']:.4f}, bag of words {result['bow_score']:.4f}")
-    return FinetuneResult(spec.name, out, best["score"], result)
+        scratch_note = f", from scratch {result['scratch_score']:.4f}" if "scratch_score" in result else ""
+        spread = f" (mean of {len(seeds)} seeds, std {result['score_std']:.4f})" if len(seeds) > 1 else ""
+        accelerator.print(f"{spec.name}: score {result['score']:.4f}{spread} (epoch {best['epoch']}); majority "
+                          f"{result['majority_score']:.4f}, bag of words {result['bow_score']:.4f}{scratch_note}")
+    return FinetuneResult(spec.name, out, result["score"], result)
