@@ -340,6 +340,16 @@ def test_dvc_repro_end_to_end(tiny_project, tmp_path):
     assert ran(fifth.stdout) == ["finetune@polarity", "evaluate"], fifth.stdout
     runs = mlflow_runs(proj / "mlflow.db")
     assert sum(r.data.tags.get("lmcore.task") == "polarity" for r in runs) == 2
+    # is the new learning rate better, or noise? a paired bootstrap over the same validation units
+    executions = sorted((r for r in runs if r.data.tags.get("lmcore.kind") == "pipeline"
+                         and "lmcore.cached" not in r.data.tags), key=lambda r: r.info.start_time)
+    before, after = (r.data.tags["lmcore.pipeline_key"] for r in executions[-2:])
+    verdict = lmcore(proj, "compare", before, after, "--resamples", "200").splitlines()
+    assert verdict[0].startswith(f"pipeline {before} (") and len(verdict) == 3, verdict
+    # the same pretrained model scored the same windows: no difference at all
+    assert verdict[1].startswith("validation bits per byte (document level): ") and "+0.0000, +0.0000]" in verdict[1]
+    assert "within noise" in verdict[1] and "windows" in verdict[1]
+    assert verdict[2].startswith("polarity score: ") and "validation examples, 200 paired resamples" in verdict[2]
 
     # an experiment variant through `dvc exp run -S` (needs a commit to branch from): changing
     # one evaluate param reruns evaluate alone

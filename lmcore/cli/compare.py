@@ -27,12 +27,17 @@ def add_parser(sub: Any) -> None:
                         "(default: val_bpb)")
     p.add_argument("--out", help="output folder (default: runs/compare under --root)")
     p.add_argument("--runs", type=int, default=20, help="the most recent N runs (default: 20; 0: all)")
+    p.add_argument("pair", nargs="*", metavar="RUN",
+                   help="two pipeline runs (keys or run ids): say whether B differs from A beyond noise (a paired "
+                        "bootstrap over validation windows and examples) instead of the table")
+    p.add_argument("--resamples", type=int, default=2000, help="paired bootstrap resamples (default: 2000)")
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence of the interval (default: 0.95)")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``lmcore compare`` from parsed arguments (also reads ``args.params`` and ``args.root``)."""
     # lazy: the CLI loads a command's code (MLflow, matplotlib) only when that command runs
-    from lmcore.eval.compare import compare
+    from lmcore.eval.compare import compare, noise
 
     try:
         tracking = TrackingConfig()
@@ -41,8 +46,13 @@ def main(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else Path(args.root) / "runs/compare"
         if args.runs < 0:
             raise StageError(f"--runs = {args.runs}: give a number of runs, or 0 for all")
-        res = compare(args.experiment or tracking.experiment, args.tracking_uri or tracking.tracking_uri,
-                      args.metric, out, args.runs or None)
+        experiment, uri = args.experiment or tracking.experiment, args.tracking_uri or tracking.tracking_uri
+        if args.pair:
+            if len(args.pair) != 2:
+                raise StageError(f"give two runs to test against each other, not {len(args.pair)}")
+            print("\n".join(noise(experiment, uri, *args.pair, args.resamples, args.confidence)))
+            return 0
+        res = compare(experiment, uri, args.metric, out, args.runs or None)
     except (ConfigError, StageError) as e:
         print(f"lmcore compare: error: {e}", file=sys.stderr)
         return 2

@@ -22,13 +22,19 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import re
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, write_text
+from lmcore.data import glue
+from lmcore.eval.bootstrap import bits_per_byte_stat, paired_bootstrap, same_windows
 
 STAGE_ORDER = ["prepare", "clean", "tokenizer", "encode", "pretrain", "export", "finetune", "evaluate"]
 COMPARED = {"pretrain", "evaluate", "finetune"}  # a run shows up when one of these ran in it
@@ -346,3 +352,97 @@ def compare(experiment: str, tracking_uri: str, metric: str = "val_bpb", out: Pa
     write_text(out / "compare.md", md)
     plotted = plot_histories(client, runs, out / "val_bpb.png")
     return CompareResult(table, out / "compare.md", out / "val_bpb.png", runs, plotted)
+
+
+# ---------------------------------------------------------------------------------------------
+# two runs: a difference or noise
+
+
+def _find(runs: list[PipelineRun], what: str) -> PipelineRun:
+    for r in runs:
+        if what in (r.run_id, r.name, r.name.removeprefix("pipeline ")) or any(
+                s.info.run_id == what for s in r.stages.values()):
+            return r
+    raise StageError(f"{what}: no pipeline run (key, parent run id or stage run id) in this experiment")
+
+
+def _stage(client, run: PipelineRun, key: str, output: str) -> Any | None:
+    """The stage run ``key`` of ``run``, or the run that produced ``output`` when the execution
+    reused it from a cache (its parent's ``lmcore.produced_by.<output>`` tag)."""
+    if key in run.stages:
+        return run.stages[key]
+    produced = client.get_run(run.run_id).data.tags.get(f"lmcore.produced_by.{output}")
+    return client.get_run(produced) if produced and produced != "unknown" else None
+
+
+def _artifact(client, run: Any, name: str, tmp: Path) -> Any | None:
+    from mlflow.exceptions import MlflowException  # lazy: as compare()
+
+    try:
+        path = client.download_artifacts(run.info.run_id, name, str(tmp))
+    except (MlflowException, OSError):
+        return None
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _task_stat(spec: Any, table: dict[str, Any]) -> tuple[int, Any]:
+    """Units (every validation example of every split) and the task score of a resample."""
+    splits = list(table["splits"])
+    sizes = [len(table["splits"][s]["labels"]) for s in splits]
+    offsets = np.cumsum([0] + sizes)
+    preds = {s: np.asarray(table["splits"][s]["predictions"], dtype=float) for s in splits}
+    labels = {s: np.asarray(table["splits"][s]["labels"], dtype=float) for s in splits}
+
+    def stat(idx: Any) -> float:
+        p, y = {}, {}
+        for k, s in enumerate(splits):
+            local = idx[(idx >= offsets[k]) & (idx < offsets[k + 1])] - offsets[k]
+            p[s], y[s] = preds[s][local].tolist(), labels[s][local].tolist()
+        return glue.task_score(spec, glue.evaluate_splits(spec, p, y))
+
+    return int(offsets[-1]), stat
+
+
+def noise(experiment: str, tracking_uri: str, a: str, b: str, resamples: int = 2000,
+          confidence: float = 0.95) -> list[str]:
+    """Whether run ``b`` differs from run ``a`` beyond noise: a paired bootstrap
+    (:mod:`lmcore.eval.bootstrap`) of validation bits per byte over the evaluate stage's windows
+    and of each task's score over its validation examples. One line per metric (or why it could
+    not be tested)."""
+    from mlflow import MlflowClient  # lazy: as compare()
+
+    client = MlflowClient(tracking_uri=resolve_uri(tracking_uri))
+    runs = pipeline_runs(client, experiment)
+    ra, rb = _find(runs, a), _find(runs, b)
+    lines = [f"{ra.name} ({ra.run_id[:8]}) -> {rb.name} ({rb.run_id[:8]}): b - a, paired bootstrap"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ea, eb = (_stage(client, r, "evaluate", "runs/evaluate") for r in (ra, rb))
+        wa = _artifact(client, ea, "windows.json", Path(tmp) / "a") if ea else None
+        wb = _artifact(client, eb, "windows.json", Path(tmp) / "b") if eb else None
+        if wa is None or wb is None:
+            lines.append("validation bits per byte: not tested (an evaluate run without windows.json: "
+                         "evaluate.document_level off, or made before lmcore logged it)")
+        elif not same_windows(wa, wb):
+            lines.append("validation bits per byte: not tested (the runs scored different windows: another "
+                         "tokenizer, context or validation split; compare lm.val_bpb directly)")
+        else:
+            lines.append(paired_bootstrap("validation bits per byte (document level)", bits_per_byte_stat(wa),
+                                          bits_per_byte_stat(wb), len(wa["nll"]), "windows", resamples,
+                                          confidence).line())
+        tasks = sorted({k.split(":", 1)[1] for r in (ra, rb) for k in r.stages if k.startswith("finetune:")})
+        for task in tasks:
+            fa, fb = (_stage(client, r, f"finetune:{task}", f"runs/finetune/{task}") for r in (ra, rb))
+            pa = _artifact(client, fa, "validation_predictions.json", Path(tmp) / f"a-{task}") if fa else None
+            pb = _artifact(client, fb, "validation_predictions.json", Path(tmp) / f"b-{task}") if fb else None
+            if pa is None or pb is None:
+                lines.append(f"{task} score: not tested (a fine-tuning run without validation_predictions.json)")
+                continue
+            if [pa["splits"][s]["labels"] for s in pa["splits"]] != [pb["splits"][s]["labels"] for s in pb["splits"]]:
+                lines.append(f"{task} score: not tested (the runs were validated on different examples)")
+                continue
+            spec = glue.TaskSpec.from_dict(pa["task"])
+            n, stat_a = _task_stat(spec, pa)
+            _, stat_b = _task_stat(spec, pb)
+            lines.append(paired_bootstrap(f"{task} score", stat_a, stat_b, n, "validation examples", resamples,
+                                          confidence).line())
+    return lines

@@ -50,6 +50,8 @@ from lmcore.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
+WINDOWS = "windows.json"  # per-window NLL and bytes of the document-level pass (lmcore compare A B)
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +217,7 @@ def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned:
         rows = [("language model", "validation bits per byte", m["lm.val_bpb"], m["lm.unigram_val_bpb"], "unigram")]
         log.info("evaluate: validation %.4f bits per byte, perplexity %.2f (%d tokens, %d bytes, %d documents)",
                  scored.bpb, math.exp(scored.loss), scored.tokens, scored.bytes, scored.documents)
+        docs = None
         if document_level:
             docs = score_clean_documents(model, tok, Path(clean_dir), eot, cfg.batch_size, cfg.max_tokens)
             m |= docs.metrics("lm.val_")
@@ -243,6 +246,8 @@ def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned:
             tmp.mkdir()
             (tmp / "report.md").write_text(report_table(rows))
             (tmp / "samples.md").write_text(sampled)
+            if docs is not None:  # the units lmcore compare resamples to tell a difference from noise
+                (tmp / WINDOWS).write_text(json.dumps(docs.window_table()) + "\n")
             if submission:  # the leaderboard upload: CoLA.tsv, ..., AX.tsv of the GLUE tasks fine-tuned
                 m["glue.submission_files"] = write_submission(submission, tmp)
         # flat keys in this order (not sorted): `dvc metrics show/diff` and readers see lm.val_bpb first
@@ -250,6 +255,8 @@ def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned:
         tr.metrics({k: v for k, v in m.items() if isinstance(v, (int, float))})
         tr.artifact(out / "report.md")
         tr.artifact(out / "samples.md")
+        if docs is not None:
+            tr.artifact(out / WINDOWS)
         if submission:
             tr.artifact(out / SUBMISSION)
         return EvaluateResult(m, out / "report.md")

@@ -102,6 +102,16 @@ class DocumentScores:
     bytes: list[int]
     words: list[int]
     tokens: list[int]
+    windows: list[tuple[int, float, int]] = dataclasses.field(default_factory=list)
+    """``(document, negative log-likelihood in nats, tokens predicted)`` of every window, in
+    document order: the units a paired bootstrap resamples (:mod:`lmcore.eval.bootstrap`)."""
+
+    def window_table(self) -> dict[str, list]:
+        """The windows as columns, each with its share of its document's bytes (in proportion to
+        the tokens it predicts): ``document``, ``nll``, ``tokens``, ``bytes``."""
+        doc, nll, tok = (list(c) for c in zip(*self.windows)) if self.windows else ([], [], [])
+        share = [self.bytes[d] * t / max(self.tokens[d], 1) for d, t in zip(doc, tok)]
+        return {"document": doc, "nll": nll, "tokens": tok, "bytes": share}
 
     @property
     def bits_per_byte(self) -> float:
@@ -129,10 +139,11 @@ def score_documents(scorer: Any, token_lists: Iterable[Sequence[int]], texts: Se
     token_lists = [list(t) for t in token_lists]
     if len(token_lists) != len(texts):
         raise StageError(f"{len(token_lists)} token lists for {len(texts)} texts")
-    jobs = [(d, ctx, cont) for d, toks in enumerate(token_lists)
-            for ctx, cont in rolling_windows(toks, prefix, scorer.max_len)]
-    jobs.sort(key=lambda j: -(len(j[1]) + len(j[2])))  # similar lengths together: less padding
+    jobs = [(d, w, ctx, cont) for d, toks in enumerate(token_lists)
+            for w, (ctx, cont) in enumerate(rolling_windows(toks, prefix, scorer.max_len))]
+    jobs.sort(key=lambda j: -(len(j[2]) + len(j[3])))  # similar lengths together: less padding
     ll = [0.0] * len(texts)
+    per_window: list[tuple[int, int, float, int]] = []
     device = next(scorer.model.parameters()).device
     t0 = time.perf_counter()
     n_tokens = sum(len(t) for t in token_lists)
@@ -140,23 +151,25 @@ def score_documents(scorer: Any, token_lists: Iterable[Sequence[int]], texts: Se
               disable=desc is None) as bar:
         for i in range(0, len(jobs), batch_size):
             chunk = jobs[i : i + batch_size]
-            width = max(len(c) + len(t) - 1 for _, c, t in chunk)
+            width = max(len(c) + len(t) - 1 for _, _, c, t in chunk)
             x = torch.zeros((len(chunk), width), dtype=torch.long)
             y = torch.full((len(chunk), width), -100, dtype=torch.long)
-            for r, (_, ctx, cont) in enumerate(chunk):
+            for r, (_, _, ctx, cont) in enumerate(chunk):
                 seq = (ctx + cont)[:-1]
                 x[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
                 y[r, len(seq) - len(cont) : len(seq)] = torch.tensor(cont, dtype=torch.long)
             nll = scorer.nll(x.to(device), y.to(device)).cpu().tolist()
-            for (d, _, cont), v in zip(chunk, nll):
+            for (d, w, _, cont), v in zip(chunk, nll):
                 ll[d] -= v
+                per_window.append((d, w, v, len(cont)))
                 bar.update(len(cont))
     if desc is not None:
         secs = time.perf_counter() - t0
         log.info("%s: %d documents, %d tokens in %d windows in %.1f s (%.0f tokens/s)", desc, len(texts), n_tokens,
                  len(jobs), secs, n_tokens / max(secs, 1e-9))
+    per_window.sort()  # by document, then window: the same order in every run on the same tokens
     return DocumentScores(ll, [len(t.encode("utf-8")) for t in texts], [count_words(t) for t in texts],
-                          [len(t) for t in token_lists])
+                          [len(t) for t in token_lists], [(d, v, n) for d, _, v, n in per_window])
 
 
 # ---------------------------------------------------------------------------------------------

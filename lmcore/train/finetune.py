@@ -213,6 +213,8 @@ class ExampleLoss:
         return F.mse_loss(logits[:, 0], y) if self.regression else F.cross_entropy(logits, y)
 
 
+PREDICTIONS = "validation_predictions.json"  # {task: spec, splits: {split: {labels, predictions}}}, kept model
+
 NONFINITE_HINT = ("lower finetune.lr or finetune.head_lr, raise finetune.warmup_fraction or use "
                   "finetune.mixed_precision: 'no'")
 
@@ -338,6 +340,13 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
             result["scratch_best_epoch"] = scratch[0]["epoch"]
 
         pad = tokmod.special_ids(tok).pad
+        # the kept model's validation predictions: the units lmcore compare resamples
+        predictions: dict[str, Any] = {"task": spec.to_dict(), "splits": {}}
+        for split in spec.validation_splits:
+            seqs = encode_examples(tok, splits[split], max_len)
+            predictions["splits"][split] = {"labels": [e["label"] for e in splits[split]],
+                                            "predictions": predict(model, seqs, pad, spec.is_regression,
+                                                                   autocast=accelerator.autocast)}
         files: dict[str, str] = {}
         tables: dict[str, str] = {}
         for split, stem in spec.submissions:
@@ -361,12 +370,14 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
                 st_save(model, str(tmp / "model.safetensors"))
                 (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
                 (tmp / "results.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+                (tmp / PREDICTIONS).write_text(json.dumps(predictions) + "\n")
                 if tables:
                     (tmp / "submission").mkdir()
                     for name, text in tables.items():
                         (tmp / "submission" / name).write_text(text, encoding="utf-8")
             write_json(metrics, result)
             tr.artifact(out / "results.json")
+            tr.artifact(out / PREDICTIONS)
             if tables:
                 tr.artifact(out / "submission", "submission")
             reg = tracking.registry
