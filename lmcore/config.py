@@ -911,6 +911,12 @@ class EvaluateConfig(EvaluateSampling):  # type: ignore[valid-type,misc]
     """Also score each validation document on its own as lm-evaluation-harness does (rolling
     windows from one prefix token, :mod:`lmcore.eval.harness`): ``lm.val_doc_bpb``,
     ``lm.val_byte_perplexity``, ``lm.val_word_perplexity``; one more pass over the split."""
+    zero_shot: bool = True
+    """Also score the pretrained model (not fine-tuned) on every task's validation split by
+    log-likelihood of each label's word after lm-evaluation-harness's prompt
+    (:mod:`lmcore.eval.zeroshot`): ``<task>.zeroshot_acc``, ``zeroshot_acc_norm``,
+    ``zeroshot_score``, reported beside the fine-tuned score. Tasks without a template
+    (regression, local tasks) are skipped and named in the log."""
     texts: list[HeldOutText] = []
     """More held-out text to score with the same model, tokenizer and windows, e.g.
     ``[{name: sonnets, paths: [data/heldout/sonnets.txt]}]``; reported as ``lm.<name>.*`` after

@@ -172,8 +172,9 @@ def _training_section(layout: Layout, curves: bytes | None) -> str:
     rows = []
     for f in fine:
         r = _read_json(f) or {}
+        full = (_read_json(layout / "runs/finetune" / f.stem / "results.json") or {}).get("metrics", {})
         rows.append([f.stem, r.get("score", ""), r.get("scratch_score", ""), r.get("majority_score", ""),
-                     r.get("bow_score", ""), r.get("best_epoch", ""), r.get("train_examples", "")])
+                     r.get("bow_score", ""), r.get("best_epoch", ""), full.get("train_examples", "")])
     if rows:
         parts.append("<h3>Fine-tuning</h3>" + _table(["task", "score", "from scratch", "majority", "bag of words",
                                                      "best epoch", "train examples"], rows))

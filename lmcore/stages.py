@@ -76,7 +76,7 @@ def _evaluate(p: Params, L: Layout) -> Any:
     from lmcore.eval.evaluate import evaluate  # lazy: each stage loads only its own code
 
     return evaluate(p.evaluate, L.tokens, L.pretrained, L.finetune, L.tokenizer, p.prepare.tasks.tasks, L.evaluate,
-                    L.metrics("evaluate"), p.tracking, clean_dir=L.clean)
+                    L.metrics("evaluate"), p.tracking, clean_dir=L.clean, tasks_dir=L / "data/raw/tasks")
 
 
 ITEM = "${item}"
@@ -155,7 +155,8 @@ STAGE_IO: dict[str, StageIO] = {
                         metrics=(f"metrics/finetune/{ITEM}.json",), launched=True),
     # reads every task's results and prediction files (GLUE score, submission zip) for the listed tasks
     "evaluate": StageIO(("evaluate", "prepare.tasks.tasks"),
-                        ("data/clean", "data/tokens", "data/tokenizer", "runs/pretrain/final", "runs/finetune"),
+                        ("data/clean", "data/raw/tasks", "data/tokens", "data/tokenizer", "runs/pretrain/final",
+                         "runs/finetune"),
                         ("runs/evaluate",)),
 }
 """Each stage's params keys, data dependencies and outputs. ``dvc.yaml`` declares the same, with

@@ -159,6 +159,11 @@ def test_dvc_repro_end_to_end(tiny_project, tmp_path):
     assert scored["backend"] == "transformers" and scored["documents"] == ev["lm.val_doc_documents"]
     assert abs(scored["bits_per_byte"] - ev["lm.val_doc_bpb"]) < 1e-5 * ev["lm.val_doc_bpb"]
     assert abs(scored["word_perplexity"] - ev["lm.val_word_perplexity"]) < 1e-4 * ev["lm.val_word_perplexity"]
+    # the pretrained model zero-shot on the task, beside the fine-tuned score; the export gives the same
+    assert 0 <= ev["sst2.zeroshot_acc"] <= 1 and 0 <= ev["sst2.zeroshot_acc_norm"] <= 1
+    assert "zero-shot, pretrained model" in (proj / "runs/evaluate/report.md").read_text()
+    zs = json.loads(lmcore(proj, "score", "runs/export", "--task", "data/raw/tasks/sst2", "--json"))
+    assert zs["backend"] == "transformers" and zs["acc"] == ev["sst2.zeroshot_acc"]
     assert 0.0 <= ev["sst2.accuracy"] <= 1.0
     assert ev["glue.score"] == ev["sst2.score"] == ft["score"] and ev["glue.tasks"] == 1
     assert ev["sst2.bow_accuracy"] == ft["bow_accuracy"] and ev["glue.submission_files"] == 1
@@ -192,8 +197,9 @@ def test_dvc_repro_end_to_end(tiny_project, tmp_path):
 
     tokens = datasets(by_stage["encode"], "output")["data/tokens"]
     assert datasets(by_stage["pretrain"], "input")["data/tokens"] == tokens
-    assert set(datasets(by_stage["evaluate"], "input")) == {"data/clean", "data/tokens", "data/tokenizer",
-                                                           "runs/pretrain/final", "runs/finetune/sst2"}
+    assert set(datasets(by_stage["evaluate"], "input")) == {"data/clean", "data/raw/tasks/sst2", "data/tokens",
+                                                           "data/tokenizer", "runs/pretrain/final",
+                                                           "runs/finetune/sst2"}
     assert by_stage["pretrain"].data.tags["lmcore.params_sha256"] == hashlib.sha256(
         (proj / "params.yaml").read_bytes()).hexdigest()
 

@@ -28,15 +28,25 @@ def add_parser(sub: Any) -> None:
                    help="auto: lmcore's loader for its own model folders, transformers for the rest")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--limit", type=int, help="score the first N documents only")
+    p.add_argument("--task", help="instead of text: zero-shot scores on a prepared task folder "
+                                  "(data/raw/tasks/<task>), by log-likelihood after lm-evaluation-harness's prompt")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def main(args: argparse.Namespace) -> int:
-    from lmcore.eval.evaluate import read_documents, score_model_documents  # lazy: loads torch
+    from lmcore.eval.evaluate import read_documents, score_model_documents, zero_shot_model  # lazy: loads torch
 
     root = Path(args.root)
     try:
         model = Path(args.model)
+        if args.task:
+            tok = args.tokenizer or (None if (model / "tokenizer.json").exists() else root / "data/tokenizer")
+            z, backend = zero_shot_model(model, args.task, tok, args.backend)
+            z = {"model": str(model), "backend": backend, "task": args.task, **z}
+            print(json.dumps(z) if args.json else f"{model} ({backend}) on {args.task}, zero-shot: "
+                  + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in z.items()
+                              if k not in ("model", "backend", "task")))
+            return 0
         texts = [t for i, t in zip(range(args.limit or 10**12), read_documents(args.texts, args.text_field))]
         if not texts:
             raise StageError(f"{', '.join(args.texts)}: no documents to score")

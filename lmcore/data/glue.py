@@ -28,7 +28,7 @@ from typing import Any
 
 from lmcore.core import readers
 from lmcore.core.errors import StageError
-from lmcore.core.io import atomic_path, read_jsonl_lines
+from lmcore.core.io import atomic_path, read_json, read_jsonl, read_jsonl_lines
 
 # the task registry, re-exported: lmcore.data.glue is where tasks are loaded and scored
 from lmcore.core.task_specs import BINARY as BINARY
@@ -432,3 +432,17 @@ def write_submission_zip(files: Sequence[Path], out: Path) -> list[str]:
             info.external_attr = 0o644 << 16
             z.writestr(info, by_name[name].read_bytes())
     return names
+
+
+def load_task(folder: Path) -> tuple[TaskSpec, dict[str, list[dict[str, Any]]]]:
+    """A prepared task folder (``data/raw/tasks/<task>``, what ``prepare`` writes): its spec
+    (``task.json``) and its splits (``<split>.jsonl``)."""
+    folder = Path(folder)
+    spec = TaskSpec.from_dict(read_json(folder / "task.json"))
+    splits = {p.stem: list(read_jsonl(p)) for p in sorted(folder.glob("*.jsonl"))}
+    if not splits.get("train"):
+        raise StageError(f"{folder}/train.jsonl: no training examples")
+    for name in spec.validation_splits:
+        if not splits.get(name):
+            raise StageError(f"{folder}/{name}.jsonl: no validation examples")
+    return spec, splits

@@ -37,6 +37,7 @@ from lmcore.config import EvaluateConfig, TrackingConfig, flatten
 from lmcore.core import readers
 from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, iter_field, require, split_shards, write_text
+from lmcore.data import glue
 from lmcore.data import tokenizer as tokmod
 from lmcore.data.tokenizer import special_ids
 from lmcore.data.encode import load_manifest, load_tokens, specials_as_text
@@ -45,6 +46,7 @@ from lmcore.eval.report import describe_model, report_table, samples
 from lmcore.eval.scored import score_split, score_texts
 from lmcore.eval.tasks import SUBMISSION, task_results, write_submission
 from lmcore.eval.unigram import unigram_logp
+from lmcore.eval.zeroshot import TEMPLATES, zero_shot
 from lmcore.model.folder import check_tokenizer, load_lm, read_config
 from lmcore.tracking import stage_run
 
@@ -130,34 +132,77 @@ def score_clean_documents(model, tok, clean_dir: Path, eot: int, batch_size: int
     return score_documents(DecoderScorer(model), ids, texts, eot, batch_size, desc="evaluate: per document")
 
 
-def score_model_documents(model_dir: str | Path, texts: Sequence[str], tokenizer_dir: str | Path | None = None,
-                          backend: str = "auto", batch_size: int = 8) -> tuple[DocumentScores, str]:
-    """Score ``texts`` one document at a time as lm-evaluation-harness does, with any model
-    folder: lmcore's own (``runs/pretrain/final``, with ``tokenizer_dir``) or a Hugging Face causal
-    LM folder (``runs/export`` or any other: through ``transformers``; ``backend="lmcore"`` reads
-    an lmcore export without it). Returns the scores and the backend used."""
+def load_scorer(model_dir: str | Path, tokenizer_dir: str | Path | None = None,
+                backend: str = "auto") -> tuple[Any, Any, int, str]:
+    """``(scorer, encode, prefix token, backend)`` of any model folder: lmcore's own
+    (``runs/pretrain/final``, with ``tokenizer_dir``) or a Hugging Face causal LM folder
+    (``runs/export`` or any other: through ``transformers``; ``backend="lmcore"`` reads an lmcore
+    export without it)."""
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
     if backend == "auto":
         backend = "lmcore" if "model" in cfg else "transformers"
     if backend == "transformers":
         loaded = load_hf(model_dir)
-        scorer, encode, prefix = loaded.scorer, loaded.encode, loaded.prefix
-    elif backend == "lmcore":
-        tok_path = Path(tokenizer_dir if tokenizer_dir is not None else model_dir)
-        tok_file = tok_path / "tokenizer.json" if tok_path.is_dir() else tok_path
-        model, model_cfg = load_lm(model_dir)
-        tok = tokmod.load(require(tok_file, "tokenizer"))
-        check_tokenizer(model, model_cfg, tok, tok_file, model_dir)
-        scorer, prefix = DecoderScorer(model), special_ids(tok).eot
-
-        def encode(text: str) -> list[int]:
-            with specials_as_text(tok):
-                return tok.encode(text).ids
-    else:
+        return loaded.scorer, loaded.encode, loaded.prefix, backend
+    if backend != "lmcore":
         raise StageError(f"backend {backend!r}: expected auto, lmcore or transformers")
+    tok_path = Path(tokenizer_dir if tokenizer_dir is not None else model_dir)
+    tok_file = tok_path / "tokenizer.json" if tok_path.is_dir() else tok_path
+    model, model_cfg = load_lm(model_dir)
+    tok = tokmod.load(require(tok_file, "tokenizer"))
+    check_tokenizer(model, model_cfg, tok, tok_file, model_dir)
+
+    def encode(text: str) -> list[int]:
+        with specials_as_text(tok):
+            return tok.encode(text).ids
+
+    return DecoderScorer(model), encode, special_ids(tok).eot, backend
+
+
+def score_model_documents(model_dir: str | Path, texts: Sequence[str], tokenizer_dir: str | Path | None = None,
+                          backend: str = "auto", batch_size: int = 8) -> tuple[DocumentScores, str]:
+    """Score ``texts`` one document at a time as lm-evaluation-harness does, with any model
+    folder (:func:`load_scorer`). Returns the scores and the backend used."""
+    scorer, encode, prefix, backend = load_scorer(model_dir, tokenizer_dir, backend)
     ids = [encode(t) for t in texts]
     return score_documents(scorer, ids, texts, prefix, batch_size, desc=f"score {model_dir}"), backend
+
+
+def zero_shot_model(model_dir: str | Path, task_dir: str | Path, tokenizer_dir: str | Path | None = None,
+                    backend: str = "auto", batch_size: int = 32) -> tuple[dict[str, Any], str]:
+    """Zero-shot metrics (:func:`lmcore.eval.zeroshot.zero_shot`) of any model folder on a
+    prepared task (``data/raw/tasks/<task>``)."""
+    scorer, encode, prefix, backend = load_scorer(model_dir, tokenizer_dir, backend)
+    spec, splits = glue.load_task(Path(task_dir))
+    return zero_shot(scorer, encode, prefix, spec, splits, batch_size=batch_size), backend
+
+
+def zero_shot_results(model, tok, tasks_dir: Path, tasks: Sequence[str], eot: int,
+                      finetuned: dict[str, Any]) -> tuple[dict[str, Any], list[tuple]]:
+    """The pretrained model's zero-shot metrics of every task with a template
+    (:mod:`lmcore.eval.zeroshot`): ``<task>.zeroshot_<metric>`` and a report row beside the
+    fine-tuned score (``finetuned``: :func:`task_results`'s metrics)."""
+    m: dict[str, Any] = {}
+    rows: list[tuple] = []
+
+    def encode(text: str) -> list[int]:
+        with specials_as_text(tok):
+            return tok.encode(text).ids
+
+    for task in tasks:
+        spec, splits = glue.load_task(Path(tasks_dir) / task)
+        if spec.is_regression or spec.name not in TEMPLATES:
+            log.info("evaluate: %s: no zero-shot score (%s)", task,
+                     "a regression task" if spec.is_regression else "no prompt template for this task")
+            continue
+        z = zero_shot(DecoderScorer(model), encode, eot, spec, splits)
+        m |= {f"{task}.zeroshot_{k}": v for k, v in z.items() if k in ("acc", "acc_norm", "score")}
+        rows.append((task, "score", finetuned.get(f"{task}.score", float("nan")), z["score"],
+                     "zero-shot, pretrained model (lm-eval prompt)"))
+        log.info("evaluate: %s zero-shot: acc %.4f, acc_norm %.4f, score %.4f (%d examples)", task, z["acc"],
+                 z["acc_norm"], z["score"], z["examples"])
+    return m, rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,10 +217,13 @@ class EvaluateResult:
 
 def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned: Path, tokenizer_dir: Path,
              tasks: Sequence[str], out: Path, metrics: Path,
-             tracking: TrackingConfig = TrackingConfig(), clean_dir: Path | None = None) -> EvaluateResult:
+             tracking: TrackingConfig = TrackingConfig(), clean_dir: Path | None = None,
+             tasks_dir: Path | None = None) -> EvaluateResult:
     """Evaluate the language model (validation split, then ``cfg.texts``) and collect the
     fine-tuned ``tasks`` (names, in order); ``clean_dir``: the clean stage's folder, whose
-    validation documents ``cfg.document_level`` scores one by one (None: not scored)."""
+    validation documents ``cfg.document_level`` scores one by one (None: not scored);
+    ``tasks_dir``: the prepared tasks (``data/raw/tasks``), scored zero-shot with
+    ``cfg.zero_shot`` (None: not scored)."""
 
     out = Path(out)
     manifest = load_manifest(tokens_dir)
@@ -199,8 +247,9 @@ def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned:
     params |= describe_model(model, model_cfg, tok, tok_file)
 
     document_level = cfg.document_level and clean_dir is not None
-    read = [*([clean_dir] if document_level else []), tokens_dir, tokenizer_dir, pretrained,
-            *(Path(finetuned) / t for t in tasks)]
+    zero_shot = cfg.zero_shot and tasks_dir is not None
+    read = [*([clean_dir] if document_level else []), *([Path(tasks_dir) / t for t in tasks] if zero_shot else []),
+            tokens_dir, tokenizer_dir, pretrained, *(Path(finetuned) / t for t in tasks)]
     with stage_run("evaluate", tracking, params, inputs=read,
                    outputs=[out]) as tr:
         # the validation split first: lm.val_bpb is the first key of the metrics file
@@ -240,6 +289,10 @@ def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned:
         task_m, task_rows, submission = task_results(finetuned, tasks)
         m |= task_m
         rows += task_rows
+        if zero_shot:
+            zs_m, zs_rows = zero_shot_results(model, tok, Path(tasks_dir), tasks, eot, task_m)
+            m |= zs_m
+            rows += zs_rows
 
         sampled = samples(model, tok, cfg)
         with atomic_path(out) as tmp:

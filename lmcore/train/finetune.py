@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from lmcore.config import FinetuneConfig, FinetuneHyper, TrackingConfig, flatten
 from lmcore.core.errors import StageError
-from lmcore.core.io import atomic_path, read_json, read_jsonl, require, write_json
+from lmcore.core.io import atomic_path, require, write_json
 from lmcore.data import glue
 from lmcore.data import tokenizer as tokmod
 from lmcore.data.tokenizer import special_ids
@@ -143,19 +143,6 @@ def bow_baseline(spec: glue.TaskSpec, train: list[dict[str, Any]],
             for k, v in evals.items()}
 
 
-def load_task(folder: Path) -> tuple[glue.TaskSpec, dict[str, list[dict[str, Any]]]]:
-    """A prepared task folder: its spec (``task.json``) and its splits (``<split>.jsonl``)."""
-    folder = Path(folder)
-    spec = glue.TaskSpec.from_dict(read_json(folder / "task.json"))
-    splits = {p.stem: list(read_jsonl(p)) for p in sorted(folder.glob("*.jsonl"))}
-    if not splits.get("train"):
-        raise StageError(f"{folder}/train.jsonl: no training examples")
-    for name in spec.validation_splits:
-        if not splits.get(name):
-            raise StageError(f"{folder}/{name}.jsonl: no validation examples")
-    return spec, splits
-
-
 def load_classifier(folder: Path) -> tuple[SequenceClassifier, glue.TaskSpec]:
 
     cfg = read_config(folder)
@@ -213,6 +200,7 @@ class ExampleLoss:
         return F.mse_loss(logits[:, 0], y) if self.regression else F.cross_entropy(logits, y)
 
 
+SPEED_KEYS = ("train_examples", "train_examples_per_second", "train_tokens_per_second")
 PREDICTIONS = "validation_predictions.json"  # {task: spec, splits: {split: {labels, predictions}}}, kept model
 
 NONFINITE_HINT = ("lower finetune.lr or finetune.head_lr, raise finetune.warmup_fraction or use "
@@ -318,7 +306,7 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
     task_dir, out = Path(task_dir), Path(out)
     require(task_dir / "task.json", f"prepared task {task_dir.name}")
     require(Path(pretrained) / "model.safetensors", "pretrained model")
-    spec, splits = load_task(task_dir)
+    spec, splits = glue.load_task(task_dir)
     hp = cfg.for_task(spec.name)
     tok = tokmod.load(tokenizer_dir)
     accelerator = make_accelerator(cfg.mixed_precision)
@@ -375,7 +363,9 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
                     (tmp / "submission").mkdir()
                     for name, text in tables.items():
                         (tmp / "submission" / name).write_text(text, encoding="utf-8")
-            write_json(metrics, result)
+            # DVC's metrics: the numbers compared across experiments (speed and counts stay in
+            # results.json and the MLflow run)
+            write_json(metrics, {k: v for k, v in result.items() if k not in SPEED_KEYS and not k.endswith("_predictions")})
             tr.artifact(out / "results.json")
             tr.artifact(out / PREDICTIONS)
             if tables:

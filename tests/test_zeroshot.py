@@ -1,0 +1,59 @@
+"""Zero-shot scoring by log-likelihood, as lm-evaluation-harness's multiple_choice tasks do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_export import tiny_model, tokenizer_dir  # noqa: F401  (the fixture)
+
+from lmcore.core.errors import StageError
+from lmcore.core.task_specs import TASKS
+from lmcore.data.tokenizer import load as load_tokenizer
+from lmcore.eval.harness import DecoderScorer
+from lmcore.eval.zeroshot import TEMPLATES, Template, loglikelihoods, request, zero_shot
+
+
+def test_the_glue_prompts_are_the_harness_prompts():
+    assert TEMPLATES["cola"].context({"text_a": "The cat sat."}) == \
+        "The cat sat.\nQuestion: Does this sentence make sense?\nAnswer:"
+    assert TEMPLATES["rte"].context({"text_a": "A man runs.", "text_b": "A person moves."}) == \
+        "A man runs.\nQuestion: A person moves. True or False?\nAnswer:"
+    assert TEMPLATES["mnli"].context({"text_a": "P", "text_b": " H "}) == "P\nQuestion: H. True, False or Neither?\nAnswer:"
+    assert TEMPLATES["qnli"].choices == ("yes", "no") and TEMPLATES["wnli"].choices == ("False", "True")
+
+
+def test_request_splits_the_pair_where_the_context_tokens_end():
+    def encode(text):  # one token per character
+        return [ord(c) for c in text]
+
+    assert request(encode, "Answer:", " yes") == ([ord(c) for c in "Answer:"], [ord(c) for c in " yes"])
+    # a trailing space of the context goes to the continuation
+    assert request(encode, "Answer: ", "yes") == ([ord(c) for c in "Answer:"], [ord(c) for c in " yes"])
+
+
+def test_loglikelihoods_sum_the_choice_tokens_after_a_left_truncated_context(tmp_path):
+    model = tiny_model(tmp_path / "m", block_size=8)
+    scorer = DecoderScorer(model)
+    reqs = [([5, 6, 7], [8, 9]), (list(range(10, 30)), [31]), ([], [4, 4])]
+    got = loglikelihoods(scorer, reqs, prefix=0, batch_size=2)
+    for (ctx, cont), value in zip(reqs, got):
+        full = ((ctx or [0]) + cont)[-9:]
+        logits, _ = model(torch.tensor([full[:-1]]))
+        logp = F.log_softmax(logits.double(), -1)[0, -len(cont):]
+        assert value == pytest.approx(float(logp.gather(1, torch.tensor(cont)[:, None]).sum()), rel=1e-6)
+
+
+def test_zero_shot_scores_a_task_and_refuses_what_it_cannot(tmp_path, tokenizer_dir):  # noqa: F811
+    model = tiny_model(tmp_path / "m", block_size=32)
+    tok = load_tokenizer(tokenizer_dir / "tokenizer.json")
+    examples = [{"text_a": t, "text_b": None, "label": y} for t, y in
+                [("a fine film", 1), ("a dull film", 0), ("the king is good", 1), ("bad", 0)] * 3]
+    z = zero_shot(DecoderScorer(model), lambda s: tok.encode(s).ids, 0, TASKS["sst2"], {"validation": examples})
+    assert z["examples"] == 12 and 0 <= z["acc"] <= 1 and 0 <= z["acc_norm"] <= 1
+    assert z["score"] == z["accuracy"] == z["acc"]  # SST-2's metric is accuracy, from the acc predictions
+    with pytest.raises(StageError, match="regression"):
+        zero_shot(DecoderScorer(model), lambda s: tok.encode(s).ids, 0, TASKS["stsb"], {"validation": examples})
+    with pytest.raises(StageError, match="3 choices for 2 labels"):
+        zero_shot(DecoderScorer(model), lambda s: tok.encode(s).ids, 0, TASKS["sst2"], {"validation": examples},
+                  Template("{text_a}", ("a", "b", "c")))
