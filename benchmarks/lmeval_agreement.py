@@ -4,7 +4,10 @@ Writes the first ``--limit`` clean validation documents of a project to a JSONL 
 local-file ``loglikelihood_rolling`` task for them, runs ``lm_eval --model hf`` on the project's
 exported model (``runs/export``), then ``lmcore score`` on the same documents with the export
 (through transformers) and with lmcore's own folder (``runs/pretrain/final``), and prints the
-three side by side with their relative differences. Goal: within 0.1 %.
+three side by side with their relative differences. Goal: within 0.1 %. With ``--task``, also
+the zero-shot accuracy of the pretrained model on a prepared task's validation split with
+SST-2's harness prompt: ``lm_eval`` on a local ``multiple_choice`` task against
+``lmcore score --task``; goal: equal.
 
     python benchmarks/lmeval_agreement.py --project /path/after/make-pipeline \\
         --lm-eval /tmp/lmeval-venv/bin/lm_eval --limit 3
@@ -43,10 +46,29 @@ metadata:
 """
 
 
-def lmcore_score(project: Path, model: str, data: Path, backend: str) -> dict:
+MC_TASK = """task: lmcore_zeroshot
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+output_type: multiple_choice
+validation_split: validation
+doc_to_text: "{{{{sentence}}}}\\nQuestion: Is this sentence positive or negative?\\nAnswer:"
+doc_to_target: label
+doc_to_choice: ["negative", "positive"]
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+metadata:
+  version: 1.0
+"""
+
+
+def lmcore_score(project: Path, model: str, data: Path, backend: str, task: bool = False) -> dict:
     lmcore = Path(sys.executable).with_name("lmcore")
     t = time.time()
-    out = subprocess.run([str(lmcore), "score", model, "--texts", str(data), "--backend", backend, "--json"],
+    what = ["--task", str(data)] if task else ["--texts", str(data)]
+    out = subprocess.run([str(lmcore), "score", model, *what, "--backend", backend, "--json"],
                          cwd=project, capture_output=True, text=True, check=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     res["seconds"] = time.time() - t
@@ -59,6 +81,7 @@ def main() -> int:
     ap.add_argument("--lm-eval", default="lm_eval", help="the lm_eval executable")
     ap.add_argument("--limit", type=int, default=3, help="validation documents to score")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--task", help="also compare zero-shot scores on this prepared task (e.g. rotten_tomatoes)")
     args = ap.parse_args()
     project = args.project.resolve()
     work = Path(tempfile.mkdtemp(prefix="lmeval-agreement-"))
@@ -99,7 +122,35 @@ def main() -> int:
         print(f"| {key} | {harness[key]:.6f} | {ours_hf[key]:.6f} | {ours[key]:.6f} | {rel:.2e} |")
     print(f"| seconds | {harness['seconds']:.1f} | {ours_hf['seconds']:.1f} | {ours['seconds']:.1f} | |")
     print(f"agreement within 0.1 %: {'yes' if worst < 1e-3 else 'NO'} (largest relative difference {worst:.2e})")
-    return 0 if worst < 1e-3 else 1
+    if args.task is None:
+        return 0 if worst < 1e-3 else 1
+
+    # zero-shot: the prepared task's validation examples with SST-2's harness prompt
+    task_dir = project / "data/raw/tasks" / args.task
+    rows = [json.loads(line) for line in (task_dir / "validation.jsonl").read_text(encoding="utf-8").splitlines()]
+    mc = work / "mc.jsonl"
+    mc.write_text("".join(json.dumps({"sentence": r["text_a"], "label": r["label"]}) + "\n" for r in rows))
+    (work / "tasks/lmcore_zeroshot.yaml").write_text(MC_TASK.format(data=mc))
+    t = time.time()
+    subprocess.run([args.lm_eval, "--model", "hf", "--model_args", f"pretrained={project / 'runs/export'},dtype=float32",
+                    "--tasks", "lmcore_zeroshot", "--include_path", str(work / "tasks"), "--device", "cpu",
+                    "--batch_size", str(args.batch_size), "--output_path", str(work / "out-mc")],
+                   env=env, check=True, capture_output=True, text=True)
+    mc_s = time.time() - t
+    got = json.loads(Path(next(iter(glob.glob(str(work / "out-mc/**/results_*.json"), recursive=True)))).read_text())
+    h = got["results"]["lmcore_zeroshot"]
+    zs_hf = lmcore_score(project, "runs/export", task_dir, "transformers", task=True)
+    zs = lmcore_score(project, "runs/pretrain/final", task_dir, "lmcore", task=True)
+    print(f"\nzero-shot {args.task}: {len(rows):,} validation examples, SST-2's prompt and choices")
+    print("| metric | lm-evaluation-harness | lmcore score runs/export --task | lmcore score runs/pretrain/final --task |")
+    print("|---|---|---|---|")
+    same = True
+    for key in ("acc", "acc_norm"):
+        print(f"| {key} | {h[key + ',none']:.6f} | {zs_hf[key]:.6f} | {zs[key]:.6f} |")
+        same &= abs(h[key + ",none"] - zs_hf[key]) < 1e-9 and abs(h[key + ",none"] - zs[key]) < 1e-9
+    print(f"| seconds | {mc_s:.1f} | {zs_hf['seconds']:.1f} | {zs['seconds']:.1f} |")
+    print(f"zero-shot scores equal: {'yes' if same else 'NO'}")
+    return 0 if worst < 1e-3 and same else 1
 
 
 if __name__ == "__main__":
