@@ -849,6 +849,23 @@ class HeldOutText(Section):
     ``evaluate.max_tokens``)."""
 
 
+class MultipleChoiceSet(Section):
+    """A local multiple-choice file scored zero-shot by the ``evaluate`` stage: one JSON object
+    per line with a context, its choices and the index of the right one."""
+
+    name: str = Field(pattern=TEXT_NAME)
+    """Name in the metrics: ``mc.<name>.acc``, ``mc.<name>.acc_norm``, ``mc.<name>.examples``."""
+    path: str
+    """A JSONL file (relative to the working directory). DVC does not track it: after changing
+    it, run ``dvc repro -f -s evaluate``."""
+    context_field: str = "context"
+    """The prompt, scored as context (not itself)."""
+    choices_field: str = "choices"
+    """A list of at least two strings; each is scored as ``" " + choice`` after the context."""
+    gold_field: str = "gold"
+    """The index of the right choice (0-based)."""
+
+
 class Sampling(Section):
     """How continuations are sampled: the fields of :class:`lmcore.generate.GenerationConfig`
     (which adds ``use_cache``), of the ``lmcore generate`` flags (``--max-new-tokens``...) and of the
@@ -917,6 +934,10 @@ class EvaluateConfig(EvaluateSampling):  # type: ignore[valid-type,misc]
     (:mod:`lmcore.eval.zeroshot`): ``<task>.zeroshot_acc``, ``zeroshot_acc_norm``,
     ``zeroshot_score``, reported beside the fine-tuned score. Tasks without a template
     (regression, local tasks) are skipped and named in the log."""
+    multiple_choice: list[MultipleChoiceSet] = []
+    """Local multiple-choice files scored zero-shot like the tasks (``acc``, ``acc_norm``), e.g.
+    ``[{name: fables, path: data/mc/fables.jsonl}]`` with lines
+    ``{"context": "...", "choices": ["...", "..."], "gold": 1}``."""
     texts: list[HeldOutText] = []
     """More held-out text to score with the same model, tokenizer and windows, e.g.
     ``[{name: sonnets, paths: [data/heldout/sonnets.txt]}]``; reported as ``lm.<name>.*`` after

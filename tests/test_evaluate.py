@@ -382,3 +382,18 @@ def test_dvc_metrics_diff_compares_evaluate_metrics_between_commits(project, tmp
     table = subprocess.run([str(BIN / "dvc"), "metrics", "diff", "--md"], cwd=repo, check=True, env=env,
                            capture_output=True, text=True).stdout
     assert "lm.val_bpb" in table and "metrics/evaluate.json" in table
+
+
+def test_local_multiple_choice_files_are_scored_zero_shot_and_a_bad_one_stops_first(project, tmp_path):
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps({"q": f"The king {i}", "options": ["a", "bb", "ccc"], "answer": i % 3}) + "\n"
+                          for i in range(6)))
+    cfg = EvaluateConfig(stride=8, prompts=["The"], max_new_tokens=2, multiple_choice=[
+        {"name": "toy", "path": str(mc), "context_field": "q", "choices_field": "options", "gold_field": "answer"}])
+    m = _run(project, tmp_path, cfg)
+    assert m["mc.toy.examples"] == 6 and 0 <= m["mc.toy.acc"] <= 1 and 0 <= m["mc.toy.acc_norm"] <= 1
+    assert "| multiple choice toy | zero-shot accuracy |" in (tmp_path / "runs/evaluate/report.md").read_text()
+    mc.write_text('{"q": "x", "options": ["a", "b"], "answer": 5}\n')
+    with pytest.raises(StageError, match=r"mc.jsonl:1: answer = 5 is not the index"):
+        _run(project, tmp_path / "again", cfg)
+    assert not (tmp_path / "again/runs/evaluate").exists()

@@ -11,7 +11,8 @@ from lmcore.core.errors import StageError
 from lmcore.core.task_specs import TASKS
 from lmcore.data.tokenizer import load as load_tokenizer
 from lmcore.eval.harness import DecoderScorer
-from lmcore.eval.zeroshot import TEMPLATES, Template, loglikelihoods, request, zero_shot
+from lmcore.eval.zeroshot import (TEMPLATES, Template, loglikelihoods, multiple_choice, read_multiple_choice,
+                                  request, zero_shot)
 
 
 def test_the_glue_prompts_are_the_harness_prompts():
@@ -57,3 +58,36 @@ def test_zero_shot_scores_a_task_and_refuses_what_it_cannot(tmp_path, tokenizer_
     with pytest.raises(StageError, match="3 choices for 2 labels"):
         zero_shot(DecoderScorer(model), lambda s: tok.encode(s).ids, 0, TASKS["sst2"], {"validation": examples},
                   Template("{text_a}", ("a", "b", "c")))
+
+
+def test_a_local_multiple_choice_file_is_scored_like_the_tasks(tmp_path, tokenizer_dir):  # noqa: F811
+    import json
+
+    model = tiny_model(tmp_path / "m", block_size=32)
+    tok = load_tokenizer(tokenizer_dir / "tokenizer.json")
+    rows = [{"context": "The king said", "choices": ["yes", "no", "the queen"], "gold": 2},
+            {"context": "A fair night", "choices": ["swords", "a"], "gold": 0},
+            {"context": "Twelve", "choices": ["king", "queen"], "gold": 1}]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = read_multiple_choice(path)
+    encode = lambda s: tok.encode(s).ids  # noqa: E731
+    got = multiple_choice(DecoderScorer(model), encode, 0, items)
+    right = right_norm = 0
+    for ctx, choices, gold in items:  # by hand, one choice at a time
+        ll = [loglikelihoods(DecoderScorer(model), [request(encode, ctx, " " + c)], 0)[0] for c in choices]
+        right += max(range(len(ll)), key=ll.__getitem__) == gold
+        right_norm += max(range(len(ll)), key=lambda i: ll[i] / len(choices[i])) == gold
+    assert got == {"acc": right / 3, "acc_norm": right_norm / 3, "examples": 3}
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"context": "a", "choices": ["x", "y"]}', "mc.jsonl:2: no field gold"),
+    ('{"context": "a", "choices": ["x"], "gold": 0}', "mc.jsonl:2: choices must be a list of at least two"),
+    ('{"context": "a", "choices": ["x", "y"], "gold": 2}', "mc.jsonl:2: gold = 2 is not the index"),
+])
+def test_a_bad_multiple_choice_line_is_named(tmp_path, line, message):
+    path = tmp_path / "mc.jsonl"
+    path.write_text('{"context": "ok", "choices": ["x", "y"], "gold": 1}\n' + line + "\n")
+    with pytest.raises(StageError, match=message):
+        read_multiple_choice(path)

@@ -30,19 +30,25 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--limit", type=int, help="score the first N documents only")
     p.add_argument("--task", help="instead of text: zero-shot scores on a prepared task folder "
                                   "(data/raw/tasks/<task>), by log-likelihood after lm-evaluation-harness's prompt")
+    p.add_argument("--multiple-choice", metavar="JSONL",
+                   help="instead of text: zero-shot acc/acc_norm on a JSONL file of {context, choices, gold}")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def main(args: argparse.Namespace) -> int:
-    from lmcore.eval.evaluate import read_documents, score_model_documents, zero_shot_model  # lazy: loads torch
+    # lazy: loads torch
+    from lmcore.eval.evaluate import multiple_choice_model, read_documents, score_model_documents, zero_shot_model
 
     root = Path(args.root)
     try:
         model = Path(args.model)
-        if args.task:
+        if args.task or args.multiple_choice:
             tok = args.tokenizer or (None if (model / "tokenizer.json").exists() else root / "data/tokenizer")
-            z, backend = zero_shot_model(model, args.task, tok, args.backend)
-            z = {"model": str(model), "backend": backend, "task": args.task, **z}
+            if args.task:
+                z, backend = zero_shot_model(model, args.task, tok, args.backend)
+            else:
+                z, backend = multiple_choice_model(model, args.multiple_choice, tok, args.backend)
+            z = {"model": str(model), "backend": backend, "task": args.task or args.multiple_choice, **z}
             print(json.dumps(z) if args.json else f"{model} ({backend}) on {args.task}, zero-shot: "
                   + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in z.items()
                               if k not in ("model", "backend", "task")))

@@ -46,7 +46,7 @@ from lmcore.eval.report import describe_model, report_table, samples
 from lmcore.eval.scored import score_split, score_texts
 from lmcore.eval.tasks import SUBMISSION, task_results, write_submission
 from lmcore.eval.unigram import unigram_logp
-from lmcore.eval.zeroshot import TEMPLATES, zero_shot
+from lmcore.eval.zeroshot import TEMPLATES, multiple_choice, read_multiple_choice, zero_shot
 from lmcore.model.folder import check_tokenizer, load_lm, read_config
 from lmcore.tracking import stage_run
 
@@ -178,6 +178,14 @@ def zero_shot_model(model_dir: str | Path, task_dir: str | Path, tokenizer_dir: 
     return zero_shot(scorer, encode, prefix, spec, splits, batch_size=batch_size), backend
 
 
+def multiple_choice_model(model_dir: str | Path, path: str | Path, tokenizer_dir: str | Path | None = None,
+                          backend: str = "auto") -> tuple[dict[str, Any], str]:
+    """Zero-shot ``acc``/``acc_norm`` of any model folder on a local multiple-choice JSONL file
+    (``context``, ``choices``, ``gold``: :func:`lmcore.eval.zeroshot.read_multiple_choice`)."""
+    scorer, encode, prefix, backend = load_scorer(model_dir, tokenizer_dir, backend)
+    return multiple_choice(scorer, encode, prefix, read_multiple_choice(path)), backend
+
+
 def zero_shot_results(model, tok, tasks_dir: Path, tasks: Sequence[str], eot: int,
                       finetuned: dict[str, Any]) -> tuple[dict[str, Any], list[tuple]]:
     """The pretrained model's zero-shot metrics of every task with a template
@@ -242,8 +250,11 @@ def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned:
     eot = int(manifest["eot_id"])
     for text in cfg.texts:  # a missing file stops the stage before anything runs
         expand_paths(text.paths, f"evaluate.texts ({text.name})")
+    for mc in cfg.multiple_choice:
+        read_multiple_choice(mc.path, mc.context_field, mc.choices_field, mc.gold_field)
     params = flatten(cfg, "evaluate.")
     params["evaluate.texts"] = json.dumps([t.model_dump() for t in cfg.texts])
+    params["evaluate.multiple_choice"] = json.dumps([c.model_dump() for c in cfg.multiple_choice])
     params |= describe_model(model, model_cfg, tok, tok_file)
 
     document_level = cfg.document_level and clean_dir is not None
@@ -293,6 +304,15 @@ def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned:
             zs_m, zs_rows = zero_shot_results(model, tok, Path(tasks_dir), tasks, eot, task_m)
             m |= zs_m
             rows += zs_rows
+        for mc in cfg.multiple_choice:  # local multiple-choice files, zero-shot
+            items = read_multiple_choice(mc.path, mc.context_field, mc.choices_field, mc.gold_field)
+            with specials_as_text(tok):
+                got = multiple_choice(DecoderScorer(model), lambda t: tok.encode(t).ids, eot, items)
+            m |= {f"mc.{mc.name}.{k}": v for k, v in got.items()}
+            chance = sum(1 / len(c) for _, c, _ in items) / len(items)
+            rows.append((f"multiple choice {mc.name}", "zero-shot accuracy", got["acc"], chance, "chance"))
+            log.info("evaluate: %s zero-shot: acc %.4f, acc_norm %.4f (%d examples)", mc.name, got["acc"],
+                     got["acc_norm"], got["examples"])
 
         sampled = samples(model, tok, cfg)
         with atomic_path(out) as tmp:

@@ -8,19 +8,23 @@ the last ``max_len`` tokens before each continuation token; a choice's log-likel
 over its tokens. ``acc``: the choice of highest log-likelihood; ``acc_norm``: of highest
 log-likelihood per character of the choice (``len(choice)``, without the space). The task's own
 metrics (Matthews correlation for CoLA, F1 for MRPC and QQP...) and score are computed from the
-``acc`` predictions. Regression tasks (STS-B) have no zero-shot form here.
+``acc`` predictions. Regression tasks (STS-B) have no zero-shot form here. Local
+multiple-choice files (a context, its choices, the gold index) are scored the same way
+(:func:`multiple_choice`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from lmcore.core.errors import StageError
+from lmcore.core.io import read_jsonl_lines
 from lmcore.data import glue
 
 SST2 = ("{text_a}\nQuestion: Is this sentence positive or negative?\nAnswer:", ("negative", "positive"))
@@ -132,3 +136,41 @@ def zero_shot(scorer: Any, encode: Callable[[str], list[int]], prefix: int, spec
     out = {"acc": correct / total, "acc_norm": correct_norm / total, **metrics,
            "score": glue.task_score(spec, metrics), "examples": total}
     return out
+
+
+def read_multiple_choice(path: str | Path, context_field: str = "context", choices_field: str = "choices",
+                         gold_field: str = "gold") -> list[tuple[str, list[str], int]]:
+    """``(context, choices, gold)`` of every line of a multiple-choice JSONL file; a line without
+    the fields, with fewer than two string choices or a gold index outside them stops with the
+    file and line."""
+    items = []
+    for line, obj in read_jsonl_lines(path):
+        where = f"{path}:{line}"
+        missing = [f for f in (context_field, choices_field, gold_field) if f not in obj]
+        if missing:
+            raise StageError(f"{where}: no field {', '.join(missing)} (has {', '.join(sorted(obj)) or 'none'})")
+        choices, gold = obj[choices_field], obj[gold_field]
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise StageError(f"{where}: {choices_field} must be a list of at least two non-empty strings")
+        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+            raise StageError(f"{where}: {gold_field} = {gold!r} is not the index of one of the {len(choices)} choices")
+        items.append((str(obj[context_field]), choices, gold))
+    if not items:
+        raise StageError(f"{path}: no examples")
+    return items
+
+
+def multiple_choice(scorer: Any, encode: Callable[[str], list[int]], prefix: int,
+                    items: Sequence[tuple[str, Sequence[str], int]], batch_size: int = 32) -> dict[str, Any]:
+    """``acc``, ``acc_norm`` and ``examples`` of ``(context, choices, gold)`` items (any number of
+    choices per item), scored as the tasks are."""
+    reqs = [request(encode, ctx, " " + c) for ctx, choices, _ in items for c in choices]
+    ll = loglikelihoods(scorer, reqs, prefix, batch_size)
+    correct = correct_norm = 0
+    k = 0
+    for _, choices, gold in items:
+        scores = np.asarray(ll[k : k + len(choices)])
+        k += len(choices)
+        correct += int(scores.argmax() == gold)
+        correct_norm += int((scores / np.asarray([len(c) for c in choices], dtype=float)).argmax() == gold)
+    return {"acc": correct / len(items), "acc_norm": correct_norm / len(items), "examples": len(items)}
