@@ -71,6 +71,18 @@ def _mlflow():
     return mlflow
 
 
+def _start_ticks(proc: Any) -> str:
+    """When ``proc`` started, the same in every process that asks: on Linux the raw start time in
+    clock ticks since boot (``/proc/<pid>/stat``); psutil's ``create_time`` adds the boot time,
+    which moves when the wall clock is stepped (seen: 21 s between two stages of one
+    ``dvc repro`` on a VM), so two stages of one execution got two keys."""
+    try:
+        stat = Path(f"/proc/{proc.pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2 :].split()[19]  # field 22: starttime
+    except (OSError, ValueError, IndexError):
+        return str(int(proc.create_time()))
+
+
 def _dvc_ancestor_key() -> str | None:
     try:
         proc = psutil.Process().parent()
@@ -78,7 +90,7 @@ def _dvc_ancestor_key() -> str | None:
             cmd = proc.cmdline()
             exe = Path(cmd[0]).name if cmd else ""
             if exe == "dvc" or (len(cmd) > 1 and (Path(cmd[1]).name == "dvc" or cmd[1:3] == ["-m", "dvc"])):
-                return f"dvc-{socket.gethostname()}-{proc.pid}-{int(proc.create_time())}"
+                return f"dvc-{socket.gethostname()}-{proc.pid}-{_start_ticks(proc)}"
             proc = proc.parent()
     except (psutil.Error, OSError):
         return None
@@ -112,14 +124,18 @@ def git_tags() -> dict[str, str]:
 def _process_tags() -> dict[str, str]:
     me = psutil.Process()
     return {"lmcore.host": socket.gethostname(), "lmcore.pid": str(me.pid),
-            "lmcore.pid_started": f"{me.create_time():.2f}"}
+            "lmcore.pid_started": _start_ticks(me)}
 
 
 def _alive(pid: str | None, started: str | None) -> bool:
     """Whether the process that opened a run on this host still runs (same pid, same start)."""
     try:
         proc = psutil.Process(int(pid or ""))
-        return started is None or abs(proc.create_time() - float(started)) < 0.05
+        if started is None:
+            return True
+        if "." in started:  # written by an older lmcore: psutil's create_time
+            return abs(proc.create_time() - float(started)) < 0.05
+        return _start_ticks(proc) == started
     except (ValueError, psutil.Error):
         return False
 
