@@ -75,6 +75,19 @@ def lmcore_score(project: Path, model: str, data: Path, backend: str, task: bool
     return res
 
 
+def run_harness(args: argparse.Namespace, project: Path, work: Path, task: str, env: dict) -> tuple[dict, float]:
+    """``lm_eval --model hf`` on the project's export for one task of ``work/tasks``: its results
+    JSON and the seconds it took."""
+    out = work / f"out-{task}"
+    t = time.time()
+    subprocess.run([args.lm_eval, "--model", "hf", "--model_args", f"pretrained={project / 'runs/export'},dtype=float32",
+                    "--tasks", task, "--include_path", str(work / "tasks"), "--device", "cpu",
+                    "--batch_size", str(args.batch_size), "--output_path", str(out)],
+                   env=env, check=True, capture_output=True, text=True)
+    seconds = time.time() - t
+    return json.loads(Path(next(iter(glob.glob(str(out / "**/results_*.json"), recursive=True)))).read_text()), seconds
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--project", type=Path, required=True)
@@ -97,13 +110,7 @@ def main() -> int:
 
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_HOME": str(work / "hf-home")}
-    t = time.time()
-    subprocess.run([args.lm_eval, "--model", "hf", "--model_args", f"pretrained={project / 'runs/export'},dtype=float32",
-                    "--tasks", "lmcore_validation", "--include_path", str(work / "tasks"), "--device", "cpu",
-                    "--batch_size", str(args.batch_size), "--output_path", str(work / "out")],
-                   env=env, check=True, capture_output=True, text=True)
-    harness_s = time.time() - t
-    result = json.loads(Path(next(iter(glob.glob(str(work / "out/**/results_*.json"), recursive=True)))).read_text())
+    result, harness_s = run_harness(args, project, work, "lmcore_validation", env)
     h = result["results"]["lmcore_validation"]
     harness = {"bits_per_byte": h["bits_per_byte,none"], "byte_perplexity": h["byte_perplexity,none"],
                "word_perplexity": h["word_perplexity,none"], "seconds": harness_s}
@@ -131,13 +138,7 @@ def main() -> int:
     mc = work / "mc.jsonl"
     mc.write_text("".join(json.dumps({"sentence": r["text_a"], "label": r["label"]}) + "\n" for r in rows))
     (work / "tasks/lmcore_zeroshot.yaml").write_text(MC_TASK.format(data=mc))
-    t = time.time()
-    subprocess.run([args.lm_eval, "--model", "hf", "--model_args", f"pretrained={project / 'runs/export'},dtype=float32",
-                    "--tasks", "lmcore_zeroshot", "--include_path", str(work / "tasks"), "--device", "cpu",
-                    "--batch_size", str(args.batch_size), "--output_path", str(work / "out-mc")],
-                   env=env, check=True, capture_output=True, text=True)
-    mc_s = time.time() - t
-    got = json.loads(Path(next(iter(glob.glob(str(work / "out-mc/**/results_*.json"), recursive=True)))).read_text())
+    got, mc_s = run_harness(args, project, work, "lmcore_zeroshot", env)
     h = got["results"]["lmcore_zeroshot"]
     zs_hf = lmcore_score(project, "runs/export", task_dir, "transformers", task=True)
     zs = lmcore_score(project, "runs/pretrain/final", task_dir, "lmcore", task=True)
