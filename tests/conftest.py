@@ -85,7 +85,8 @@ def tiny_params(corpus: Path, glue_dir: Path, tracking_uri: str) -> dict:
     params["pretrain"].update(model={"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
                               max_steps=12, warmup_steps=2, batch_size=4, eval_interval=6, eval_batches=2,
                               log_interval=3, mixed_precision="no")
-    params["finetune"]["defaults"].update(epochs=1, batch_size=16, max_length=32)
+    params["finetune"]["defaults"].update(epochs=1, batch_size=16, max_length=32,
+                                          scratch_baseline=False)  # tests/test_glue.py covers the twin
     params["finetune"]["mixed_precision"] = "no"
     params["evaluate"].update(max_tokens=600, stride=16, max_new_tokens=4, prompts=["The king"])
     params["tracking"] = {"tracking_uri": tracking_uri, "experiment": "lmcore-test"}
