@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from lmcore.core.machine import cpu_name, find_tcmalloc, git_commit  # noqa: E402
+from lmcore.core.machine import cpu_flags, cpu_name, find_tcmalloc, git_commit  # noqa: E402
 
 ROW = re.compile(r"^\| (\d+x\d+x\d+) \| (\S+) \|.*?\| ([\d,]+) \| [\d,]+-[\d,]+ \|")
 
@@ -71,9 +71,7 @@ def main() -> None:
             rss[name].append(mb)
             print(f"# {name} run {len(runs[name])}: " + ", ".join(f"{s} {m} {v:,.0f}" for (s, m), v in rates.items()),
                   file=sys.stderr, flush=True)
-    flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split()
-                    if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")})
-    print(f"machine: {cpu_name()} ({' '.join(flags)}); commit {git_commit(HERE.parent)}; tcmalloc {tcmalloc}")
+    print(f"machine: {cpu_name()} ({cpu_flags()}); commit {git_commit(HERE.parent)}; tcmalloc {tcmalloc}")
     print(header)
     print(f"train_throughput.py {' '.join(tt_args)}; {args.repeats} runs per allocator, alternating\n")
     print("| shape | model | system malloc tokens/s | tcmalloc tokens/s | tcmalloc / system |")

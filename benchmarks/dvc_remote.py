@@ -30,10 +30,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from lmcore.core.machine import cpu_name, git_commit
+from lmcore.core.machine import cpu_flags, cpu_name, git_commit
 
 DVC = str(Path(sys.executable).parent / "dvc")
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # as benchmarks/allocator.py
 REMOTE = "bench"
 
 
@@ -60,12 +59,7 @@ def last_line(out: str) -> str:
 
 
 def machine() -> str:
-    try:
-        words = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        words = set()
-    flags = " ".join(f for f in FLAGS if f in words) or "none of " + "/".join(FLAGS)
-    return f"{cpu_name()} ({flags}), {os.cpu_count()} cores"
+    return f"{cpu_name()} ({cpu_flags()}), {os.cpu_count()} cores"
 
 
 def uncommitted(project: Path) -> list[str]:

@@ -28,7 +28,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from lmcore.core.machine import cpu_name, git_commit  # noqa: E402
+from lmcore.core.machine import cpu_flags, cpu_name, git_commit  # noqa: E402
 
 
 def free_port() -> int:
@@ -95,9 +95,7 @@ def main() -> None:
         os.kill(server.pid, signal.SIGTERM)
         server.wait(60)
         shutil.rmtree(work, ignore_errors=True)
-    flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split()
-                    if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")})
-    print(f"machine: {cpu_name()} ({' '.join(flags)}); commit {git_commit(HERE.parent)}; {os.cpu_count()} CPUs")
+    print(f"machine: {cpu_name()} ({cpu_flags()}); commit {git_commit(HERE.parent)}; {os.cpu_count()} CPUs")
     m = params["pretrain"]
     print(f"pretrain {args.steps} steps, log_interval {m.get('log_interval')}, eval_interval {m.get('eval_interval')}; "
           f"{args.rounds} rounds, order rotated; medians\n")

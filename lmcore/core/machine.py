@@ -23,6 +23,20 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+MATMUL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+"""The CPU flags that decide which precision multiplies matrices fast (recorded with every number)."""
+
+
+def cpu_flags() -> str:
+    """Which of :data:`MATMUL_FLAGS` this CPU has (from /proc/cpuinfo), space-separated, or a
+    sentence saying it has none of them or that the CPU could not be read."""
+    try:
+        words = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    return " ".join(f for f in MATMUL_FLAGS if f in words) or "none of " + "/".join(MATMUL_FLAGS)
+
+
 def git_commit(root: str | Path) -> str:
     """The short commit of the git checkout at ``root``, with `` + uncommitted`` when tracked files
     have changed since; ``unknown`` outside a checkout or without git."""
