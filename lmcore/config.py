@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -29,6 +30,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from pydantic_core import to_jsonable_python
 
 from lmcore.core import task_specs
+from lmcore.core.languages import ANY, LANGUAGE_CODES
 
 
 class ConfigError(ValueError):
@@ -255,10 +257,47 @@ Ratio = Annotated[float, Field(ge=0)]
 
 
 @pydantic_dataclass(config=SETTINGS)
-class C4Settings:
+class PerLanguageSettings:
+    """The two fields every word-based quality filter (``c4``, ``gopher_quality``,
+    ``gopher_repetition``, ``fineweb``) has beside its thresholds: how it treats documents that
+    are not in English. (Given as ``Field(description=...)``: the filters inherit these fields,
+    and attribute docstrings do not carry over to subclasses.)"""
+
+    thresholds: Literal["per_language", "english"] = Field(default="per_language", description=(
+        "``per_language``: a document identified as English gets the values of this section; one in another "
+        "language gets FineWeb-2's published values for that language (its word splitting, thresholds and stop "
+        "words: ``lmcore/data/clean/fineweb2.json``), and the filter is skipped for it, counted as "
+        "``<filter>.skipped.<language>``, when FineWeb-2 publishes nothing for the language or its words cannot be "
+        "split (``lmcore/data/clean/segment.py``). ``english``: this section's values for every document, words "
+        "split with English rules (what datatrove does by default)."))
+    by_language: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
+        "Overrides per language code, applied over FineWeb-2's values (or over this section's for a language "
+        "FineWeb-2 lacks, which then is filtered instead of skipped): ``{fr: {min_doc_words: 30}}``."))
+
+    def __post_init__(self) -> None:
+        own = {f.name for f in dataclasses.fields(self)} - {"thresholds", "by_language"}
+        for code, overrides in self.by_language.items():
+            if code not in LANGUAGE_CODES:
+                raise ValueError(f"by_language: unknown language code {code!r}; allowed: py3langid's codes "
+                                 f"({', '.join(sorted(LANGUAGE_CODES))})")
+            if not isinstance(overrides, dict):
+                raise ValueError(f"by_language.{code}: expected a mapping of settings, got {overrides!r}")
+            unknown = sorted(set(overrides) - own)
+            if unknown:
+                raise ValueError(f"by_language.{code}: unknown field(s) {unknown}; allowed: {sorted(own)}")
+            try:
+                dataclasses.replace(self, by_language={}, **overrides)
+            except ValidationError as e:
+                raise ValueError("; ".join(_describe(err, f"by_language.{code}") for err in e.errors())) from None
+
+
+@pydantic_dataclass(config=SETTINGS)
+class C4Settings(PerLanguageSettings):
     """``clean.filters.c4``: C4's line and document rules (Raffel et al. 2020), as datatrove's
     ``C4QualityFilter``. Its lines are removed by ``C4LineCleaner``, then the document is dropped
-    by ``C4QualityFilter``; both read these fields."""
+    by ``C4QualityFilter``; both read these fields. Made for English web text: with ``thresholds:
+    per_language`` (the default) it applies to English documents and to the languages named in
+    ``by_language``, and is skipped (counted) for the others (FineWeb-2 does not use it)."""
 
     remove_citations: bool = True
     """Remove ``[1]``, ``[edit]``, ``[citation needed]`` from each line (datatrove default)."""
@@ -282,7 +321,7 @@ class C4Settings:
 
 
 @pydantic_dataclass(config=SETTINGS)
-class GopherQualitySettings:
+class GopherQualitySettings(PerLanguageSettings):
     """``clean.filters.gopher_quality``: Gopher's quality heuristics (Rae et al. 2021, appendix A),
     as datatrove's ``GopherQualityFilter``. A threshold set to None (or 0) is off."""
 
@@ -311,7 +350,7 @@ class GopherQualitySettings:
 
 
 @pydantic_dataclass(config=SETTINGS)
-class GopherRepetitionSettings:
+class GopherRepetitionSettings(PerLanguageSettings):
     """``clean.filters.gopher_repetition``: Gopher's repetition heuristics (Rae et al. 2021, table
     A1), as datatrove's ``GopherRepetitionFilter``, each as a fraction of the text's characters.
     A threshold of None (or 0) is off."""
@@ -335,7 +374,7 @@ class GopherRepetitionSettings:
 
 
 @pydantic_dataclass(config=SETTINGS)
-class FineWebSettings:
+class FineWebSettings(PerLanguageSettings):
     """``clean.filters.fineweb``: FineWeb's own heuristics (Penedo et al. 2024), as datatrove's
     ``FineWebQualityFilter``."""
 
@@ -357,13 +396,29 @@ class FineWebSettings:
     """Newlines per word above -> ``list_ratio`` (FineWeb: 0.3)."""
 
 
+def _language_codes(codes: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [c for c in codes if c not in LANGUAGE_CODES and c != ANY]
+    if unknown:
+        raise ValueError(f"unknown language code(s) {unknown}: expected {ANY!r} or codes of py3langid "
+                         f"({', '.join(sorted(LANGUAGE_CODES))})")
+    if ANY in codes and len(codes) > 1:
+        raise ValueError(f"{ANY!r} keeps every language: give it alone, not with {[c for c in codes if c != ANY]}")
+    if not codes:
+        raise ValueError(f"no language to keep: give one code, a list, or {ANY!r}")
+    return codes
+
+
 @pydantic_dataclass(config=SETTINGS)
 class LanguageSettings:
     """``clean.filters.language``: keep documents in ``languages``, identified with py3langid
     (datatrove's ``LanguageFilter`` rule, with py3langid instead of fastText's lid.176)."""
 
-    languages: Annotated[tuple[str, ...], BeforeValidator(lambda v: (v,) if isinstance(v, str) else v)] = ("en",)
-    """ISO 639-1 codes to keep (one code or a list)."""
+    languages: Annotated[tuple[str, ...], BeforeValidator(lambda v: (v,) if isinstance(v, str) else v),
+                         AfterValidator(_language_codes)] = ("en",)
+    """Language codes to keep, as py3langid gives them (ISO 639-1 where one exists: ``en``, ``zh``,
+    ``ja``, ``fr``; else ISO 639-3: ``wuu``, ``yue``): one code or a list; or ``any``: keep a
+    document in any language whose most likely language scores above ``threshold`` (datatrove's
+    ``LanguageFilter`` without languages)."""
     threshold: Ratio = 0.65
     """Minimum probability of one of ``languages`` (datatrove's and FineWeb's 0.65)."""
     max_chars: int | None = Field(default=2000, ge=1)
@@ -395,6 +450,19 @@ class MinHashConfig:
     document with fewer words is one shingle of all of them. Shorter shingles make edited copies
     more similar (3 % of words replaced: s = 0.84 with 3 words, 0.75 with 5) but also unrelated
     documents that share common phrases."""
+    shingles: Literal["auto", "words", "chars"] = "auto"
+    """What a shingle is made of. ``auto``: word n-grams (``shingle_size``) for documents in
+    scripts written with spaces, character n-grams (``char_shingle_size``) for those written
+    without (Chinese, Japanese, Thai...: measured on real Chinese with 5 % of the characters
+    replaced, 5-grams of jieba's words find 3 % of the copies, 4-grams of characters 99.9 %;
+    ``lmcore/data/clean/dedup.py``). ``words``: the words of the document's splitter for every
+    document (jieba's for Chinese, as datatrove does). ``chars``: character n-grams for every
+    document (also finds copies of space-separated text with a few per cent of the characters
+    changed, which breaks most word shingles)."""
+    char_shingle_size: PositiveInt = 4
+    """Characters per character shingle (see ``shingles``). With 4, a copy with 5 % of its
+    characters replaced keeps s ~ 0.69 to its original; distinct chapters of one Chinese novel
+    share s <= 0.05."""
     num_perm: PositiveInt = 112
     """Hash permutations, i.e. values in a signature; must equal ``bands * rows``. The Jaccard
     estimate from two signatures has a standard deviation of sqrt(s (1 - s) / num_perm): 0.047
@@ -1121,7 +1189,7 @@ def _describe(err: dict[str, Any], source: str) -> str:
     if kind in ("literal_error",):
         allowed = err.get("ctx", {}).get("expected", "")
         msg = f"allowed: {allowed}"
-    if kind == "value_error" and isinstance(value, dict):  # a rule across the fields of a section
+    if kind == "value_error" and (isinstance(value, dict) or not err["loc"]):  # a rule across the fields of a section
         return f"{source}: {key + ': ' if err['loc'] else ''}{msg.removeprefix('Value error, ')}"
     return f"{source}: {key} = {value!r} is invalid ({msg})"
 

@@ -141,7 +141,8 @@ batch; CPU or GPU the arithmetic). The rank, address and port of a machine do no
 
 STAGE_IO: dict[str, StageIO] = {
     "prepare": StageIO(("prepare",), (), ("data/raw",)),
-    "clean": StageIO(("clean",), ("data/raw/corpus",), ("data/clean",)),
+    # fineweb2.json: FineWeb-2's per-language thresholds, data the clean stage's filters read
+    "clean": StageIO(("clean",), ("lmcore/data/clean/fineweb2.json", "data/raw/corpus"), ("data/clean",)),
     "tokenizer": StageIO(("tokenizer",), ("data/clean",), ("data/tokenizer",)),
     "encode": StageIO(("encode",), ("data/clean", "data/tokenizer"), ("data/tokens",)),
     "pretrain": StageIO(("pretrain", *LAUNCH_PARAMS), (LAUNCH_CONFIG, "data/tokens"), ("runs/pretrain/final",),

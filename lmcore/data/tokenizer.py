@@ -35,19 +35,20 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from lmcore.config import TokenizerConfig, TrackingConfig, flatten
 from lmcore.core.errors import StageError
-from lmcore.core.io import atomic_path, iter_field, require, sha256_file, split_shards, write_json
+from lmcore.core.io import atomic_path, iter_field, read_jsonl, require, sha256_file, split_shards, write_json
 from lmcore.tracking import stage_run
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 METASPACE = "\u2581"
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
@@ -113,13 +114,15 @@ def _add_byte_fallback(tok):
     return Tokenizer.from_str(json.dumps(data))
 
 
-def batched(texts: Iterable[str], n: int, max_chars: int | None = None) -> Iterator[list[str]]:
-    """Lists of ``n`` texts, or fewer once they hold ``max_chars`` characters."""
-    batch: list[str] = []
+def batched(items: Iterable[T], n: int, max_chars: int | None = None,
+            text: Callable[[T], str] = lambda t: t) -> Iterator[list[T]]:
+    """Lists of ``n`` items (texts, or records whose ``text(item)`` is one), or fewer once their
+    texts hold ``max_chars`` characters."""
+    batch: list[T] = []
     chars = 0
-    for t in texts:
-        batch.append(t)
-        chars += len(t)
+    for item in items:
+        batch.append(item)
+        chars += len(text(item))
         if len(batch) >= n or (max_chars is not None and chars >= max_chars):
             yield batch
             batch, chars = [], 0
@@ -192,15 +195,37 @@ def save(tok, cfg: TokenizerConfig, folder: Path) -> Path:
     return folder / "tokenizer.json"
 
 
-def validation_stats(tok, texts: Iterable[str], batch_size: int = TRAIN_BATCH) -> dict[str, int]:
-    """UTF-8 bytes, tokens and whitespace-separated words of ``texts``, encoded in batches."""
-    n_bytes = n_tokens = n_words = n_docs = 0
-    for batch in batched(texts, batch_size, max_chars=BATCH_CHARS):
-        n_docs += len(batch)
-        n_bytes += sum(len(t.encode("utf-8")) for t in batch)
-        n_words += sum(len(t.split()) for t in batch)
-        n_tokens += sum(len(e) for e in tok.encode_batch_fast(batch))
-    return {"documents": n_docs, "bytes": n_bytes, "tokens": n_tokens, "words": n_words}
+def validation_stats(tok, docs: Iterable[tuple[str, str | None]], batch_size: int = TRAIN_BATCH
+                     ) -> dict[str | None, dict[str, int]]:
+    """UTF-8 bytes, characters, tokens and whitespace-separated words of ``(text, language)``
+    pairs, encoded in batches: per language (the clean stage's ``language`` of each document;
+    None where it has none) and over all of them (key ``"all"``)."""
+    out: dict[str | None, dict[str, int]] = {}
+    for batch in batched(docs, batch_size, max_chars=BATCH_CHARS, text=lambda d: d[0]):
+        encodings = tok.encode_batch_fast([t for t, _ in batch])
+        for (text, lang), enc in zip(batch, encodings, strict=True):
+            for key in ("all", lang):
+                s = out.setdefault(key, {"documents": 0, "bytes": 0, "chars": 0, "tokens": 0, "words": 0})
+                s["documents"] += 1
+                s["bytes"] += len(text.encode("utf-8"))
+                s["chars"] += len(text)
+                s["words"] += len(text.split())
+                s["tokens"] += len(enc)
+    out.setdefault("all", {"documents": 0, "bytes": 0, "chars": 0, "tokens": 0, "words": 0})
+    return out
+
+
+def language_metrics(stats: dict[str | None, dict[str, int]]) -> dict[str, float]:
+    """``validation.<language>.bytes_per_token`` and ``.tokens_per_char`` for every language of
+    the validation split (what the vocabulary does to each language)."""
+    m: dict[str, float] = {}
+    for lang, s in sorted(stats.items(), key=lambda kv: str(kv[0])):
+        if lang is None or lang == "all":
+            continue
+        m[f"validation.{lang}.bytes_per_token"] = s["bytes"] / max(s["tokens"], 1)
+        m[f"validation.{lang}.tokens_per_char"] = s["tokens"] / max(s["chars"], 1)
+        m[f"validation.{lang}.documents"] = s["documents"]
+    return m
 
 
 @dataclasses.dataclass
@@ -237,14 +262,17 @@ def train_tokenizer(cfg: TokenizerConfig, clean_dir: Path, out: Path, metrics: P
         seconds = time.perf_counter() - t0
         if counted["docs"] == 0:
             raise StageError(f"{clean_dir / 'train'}: no documents to train the tokenizer on")
-        stats = validation_stats(tok, tqdm(iter_field(valid), desc="tokenizer: validation", unit="doc", mininterval=2))
+        docs = ((d["text"], d.get("language")) for p in valid for d in read_jsonl(p))
+        per_language = validation_stats(tok, tqdm(docs, desc="tokenizer: validation", unit="doc", mininterval=2))
+        stats = per_language["all"]
         with atomic_path(Path(out)) as tmp:
             save(tok, cfg, tmp)
         path = Path(out) / "tokenizer.json"
         result = TokenizerResult(path, tok.get_vocab_size(), sha256_file(path),
                                  stats["bytes"] / max(stats["tokens"], 1), seconds)
         m = {"vocab_size": result.vocab_size, "validation_bytes_per_token": result.bytes_per_token,
-             "validation_tokens_per_word": stats["tokens"] / max(stats["words"], 1)}
+             "validation_tokens_per_word": stats["tokens"] / max(stats["words"], 1),
+             "validation_tokens_per_char": stats["tokens"] / max(stats["chars"], 1), **language_metrics(per_language)}
         write_json(metrics, m)
         tr.metrics({**m, "train_seconds": seconds, "train_chars_per_second": counted["chars"] / max(seconds, 1e-9)})
         log.info("tokenizer: trained %s on %d documents (%.1f M characters) in %.1f s (%.2f M chars/s); "

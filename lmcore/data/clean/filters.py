@@ -28,10 +28,11 @@ Settings
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import Counter
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic.dataclasses import dataclass as pydantic_dataclass
@@ -44,6 +45,10 @@ from lmcore.config import (
     GopherRepetitionSettings,
     LanguageSettings,
 )
+from lmcore.core.languages import ANY
+from lmcore.data.clean import fineweb2
+from lmcore.data.clean.langid import Language, language_scores
+from lmcore.data.clean.segment import splitter_for
 from lmcore.data.clean.words import TERMINAL_PUNCTUATION, Doc, analyse, count_sentences, split_words
 
 __all__ = [
@@ -57,7 +62,52 @@ __all__ = [
     "split_words",
 ]
 
-_LANGID: dict[str, object] = {}
+
+# ---------------------------------------------------------------------------------------------
+# per-language rules
+
+
+class PerLanguage:
+    """What the word-based filters (Gopher, FineWeb, C4) share: which rule applies to a document
+    in a given language (:meth:`for_language`), following the settings' ``thresholds`` and
+    ``by_language`` fields (:class:`lmcore.config.PerLanguageSettings`). Variants are built once
+    per language and process."""
+
+    name: ClassVar[str]
+
+    def for_language(self, lang: Language | None) -> tuple[Any, str] | None:
+        """``(rule, splitter)`` for a document identified as ``lang``, or None when the filter has
+        no sound definition for it (skipped: the stage counts it as ``skipped.<code>``).
+
+        - ``thresholds: english``, no language known, or English / undetermined: this rule
+          (with ``by_language``'s overrides for the code, if any), English word rules.
+        - another language: FineWeb-2's values for it (``lmcore.data.clean.fineweb2``) under
+          ``by_language``'s overrides, its words split as :func:`splitter_for` says; None when
+          FineWeb-2 has no values for it, or its script has no word splitter (``chars``), unless
+          ``by_language`` names the language.
+        """
+        if self.thresholds == "english" or lang is None:
+            return self, "words"
+        splitter = splitter_for(lang)
+        key = (lang.code, splitter)
+        variants = self.__dict__.setdefault("_variants", {})
+        if key not in variants:
+            variants[key] = self._variant(lang.code, splitter)
+        return variants[key]
+
+    def _variant(self, code: str, splitter: str) -> tuple[Any, str] | None:
+        own = self.by_language.get(code)
+        if code in ("en", "und"):
+            return (dataclasses.replace(self, by_language={}, **own) if own else self), splitter
+        published = fineweb2.values(self.name_in_table, code)
+        if own is None and (published is None or splitter == "chars"):
+            return None
+        return dataclasses.replace(self, by_language={}, **{**(published or {}), **(own or {})}), splitter
+
+    @property
+    def name_in_table(self) -> str:
+        return self.name
+
 
 def _find_duplicates(items: list[str]) -> tuple[int, int]:
     """datatrove's ``find_duplicates``: (number of items equal to an earlier one, their characters)."""
@@ -72,7 +122,7 @@ def _find_duplicates(items: list[str]) -> tuple[int, int]:
 
 
 @pydantic_dataclass(config=SETTINGS)
-class GopherQualityFilter(GopherQualitySettings):
+class GopherQualityFilter(PerLanguage, GopherQualitySettings):
     """Gopher's quality heuristics (Rae et al. 2021, "Scaling Language Models", appendix A,
     https://arxiv.org/abs/2112.11446), as datatrove's ``GopherQualityFilter``: word count, mean
     word length, hash and ellipsis ratios, bullet and trailing-ellipsis lines, words with a letter,
@@ -83,10 +133,16 @@ class GopherQualityFilter(GopherQualitySettings):
     name: ClassVar[str] = "gopher_quality"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "_stop", None)  # (vocabulary generation, stop word ids)
 
-    def __call__(self, text: str) -> str | None:
-        d = analyse(text)
+    def __call__(self, text: str, lang: Language | None = None) -> str | None:
+        rule = self.for_language(lang)
+        return None if rule is None else rule[0].check(text, rule[1])
+
+    def check(self, text: str, splitter: str = "words") -> str | None:
+        """The rules of this filter's own values on ``text`` split by ``splitter``."""
+        d = analyse(text, splitter)
         ids = d.ids
         v = d.vocab
         n_words = len(ids)
@@ -151,7 +207,7 @@ _LINES = re.compile("\n+")
 
 
 @pydantic_dataclass(config=SETTINGS)
-class GopherRepetitionFilter(GopherRepetitionSettings):
+class GopherRepetitionFilter(PerLanguage, GopherRepetitionSettings):
     """Gopher's repetition heuristics (Rae et al. 2021, table A1), as datatrove's
     ``GopherRepetitionFilter``: duplicated paragraphs and lines (share of them and of their
     characters), the most frequent 2-4-gram's characters, and the characters covered by repeated
@@ -159,7 +215,12 @@ class GopherRepetitionFilter(GopherRepetitionSettings):
 
     name: ClassVar[str] = "gopher_repetition"
 
-    def __call__(self, text: str) -> str | None:
+    def __call__(self, text: str, lang: Language | None = None) -> str | None:
+        rule = self.for_language(lang)
+        return None if rule is None else rule[0].check(text, rule[1])
+
+    def check(self, text: str, splitter: str = "words") -> str | None:
+        """The rules of this filter's own values on ``text`` split by ``splitter``."""
         if not text:
             return "empty"
         paragraphs = _PARAGRAPHS.split(text.strip())
@@ -174,7 +235,7 @@ class GopherRepetitionFilter(GopherRepetitionSettings):
             return "dup_line_frac"
         if self.dup_line_char_frac and dup_chars / len(text) > self.dup_line_char_frac:
             return "dup_line_char_frac"
-        d = analyse(text)
+        d = analyse(text, splitter)
         n_words = len(d.ids)
         for n, frac in self.top_n_grams:
             if n_words < n or _top_gram_bound(d, n) / len(text) <= frac:
@@ -255,7 +316,7 @@ _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "u
 
 
 @pydantic_dataclass(config=SETTINGS)
-class C4LineCleaner(C4Settings):
+class C4LineCleaner(PerLanguage, C4Settings):
     """C4's line removal (Raffel et al. 2020, https://jmlr.org/papers/v21/20-074.html, and TFDS's
     ``c4_utils``), as the line loop of datatrove's ``C4QualityFilter``: each line is stripped,
     Wikipedia citation marks are removed, and the line is dropped if it has a word longer than
@@ -270,9 +331,19 @@ class C4LineCleaner(C4Settings):
     name: ClassVar[str] = "c4_lines"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "counts", Counter())  # lines seen, kept and removed per reason, summed over calls
 
-    def __call__(self, text: str) -> str:
+    @property
+    def name_in_table(self) -> str:
+        return "c4"
+
+    def __call__(self, text: str, lang: Language | None = None) -> str:
+        rule = self.for_language(lang)
+        return text if rule is None else rule[0].clean(text, self.counts)
+
+    def clean(self, text: str, counts: Counter) -> str:
+        """The kept lines of ``text`` under this cleaner's own values; tallies them in ``counts``."""
         kept: list[str] = []
         keep = kept.append
         max_len, min_words = self.max_word_length, self.min_words_per_line
@@ -325,7 +396,7 @@ class C4LineCleaner(C4Settings):
                     n_policy += 1
                     continue
             keep(line)
-        c = self.counts
+        c = counts
         c["lines"] += len(lines)
         c["lines_kept"] += len(kept)
         for key, n in (("lines_too_long_word", n_long), ("lines_no_terminal_punct", n_punct),
@@ -336,7 +407,7 @@ class C4LineCleaner(C4Settings):
 
 
 @pydantic_dataclass(config=SETTINGS)
-class C4QualityFilter(C4Settings):
+class C4QualityFilter(PerLanguage, C4Settings):
     """C4's document rules (Raffel et al. 2020) on the text :class:`C4LineCleaner` left: drop it if
     a line contains "lorem ipsum" (``lorem_ipsum``) or ``{`` (``curly_bracket``), the first such line
     deciding, or if it has fewer than ``min_num_sentences`` sentences (``too_few_sentences``), counted
@@ -346,7 +417,12 @@ class C4QualityFilter(C4Settings):
 
     name: ClassVar[str] = "c4"
 
-    def __call__(self, text: str) -> str | None:
+    def __call__(self, text: str, lang: Language | None = None) -> str | None:
+        rule = self.for_language(lang)
+        return None if rule is None else rule[0].check(text)
+
+    def check(self, text: str) -> str | None:
+        """The document rules of this filter's own values on ``text``."""
         lines = text.splitlines()
         lorem = self.filter_lorem_ipsum and "lorem ipsum" in text.lower()
         curly = self.filter_curly_bracket and "{" in text
@@ -367,7 +443,7 @@ class C4QualityFilter(C4Settings):
 
 
 @pydantic_dataclass(config=SETTINGS)
-class FineWebQualityFilter(FineWebSettings):
+class FineWebQualityFilter(PerLanguage, FineWebSettings):
     """FineWeb's own heuristics (Penedo et al. 2024, https://arxiv.org/abs/2406.17557), as
     datatrove's ``FineWebQualityFilter``: share of lines ending in terminal punctuation, share of
     short lines, characters in duplicated lines, and newlines per word."""
@@ -375,11 +451,17 @@ class FineWebQualityFilter(FineWebSettings):
     name: ClassVar[str] = "fineweb"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         chars = TERMINAL_PUNCTUATION if self.stop_chars is None else self.stop_chars
         object.__setattr__(self, "_single", frozenset(chars) if all(len(c) == 1 for c in chars) else None)
         object.__setattr__(self, "_tuple", tuple(chars))
 
-    def __call__(self, text: str) -> str | None:
+    def __call__(self, text: str, lang: Language | None = None) -> str | None:
+        rule = self.for_language(lang)
+        return None if rule is None else rule[0].check(text, rule[1])
+
+    def check(self, text: str, splitter: str = "words") -> str | None:
+        """The rules of this filter's own values on ``text`` split by ``splitter``."""
         lines = list(filter(str.strip, text.split("\n")))
         if not lines:
             return "empty"
@@ -395,7 +477,7 @@ class FineWebQualityFilter(FineWebSettings):
             return "short_line_ratio"
         if _find_duplicates(lines)[1] / (len(text) - text.count("\n")) > self.char_duplicates_ratio:
             return "char_dup_ratio"
-        n_words = len(analyse(text).ids)
+        n_words = len(analyse(text, splitter).ids)
         if text.count("\n") / n_words > self.new_line_ratio:
             return "list_ratio"
         return None
@@ -405,42 +487,34 @@ class FineWebQualityFilter(FineWebSettings):
 # language identification
 
 
-def _identifier():
-    """py3langid's identifier (its model ships inside the package), loaded once per process."""
-    ident = _LANGID.get("identifier")
-    if ident is None:
-        # lazy: loads its model (~1 s); only the language filter needs it
-        from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-        ident = _LANGID["identifier"] = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-    return ident
-
-
 @pydantic_dataclass(config=SETTINGS)
 class LanguageFilter(LanguageSettings):
-    """Keep documents in ``languages``: py3langid (a naive Bayes model over byte n-grams, 97
-    languages, shipped in its PyPI package: offline) gives each language a probability; the
-    document is kept if one of ``languages`` scores above ``threshold`` (datatrove's
-    ``LanguageFilter`` rule, with py3langid instead of fastText's lid.176, which would have to be
-    downloaded). Dropped as ``language:<code>`` when another language is the most likely, else
-    ``language_score``."""
+    """Keep documents in ``languages``: py3langid (a naive Bayes model over byte n-grams, 140
+    languages, shipped in its PyPI package: offline; :mod:`lmcore.data.clean.langid`) gives each
+    language a probability; the document is kept if one of ``languages`` scores above
+    ``threshold`` (datatrove's ``LanguageFilter`` rule, with py3langid instead of fastText's
+    lid.176, which would have to be downloaded), or, with ``languages: any``, if its most likely
+    language does. Dropped as ``language:<code>`` when another language is the most likely, else
+    ``language_score``. The stage identifies each document once and passes the result."""
 
     name: ClassVar[str] = "language"
 
     def scores(self, text: str) -> dict[str, float]:
         """Probability of every language for ``text``."""
-        if self.max_chars is not None:
-            text = text[: self.max_chars]
-        return dict(_identifier().rank(text.replace("\n", " ")))
+        return language_scores(text, self.max_chars)
 
     def detect(self, text: str) -> tuple[str, float]:
         """The most likely language and its probability."""
         lang, p = max(self.scores(text).items(), key=lambda kv: kv[1])
         return lang, float(p)
 
-    def __call__(self, text: str) -> str | None:
-        scores = self.scores(text)
-        if any(scores.get(lang, 0.0) > self.threshold for lang in self.languages):
-            return None
+    def __call__(self, text: str, lang: Language | None = None) -> str | None:
+        scores = lang.scores if lang is not None else self.scores(text)
+        if not scores:
+            return "language_score"
         top = max(scores, key=scores.__getitem__)
+        if self.languages == (ANY,):
+            return None if scores[top] > self.threshold else "language_score"
+        if any(scores.get(code, 0.0) > self.threshold for code in self.languages):
+            return None
         return "language_score" if top in self.languages else f"language:{top}"

@@ -36,6 +36,8 @@ from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, write_json
 from lmcore.core.readers import ReadStats, read_jsonl_file, warning_lines
 from lmcore.data.clean.dedup import DedupIndex, MinHashConfig, MinHasher, exact_key
+from lmcore.data.clean.filters import PerLanguage
+from lmcore.data.clean.langid import Language, LanguageIdentifier
 from lmcore.data.clean.normalizers import (
     ControlCharRemover,
     MojibakeFixer,
@@ -44,6 +46,7 @@ from lmcore.data.clean.normalizers import (
     WhitespaceNormalizer,
 )
 from lmcore.data.clean.registry import make_filters
+from lmcore.data.clean.segment import splitter_for
 from lmcore.tracking import stage_run
 
 log = logging.getLogger(__name__)
@@ -62,7 +65,7 @@ class MinLengthFilter:
     min_chars: int = 0
     name: ClassVar[str] = "min_length"
 
-    def __call__(self, text: str) -> str | None:
+    def __call__(self, text: str, lang: Language | None = None) -> str | None:
         return "too_short" if len(text) < self.min_chars else None
 
 
@@ -73,12 +76,14 @@ class MaxLengthFilter:
     max_chars: int = 10**9
     name: ClassVar[str] = "max_length"
 
-    def __call__(self, text: str) -> str | None:
+    def __call__(self, text: str, lang: Language | None = None) -> str | None:
         return "too_long" if len(text) > self.max_chars else None
 
 
 def build_steps(cfg: CleanConfig) -> list[tuple[str, Any]]:
-    """The configured steps in order, each ``("normalizer" | "filter", step)``."""
+    """The configured steps in order, each ``("normalizer" | "identify" | "filter", step)``: the
+    normalisers, the language identification (on the normalised text, first ``max_chars`` of the
+    language filter's settings), then the filters and the normalisers that need the language."""
     steps: list[tuple[str, Any]] = []
     if cfg.fix_mojibake:
         steps.append(("normalizer", MojibakeFixer()))
@@ -87,6 +92,8 @@ def build_steps(cfg: CleanConfig) -> list[tuple[str, Any]]:
     steps += [("normalizer", ControlCharRemover()), ("normalizer", WhitespaceNormalizer())]
     if cfg.redact_pii:
         steps.append(("normalizer", PIIRedactor()))
+    language = cfg.filters.get("language")
+    steps.append(("identify", LanguageIdentifier(language.max_chars if language is not None else 2000)))
     steps += [("filter", MinLengthFilter(cfg.min_chars)), ("filter", MaxLengthFilter(cfg.max_chars))]
     for name, settings in cfg.filters.items():
         steps += make_filters(name, settings)
@@ -166,34 +173,39 @@ def clean_shard(index: int, source: Path, work: Path, cfg: CleanConfig) -> Shard
             chars_in += len(text)
             bytes_in += len(text.encode("utf-8"))
             hist[_bin(len(text))] += 1
-            reason = None
+            reason = lang = None
             for kind, step in steps:
                 st = stats[step.name]
                 st.docs_in += 1
                 ts = time.perf_counter()
-                if kind == "normalizer":
-                    new = step(text)
+                if kind == "identify":
+                    lang = step(text)
+                elif isinstance(step, PerLanguage) and step.for_language(lang) is None:
+                    st.counts[f"skipped.{lang.code}"] += 1  # no sound definition for this language
+                elif kind == "normalizer":
+                    new = step(text) if lang is None else step(text, lang)
                     if new != text:
                         st.docs_changed += 1
                         st.chars_removed += len(text) - len(new)
                         text = new
                 else:
-                    reason = step(text)
+                    reason = step(text, lang)
                     if reason:
                         st.dropped_docs[reason] += 1
                         st.dropped_chars[reason] += len(text)
                 st.seconds += time.perf_counter() - ts
                 if reason:
                     break
+            tags = {"language": lang.code, "language_score": round(lang.score, 4)} if lang is not None else {}
             if reason:
-                dropped.write(json.dumps({**doc, "text": text, "drop_step": step.name, "drop_reason": reason},
+                dropped.write(json.dumps({**doc, "text": text, **tags, "drop_step": step.name, "drop_reason": reason},
                                          ensure_ascii=False) + "\n")
                 continue
-            kept.write(json.dumps({**doc, "text": text}, ensure_ascii=False) + "\n")
+            kept.write(json.dumps({**doc, "text": text, **tags}, ensure_ascii=False) + "\n")
             if hasher is None:
                 exact += exact_key(text)
             else:
-                fp = hasher.fingerprint(text)
+                fp = hasher.fingerprint(text, splitter_for(lang))
                 exact += fp.exact_key
                 bands += np.asarray(fp.band_keys, dtype=np.uint64).tobytes()
                 if fp.signature is not None:  # the index compares the low byte of each value
@@ -254,6 +266,7 @@ def finalize(cfg: CleanConfig, results: list[ShardResult], out: Path, metrics: P
     dedup_chars: Counter = Counter()
     counts: Counter = Counter()
     chars: Counter = Counter()
+    languages: Counter = Counter()  # kept documents and characters per language
     hist_out = np.zeros(len(HIST_BINS) - 1, dtype=np.int64)
     with atomic_path(out) as tmp:
         tmp.mkdir()
@@ -285,6 +298,9 @@ def finalize(cfg: CleanConfig, results: list[ShardResult], out: Path, metrics: P
                         split = split_of(doc["text"], cfg.validation_fraction, cfg.split_salt)
                         counts[split] += 1
                         chars[split] += n
+                        if "language" in doc:
+                            languages[f"docs.{doc['language']}"] += 1
+                            languages[f"chars.{doc['language']}"] += n
                         hist_out[_bin(n)] += 1
                         files[split].write(line)
         docs_in = sum(r.docs_in for r in results)
@@ -296,6 +312,7 @@ def finalize(cfg: CleanConfig, results: list[ShardResult], out: Path, metrics: P
                 f"(of {docs_in}); both splits need at least one (lower clean.min_chars or the filters' thresholds, "
                 "change clean.validation_fraction or clean.split_salt, or add data)")
         stats = _stats(results, dedup_drops, dedup_chars, counts, chars, docs_in)
+        stats.update({f"kept.{k}": v for k, v in sorted(languages.items())})
         hist_in = sum((r.hist_in for r in results), np.zeros(len(HIST_BINS) - 1, dtype=np.int64))
         write_json(tmp / "stats.json", stats)
         _report(tmp / "report.png", hist_in, hist_out, stats)
@@ -358,6 +375,17 @@ def headline(stats: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in stats.items() if k in HEADLINE or ".dropped_docs." in k or k.startswith("read.skipped.")}
 
 
+def language_mix(stats: dict[str, Any], prefix: str) -> dict[str, tuple[int, int]]:
+    """``{language: (documents, characters)}`` from the statistics: ``prefix`` ``language_id``
+    for the documents identified (after the normalisers), ``kept`` for those written."""
+    mix: dict[str, tuple[int, int]] = {}
+    for key, n in stats.items():
+        if key.startswith(f"{prefix}.docs."):
+            code = key[len(prefix) + 6:]
+            mix[code] = (n, stats.get(f"{prefix}.chars.{code}", 0))
+    return mix
+
+
 def _report(path: Path, hist_in: np.ndarray, hist_out: np.ndarray, stats: dict[str, Any]) -> None:
     import matplotlib  # lazy: ~0.5 s to import; only the data report's PNG needs it
 
@@ -366,7 +394,8 @@ def _report(path: Path, hist_in: np.ndarray, hist_out: np.ndarray, stats: dict[s
 
     drops = {k.split(".dropped_docs.")[0] + ": " + k.split(".dropped_docs.")[1]: v
              for k, v in stats.items() if ".dropped_docs." in k}
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    mix_in, mix_out = language_mix(stats, "language_id"), language_mix(stats, "kept")
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(17, 4.5))
     centers = 10 ** ((HIST_BINS[:-1] + HIST_BINS[1:]) / 2)
     a.step(centers, hist_in, where="mid", label=f"before ({int(hist_in.sum())} docs)")
     a.step(centers, hist_out, where="mid", label=f"after ({int(hist_out.sum())} docs)")
@@ -380,6 +409,17 @@ def _report(path: Path, hist_in: np.ndarray, hist_out: np.ndarray, stats: dict[s
         b.barh(names, [drops[n] for n in names])
     b.set_xlabel("documents dropped")
     b.set_title(f"Drops per step and reason (kept {stats['documents_kept']} of {stats['documents_in']})")
+    top = sorted(mix_in, key=lambda k: -mix_in[k][1])[:10]
+    if top:
+        y = np.arange(len(top))
+        c.barh(y - 0.2, [mix_in[k][1] for k in top], height=0.4, label="before filters")
+        c.barh(y + 0.2, [mix_out.get(k, (0, 0))[1] for k in top], height=0.4, label="kept")
+        c.set_yticks(y, [f"{k} ({mix_in[k][0]} / {mix_out.get(k, (0, 0))[0]} docs)" for k in top])
+        c.invert_yaxis()
+        c.legend()
+    c.set_xscale("symlog")
+    c.set_xlabel("characters")
+    c.set_title("Language mix (documents before / kept)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -41,6 +41,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from lmcore.data.clean.segment import chunk_splitter
+
 __all__ = [
     "PUNCTUATION",
     "PUNCTUATION_SET",
@@ -538,19 +540,26 @@ class Vocab:
 _STATE: dict[str, object] = {}
 
 
-def current_vocab() -> Vocab:
-    v = _STATE.get("vocab")
+def current_vocab(splitter: str = "words") -> Vocab:
+    """This process's vocabulary of ``splitter`` (:mod:`lmcore.data.clean.segment`): ``words``
+    (spaCy's English rules, every script written with spaces), ``jieba``, ``thai`` or ``chars``."""
+    vocabs: dict[str, Vocab] = _STATE.setdefault("vocabs", {})  # type: ignore[assignment]
+    v = vocabs.get(splitter)
     if v is None or len(v.chunks) > Vocab.MAX_CHUNKS:
-        tok = _STATE.get("tokenizer") or _STATE.setdefault("tokenizer", _Tokenizer())
-        v = _STATE["vocab"] = Vocab(tok)
+        if splitter == "words":
+            tok = _STATE.get("tokenizer") or _STATE.setdefault("tokenizer", _Tokenizer())
+        else:
+            tok = chunk_splitter(splitter)
+        v = vocabs[splitter] = Vocab(tok)
         _STATE.pop("doc", None)
     return v
 
 
-def split_words(text: str) -> list[str]:
-    """The words of ``text`` as datatrove's ``split_into_words(text, "en")`` gives them (spaCy's
-    English tokenizer, whitespace dropped), re-implemented without spaCy."""
-    v = current_vocab()
+def split_words(text: str, splitter: str = "words") -> list[str]:
+    """The words of ``text``: with ``words``, as datatrove's ``split_into_words(text, "en")`` gives
+    them (spaCy's English tokenizer, whitespace dropped, re-implemented without spaCy); with
+    another splitter, that splitter's words of each whitespace-separated chunk."""
+    v = current_vocab(splitter)
     return [v.words[i] for i in v.word_ids(text.split()).tolist()]
 
 
@@ -654,8 +663,9 @@ class Doc:
         return self._dup[1]
 
 
-def analyse(text: str) -> Doc:
-    v = current_vocab()
+def analyse(text: str, splitter: str = "words") -> Doc:
+    """The shared analysis of ``text`` split by ``splitter`` (the last one is cached)."""
+    v = current_vocab(splitter)
     d = _STATE.get("doc")
     if d is not None and d.vocab is v and (d.text is text or d.text == text):
         return d
