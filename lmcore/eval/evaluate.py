@@ -29,7 +29,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from lmcore.data import glue
 from lmcore.data import tokenizer as tokmod
 from lmcore.data.tokenizer import special_ids
 from lmcore.data.encode import load_manifest, load_tokens, specials_as_text
-from lmcore.eval.harness import DecoderScorer, DocumentScores, load_hf, score_documents
+from lmcore.eval.harness import DecoderScorer, DocumentScores, Loaded, load_hf, score_documents
 from lmcore.eval.report import describe_model, report_table, samples
 from lmcore.eval.scored import score_split, score_texts
 from lmcore.eval.tasks import SUBMISSION, task_results, write_submission
@@ -132,9 +132,20 @@ def score_clean_documents(model, tok, clean_dir: Path, eot: int, batch_size: int
     return score_documents(DecoderScorer(model), ids, texts, eot, batch_size, desc="evaluate: per document")
 
 
+def text_encoder(tok) -> Callable[[str], list[int]]:
+    """``encode(text) -> ids`` with ``tok``, special-token strings in the text read as plain text
+    (as the encode stage reads documents), for scoring prompts and documents."""
+
+    def encode(text: str) -> list[int]:
+        with specials_as_text(tok):
+            return tok.encode(text).ids
+
+    return encode
+
+
 def load_scorer(model_dir: str | Path, tokenizer_dir: str | Path | None = None,
-                backend: str = "auto") -> tuple[Any, Any, int, str]:
-    """``(scorer, encode, prefix token, backend)`` of any model folder: lmcore's own
+                backend: str = "auto") -> Loaded:
+    """The scorer, encoder, prefix token and backend (:class:`lmcore.eval.harness.Loaded`) of any model folder: lmcore's own
     (``runs/pretrain/final``, with ``tokenizer_dir``) or a Hugging Face causal LM folder
     (``runs/export`` or any other: through ``transformers``; ``backend="lmcore"`` reads an lmcore
     export without it)."""
@@ -143,8 +154,7 @@ def load_scorer(model_dir: str | Path, tokenizer_dir: str | Path | None = None,
     if backend == "auto":
         backend = "lmcore" if "model" in cfg else "transformers"
     if backend == "transformers":
-        loaded = load_hf(model_dir)
-        return loaded.scorer, loaded.encode, loaded.prefix, backend
+        return load_hf(model_dir)
     if backend != "lmcore":
         raise StageError(f"backend {backend!r}: expected auto, lmcore or transformers")
     tok_path = Path(tokenizer_dir if tokenizer_dir is not None else model_dir)
@@ -152,38 +162,33 @@ def load_scorer(model_dir: str | Path, tokenizer_dir: str | Path | None = None,
     model, model_cfg = load_lm(model_dir)
     tok = tokmod.load(require(tok_file, "tokenizer"))
     check_tokenizer(model, model_cfg, tok, tok_file, model_dir)
-
-    def encode(text: str) -> list[int]:
-        with specials_as_text(tok):
-            return tok.encode(text).ids
-
-    return DecoderScorer(model), encode, special_ids(tok).eot, backend
+    return Loaded(DecoderScorer(model), text_encoder(tok), special_ids(tok).eot, backend)
 
 
 def score_model_documents(model_dir: str | Path, texts: Sequence[str], tokenizer_dir: str | Path | None = None,
                           backend: str = "auto", batch_size: int = 8) -> tuple[DocumentScores, str]:
     """Score ``texts`` one document at a time as lm-evaluation-harness does, with any model
     folder (:func:`load_scorer`). Returns the scores and the backend used."""
-    scorer, encode, prefix, backend = load_scorer(model_dir, tokenizer_dir, backend)
-    ids = [encode(t) for t in texts]
-    return score_documents(scorer, ids, texts, prefix, batch_size, desc=f"score {model_dir}"), backend
+    lm = load_scorer(model_dir, tokenizer_dir, backend)
+    ids = [lm.encode(t) for t in texts]
+    return score_documents(lm.scorer, ids, texts, lm.prefix, batch_size, desc=f"score {model_dir}"), lm.backend
 
 
 def zero_shot_model(model_dir: str | Path, task_dir: str | Path, tokenizer_dir: str | Path | None = None,
                     backend: str = "auto", batch_size: int = 32) -> tuple[dict[str, Any], str]:
     """Zero-shot metrics (:func:`lmcore.eval.zeroshot.zero_shot`) of any model folder on a
     prepared task (``data/raw/tasks/<task>``)."""
-    scorer, encode, prefix, backend = load_scorer(model_dir, tokenizer_dir, backend)
+    lm = load_scorer(model_dir, tokenizer_dir, backend)
     spec, splits = glue.load_task(Path(task_dir))
-    return zero_shot(scorer, encode, prefix, spec, splits, batch_size=batch_size), backend
+    return zero_shot(lm.scorer, lm.encode, lm.prefix, spec, splits, batch_size=batch_size), lm.backend
 
 
 def multiple_choice_model(model_dir: str | Path, path: str | Path, tokenizer_dir: str | Path | None = None,
                           backend: str = "auto") -> tuple[dict[str, Any], str]:
     """Zero-shot ``acc``/``acc_norm`` of any model folder on a local multiple-choice JSONL file
     (``context``, ``choices``, ``gold``: :func:`lmcore.eval.zeroshot.read_multiple_choice`)."""
-    scorer, encode, prefix, backend = load_scorer(model_dir, tokenizer_dir, backend)
-    return multiple_choice(scorer, encode, prefix, read_multiple_choice(path)), backend
+    lm = load_scorer(model_dir, tokenizer_dir, backend)
+    return multiple_choice(lm.scorer, lm.encode, lm.prefix, read_multiple_choice(path)), lm.backend
 
 
 def zero_shot_results(model, tok, tasks_dir: Path, tasks: Sequence[str], eot: int,
@@ -193,11 +198,7 @@ def zero_shot_results(model, tok, tasks_dir: Path, tasks: Sequence[str], eot: in
     fine-tuned score (``finetuned``: :func:`task_results`'s metrics)."""
     m: dict[str, Any] = {}
     rows: list[tuple] = []
-
-    def encode(text: str) -> list[int]:
-        with specials_as_text(tok):
-            return tok.encode(text).ids
-
+    encode = text_encoder(tok)
     for task in tasks:
         spec, splits = glue.load_task(Path(tasks_dir) / task)
         if spec.is_regression or spec.name not in TEMPLATES:
@@ -306,8 +307,7 @@ def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned:
             rows += zs_rows
         for mc in cfg.multiple_choice:  # local multiple-choice files, zero-shot
             items = read_multiple_choice(mc.path, mc.context_field, mc.choices_field, mc.gold_field)
-            with specials_as_text(tok):
-                got = multiple_choice(DecoderScorer(model), lambda t: tok.encode(t).ids, eot, items)
+            got = multiple_choice(DecoderScorer(model), text_encoder(tok), eot, items)
             m |= {f"mc.{mc.name}.{k}": v for k, v in got.items()}
             chance = sum(1 / len(c) for _, c, _ in items) / len(items)
             rows.append((f"multiple choice {mc.name}", "zero-shot accuracy", got["acc"], chance, "chance"))

@@ -1,5 +1,9 @@
 """Words as datatrove counts them: spaCy's English tokenizer, re-implemented without spaCy.
 
+(The analysis below is shared by every splitter of :mod:`lmcore.data.clean.segment`: a text in
+Chinese gets jieba's words through the same :class:`Vocab` and :class:`Doc`, one vocabulary per
+splitter; ``analyse(text, splitter)``.)
+
 :func:`split_words` gives the words of ``split_into_words(text, "en")`` and :func:`count_sentences`
 the sentences of ``split_into_sentences(line, "en")``; :func:`analyse` gives the per-text analysis
 (:class:`Doc`: word ids, n-gram ids, rolling hashes) that the word-based filters of
