@@ -92,9 +92,12 @@ def lmcore_decisions(docs: list[str]) -> list[str | None]:
     from lmcore.data.clean.registry import make_filters
 
     steps = [step for name in FILTERS for _, step in make_filters(name, {})]
-    out = []
+    out: list[str | None] = []
     for text in docs:
         lang = identify(text)
+        if all(step.for_language(lang) is None for step in steps):
+            out.append("skipped")  # no filter has a sound definition for this language here
+            continue
         reason = None
         for step in steps:
             reason = step(text, lang)
@@ -111,8 +114,7 @@ def datatrove_child(inp: Path, out: Path) -> None:
     from datatrove.pipeline.filters import FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
 
     job = json.loads(inp.read_text("utf-8"))
-    c, k = job["config"], job["constants"]
-    lang = "cmn_Hani"
+    c, k, lang = job["config"], job["constants"], job["language"]
     filters = [
         ("gopher_repetition", GopherRepetitionFilter(language=lang, dup_line_frac=c["dup_line_frac"],
                                                      top_n_grams=[tuple(x) for x in c["top_n_grams"]],
@@ -138,14 +140,16 @@ def datatrove_child(inp: Path, out: Path) -> None:
     out.write_text(json.dumps(decisions))
 
 
-def datatrove_decisions(python: str, docs: list[str], work: Path) -> list[str | None]:
+def datatrove_decisions(python: str, docs: list[str], code: str, work: Path) -> list[str | None]:
+    """datatrove's decisions with FineWeb-2's filters for language ``code`` (lmcore's code)."""
     from lmcore.data.clean import fineweb2
 
-    config = {**fineweb2._table()["zh"]["gopher_repetition"], **fineweb2._table()["zh"]["fineweb"],
-              **fineweb2._table()["zh"]["gopher_quality"]}
+    entry = fineweb2._table()[code]
+    config = {**entry["gopher_repetition"], **entry["fineweb"], **entry["gopher_quality"]}
     constants = {f: fineweb2.pipeline_constants(f) for f in FILTERS}
-    job, res = work / "dt-job.json", work / "dt-out.json"
-    job.write_text(json.dumps({"config": config, "constants": constants, "docs": docs}, ensure_ascii=False))
+    job, res = work / f"dt-job-{code}.json", work / f"dt-out-{code}.json"
+    job.write_text(json.dumps({"config": config, "constants": constants, "docs": docs,
+                               "language": entry["fineweb2"]}, ensure_ascii=False))
     subprocess.run([python, str(Path(__file__).resolve()), "--datatrove-child", str(job), str(res)], check=True,
                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return json.loads(res.read_text())
@@ -164,6 +168,7 @@ def main() -> None:
     from lmcore.core.machine import cpu_flags, cpu_name, git_commit
 
     docs = corpora()
+    from texts import japanese_docs, norse_docs  # tests/texts.py, on the path since corpora()
     rounds: dict[tuple[str, bool], list[dict]] = {(n, q): [] for n in ("en", "zh") for q in (True, False)}
     with tempfile.TemporaryDirectory(prefix="lmcore-multilingual-") as tmp:
         for r in range(args.rounds):
@@ -175,9 +180,13 @@ def main() -> None:
                           file=sys.stderr, flush=True)
         distinct = docs["zh"][:224]
         t0 = time.perf_counter()
-        lm = lmcore_decisions(docs["zh"])
+        lm = {"zh": lmcore_decisions(docs["zh"])}
         lm_s = time.perf_counter() - t0
-        dt = datatrove_decisions(args.datatrove_python, docs["zh"], Path(tmp)) if args.datatrove_python else None
+        others = {"ja": japanese_docs(), "is": norse_docs()}
+        for code, texts in others.items():
+            lm[code] = lmcore_decisions(texts)
+        dt = {code: datatrove_decisions(args.datatrove_python, docs["zh"] if code == "zh" else others[code], code,
+                                        Path(tmp)) for code in lm} if args.datatrove_python else None
     print(f"### Clean stage beyond English, {datetime.date.today()}, commit {git_commit(ROOT)}\n")
     print(f"Machine: {cpu_name()}, {os.cpu_count()} cores, flags {cpu_flags()}. "
           f"Command: `python benchmarks/clean_multilingual.py {' '.join(sys.argv[1:])}`\n")
@@ -193,21 +202,29 @@ def main() -> None:
               f"({', '.join(f'{x:.2f}' for x in rates)}) | {med['docs'] / med['seconds']:.0f} | "
               f"{med['near_dups']} of {2 * len(distinct)} copies | {sum(med['filtered'].values())} | {med['kept']} |")
     print(f"\nlmcore's three filters on the {len(docs['zh'])} Chinese documents: {lm_s:.1f} s")
-    if dt is not None:
-        same = sum(a == b for a, b in zip(lm, dt, strict=True))
-        same_keep = sum((a is None) == (b is None) for a, b in zip(lm, dt, strict=True))
-        print(f"\nAgreement with datatrove 0.10.1 (FineWeb-2's cmn_Hani filters) on {len(lm)} Chinese documents: "
-              f"same keep/drop {same_keep}/{len(lm)} ({same_keep / len(lm):.1%}), same reason {same}/{len(lm)} "
-              f"({same / len(lm):.1%}); kept by lmcore {lm.count(None)}, by datatrove {dt.count(None)}")
+    if dt is None:
+        return
+    names = {"zh": "Chinese (三国演义 and copies), cmn_Hani", "ja": "Japanese (Wikinews), jpn_Jpan",
+             "is": "Old Norse read as Icelandic (Völsunga saga), isl_Latn"}
+    print("\nAgreement with datatrove 0.10.1 running FineWeb-2's filters for the language:\n")
+    print("| documents | n | same keep/drop | same reason | lmcore: kept / dropped / skipped | datatrove: kept / dropped |")
+    print("|---|---|---|---|---|---|")
+    for code, ours in lm.items():
+        theirs = dt[code]
+        same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+        keep = sum((a is None or a == "skipped") == (b is None) for a, b in zip(ours, theirs, strict=True))
+        n = len(ours)
+        print(f"| {names[code]} | {n} | {keep}/{n} ({keep / n:.1%}) | {same}/{n} | {ours.count(None)} / "
+              f"{n - ours.count(None) - ours.count('skipped')} / {ours.count('skipped')} | "
+              f"{theirs.count(None)} / {n - theirs.count(None)} |")
+    for code, ours in lm.items():
         reasons: dict[str, list[int]] = {}
-        for a, b in zip(lm, dt, strict=True):
+        for a, b in zip(ours, dt[code], strict=True):
             reasons.setdefault(str(a), [0, 0])[0] += 1
             reasons.setdefault(str(b), [0, 0])[1] += 1
-        print("\n| decision | lmcore | datatrove |\n|---|---|---|")
-        for k, (a, b) in sorted(reasons.items()):
-            print(f"| {'keep' if k == 'None' else k} | {a} | {b} |")
-        diff = [(i, a, b) for i, (a, b) in enumerate(zip(lm, dt, strict=True)) if a != b][:5]
-        for i, a, b in diff:
+        print(f"\n{code}: " + "; ".join(f"{'keep' if k == 'None' else k} {a} (lmcore) / {b} (datatrove)"
+                                        for k, (a, b) in sorted(reasons.items())))
+        for i, a, b in [(i, a, b) for i, (a, b) in enumerate(zip(ours, dt[code], strict=True)) if a != b][:3]:
             print(f"- document {i}: lmcore {a}, datatrove {b}")
 
 
