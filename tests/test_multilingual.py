@@ -105,6 +105,11 @@ def test_words_mode_is_datatroves_and_misses_chinese_copies(zh, tmp_path):
         clean(cfg, raw, tmp_path / mode, tmp_path / f"{mode}.json", OFF)
         found[mode] = n_copies - sum(i.startswith("copy") for i in kept_ids(tmp_path / mode))
     assert found["auto"] >= 0.95 * n_copies and found["words"] < 0.5 * n_copies, found
+    # no step read the language: only the script was looked at (no py3langid), no language written
+    stats = json.loads((tmp_path / "auto/stats.json").read_text())
+    assert stats["language_id.docs.und"] == len(zh[:80]) + n_copies
+    assert not any("language" in json.loads(line) for p in (tmp_path / "auto").glob("*/*.jsonl")
+                   for line in p.read_text("utf-8").splitlines())
 
 
 def test_accented_european_language(non, tmp_path):

@@ -9,7 +9,8 @@ to the chunk). Which one a document gets follows from its identified language an
     spaCy's rule-based tokenizer as datatrove uses it (:mod:`lmcore.data.clean.words`), which
     splits punctuation off words.
 ``jieba``
-    Chinese (``zh``, and ``wuu``/``yue`` written in Han characters): jieba's dictionary and HMM
+    Chinese (``zh``, and ``wuu``/``yue``, written in Han characters; or Han text whose language was
+    not identified, which without kana is Chinese): jieba's dictionary and HMM
     segmenter (``jieba.cut(chunk, cut_all=False)``), what spaCy's Chinese tokenizer calls and so
     what datatrove's ``load_word_tokenizer("zh")`` gives.
 ``chars``
@@ -26,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from lmcore.data.clean.langid import Language
+from lmcore.data.clean.langid import UNDETERMINED, Language
 
 __all__ = ["CHINESE", "NO_SPACE_SCRIPTS", "SPLITTERS", "chunk_splitter", "splitter_for"]
 
@@ -45,8 +46,8 @@ def splitter_for(lang: Language | None) -> str:
     is known."""
     if lang is None or lang.script not in NO_SPACE_SCRIPTS:
         return "words"
-    if lang.script == "Han" and lang.code in CHINESE:
-        return "jieba"
+    if lang.script == "Han" and (lang.code in CHINESE or lang.code == UNDETERMINED):
+        return "jieba"  # Han letters without kana: Chinese, also when only the script is known
     return "chars"
 
 

@@ -93,11 +93,14 @@ def build_steps(cfg: CleanConfig) -> list[tuple[str, Any]]:
     if cfg.redact_pii:
         steps.append(("normalizer", PIIRedactor()))
     language = cfg.filters.get("language")
-    steps.append(("identify", LanguageIdentifier(language.max_chars if language is not None else 2000)))
+    filters = [step for name, settings in cfg.filters.items() for step in make_filters(name, settings)]
+    # py3langid runs when a step reads the language (the language filter, a filter with
+    # per-language thresholds); else only the script is found (MinHash's shingles need no more)
+    needed = language is not None or any(isinstance(s, PerLanguage) and s.thresholds == "per_language"
+                                         for _, s in filters)
+    steps.append(("identify", LanguageIdentifier(language.max_chars if language is not None else 2000, needed)))
     steps += [("filter", MinLengthFilter(cfg.min_chars)), ("filter", MaxLengthFilter(cfg.max_chars))]
-    for name, settings in cfg.filters.items():
-        steps += make_filters(name, settings)
-    return steps
+    return steps + filters
 
 
 def minhash_config(cfg: CleanConfig) -> MinHashConfig | None:
@@ -174,12 +177,14 @@ def clean_shard(index: int, source: Path, work: Path, cfg: CleanConfig) -> Shard
             bytes_in += len(text.encode("utf-8"))
             hist[_bin(len(text))] += 1
             reason = lang = None
+            tagged = False
             for kind, step in steps:
                 st = stats[step.name]
                 st.docs_in += 1
                 ts = time.perf_counter()
                 if kind == "identify":
                     lang = step(text)
+                    tagged = step.languages
                 elif isinstance(step, PerLanguage) and step.for_language(lang) is None:
                     st.counts[f"skipped.{lang.code}"] += 1  # no sound definition for this language
                 elif kind == "normalizer":
@@ -196,7 +201,8 @@ def clean_shard(index: int, source: Path, work: Path, cfg: CleanConfig) -> Shard
                 st.seconds += time.perf_counter() - ts
                 if reason:
                     break
-            tags = {"language": lang.code, "language_score": round(lang.score, 4)} if lang is not None else {}
+            # the language of the record, when identified (not when only the script was looked at)
+            tags = {"language": lang.code, "language_score": round(lang.score, 4)} if tagged else {}
             if reason:
                 dropped.write(json.dumps({**doc, "text": text, **tags, "drop_step": step.name, "drop_reason": reason},
                                          ensure_ascii=False) + "\n")
