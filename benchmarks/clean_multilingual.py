@@ -121,25 +121,17 @@ def lmcore_decisions(docs: list[str]) -> list[str | None]:
 
 
 def datatrove_child(inp: Path, out: Path) -> None:
-    """Runs under --datatrove-python: FineWeb-2's three filters for cmn_Hani, decisions per document."""
+    """Runs under --datatrove-python: FineWeb-2's three filters for the job's language, a decision per document."""
     from datatrove.data import Document
     from datatrove.pipeline.filters import FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
 
     job = json.loads(inp.read_text("utf-8"))
-    c, k, lang = job["config"], job["constants"], job["language"]
-    filters = [
-        ("gopher_repetition", GopherRepetitionFilter(language=lang, dup_line_frac=c["dup_line_frac"],
-                                                     top_n_grams=[tuple(x) for x in c["top_n_grams"]],
-                                                     dup_n_grams=[tuple(x) for x in c["dup_n_grams"]],
-                                                     **k["gopher_repetition"])),
-        ("fineweb", FineWebQualityFilter(language=lang, line_punct_thr=c["line_punct_thr"],
-                                         new_line_ratio=c["new_line_ratio"], **k["fineweb"])),
-        ("gopher_quality", GopherQualityFilter(language=lang, max_avg_word_length=c["max_avg_word_length"],
-                                               min_avg_word_length=c["min_avg_word_length"],
-                                               stop_words=c["stop_words"],
-                                               max_non_alpha_words_ratio=c["max_non_alpha_words_ratio"],
-                                               **k["gopher_quality"])),
-    ]
+    kw, lang = job["filters"], job["language"]  # per filter: FineWeb-2's arguments for the language
+    for key in ("dup_n_grams", "top_n_grams"):  # JSON made the (n, fraction) pairs lists
+        kw["gopher_repetition"][key] = [tuple(x) for x in kw["gopher_repetition"][key]]
+    filters = [("gopher_repetition", GopherRepetitionFilter(language=lang, **kw["gopher_repetition"])),
+               ("fineweb", FineWebQualityFilter(language=lang, **kw["fineweb"])),
+               ("gopher_quality", GopherQualityFilter(language=lang, **kw["gopher_quality"]))]
     decisions = []
     for i, text in enumerate(job["docs"]):
         reason = None
@@ -156,12 +148,10 @@ def datatrove_decisions(python: str, docs: list[str], code: str, work: Path) -> 
     """datatrove's decisions with FineWeb-2's filters for language ``code`` (lmcore's code)."""
     from lmcore.data.clean import fineweb2
 
-    entry = fineweb2._table()[code]
-    config = {**entry["gopher_repetition"], **entry["fineweb"], **entry["gopher_quality"]}
-    constants = {f: fineweb2.pipeline_constants(f) for f in FILTERS}
     job, res = work / f"dt-job-{code}.json", work / f"dt-out-{code}.json"
-    job.write_text(json.dumps({"config": config, "constants": constants, "docs": docs,
-                               "language": entry["fineweb2"]}, ensure_ascii=False))
+    # the same arguments lmcore's filters take for the language (constants and config, by datatrove's names)
+    job.write_text(json.dumps({"filters": {f: fineweb2.values(f, code) for f in FILTERS}, "docs": docs,
+                               "language": fineweb2.source(code)}, ensure_ascii=False))
     subprocess.run([python, str(Path(__file__).resolve()), "--datatrove-child", str(job), str(res)], check=True,
                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return json.loads(res.read_text())

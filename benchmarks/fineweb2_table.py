@@ -9,8 +9,8 @@ language, ``configs/<iso639-3>_<Script>.yml``. This script:
 1. reads every config, the pipeline script and ``fineweb2-language-distribution.csv`` (documents
    per config) from the fineweb-2 repository, and ``src/datatrove/assets/tokenizer_assignment.csv``
    and the three filters' sources from the datatrove repository;
-2. maps each of py3langid's 140 codes (:data:`PY3LANGID_CODES`, embedded so that py3langid is not
-   needed) to one config with the rules of :func:`map_code`, and records the rule in ``mapped_by``;
+2. maps each of py3langid's 140 codes (:data:`PY3LANGID_CODES`, from ``lmcore.core.languages``,
+   so that py3langid is not needed) to one config with the rules of :func:`map_code`, and records the rule in ``mapped_by``;
 3. takes the pipeline's fixed filter arguments (``_meta.pipeline_constants``), the config key ->
    filter argument map (``_meta.key_map``) and datatrove's defaults for the arguments FineWeb-2
    leaves alone (``_meta.datatrove_defaults``) from the Python sources with ``ast``, and checks
@@ -26,7 +26,7 @@ Each repository is given as a bare git directory (read with ``git show HEAD:<pat
         --datatrove /work/.mirror/huggingface+datatrove/repo \\
         --out lmcore/data/clean/fineweb2.json
 
-Standalone: Python 3.11, the standard library and PyYAML. ``git`` is needed only for bare git
+Needs Python 3.11, PyYAML and this checkout's ``lmcore/core/languages.py`` (plain data). ``git`` is needed only for bare git
 directories (and to record a checkout's commit).
 """
 
@@ -46,16 +46,12 @@ from typing import Any
 
 import yaml
 
-# py3langid 0.4.0's classes: sorted(set(LanguageIdentifier.from_model_file(MODEL_FILE).nb_classes)).
-# The same list as lmcore.core.languages.LANGUAGE_CODES (tests/test_multilingual.py checks that one
-# against the model).
-PY3LANGID_CODES = tuple("""
-ace af am an ar ary arz as az ba bcl be bg bn br bs ca crh cs cy da de dz el en eo es et eu ext fa
-fi fo fr fuv fy ga gcf gcr gd gl gom grc gu gug guw ha hbo he hi hr ht hu hy id ig is it ja jv ka
-kab kik kk km kn ko ku ky la lb lg lij ln lo lt ltg lv mg mk ml mn mr ms mt my ne nl nn no nso oc om
-or pa pcm pl ps pt qu ro ru rw sa sdh se si sk sl sn so sq sr st sv sw ta te tg th tk tl tr tt ug uk
-ur uz uzs vec vi vo wa wuu xh yo yue zh zu zxx
-""".split())
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lmcore.core.languages import LANGUAGE_CODES  # noqa: E402  (plain data: imports nothing heavy)
+
+PY3LANGID_CODES = tuple(sorted(LANGUAGE_CODES))
+"""py3langid 0.4.0's classes (tests/test_multilingual.py checks the list against the model)."""
 
 # Codes the tokenizer_assignment.csv rules would map wrongly or not at all. Each was checked by
 # running py3langid 0.4.0 on sample text (see the reasons).
