@@ -41,8 +41,9 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpt2_baseline
 
-from lmcore.core.machine import allocator, cpu_name, git_commit  # noqa: E402
+from lmcore.core.machine import cpu_flags, cpu_name, git_commit, tune_malloc  # noqa: E402
 from lmcore.model.decoder import Decoder, DecoderConfig  # noqa: E402
+from lmcore.model.kernels import attention_dtype, attention_kernel  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # the models
@@ -192,9 +193,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast or plain fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (compile time reported)")
+    p.add_argument("--attention", choices=("auto", "sdpa", "matmul"), default="auto",
+                   help="lmcore's attention kernel (auto: what pretrain would choose here, measured and cached)")
+    p.add_argument("--malloc", choices=("tuned", "system"), default="tuned",
+                   help="tuned: glibc malloc keeps large freed blocks, as lmcore's training processes do "
+                        "(lmcore.core.machine.tune_malloc; every model of the run benefits alike)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
+    malloc = tune_malloc() if args.malloc == "tuned" else "system"
     torch.set_num_threads(args.threads)
     T, B = args.context, args.batch
     names = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -207,10 +214,14 @@ def main() -> None:
     peaks0 = {dt: measured_peak(dt) for dt in (torch.bfloat16, torch.float32)}
 
     runners: list[Runner] = []
+    kernels: dict[str, str] = {}
     for shape in args.shapes.split(","):
         L, H, C = parse_shape(shape)
         torch.manual_seed(args.seed)
         lm, gcfg = lmcore_model(L, H, C, T, args.vocab)
+        dtype = attention_dtype("bf16" if args.precision == "bf16" else "no", "cpu")
+        kernels[f"{L}x{H}x{C}"] = attention_kernel(gcfg, B, T, dtype, "cpu", args.attention)
+        lm.use_attention(kernels[f"{L}x{H}x{C}"])
         for name in names:
             if name == "lmcore":
                 model, fpt = lm, lm.flops_per_token()
@@ -266,8 +277,9 @@ def main() -> None:
     peak32 = max(peaks0[torch.float32], peaks1[torch.float32])
 
     tokens = B * T
-    print(f"\nmachine: {cpu_name()}, {args.threads} threads; torch {torch.__version__}; commit {commit}; "
-          f"allocator {allocator()}")
+    print(f"\nmachine: {cpu_name()} ({cpu_flags()}), {args.threads} threads; torch {torch.__version__}; "
+          f"commit {commit}; allocator {malloc}; lmcore attention: "
+          + ", ".join(f"{k} {v}" for k, v in kernels.items()))
     print(f"batch {B} x context {T} = {tokens} tokens/step, vocab {args.vocab}, {args.precision}"
           f"{' autocast' if args.precision == 'bf16' else ''}, fused AdamW, clip 1.0"
           f"{', torch.compile' if args.compile else ''}; {args.rounds} rounds x {args.steps} steps "

@@ -42,6 +42,11 @@ class ConfigError(ValueError):
 # fp16 is accepted here and refused at run time on CPUs (lmcore.train.accel), where it is ~100x slower.
 # ``auto`` picks bf16 where this machine multiplies bf16 faster than fp32 (lmcore.train.flops).
 Precision = Annotated[Literal["auto", "no", "bf16", "fp16"], BeforeValidator(lambda v: "no" if v is False else v)]
+Attention = Literal["auto", "sdpa", "matmul"]
+"""How training computes causal attention: ``sdpa`` (torch's ``scaled_dot_product_attention``),
+``matmul`` (batched matrix products and a float32 softmax, ``lmcore.model.decoder.causal_attention``),
+or ``auto``: the faster of the two, measured once per machine, precision and shape and cached
+(``lmcore.model.kernels``; on GPUs ``sdpa``)."""
 
 
 class Section(BaseModel):
@@ -782,6 +787,8 @@ class PretrainConfig(Section):
     fp32. ``fp16`` is refused on CPUs, where it runs ~100x slower than fp32."""
     compile: bool = False
     """Compile the model with ``torch.compile`` (slow first step, then faster steps)."""
+    attention: Attention = "auto"
+    """Causal attention kernel: ``auto`` (the faster here, measured), ``sdpa`` or ``matmul``."""
     eval_interval: int = Field(default=100, ge=1)
     """Measure validation loss every this many steps (and at the end)."""
     eval_batches: int = Field(default=8, ge=1)
@@ -872,12 +879,14 @@ class FinetuneConfig(Section):
     """Fine-tuning: ``defaults`` for every task, ``tasks.<task>`` overrides per task.
 
     DVC runs one stage per task (``finetune@<task>``), which depends on ``finetune.defaults``,
-    ``finetune.mixed_precision``, ``finetune.threads`` and its own ``finetune.tasks.<task>``
+    ``finetune.mixed_precision``, ``finetune.attention``, ``finetune.threads`` and its own ``finetune.tasks.<task>``
     only: changing one task's values reruns that task alone."""
 
     mixed_precision: Precision = "auto"
     """Autocast precision, for every task: ``no``, ``bf16``, or ``auto`` (bf16 where this machine
     multiplies bf16 faster than fp32)."""
+    attention: Attention = "auto"
+    """Causal attention kernel, for every task: ``auto`` (the faster here, measured), ``sdpa`` or ``matmul``."""
     threads: int | None = Field(default=None, ge=1)
     """torch intra-op threads (None: torch's default)."""
     defaults: FinetuneHyper = FinetuneHyper()

@@ -149,8 +149,8 @@ STAGE_IO: dict[str, StageIO] = {
                         persist=("runs/pretrain/checkpoints",), plots=("metrics/plots",), launched=True),
     "export": StageIO(("export",), ("runs/pretrain/final", "data/tokenizer"), ("runs/export",)),
     # one stage per task; each depends on the shared fine-tune settings and its own overrides only
-    "finetune": StageIO(("finetune.defaults", "finetune.mixed_precision", "finetune.threads", f"finetune.tasks.{ITEM}",
-                         *LAUNCH_PARAMS),
+    "finetune": StageIO(("finetune.defaults", "finetune.mixed_precision", "finetune.attention", "finetune.threads",
+                         f"finetune.tasks.{ITEM}", *LAUNCH_PARAMS),
                         (LAUNCH_CONFIG, f"data/raw/tasks/{ITEM}", "data/tokenizer", "runs/pretrain/final"),
                         (f"runs/finetune/{ITEM}",), foreach="prepare.tasks.tasks",
                         metrics=(f"metrics/finetune/{ITEM}.json",), launched=True),

@@ -38,13 +38,14 @@ from tqdm import tqdm
 from lmcore.config import FinetuneConfig, FinetuneHyper, TrackingConfig, flatten
 from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, require, write_json
+from lmcore.core.machine import tune_malloc
 from lmcore.data import glue
 from lmcore.data import tokenizer as tokmod
 from lmcore.data.tokenizer import special_ids
 from lmcore.model.decoder import Decoder, DecoderConfig
 from lmcore.model.folder import load_decoder, read_config
 from lmcore.tracking import stage_run
-from lmcore.train.accel import make_accelerator
+from lmcore.train.accel import choose_attention, make_accelerator
 from lmcore.train.optim import finetune_optimizer
 from lmcore.train.sampler import epoch_batches, step_groups
 from lmcore.train.schedule import linear_warmup_decay, schedulers
@@ -208,7 +209,7 @@ NONFINITE_HINT = ("lower finetune.lr or finetune.head_lr, raise finetune.warmup_
 
 
 def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[str, Any]]], tok, pretrained: Path,
-           accelerator, tr, from_scratch: bool = False, seed: int | None = None,
+           accelerator, tr, from_scratch: bool = False, seed: int | None = None, attention: str = "auto",
            ) -> tuple[SequenceClassifier, dict[str, Any], int]:
     """Train, keep the best epoch's weights; return the model, the best epoch's record, and the
     history of every epoch. A step takes ``grad_accum`` batches of ``batch_size`` examples per
@@ -216,7 +217,7 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
     whole step, clipping at ``grad_clip``, non-finite steps skipped). ``from_scratch``: the
     pretrained model's architecture with freshly initialised weights (its metrics are logged
     as ``scratch_*``). ``seed``: this seed instead of ``hp.seed`` (a seed after the first logs its
-    curves as ``seed<seed>_*``)."""
+    curves as ``seed<seed>_*``). ``attention``: the attention kernel setting (``finetune.attention``)."""
     pad = special_ids(tok).pad
     backbone = load_decoder(pretrained)
     max_len = min(hp.max_length, backbone.cfg.block_size)
@@ -227,6 +228,7 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
         backbone = Decoder(backbone.cfg)  # the initialisation pretraining starts from
     prefix = ("scratch_" if from_scratch else "") + ("" if first else f"seed{seed}_")
     model = SequenceClassifier(backbone, spec.num_labels, hp.dropout)
+    choose_attention(backbone, accelerator, hp.batch_size, max_len, attention)
     train = splits["train"]
     train_seqs = encode_examples(tok, train, max_len)
     train_lengths = [len(s) for s in train_seqs]
@@ -301,6 +303,7 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
     """Fine-tune the pretrained model on one prepared task (``task_dir`` =
     ``data/raw/tasks/<task>``); write ``out`` (``runs/finetune/<task>``) and ``metrics``."""
 
+    malloc = tune_malloc()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     task_dir, out = Path(task_dir), Path(out)
@@ -311,18 +314,20 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
     tok = tokmod.load(tokenizer_dir)
     accelerator = make_accelerator(cfg.mixed_precision)
     params = {"task": spec.name, **flatten(hp, "finetune."), "finetune.mixed_precision": cfg.mixed_precision,
+              "finetune.attention": cfg.attention, "allocator": malloc,
               "num_processes": accelerator.num_processes}
     with stage_run("finetune", tracking, params, active=accelerator.is_main_process, run_name=f"finetune {spec.name}",
                    tags={"lmcore.task": spec.name},
                    inputs=[task_dir, tokenizer_dir, pretrained], outputs=[out], system_metrics=True) as tr:
         seeds = [hp.seed + i for i in range(hp.seeds)]
-        model, best, max_len = _train(hp, spec, splits, tok, Path(pretrained), accelerator, tr)
-        bests = [best] + [_train(hp, spec, splits, tok, Path(pretrained), accelerator, tr, seed=s)[1]
-                          for s in seeds[1:]]
+        model, best, max_len = _train(hp, spec, splits, tok, Path(pretrained), accelerator, tr, attention=cfg.attention)
+        bests = [best] + [_train(hp, spec, splits, tok, Path(pretrained), accelerator, tr, seed=s,
+                                 attention=cfg.attention)[1] for s in seeds[1:]]
         result: dict[str, Any] = {**over_seeds(bests, seeds), "best_epoch": best["epoch"], **best["speed"]}
         result |= baselines(spec, splits)
         if hp.scratch_baseline:  # the same fine-tuning from random weights: what pretraining bought
-            scratch = [_train(hp, spec, splits, tok, Path(pretrained), accelerator, tr, from_scratch=True, seed=s)[1]
+            scratch = [_train(hp, spec, splits, tok, Path(pretrained), accelerator, tr, from_scratch=True, seed=s,
+                              attention=cfg.attention)[1]
                        for s in seeds]
             result |= {f"scratch_{k}": v for k, v in over_seeds(scratch, seeds).items()}
             result["scratch_best_epoch"] = scratch[0]["epoch"]

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ from typing import Literal
 import torch
 
 from lmcore.core.io import write_json
-from lmcore.core.machine import cpu_name
+from lmcore.core.machine import cache_dir, cpu_name
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +136,7 @@ def device_name(device: torch.device) -> str:
 
 def default_cache() -> Path:
     """``$LMCORE_CACHE/peak_flops.json`` (default ``~/.cache/lmcore/peak_flops.json``)."""
-    return Path(os.environ.get("LMCORE_CACHE", Path.home() / ".cache" / "lmcore")) / "peak_flops.json"
+    return cache_dir() / "peak_flops.json"
 
 
 def _sync(device: torch.device) -> None:

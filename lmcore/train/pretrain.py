@@ -39,12 +39,12 @@ from tqdm import tqdm
 from lmcore.config import ModelConfig, PretrainConfig, TrackingConfig, flatten
 from lmcore.core.errors import Interrupted
 from lmcore.core.io import atomic_path, write_json
-from lmcore.core.machine import allocator
+from lmcore.core.machine import tune_malloc
 from lmcore.data.encode import load_manifest, load_tokens
 from lmcore.model.decoder import Decoder, DecoderConfig
 from lmcore.model.folder import save_decoder
 from lmcore.tracking import stage_run
-from lmcore.train.accel import make_accelerator
+from lmcore.train.accel import choose_attention, make_accelerator
 from lmcore.train.checkpoint import StepLayout, config_hash, resume, save_checkpoint, stop_requested, stop_signals
 from lmcore.train.flops import Peak, dtype_of, mfu, peak_flops
 from lmcore.train.optim import build_optimizers
@@ -123,6 +123,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
     (benchmarks pass other architectures with Decoder's interface: ``forward(idx, targets,
     reduction, return_logits)``, ``num_params``, ``matmul_params``, ``flops_per_token`` and a ``cfg``)."""
     out = Path(out)
+    malloc = tune_malloc()  # before the first large tensor
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     manifest = load_manifest(tokens_dir)
@@ -136,6 +137,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
     torch.manual_seed(cfg.seed)
     gcfg = decoder_config(cfg.model, manifest["vocab_size"])
     model = build_model(gcfg)
+    kernel = choose_attention(model, accelerator, cfg.batch_size, gcfg.block_size, cfg.attention)
     n_params, fpt = model.num_params(), model.flops_per_token()
     optimizers = build_optimizers(model, cfg, accelerator.device)
     scheds = schedulers(optimizers, lambda s: lr_factor(s, cfg))
@@ -163,11 +165,12 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
 
     params = {**flatten(cfg, "pretrain."), "n_params": n_params, "flops_per_token": fpt,
               "num_processes": world, "peak_flops": peak.flops, "peak_source": peak.source,
-              "resumed_from_step": start_step, "allocator": allocator()}
+              "resumed_from_step": start_step, "allocator": malloc,
+              "attention_kernel": kernel}
     accelerator.print(
         f"model: {n_params / 1e6:.2f}M parameters, {fpt / 1e6:.1f} MFLOPs/token "
         f"(6 x {raw_model.matmul_params():,} matmul params + 12 x layers x width x context), {world} process(es); "
-        f"peak {peak.flops / 1e9:.0f} GFLOP/s ({peak.source}, {peak.dtype}); allocator {params['allocator']}")
+        f"peak {peak.flops / 1e9:.0f} GFLOP/s ({peak.source}, {peak.dtype}); allocator {malloc}; attention {kernel}")
 
     def trainer_state() -> dict[str, Any]:
         return {**state.to_dict(), "sampler": sampler.state_dict(), "config_hash": chash, "mlflow_run_id": tr.run_id,
