@@ -29,8 +29,11 @@ pipeline: $(STAMP)
 	key=$${LMCORE_PIPELINE_RUN:-make-$$(date +%Y%m%d-%H%M%S)}; \
 	LMCORE_PIPELINE_RUN=$$key dvc repro && LMCORE_PIPELINE_RUN=$$key lmcore summary
 
+# two worker processes, one test file each at a time (module fixtures built once), heaviest files
+# first (tests/conftest.py): most tests wait on subprocesses importing torch and MLflow, so two
+# workers on two cores took 503 s against 818 s for one (benchmarks/RESULTS.md)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 flow: $(STAMP)
 	$(BIN)/python -m flows.pipeline

@@ -32,6 +32,20 @@ WORDS = ("the a of and to in is was he she it that for on with as his her they a
          "hand eye word time world life death house field city sea ship wind fire water land").split()
 
 
+# the longest test files (minutes each, measured): collected first, so that under pytest-xdist's
+# --dist loadfile (make test) no worker starts one of them while the other is nearly done
+HEAVIEST_FIRST = ("test_pipeline_dvc.py", "test_prefect_worker.py", "test_flow.py", "test_lineage.py",
+                  "test_launch.py", "test_tracking_server.py", "test_pretrain.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return HEAVIEST_FIRST.index(name) if name in HEAVIEST_FIRST else len(HEAVIEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file and among the others is kept
+
+
 def make_text(rng: random.Random, n_words: int) -> str:
     lines, line = [], []
     for _ in range(n_words):

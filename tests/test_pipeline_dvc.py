@@ -210,7 +210,8 @@ def test_dvc_repro_end_to_end(tiny_project, tmp_path):
     assert re.search(r"^  finetune@sst2 +[0-9.]+ s +finished$", summary, re.M), summary
     assert "language model, validation bits per byte: " in summary and "(unigram " in summary
     assert "sst2, accuracy: " in summary and "majority " in summary
-    assert max(len(line) for line in summary.splitlines()[:-1]) < 160
+    # short lines, but for the store's address (a path under pytest's temporary folder)
+    assert max(len(line) for line in summary.splitlines()[:-1] if "sqlite:" not in line) < 160
     # ... and its report: one page, offline, with the figures inline, logged to the parent run
     assert summary.splitlines()[-1].startswith("report: runs/report/index.html")
     page = (proj / "runs/report/index.html").read_text(encoding="utf-8")
