@@ -239,7 +239,10 @@ _causal_bias: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def causal_bias(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(T, T): 0 on and below the diagonal, -inf above; one tensor per size, dtype and device."""
+    """(T, T): 0 on and below the diagonal, -inf above; one tensor per size, dtype and device
+    (made anew inside ``torch.compile``, which folds it into the graph)."""
+    if torch.compiler.is_compiling():
+        return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu_(1)
     key = (T, dtype, torch.device(device))
     if key not in _causal_bias:
         _causal_bias[key] = torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu_(1)
@@ -261,10 +264,11 @@ class _CausalMatmulAttention(torch.autograd.Function):
     made by measuring both at the run's shape (:mod:`lmcore.model.kernels`)."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
+                ) -> torch.Tensor:
         B, H, T, D = q.shape
         q3, k3, v3 = q.reshape(B * H, T, D), k.reshape(B * H, T, D), v.reshape(B * H, T, D)
-        s = torch.baddbmm(causal_bias(T, q.dtype, q.device).expand(B * H, T, T), q3, k3.transpose(1, 2), alpha=scale)
+        s = torch.baddbmm(bias.expand(B * H, T, T), q3, k3.transpose(1, 2), alpha=scale)
         p = torch.softmax(s, -1, dtype=torch.float32).to(q.dtype)
         ctx.save_for_backward(q3, k3, v3, p)
         ctx.scale = scale
@@ -279,7 +283,7 @@ class _CausalMatmulAttention(torch.autograd.Function):
         gs = torch._softmax_backward_data(torch.bmm(gy3, v3.transpose(1, 2)), p, -1, p.dtype)  # p * (g - sum(g p))
         gq = torch.bmm(gs, k3).mul_(ctx.scale)
         gk = torch.bmm(gs.transpose(1, 2), q3).mul_(ctx.scale)
-        return gq.view(shape), gk.view(shape), gv.view(shape), None
+        return gq.view(shape), gk.view(shape), gv.view(shape), None, None
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "sdpa",
@@ -291,7 +295,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: 
         if k.shape[1] != q.shape[1]:
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return _CausalMatmulAttention.apply(q, k, v, q.shape[-1] ** -0.5)
+        return _CausalMatmulAttention.apply(q, k, v, causal_bias(q.shape[2], q.dtype, q.device), q.shape[-1] ** -0.5)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
