@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
+import logging
 import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 TCMALLOC = ("tcmalloc_minimal", "tcmalloc")
 """Library names of tcmalloc (gperftools), the minimal one first."""
@@ -18,6 +22,19 @@ def cache_dir() -> Path:
     """Where lmcore keeps what it measured about this machine (peak FLOP/s, kernel choices):
     ``$LMCORE_CACHE``, default ``~/.cache/lmcore``."""
     return Path(os.environ.get("LMCORE_CACHE", Path.home() / ".cache" / "lmcore"))
+
+
+def read_cache(path: Path, what: str) -> dict:
+    """The JSON object of the cache file ``path`` (``what`` it holds names it in a warning); empty
+    when the file is missing, unreadable or not an object: a cache is measured again, never fatal."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as e:
+        log.warning("ignoring unreadable %s cache %s (%s)", what, path, e)
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def cpu_name() -> str:

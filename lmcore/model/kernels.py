@@ -16,7 +16,6 @@ measured: SDPA's flash and memory-efficient kernels are the fast path there.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from lmcore.core.io import write_json
-from lmcore.core.machine import cache_dir, cpu_flags, cpu_name
+from lmcore.core.machine import cache_dir, cpu_flags, cpu_name, read_cache
 from lmcore.model.decoder import ATTENTION_KERNELS, DecoderConfig, causal_attention, emulates_bf16
 
 log = logging.getLogger(__name__)
@@ -97,7 +96,7 @@ def attention_kernel(cfg: DecoderConfig, batch_size: int, seq_len: int, dtype: t
         return DEFAULT
     path = Path(cache) if cache is not None else default_cache()
     key = _key(cfg, batch_size, seq_len, dtype, device)
-    entries = _read(path)
+    entries = read_cache(path, "kernel")
     hit = entries.get(key)
     if isinstance(hit, dict) and hit.get("kernel") in ATTENTION_KERNELS:
         return hit["kernel"]
@@ -106,7 +105,7 @@ def attention_kernel(cfg: DecoderConfig, batch_size: int, seq_len: int, dtype: t
     kernel = fastest if times[fastest] < (1 - MARGIN) * times[DEFAULT] else DEFAULT
     log.info("attention kernel %s (%s, measured here: %s)", kernel, key,
              ", ".join(f"{k} {1e3 * t:.1f} ms" for k, t in times.items()))
-    entries = _read(path)  # another process may have written meanwhile
+    entries = read_cache(path, "kernel")  # another process may have written meanwhile
     entries[key] = {"kernel": kernel, "ms": {k: round(1e3 * t, 3) for k, t in times.items()},
                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
@@ -114,17 +113,6 @@ def attention_kernel(cfg: DecoderConfig, batch_size: int, seq_len: int, dtype: t
     except OSError as e:
         log.warning("could not write the kernel cache %s (%s)", path, e)
     return kernel
-
-
-def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, json.JSONDecodeError) as e:
-        log.warning("ignoring unreadable kernel cache %s (%s)", path, e)
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def attention_dtype(mixed_precision: str, device: torch.device | str) -> torch.dtype:

@@ -29,7 +29,6 @@ clock x FMA width) is higher and rarely reached by any library.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import time
@@ -39,7 +38,7 @@ from typing import Literal
 import torch
 
 from lmcore.core.io import write_json
-from lmcore.core.machine import cache_dir, cpu_name
+from lmcore.core.machine import cache_dir, cpu_name, read_cache
 
 log = logging.getLogger(__name__)
 
@@ -187,17 +186,6 @@ def _cache_key(name: str, dtype: torch.dtype, threads: int | None, size: int) ->
     return f"{name} | {_dtype_name(dtype)} | {threads_part} | torch={torch.__version__} | n={size}"
 
 
-def _read_cache(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, json.JSONDecodeError) as e:
-        log.warning("ignoring unreadable peak FLOP/s cache %s (%s)", path, e)
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _cached_flops(entries: dict, key: str) -> float | None:
     """The cached FLOP/s under ``key``, or None if absent or not a positive number."""
     hit = entries.get(key)
@@ -232,7 +220,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype, threads: int | None = N
 
     path = Path(cache) if cache is not None else default_cache()
     key = _cache_key(name, dtype, threads, size)
-    entries = _read_cache(path)
+    entries = read_cache(path, "peak FLOP/s")
     cached = _cached_flops(entries, key)
     if cached is not None and not refresh:
         return Peak(cached, "measured", name, _dtype_name(dtype))
@@ -247,7 +235,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype, threads: int | None = N
             torch.set_num_threads(previous)
     log.info("measured peak %.1f GFLOP/s (%s, %s, threads=%s)", flops / 1e9, name, _dtype_name(dtype), threads)
 
-    entries = _read_cache(path)  # re-read: another process may have added entries meanwhile
+    entries = read_cache(path, "peak FLOP/s")  # re-read: another process may have added entries meanwhile
     cached = _cached_flops(entries, key)
     if cached is not None and cached >= flops:
         return Peak(cached, "measured", name, _dtype_name(dtype))  # an earlier probe did better
