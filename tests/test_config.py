@@ -45,6 +45,10 @@ def test_choice_lists_allowed_values(tmp_path):
     with pytest.raises(ConfigError) as e:
         config.load(p)
     assert "pretrain.mixed_precision" in str(e.value) and "'bf16'" in str(e.value)
+    p = _write(tmp_path, {"finetune": {"attention": "flash"}})
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    assert "finetune.attention = 'flash'" in str(e.value) and "'matmul'" in str(e.value)
 
 
 def test_model_preset_fills_the_shape_and_explicit_fields_win(tmp_path):

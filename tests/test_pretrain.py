@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -173,15 +174,19 @@ def test_schedules():
 # whole runs
 
 
-def test_golden_loss_trajectory(tmp_path):
-    """The first 20 losses of a fixed tiny run. A change to the model, the data order, the loss or
-    the optimizer shows here; if it is intended, regenerate with LMCORE_UPDATE_GOLDEN=1."""
-    root = make_project(tmp_path)
+@pytest.mark.parametrize("attention", ["auto", "sdpa", "matmul"])
+def test_golden_loss_trajectory(tmp_path, attention):
+    """The first 20 losses of a fixed tiny run, with each attention kernel (``auto`` is whichever
+    is faster here). A change to the model, the data order, the loss or the optimizer shows here;
+    if it is intended, regenerate with LMCORE_UPDATE_GOLDEN=1."""
+    root = make_project(tmp_path, attention=attention)
     res = run_cli(root)
     assert res.returncode == 0, res.stderr[-3000:]
+    chosen = re.search(r"attention (sdpa|matmul)", res.stdout + res.stderr)
+    assert chosen and (attention == "auto" or chosen.group(1) == attention), res.stdout[-2000:]
     losses = [float(v) for _, v in train_losses(root)]
     assert len(losses) == 20
-    if os.environ.get("LMCORE_UPDATE_GOLDEN"):
+    if os.environ.get("LMCORE_UPDATE_GOLDEN") and attention == "sdpa":
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps({"settings": TINY, "train_loss": losses}, indent=1) + "\n")
     golden = json.loads(GOLDEN.read_text())

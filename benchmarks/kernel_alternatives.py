@@ -1,0 +1,108 @@
+"""Each of the decoder's hand-written fast paths against the plain torch form it replaces, forward
+and backward, at the training step's shapes, on this machine: the evidence for keeping one form
+everywhere or choosing per machine (as ``lmcore.model.kernels`` does for attention).
+
+- RMSNorm: ``_RMSNormalize`` (hand-written backward) against ``F.rms_norm``, float32 input (the
+  residual stream), output in the compute dtype;
+- loss: ``cross_entropy`` (``_RowCrossEntropy``) against ``F.cross_entropy(logits.float())``
+  (what autocast runs) on B*T x vocab logits;
+- RoPE: the complex multiply of the pair-adjacent layout (``apply_rope``) against Llama's
+  rotate-half form, on q and k together;
+- attention: ``causal_attention`` with each kernel (what the probe times).
+
+Best of ``--reps`` after two warm-ups, ms, with glibc malloc tuned as in training.
+
+    python benchmarks/kernel_alternatives.py
+    python benchmarks/kernel_alternatives.py --width 384 --heads 6 --batch 8 --context 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lmcore.core.machine import cpu_flags, cpu_name, git_commit, tune_malloc  # noqa: E402
+from lmcore.model.decoder import (  # noqa: E402
+    ATTENTION_KERNELS,
+    DecoderConfig,
+    _RMSNormalize,
+    apply_rope,
+    cross_entropy,
+)
+from lmcore.model.kernels import measure_attention  # noqa: E402
+
+
+def best_ms(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor], reps: int) -> float:
+    times = []
+    for _ in range(reps + 2):
+        for t in leaves:
+            t.grad = None
+        t0 = time.perf_counter()
+        out = fn()
+        out.backward(torch.ones_like(out))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * min(times[2:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=10)
+    args = p.parse_args()
+    malloc = tune_malloc()
+    torch.set_num_threads(args.threads)
+    B, T, C, H, V = args.batch, args.context, args.width, args.heads, args.vocab
+    D = C // H
+    g = torch.Generator().manual_seed(0)
+    print(f"machine: {cpu_name()} ({cpu_flags()}), {args.threads} threads; torch {torch.__version__}; commit "
+          f"{git_commit(Path(__file__).resolve().parents[1])}; allocator {malloc}; {time.strftime('%Y-%m-%d')}")
+    print(f"batch {B} x context {T}, width {C}, {H} heads, vocab {V}; forward + backward, best of {args.reps} (ms)\n")
+    print("| path | dtype | lmcore's form | torch's form | torch / lmcore |\n|---|---|---|---|---|")
+    for dtype in (torch.bfloat16, torch.float32):
+        name = str(dtype).removeprefix("torch.")
+        x = torch.randn(B, T, C, generator=g).requires_grad_()
+        ours = best_ms(lambda: _RMSNormalize.apply(x, 1e-5).to(dtype), [x], args.reps)
+        theirs = best_ms(lambda: F.rms_norm(x, (C,), eps=1e-5).to(dtype), [x], args.reps)
+        print(f"| RMSNorm | {name} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |")
+
+        logits = torch.randn(B * T, V, generator=g).to(dtype).requires_grad_()
+        targets = torch.randint(0, V, (B * T,), generator=g)
+        ours = best_ms(lambda: cross_entropy(logits, targets, reduction="sum"), [logits], args.reps)
+        theirs = best_ms(lambda: F.cross_entropy(logits.float(), targets, reduction="sum"), [logits], args.reps)
+        print(f"| loss | {name} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |")
+
+        qk = torch.randn(B, T, 2 * H, D, generator=g).to(dtype).requires_grad_()
+        angle = torch.randn(T, 1, D // 2, generator=g)
+        rot = torch.polar(torch.ones_like(angle), angle)
+        cos, sin = torch.cat([angle.cos()] * 2, -1).to(dtype), torch.cat([angle.sin()] * 2, -1).to(dtype)
+
+        def rotate_half() -> torch.Tensor:
+            x1, x2 = qk[..., : D // 2], qk[..., D // 2 :]
+            return qk * cos + torch.cat([-x2, x1], -1) * sin
+
+        ours = best_ms(lambda: apply_rope(qk, rot), [qk], args.reps)
+        theirs = best_ms(rotate_half, [qk], args.reps)
+        print(f"| RoPE | {name} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |")
+
+        cfg = DecoderConfig(vocab_size=V, n_layer=1, n_head=H, n_embd=C, block_size=T)
+        times = measure_attention(cfg, B, T, dtype, reps=args.reps)
+        assert set(times) == set(ATTENTION_KERNELS)
+        print(f"| attention (matmul / sdpa) | {name} | {1e3 * times['matmul']:.2f} | {1e3 * times['sdpa']:.2f} | "
+              f"{times['sdpa'] / times['matmul']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
