@@ -173,12 +173,14 @@ def run_probe(job: dict[str, Any]) -> dict[str, Any]:
 
     from lmcore.config import PretrainConfig
     from lmcore.data.encode import load_manifest, load_tokens
-    from lmcore.train.accel import make_accelerator
+    from lmcore.core.machine import tune_malloc
+    from lmcore.train.accel import choose_attention, make_accelerator
     from lmcore.train.optim import build_optimizers
     from lmcore.train.pretrain import NONFINITE_HINT, decoder_config
     from lmcore.train.sampler import WindowSampler, micro_batches
     from lmcore.train.step import TrainState, train_step
 
+    tune_malloc()  # as pretrain's process does
     torch.set_num_threads(job["threads"])
     tokens_dir = Path(job["tokens"])
     vocab = load_manifest(tokens_dir)["vocab_size"]
@@ -194,6 +196,7 @@ def run_probe(job: dict[str, Any]) -> dict[str, Any]:
         torch.manual_seed(cfg.seed)
         gcfg = decoder_config(cfg.model, vocab)
         model = archs[spec["arch"]](gcfg)
+        choose_attention(model, acc, cfg.batch_size, gcfg.block_size, cfg.attention)  # as pretrain chooses
         opts = build_optimizers(model, cfg)
         model, *opts = acc.prepare(model, *opts)
         model.train()
