@@ -111,6 +111,14 @@ def test_auto_measures_once_and_caches_per_shape(tmp_path):
     assert len(json.loads(cache.read_text())) == 2
 
 
+def test_auto_keeps_sdpa_where_matmul_would_keep_too_much_memory(tmp_path):
+    big = DecoderConfig(vocab_size=64, n_layer=12, n_head=12, n_embd=768, block_size=1024)
+    cache = tmp_path / "kernels.json"
+    assert attention_kernel(big, 16, 1024, torch.bfloat16, "cpu", "auto", cache=cache) == "sdpa"
+    assert not cache.exists()  # decided without measuring
+    assert attention_kernel(big, 16, 1024, torch.bfloat16, "cpu", "matmul", cache=cache) == "matmul"  # asked for
+
+
 def test_measurement_times_every_kernel():
     times = measure_attention(CFG, 2, 16, torch.float32, reps=1, rounds=1)
     assert set(times) == {"sdpa", "matmul"} and all(0 < t < 5 for t in times.values())

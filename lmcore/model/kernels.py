@@ -6,7 +6,8 @@ shape: the development machines of lmcore have disagreed on every one of these. 
 guess: :func:`attention_kernel` times forward and backward of each causal-attention kernel of
 :data:`lmcore.model.decoder.ATTENTION_KERNELS` on random tensors of the run's shape and dtype (a
 few repetitions, well under a second at the default shapes) and keeps the faster one, unless the
-other is within :data:`MARGIN` (then the default, ``sdpa``).
+other is within :data:`MARGIN` (then the default, ``sdpa``). Where the ``matmul`` kernel would keep
+more than :data:`MATMUL_MEMORY_LIMIT` of attention probabilities, ``sdpa`` is kept unmeasured.
 
 A result is cached per machine in ``$LMCORE_CACHE/kernels.json`` (beside the peak FLOP/s of
 ``lmcore.train.flops``), keyed by CPU or GPU name, the CPU's matmul flags, torch version, thread
@@ -30,6 +31,11 @@ log = logging.getLogger(__name__)
 
 MARGIN = 0.05
 """A kernel other than the default must be this much faster (5 %) to be chosen: no switching on noise."""
+
+MATMUL_MEMORY_LIMIT = 1 << 30
+"""The ``matmul`` kernel keeps each layer's attention probabilities (batch x heads x T x T) for the
+backward pass, where SDPA keeps O(T) per row; above this many bytes over all layers (1 GiB: e.g.
+the ``gpt2-124m`` preset at batch 16 x 1,024 would keep 4.8 GiB in bf16) it is not considered."""
 
 DEFAULT = "sdpa"
 
@@ -93,6 +99,10 @@ def attention_kernel(cfg: DecoderConfig, batch_size: int, seq_len: int, dtype: t
         return setting
     device = torch.device(device)
     if device.type != "cpu":
+        return DEFAULT
+    kept = cfg.n_layer * batch_size * cfg.n_head * seq_len * seq_len * dtype.itemsize
+    if kept > MATMUL_MEMORY_LIMIT:
+        log.info("attention kernel %s: the matmul kernel would keep %.1f GiB of probabilities", DEFAULT, kept / 2**30)
         return DEFAULT
     path = Path(cache) if cache is not None else default_cache()
     key = _key(cfg, batch_size, seq_len, dtype, device)
