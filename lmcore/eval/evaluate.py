@@ -37,6 +37,7 @@ from lmcore.config import EvaluateConfig, TrackingConfig, flatten
 from lmcore.core import readers
 from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, iter_field, require, split_shards, write_text
+from lmcore.core.machine import tune_malloc
 from lmcore.data import glue
 from lmcore.data import tokenizer as tokmod
 from lmcore.data.tokenizer import special_ids
@@ -235,6 +236,7 @@ def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned:
     ``cfg.zero_shot`` (None: not scored)."""
 
     out = Path(out)
+    malloc = tune_malloc()  # batches of B x T x vocab logits: reuse the blocks (see pretrain)
     manifest = load_manifest(tokens_dir)
     model, model_cfg = load_lm(pretrained)
     tok_file = require(Path(tokenizer_dir) / "tokenizer.json", "tokenizer")
@@ -257,6 +259,7 @@ def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned:
     params["evaluate.texts"] = json.dumps([t.model_dump() for t in cfg.texts])
     params["evaluate.multiple_choice"] = json.dumps([c.model_dump() for c in cfg.multiple_choice])
     params |= describe_model(model, model_cfg, tok, tok_file)
+    params["allocator"] = malloc
 
     document_level = cfg.document_level and clean_dir is not None
     zero_shot = cfg.zero_shot and tasks_dir is not None
