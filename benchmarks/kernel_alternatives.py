@@ -30,8 +30,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmcore.core.machine import cpu_flags, cpu_name, git_commit, tune_malloc  # noqa: E402
+from lmcore.config import ATTENTION_KERNELS  # noqa: E402
 from lmcore.model.decoder import (  # noqa: E402
-    ATTENTION_KERNELS,
     DecoderConfig,
     _RMSNormalize,
     apply_rope,

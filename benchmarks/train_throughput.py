@@ -41,6 +41,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpt2_baseline
 
+from lmcore.config import ATTENTION_KERNELS  # noqa: E402
 from lmcore.core.machine import cpu_flags, cpu_name, git_commit, tune_malloc  # noqa: E402
 from lmcore.model.decoder import Decoder, DecoderConfig  # noqa: E402
 from lmcore.model.kernels import attention_dtype, attention_kernel  # noqa: E402
@@ -193,7 +194,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast or plain fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (compile time reported)")
-    p.add_argument("--attention", choices=("auto", "sdpa", "matmul"), default="auto",
+    p.add_argument("--attention", choices=("auto", *ATTENTION_KERNELS), default="auto",
                    help="lmcore's attention kernel (auto: what pretrain would choose here, measured and cached)")
     p.add_argument("--malloc", choices=("tuned", "system"), default="tuned",
                    help="tuned: glibc malloc keeps large freed blocks, as lmcore's training processes do "

@@ -42,7 +42,9 @@ class ConfigError(ValueError):
 # fp16 is accepted here and refused at run time on CPUs (lmcore.train.accel), where it is ~100x slower.
 # ``auto`` picks bf16 where this machine multiplies bf16 faster than fp32 (lmcore.train.flops).
 Precision = Annotated[Literal["auto", "no", "bf16", "fp16"], BeforeValidator(lambda v: "no" if v is False else v)]
-Attention = Literal["auto", "sdpa", "matmul"]
+ATTENTION_KERNELS = ("sdpa", "matmul")
+"""The causal-attention kernels of the decoder (``lmcore.model.decoder.causal_attention``)."""
+Attention = Literal["auto", *ATTENTION_KERNELS]
 """How training computes causal attention: ``sdpa`` (torch's ``scaled_dot_product_attention``),
 ``matmul`` (batched matrix products and a float32 softmax, ``lmcore.model.decoder.causal_attention``),
 or ``auto``: the faster of the two, measured once per machine, precision and shape and cached

@@ -63,7 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from lmcore.config import ModelShape
+from lmcore.config import ATTENTION_KERNELS, ModelShape
 
 
 class DecoderConfig(ModelShape):
@@ -230,11 +230,6 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
 
-ATTENTION_KERNELS = ("sdpa", "matmul")
-"""How training computes causal attention: ``sdpa`` (torch's ``scaled_dot_product_attention``, on
-every device) or ``matmul`` (:func:`causal_attention`). Which one is faster depends on the machine,
-the precision and the shape: :mod:`lmcore.model.kernels` measures it."""
-
 _causal_bias: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -290,8 +285,10 @@ class _CausalMatmulAttention(torch.autograd.Function):
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "sdpa",
                      dropout: float = 0.0) -> torch.Tensor:
     """Causal self-attention of (B, heads, T, D) queries over (B, kv_heads, T, D) keys and values
-    (grouped-query when fewer key/value heads), with ``kernel`` (:data:`ATTENTION_KERNELS`). The
-    ``matmul`` kernel takes one dtype and no dropout: other calls use SDPA."""
+    (grouped-query when fewer key/value heads), with ``kernel``: ``sdpa`` (torch's
+    ``scaled_dot_product_attention``, on every device) or ``matmul`` (:class:`_CausalMatmulAttention`,
+    which takes one dtype and no dropout: other calls use SDPA). Which is faster depends on the
+    machine, the precision and the shape: :mod:`lmcore.model.kernels` measures it."""
     if kernel == "matmul" and dropout == 0.0 and q.dtype == k.dtype == v.dtype:
         if k.shape[1] != q.shape[1]:
             rep = q.shape[1] // k.shape[1]

@@ -4,7 +4,7 @@ The same arithmetic can run several ways, and which is fastest depends on the ma
 with AMX, one with AVX512-BF16 only, one without bf16 instructions, a GPU), the precision and the
 shape: the development machines of lmcore have disagreed on every one of these. So a run does not
 guess: :func:`attention_kernel` times forward and backward of each causal-attention kernel of
-:data:`lmcore.model.decoder.ATTENTION_KERNELS` on random tensors of the run's shape and dtype (a
+:data:`lmcore.config.ATTENTION_KERNELS` on random tensors of the run's shape and dtype (a
 few repetitions, well under a second at the default shapes) and keeps the faster one, unless the
 other is within :data:`MARGIN` (then the default, ``sdpa``). Where the ``matmul`` kernel would keep
 more than :data:`MATMUL_MEMORY_LIMIT` of attention probabilities, ``sdpa`` is kept unmeasured.
@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from lmcore.core.io import write_json
+from lmcore.config import ATTENTION_KERNELS
 from lmcore.core.machine import cache_dir, cpu_flags, cpu_name, read_cache
-from lmcore.model.decoder import ATTENTION_KERNELS, DecoderConfig, causal_attention, emulates_bf16
+from lmcore.model.decoder import DecoderConfig, causal_attention, emulates_bf16
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, broadcast_object_list
 
 from lmcore.core.errors import StageError
+from lmcore.model.decoder import DecoderConfig
 from lmcore.model.kernels import attention_dtype, attention_kernel
 from lmcore.train.flops import resolve_precision
 
@@ -72,20 +73,27 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     return acc
 
 
-def choose_attention(model: torch.nn.Module, accelerator: Accelerator, batch_size: int, seq_len: int,
+def decide_attention(cfg: DecoderConfig, accelerator: Accelerator, batch_size: int, seq_len: int,
                      setting: str) -> str:
-    """Set ``model``'s causal-attention kernel (:func:`lmcore.model.kernels.attention_kernel`:
-    ``setting``, or for ``auto`` the faster one measured at this run's micro-batch, context and
-    precision on this machine) and return its name. The main process decides and every process
-    uses its choice (processes on one machine would otherwise time each other's contention). A
-    model without kernels to choose (another architecture) keeps its own: ``sdpa`` is returned."""
-    use = getattr(model, "use_attention", None)
-    if use is None:
-        return "sdpa"
+    """The causal-attention kernel of a run (:func:`lmcore.model.kernels.attention_kernel`:
+    ``setting``, or for ``auto`` the faster one measured at this micro-batch, context and
+    precision on this machine). The main process decides and every process gets its choice
+    (processes on one machine would otherwise time each other's contention)."""
     dtype = attention_dtype(accelerator.mixed_precision, accelerator.device)
-    choice = [attention_kernel(model.cfg, batch_size, seq_len, dtype, accelerator.device, setting)
+    choice = [attention_kernel(cfg, batch_size, seq_len, dtype, accelerator.device, setting)
               if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
         choice = broadcast_object_list(choice)
-    use(choice[0])
     return choice[0]
+
+
+def choose_attention(model: torch.nn.Module, accelerator: Accelerator, batch_size: int, seq_len: int,
+                     setting: str) -> str:
+    """Set :func:`decide_attention`'s kernel on ``model`` and return its name. A model without
+    kernels to choose (another architecture, from a benchmark) keeps its own: ``sdpa`` is returned."""
+    use = getattr(model, "use_attention", None)
+    if use is None:
+        return "sdpa"
+    kernel = decide_attention(model.cfg, accelerator, batch_size, seq_len, setting)
+    use(kernel)
+    return kernel

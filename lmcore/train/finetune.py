@@ -45,7 +45,7 @@ from lmcore.data.tokenizer import special_ids
 from lmcore.model.decoder import Decoder, DecoderConfig
 from lmcore.model.folder import load_decoder, read_config
 from lmcore.tracking import stage_run
-from lmcore.train.accel import choose_attention, make_accelerator
+from lmcore.train.accel import decide_attention, make_accelerator
 from lmcore.train.optim import finetune_optimizer
 from lmcore.train.sampler import epoch_batches, step_groups
 from lmcore.train.schedule import linear_warmup_decay, schedulers
@@ -209,7 +209,7 @@ NONFINITE_HINT = ("lower finetune.lr or finetune.head_lr, raise finetune.warmup_
 
 
 def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[str, Any]]], tok, pretrained: Path,
-           accelerator, tr, from_scratch: bool = False, seed: int | None = None, attention: str = "auto",
+           accelerator, tr, from_scratch: bool = False, seed: int | None = None, attention: str = "sdpa",
            ) -> tuple[SequenceClassifier, dict[str, Any], int]:
     """Train, keep the best epoch's weights; return the model, the best epoch's record, and the
     history of every epoch. A step takes ``grad_accum`` batches of ``batch_size`` examples per
@@ -217,7 +217,8 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
     whole step, clipping at ``grad_clip``, non-finite steps skipped). ``from_scratch``: the
     pretrained model's architecture with freshly initialised weights (its metrics are logged
     as ``scratch_*``). ``seed``: this seed instead of ``hp.seed`` (a seed after the first logs its
-    curves as ``seed<seed>_*``). ``attention``: the attention kernel setting (``finetune.attention``)."""
+    curves as ``seed<seed>_*``). ``attention``: the attention kernel, decided once per stage
+    (:func:`lmcore.train.accel.decide_attention`)."""
     pad = special_ids(tok).pad
     backbone = load_decoder(pretrained)
     max_len = min(hp.max_length, backbone.cfg.block_size)
@@ -228,7 +229,7 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
         backbone = Decoder(backbone.cfg)  # the initialisation pretraining starts from
     prefix = ("scratch_" if from_scratch else "") + ("" if first else f"seed{seed}_")
     model = SequenceClassifier(backbone, spec.num_labels, hp.dropout)
-    choose_attention(backbone, accelerator, hp.batch_size, max_len, attention)
+    backbone.use_attention(attention)
     train = splits["train"]
     train_seqs = encode_examples(tok, train, max_len)
     train_lengths = [len(s) for s in train_seqs]
@@ -313,21 +314,23 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
     hp = cfg.for_task(spec.name)
     tok = tokmod.load(tokenizer_dir)
     accelerator = make_accelerator(cfg.mixed_precision)
+    shape = DecoderConfig(**read_config(Path(pretrained))["model"])
+    attention = decide_attention(shape, accelerator, hp.batch_size, min(hp.max_length, shape.block_size), cfg.attention)
     params = {"task": spec.name, **flatten(hp, "finetune."), "finetune.mixed_precision": cfg.mixed_precision,
-              "finetune.attention": cfg.attention, "allocator": malloc,
+              "finetune.attention": cfg.attention, "attention_kernel": attention, "allocator": malloc,
               "num_processes": accelerator.num_processes}
     with stage_run("finetune", tracking, params, active=accelerator.is_main_process, run_name=f"finetune {spec.name}",
                    tags={"lmcore.task": spec.name},
                    inputs=[task_dir, tokenizer_dir, pretrained], outputs=[out], system_metrics=True) as tr:
         seeds = [hp.seed + i for i in range(hp.seeds)]
-        model, best, max_len = _train(hp, spec, splits, tok, Path(pretrained), accelerator, tr, attention=cfg.attention)
+        model, best, max_len = _train(hp, spec, splits, tok, Path(pretrained), accelerator, tr, attention=attention)
         bests = [best] + [_train(hp, spec, splits, tok, Path(pretrained), accelerator, tr, seed=s,
-                                 attention=cfg.attention)[1] for s in seeds[1:]]
+                                 attention=attention)[1] for s in seeds[1:]]
         result: dict[str, Any] = {**over_seeds(bests, seeds), "best_epoch": best["epoch"], **best["speed"]}
         result |= baselines(spec, splits)
         if hp.scratch_baseline:  # the same fine-tuning from random weights: what pretraining bought
             scratch = [_train(hp, spec, splits, tok, Path(pretrained), accelerator, tr, from_scratch=True, seed=s,
-                              attention=cfg.attention)[1]
+                              attention=attention)[1]
                        for s in seeds]
             result |= {f"scratch_{k}": v for k, v in over_seeds(scratch, seeds).items()}
             result["scratch_best_epoch"] = scratch[0]["epoch"]
