@@ -53,11 +53,13 @@ def load_model(folder: str | None, vocab: int) -> Decoder:
     return Decoder(DecoderConfig(vocab_size=vocab, **MODEL_PRESETS["small"])).float().eval()
 
 
-def run(model: Decoder, batch: int, cache: bool, prompt_tokens: int, new_tokens: int) -> float:
-    """Seconds to generate ``new_tokens`` for each of ``batch`` random prompts."""
+def run(model: Decoder, batch: int, cache: bool, prompt_tokens: int, new_tokens: int, compile: bool = False) -> float:
+    """Seconds to generate ``new_tokens`` for each of ``batch`` random prompts (``compile``: the
+    compiled decode step, which needs ``cache``)."""
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(0, model.cfg.vocab_size, (batch, prompt_tokens), generator=g).tolist()
-    cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=0.8, top_k=50, seed=0, use_cache=cache)
+    cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=0.8, top_k=50, seed=0, use_cache=cache,
+                           compile=compile)
     t0 = time.perf_counter()
     out = generate(model, prompts, cfg)
     seconds = time.perf_counter() - t0

@@ -5,8 +5,14 @@ Both decode greedily with their KV caches, float32, from the same random prompts
 number of new tokens (no stop token). The cases are interleaved in rounds; the table gives the
 median tokens/s (all rows, prefill included) and how many rows produced the same tokens.
 
+``--compile`` adds lmcore with ``GenerationConfig(compile=True)`` (the decode step compiled by
+``torch.compile``); its compilation happens in the untimed warm-up and is reported apart, and
+transformers is then also run with its static cache compiled (``cache_implementation="static"``,
+``compile_config``), the same kind of peer.
+
     python benchmarks/generate_vs_hf.py --model runs/pretrain/final --export runs/export
     python benchmarks/generate_vs_hf.py --model ... --export ... --batches 1 8 --new-tokens 200 --rounds 5
+    python benchmarks/generate_vs_hf.py --model ... --export ... --compile
 """
 
 from __future__ import annotations
@@ -27,17 +33,24 @@ from lmcore.generate import GenerationConfig, generate  # noqa: E402
 from lmcore.model.folder import load_decoder  # noqa: E402
 
 
-def lmcore_run(model, ids: torch.Tensor, n: int) -> tuple[float, list[list[int]]]:
-    cfg = GenerationConfig(max_new_tokens=n, temperature=0.0)
+def lmcore_run(model, ids: torch.Tensor, n: int, compile: bool = False) -> tuple[float, list[list[int]]]:
+    cfg = GenerationConfig(max_new_tokens=n, temperature=0.0, compile=compile)
     t0 = time.perf_counter()
     out = generate(model, ids.tolist(), cfg)
     return time.perf_counter() - t0, [c.tokens for c in out]
 
 
-def hf_run(model, ids: torch.Tensor, n: int) -> tuple[float, list[list[int]]]:
+def hf_run(model, ids: torch.Tensor, n: int, compile: bool = False) -> tuple[float, list[list[int]]]:
+    extra = {}
+    if compile:  # its static cache and compiled forward; on a CPU only when asked (_compile_all_devices)
+        from transformers import CompileConfig
+
+        config = CompileConfig(mode="reduce-overhead" if model.device.type == "cuda" else "default")
+        config._compile_all_devices = True
+        extra = {"cache_implementation": "static", "compile_config": config}
     t0 = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False, use_cache=True, pad_token_id=0)
+                         do_sample=False, use_cache=True, pad_token_id=0, **extra)
     return time.perf_counter() - t0, out[:, ids.shape[1]:].tolist()
 
 
@@ -50,6 +63,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--compile", action="store_true", help="also lmcore's compiled decode step")
     args = ap.parse_args()
     from transformers import LlamaForCausalLM  # lazy: a benchmark-only dependency
 
@@ -61,12 +75,16 @@ def main() -> None:
     prompts = {b: torch.randint(1, vocab, (b, args.prompt_tokens), generator=torch.Generator().manual_seed(b))
                for b in args.batches}
     runners = {"lmcore": lambda ids, n: lmcore_run(ours, ids, n), "transformers": lambda ids, n: hf_run(theirs, ids, n)}
+    if args.compile:
+        runners["lmcore compiled"] = lambda ids, n: lmcore_run(ours, ids, n, compile=True)
+        runners["transformers compiled"] = lambda ids, n: hf_run(theirs, ids, n, compile=True)
     cases = [(name, b) for b in args.batches for name in runners]
     times: dict[tuple[str, int], list[float]] = {c: [] for c in cases}
     tokens: dict[tuple[str, int], list[list[int]]] = {}
     with torch.no_grad():
-        for name, b in cases:  # warm-up
-            runners[name](prompts[b], 4)
+        warmup: dict[tuple[str, int], float] = {}
+        for name, b in cases:  # warm-up (and the compiled cases' compilation)
+            warmup[(name, b)] = runners[name](prompts[b], 4)[0]
         for r in range(args.rounds):
             order = cases[r % len(cases):] + cases[: r % len(cases)]
             for name, b in order:
@@ -77,13 +95,19 @@ def main() -> None:
           f"commit {git_commit(Path(__file__).resolve().parents[1])}; {dt.date.today()}")
     print(f"model {args.model} ({ours.num_params() / 1e6:.2f}M parameters), greedy, float32, prompt "
           f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens, {args.rounds} rounds\n")
-    print("| batch | lmcore tokens/s | transformers tokens/s | lmcore / transformers | same tokens (rows) |")
-    print("|---|---|---|---|---|")
-    for b in args.batches:
-        ours_s, hf_s = statistics.median(times[("lmcore", b)]), statistics.median(times[("transformers", b)])
-        same = sum(a == h for a, h in zip(tokens[("lmcore", b)], tokens[("transformers", b)]))
-        print(f"| {b} | {b * args.new_tokens / ours_s:,.0f} | {b * args.new_tokens / hf_s:,.0f} | "
-              f"{hf_s / ours_s:.2f}x | {same}/{b} |")
+    pairs = [("lmcore", "transformers")] + ([("lmcore compiled", "transformers compiled"),
+                                             ("lmcore compiled", "transformers")] if args.compile else [])
+    print("| batch | lmcore | tokens/s | transformers | tokens/s | ratio | same tokens (rows) |")
+    print("|---|---|---|---|---|---|---|")
+    for ours_name, hf_name in pairs:
+        for b in args.batches:
+            ours_s, hf_s = statistics.median(times[(ours_name, b)]), statistics.median(times[(hf_name, b)])
+            same = sum(a == h for a, h in zip(tokens[(ours_name, b)], tokens[(hf_name, b)]))
+            print(f"| {b} | {ours_name} | {b * args.new_tokens / ours_s:,.0f} | {hf_name} | "
+                  f"{b * args.new_tokens / hf_s:,.0f} | {hf_s / ours_s:.2f}x | {same}/{b} |")
+    if args.compile:
+        print("\nwarm-up of 4 tokens (s; the compiled cases compile in it): " + ", ".join(
+            f"{name} batch {b} {secs:.1f}" for (name, b), secs in warmup.items()))
 
 
 if __name__ == "__main__":

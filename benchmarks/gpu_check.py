@@ -17,6 +17,9 @@ others still run), most important first:
 3. ``generate``: generated tokens/s with and without the KV cache (``lmcore.generate`` through
    ``benchmarks/generate_bench.run``), bf16 weights, batches 1 and 8, 16-token prompts, 256 new
    tokens, temperature 0.8, top-k 50; beside it ``LlamaForCausalLM.generate`` with its cache.
+4. ``generate_compiled``: the cached generation of step 3 with the decode step compiled
+   (``GenerationConfig(compile=True)``: a CUDA graph replayed per token), the compiling first
+   call timed apart.
 
 Every step records ``torch.cuda.max_memory_allocated``. One JSON file collects everything with the
 machine (GPU, torch, CUDA, git commit, date); it is rewritten after every step, so a run cut short
@@ -60,6 +63,7 @@ STEPS: list[tuple[str, int, int]] = [
     ("train_lmcore_eager", 45, 25),
     ("train_llama_eager", 45, 25),
     ("generate", 75, 30),
+    ("generate_compiled", 80, 40),
     ("train_lmcore_compile", 110, 40),
     ("train_llama_compile", 110, 40),
 ]
@@ -368,6 +372,39 @@ def generation(s: dict[str, Any]) -> dict[str, Any]:
             "lmcore": rows, "hf_llama": hf}
 
 
+def generation_compiled(s: dict[str, Any]) -> dict[str, Any]:
+    """The cached generation of :func:`generation` with the decode step compiled
+    (``GenerationConfig(compile=True)``: on CUDA a CUDA graph replayed per token); the first call
+    per batch size compiles and is timed apart."""
+    import generate_bench as gb
+    import torch
+    import train_throughput as tt
+
+    from lmcore.config import MODEL_PRESETS
+
+    device = torch.device(s["device"])
+    shape = MODEL_PRESETS[s["preset"]]
+    L, H, C, T, V = shape["n_layer"], shape["n_head"], shape["n_embd"], shape["block_size"], s["vocab"]
+    P, N, rounds = s["gen_prompt_tokens"], s["gen_new_tokens"], s["gen_rounds"]
+    torch.manual_seed(0)
+    model, _ = tt.lmcore_model(L, H, C, T, V)
+    model = model.to(device=device, dtype=torch.bfloat16).eval()
+    rows = []
+    for b in s["gen_batches"]:
+        first = gb.run(model, b, True, P, 4, compile=True)  # compiles (and records the graph)
+        secs = [gb.run(model, b, True, P, N, compile=True) for _ in range(rounds)]
+        med = statistics.median(secs)
+        rows.append({"model": "lmcore Decoder, compiled decode step", "batch": b, "kv_cache": True,
+                     "first_call_seconds": round(first, 2), "seconds_median": round(med, 4),
+                     "generated_tokens_per_second": round(b * N / med, 1), "ms_per_step": round(1000 * med / N, 3),
+                     **memory(device)})
+        log(f"  lmcore batch {b}, compiled: {b * N / med:,.0f} tokens/s, {1000 * med / N:.2f} ms/step "
+            f"(first call, compiling: {first:.1f} s)")
+    return {"shape": f"{L}x{H}x{C}", "context": T, "vocab": V, "dtype": "bfloat16 weights",
+            "prompt_tokens": P, "new_tokens": N, "rounds": rounds, "sampling": "temperature 0.8, top-k 50",
+            "lmcore": rows}
+
+
 # ---------------------------------------------------------------------------------------------
 # the driver
 
@@ -387,6 +424,8 @@ def worker(step: str, dry: bool, out: Path, batch: int | None) -> int:
             row = train(s, which, mode == "compile")
         elif step == "generate":
             row = generation(s)
+        elif step == "generate_compiled":
+            row = generation_compiled(s)
         else:
             raise ValueError(f"unknown step {step}")
         row["status"] = "ok"
@@ -429,6 +468,10 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     if isinstance(g.get("lmcore"), list):
         out["generate"] = [{k: r[k] for k in ("batch", "kv_cache", "generated_tokens_per_second", "ms_per_step")}
                            for r in g["lmcore"]]
+    c = steps.get("generate_compiled", {})
+    if isinstance(c.get("lmcore"), list):
+        out["generate_compiled"] = [{k: r[k] for k in ("batch", "first_call_seconds", "generated_tokens_per_second",
+                                                        "ms_per_step")} for r in c["lmcore"]]
     return out
 
 
@@ -448,6 +491,9 @@ def print_summary(results: dict[str, Any]) -> None:
     for r in sm.get("generate", []):
         log(f"generate batch {r['batch']}, cache {'on ' if r['kv_cache'] else 'off'}: "
             f"{r['generated_tokens_per_second']:,.0f} tokens/s ({r['ms_per_step']} ms/step)")
+    for r in sm.get("generate_compiled", []):
+        log(f"generate batch {r['batch']}, compiled : {r['generated_tokens_per_second']:,.0f} tokens/s "
+            f"({r['ms_per_step']} ms/step; first call {r['first_call_seconds']} s)")
     log(f"total {results['total_seconds']:.0f} s (budget {results['total_budget_s']} s)")
 
 

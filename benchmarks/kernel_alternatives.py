@@ -14,6 +14,7 @@ Best of ``--reps`` after two warm-ups, ms, with glibc malloc tuned as in trainin
 
     python benchmarks/kernel_alternatives.py
     python benchmarks/kernel_alternatives.py --width 384 --heads 6 --batch 8 --context 256
+    python benchmarks/kernel_alternatives.py --dtypes fp32   # a CPU without bf16 instructions
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--dtypes", default="bf16,fp32",
+                   help="comma-separated: bf16, fp32 (leave bf16 out where the CPU has no bf16 instructions: "
+                        "its matrix products are emulated, ~1 GFLOP/s)")
     args = p.parse_args()
     malloc = tune_malloc()
     torch.set_num_threads(args.threads)
@@ -71,7 +75,11 @@ def main() -> None:
           f"{git_commit(Path(__file__).resolve().parents[1])}; allocator {malloc}; {time.strftime('%Y-%m-%d')}")
     print(f"batch {B} x context {T}, width {C}, {H} heads, vocab {V}; forward + backward, best of {args.reps} (ms)\n")
     print("| path | dtype | lmcore's form | torch's form | torch / lmcore |\n|---|---|---|---|---|")
-    for dtype in (torch.bfloat16, torch.float32):
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    for key in args.dtypes.split(","):
+        if key not in dtypes:
+            p.error(f"--dtypes: {key!r} is not one of {', '.join(dtypes)}")
+        dtype = dtypes[key]
         name = str(dtype).removeprefix("torch.")
         x = torch.randn(B, T, C, generator=g).requires_grad_()
         ours = best_ms(lambda: _RMSNormalize.apply(x, 1e-5).to(dtype), [x], args.reps)

@@ -13,6 +13,13 @@ interface. The command line is ``lmcore.cli.generate``.
   before it (:class:`lmcore.model.decoder.KVCache`). Without it (``use_cache=False``) every step encodes
   the whole sequence again: the reference path, with the same tokens under greedy decoding (a test
   checks it).
+- ``compile=True`` runs each step after the prefill through
+  :meth:`lmcore.model.decoder.Decoder.decode_step` compiled by ``torch.compile``: the new token
+  attends to every position of the preallocated cache under a key mask, so no shape grows and the
+  step is captured once per batch size (on CUDA as a CUDA graph, replayed per token). On a CPU it
+  removes most of the per-token Python and operator overhead that bounds batch-1 decoding of a
+  small model (``benchmarks/generate_vs_hf.py --compile``); the compilation costs seconds to a
+  minute once per process, model and batch size.
 - Past the model's context (``block_size``) the cache cannot grow: generation then falls back to
   encoding the last ``block_size`` tokens again at every step, without the cache (a sliding
   window, logged once), which is what ``use_cache=False`` does there too.
@@ -33,6 +40,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import pydantic
 import torch
 
 from lmcore.config import Sampling
@@ -52,6 +60,16 @@ class GenerationConfig(Sampling):
     use_cache: bool = True
     """Keep the keys and values of earlier tokens (:class:`lmcore.model.decoder.KVCache`) instead of
     encoding the whole sequence at every step."""
+    compile: bool = False
+    """With the cache: decode through :meth:`lmcore.model.decoder.Decoder.decode_step` compiled by
+    ``torch.compile`` (:func:`compiled_decode_step`; on CUDA as a CUDA graph). The first call for
+    a model and batch size compiles (seconds to a minute); later tokens and calls run faster."""
+
+    @pydantic.model_validator(mode="after")
+    def _compile_needs_the_cache(self) -> GenerationConfig:
+        if self.compile and not self.use_cache:
+            raise ValueError("compile = True needs use_cache = True: the compiled step is the cached decode step")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +136,18 @@ def positions_of(real: torch.Tensor) -> torch.Tensor:
     return (real.long().cumsum(dim=1) - 1).clamp_(min=0)
 
 
+def compiled_decode_step(model) -> Callable[..., torch.Tensor]:
+    """``model.decode_step`` compiled by ``torch.compile`` (static shapes: one graph per batch
+    size; mode ``reduce-overhead`` on CUDA, which replays the step as a CUDA graph), kept on the
+    model so that later generations reuse it."""
+    fn = model.__dict__.get("_compiled_decode_step")
+    if fn is None:
+        cuda = next(model.parameters()).device.type == "cuda"
+        fn = torch.compile(model.decode_step, dynamic=False, mode="reduce-overhead" if cuda else None)
+        model.__dict__["_compiled_decode_step"] = fn
+    return fn
+
+
 def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = GenerationConfig(),
            stop_id: int | None = None, pad_id: int = 0) -> Iterator[list[int | None]]:
     """Generate continuations of ``prompts`` (lists of token ids, of any lengths) with ``model``
@@ -160,6 +190,8 @@ def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = Gene
         generator.manual_seed(cfg.seed)
 
     cache = KVCache(block) if cfg.use_cache else None
+    step = compiled_decode_step(model) if cache is not None and cfg.compile else None
+    key_mask = at = None  # the compiled step's (B, block) keys to attend to and write position
     done = torch.zeros(B, dtype=torch.bool, device=device)
     next_pos = None  # with the cache: each row's position for its next token, (B, 1)
     training = model.training
@@ -175,8 +207,26 @@ def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = Gene
                         next_pos = positions[:, -1:] + 1
                     else:
                         positions, next_pos = next_pos, next_pos + 1
-                    logits = model.next_token_logits(seq[:, start:], positions=positions,
-                                                     key_mask=real if padded else None, cache=cache)
+                    if start == 0 or step is None:
+                        logits = model.next_token_logits(seq[:, start:], positions=positions,
+                                                         key_mask=real if padded else None, cache=cache)
+                    else:  # every cached position is attended to, masked: shapes that do not grow
+                        if key_mask is None:
+                            key_mask = torch.zeros((B, block), dtype=torch.bool, device=device)
+                            key_mask[:, :start] = real[:, :start]
+                            at = torch.zeros(1, dtype=torch.long, device=device)
+                        else:  # the previous token: visible to later ones if real
+                            key_mask[:, start - 1] = real[:, start - 1]
+                        key_mask[:, start] = True  # a token always sees its own key
+                        at.fill_(start)
+                        cache.at = at
+                        try:
+                            # the last token as (B, 1) of its own, not a view of `tokens`, whose
+                            # stride (the buffer's width) would make every max_new_tokens a new graph
+                            logits = step(nxt.view(B, 1), positions, key_mask, cache)
+                        finally:
+                            cache.at = None
+                        cache.length += 1
                 else:  # no cache, or the context is full: encode the last block_size tokens again
                     if cache is not None:
                         log.warning("generate: %d tokens exceed the model's context of %d: from here on each step "

@@ -146,3 +146,15 @@ def test_generation_on_cuda_in_bf16_runs_with_the_cache(no_cpu_paths):
     model = model_cpu().to(device=CUDA, dtype=torch.bfloat16)
     out = generate(model, [[1, 2, 3], [4]], GenerationConfig(max_new_tokens=10, temperature=0.8, seed=0))
     assert all(len(c.tokens) == 10 and all(0 <= t < VOCAB for t in c.tokens) for c in out)
+
+
+def test_generation_on_cuda_through_the_cuda_graph_gives_the_eager_tokens():
+    # the compiled decode step (mode reduce-overhead: a CUDA graph replayed per token, the KV
+    # cache updated in place at static addresses) against the eager loop, twice: the second call
+    # replays the graph recorded by the first
+    model = model_cpu().to(CUDA)
+    prompts = [[1, 2, 3, 4, 5], [7], [9, 8, 7]]
+    eager = [c.tokens for c in generate(model, prompts, GenerationConfig(max_new_tokens=12, temperature=0))]
+    compiled = GenerationConfig(max_new_tokens=12, temperature=0, compile=True)
+    for _ in range(2):
+        assert [c.tokens for c in generate(model, prompts, compiled)] == eager

@@ -79,6 +79,54 @@ def test_cache_step_by_step_gives_the_full_forward_logits(kv_heads):
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 4:], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_the_shape_static_decode_step_gives_the_logits_of_the_growing_cache(kv_heads):
+    # a left-padded batch: the static step attends to every position of the cache under a key
+    # mask (padding and unwritten positions off, its own key on) and writes at cache.at
+    model = randomised(n_kv_heads=kv_heads)
+    block = model.cfg.block_size
+    x = torch.randint(1, VOCAB, (3, 12))
+    real = torch.ones(3, 12, dtype=torch.bool)
+    real[1, :3] = real[2, :6] = False
+    positions = (real.long().cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        growing, static = KVCache(block), KVCache(block)
+        want = [model.next_token_logits(x[:, :5], positions=positions[:, :5], key_mask=real[:, :5], cache=growing)]
+        got = [model.next_token_logits(x[:, :5], positions=positions[:, :5], key_mask=real[:, :5], cache=static)]
+        mask = torch.zeros(3, block, dtype=torch.bool)
+        mask[:, :5] = real[:, :5]
+        for t in range(5, 12):
+            want.append(model.next_token_logits(x[:, t : t + 1], positions=positions[:, t : t + 1],
+                                                 key_mask=real[:, : t + 1], cache=growing))
+            mask[:, t] = True
+            static.at = torch.tensor([t])
+            got.append(model.decode_step(x[:, t : t + 1], positions[:, t : t + 1], mask, static))
+            static.at, static.length = None, static.length + 1
+            mask[:, t] = real[:, t]
+        for i in growing.keys:  # the same keys where written, zeros beyond
+            assert torch.equal(static.keys[i][:, :, 12:], torch.zeros_like(static.keys[i][:, :, 12:]))
+            torch.testing.assert_close(static.keys[i][:, :, :12], growing.keys[i][:, :, :12])
+    torch.testing.assert_close(torch.stack(got, 1), torch.stack(want, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_the_compiled_decode_step_gives_the_eager_tokens_and_compiles_once_per_batch_size():
+    from torch._dynamo.utils import counters
+
+    model = randomised(n_kv_heads=2)
+    free = tokens(model, PROMPTS, greedy(12))
+    stop = free[1][4]  # row 1 stops early: its later tokens are padding, masked out
+    eager = generate(model, PROMPTS, greedy(12), stop_id=stop)
+    compiled = generate(model, PROMPTS, greedy(12, compile=True), stop_id=stop)
+    assert [(c.tokens, c.stopped) for c in compiled] == [(c.tokens, c.stopped) for c in eager]
+    assert compiled[1].stopped and not all(c.stopped for c in compiled)
+    graphs = counters["stats"]["unique_graphs"]
+    # the same batch size, another number of new tokens: no new graph
+    assert tokens(model, PROMPTS, greedy(9, compile=True)) == [t[:9] for t in free]
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert tokens(model, PROMPTS[:1], greedy(12, compile=True)) == free[:1]  # batch 1: its own graph
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+
+
 def test_cache_refuses_more_than_it_holds():
     model = randomised(block=8)
     cache = KVCache(8)
@@ -237,7 +285,7 @@ def test_sampling_fields_are_defined_once():
 
     names = ["max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"]
     assert list(Sampling.model_fields) == names
-    assert list(GenerationConfig.model_fields) == names + ["use_cache"]
+    assert list(GenerationConfig.model_fields) == names + ["use_cache", "compile"]
     for name in names:  # the same type, constraints and docstring everywhere
         f, g, e = Sampling.model_fields[name], GenerationConfig.model_fields[name], EvaluateConfig.model_fields[name]
         assert f.description and g.description == e.description == f.description
@@ -256,6 +304,7 @@ def test_sampling_fields_are_defined_once():
     p = argparse.ArgumentParser()
     add_sampling_flags(p)
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--compile", action="store_true")
     flags = {a.dest: a for a in p._actions if a.dest in names}
     assert list(flags) == names
     assert all(a.option_strings == ["--" + n.replace("_", "-")] for n, a in flags.items())
@@ -263,7 +312,12 @@ def test_sampling_fields_are_defined_once():
     assert "Nucleus sampling" in flags["top_p"].help and "evaluate.top_p" in flags["top_p"].help
     assert settings(p.parse_args([]), ev) == GenerationConfig(temperature=0.8, top_k=50, top_p=1.0, seed=1234)
     got = settings(p.parse_args(["--top-k", "0", "--seed", "3", "--no-cache"]), ev)
-    assert (got.top_k, got.seed, got.temperature, got.use_cache) == (None, 3, 0.8, False)
+    assert (got.top_k, got.seed, got.temperature, got.use_cache, got.compile) == (None, 3, 0.8, False, False)
+    assert settings(p.parse_args(["--compile"]), ev).compile
+    with pytest.raises(Exception, match="--compile and --no-cache do not go together"):
+        settings(p.parse_args(["--compile", "--no-cache"]), ev)
+    with pytest.raises(ValueError, match="compile = True needs use_cache = True"):
+        GenerationConfig(compile=True, use_cache=False)
     with pytest.raises(Exception, match=r"--temperature = -1.0 is invalid.*; --top-p = 2.0 is invalid"):
         settings(p.parse_args(["--temperature", "-1", "--top-p", "2"]), ev)
 

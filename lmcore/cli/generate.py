@@ -46,6 +46,9 @@ def add_parser(sub: Any) -> None:
     add_sampling_flags(p)
     p.add_argument("--no-cache", action="store_true", help="encode the whole sequence at every step (slower; "
                                                             "the reference path)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile (a CUDA "
+                                                           "graph on CUDA): the first tokens wait for the compilation "
+                                                           "(seconds to a minute), the rest come faster")
     p.add_argument("--no-stream", action="store_true", help="print each text once complete, not token by token")
 
 
@@ -113,8 +116,10 @@ def settings(args: argparse.Namespace, defaults: Sampling) -> Any:
               for name in Sampling.model_fields}
     if values["top_k"] == 0:
         values["top_k"] = None
+    if args.compile and args.no_cache:
+        raise StageError("--compile and --no-cache do not go together: what is compiled is the cached decode step")
     try:
-        return GenerationConfig(**values, use_cache=not args.no_cache)
+        return GenerationConfig(**values, use_cache=not args.no_cache, compile=args.compile)
     except ValidationError as e:  # name the command-line option (params.yaml's values were checked on loading)
         raise StageError("; ".join(f"{flag(str(err['loc'][0]))} = {err['input']!r} is invalid ({err['msg']})"
                                    if err["loc"] else err["msg"] for err in e.errors())) from None

@@ -14,7 +14,8 @@ The same function written the textbook way, one step per line and no trick, is
 
 There is no parallelism code here: Accelerate wraps the model. Generation (``lmcore.generate``)
 runs through :meth:`Decoder.next_token_logits` with a :class:`KVCache`, explicit positions and a
-padding mask.
+padding mask, or, compiled, through :meth:`Decoder.decode_step`, whose shapes stay the same while
+the cache fills.
 
 The training step computes that function faster than the textbook version
 (``benchmarks/train_throughput.py``; results in ``benchmarks/RESULTS.md``). The fast paths, in the
@@ -309,11 +310,18 @@ class KVCache:
 
     It also keeps each layer's fused weights (q/k/v and gate/up, with the norm folded in), built at
     the first step: the weights do not change while one generation runs, and building them anew
-    for every token took 40 % of a step at batch 1 (small preset)."""
+    for every token took 40 % of a step at batch 1 (small preset).
+
+    For :meth:`Decoder.decode_step` (a step whose shapes do not change as the cache fills, what
+    ``torch.compile`` captures once) ``at`` holds the position the next token is written at as a
+    one-element tensor, and ``append`` then returns every position, written or not: the buffers
+    start zeroed (a masked-out key or value must be finite: 0 x NaN would poison the output), and
+    on CUDA they are marked as static addresses so that a CUDA graph may update them in place."""
 
     def __init__(self, max_len: int) -> None:
         self.max_len = max_len
         self.length = 0
+        self.at: torch.Tensor | None = None
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.weights: dict[tuple[int, str], torch.Tensor] = {}
@@ -339,14 +347,23 @@ class KVCache:
 
     def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write layer ``i``'s (B, kv_heads, T, D) keys and values at positions ``length ..
-        length + T - 1``; return the keys and values of every position up to there."""
+        length + T - 1``; return the keys and values of every position up to there. With ``at``
+        set: write the one new position ``at`` and return all ``max_len`` positions."""
+        if self.at is not None:
+            keys, values = self.keys[i], self.values[i]
+            keys.index_copy_(2, self.at, k)
+            values.index_copy_(2, self.at, v)
+            return keys, values
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache full: {self.length} + {k.shape[2]} positions exceed its {self.max_len}")
         if i not in self.keys:
             shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
-            self.keys[i] = torch.empty(shape, dtype=k.dtype, device=k.device)
-            self.values[i] = torch.empty(shape, dtype=v.dtype, device=v.device)
+            self.keys[i] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.values[i] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+            if k.device.type == "cuda":
+                torch._dynamo.mark_static_address(self.keys[i])
+                torch._dynamo.mark_static_address(self.values[i])
         keys, values = self.keys[i], self.values[i]
         if keys.shape[:2] != k.shape[:2]:
             raise ValueError(f"KV cache holds {tuple(keys.shape[:2])} (batch, kv heads); got {tuple(k.shape[:2])}")
@@ -628,6 +645,24 @@ class Decoder(nn.Module):
         # the norm's weight on the B rows, not folded into the vocab x n_embd head (a copy per token)
         head = self.lm_head.weight if cache is None else cache.weight((-1, "head"), lambda: self.lm_head.weight)
         return linear(self.norm(h), head).float()
+
+    def decode_step(self, idx: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
+                    cache: KVCache) -> torch.Tensor:
+        """Float32 logits (B, vocab) of one new token per row: :meth:`next_token_logits` for
+        ``idx`` (B, 1) at RoPE ``positions`` (B, 1), its keys and values written into ``cache`` at
+        ``cache.at``, attending to the keys that ``key_mask`` (B, cache.max_len) marks (its own
+        included). No shape depends on how many positions are filled and nothing reads a tensor
+        on the host, so ``torch.compile`` captures it once per batch size, and a CUDA graph can
+        replay it (``lmcore.generate`` compiles it; it also runs as it is). The caller moves
+        ``cache.at`` and ``cache.length`` on; the cache's weights must have been built by an
+        earlier call of :meth:`next_token_logits` (the prompt's)."""
+        rot = torch.complex(self.rope_cos[positions].float(), self.rope_sin[positions].float())[:, :, None]
+        attn_mask = key_mask[:, None, None, :]
+        x = self.embed(idx)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rot, attn_mask, cache.layer(i))
+        head = cache.weight((-1, "head"), lambda: self.lm_head.weight)
+        return linear(self.norm(x[:, -1]), head).float()
 
     def use_attention(self, kernel: str) -> None:
         """Compute causal attention with ``kernel`` (:data:`ATTENTION_KERNELS`) in every block;
