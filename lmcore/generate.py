@@ -193,6 +193,7 @@ def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = Gene
     step = compiled_decode_step(model) if cache is not None and cfg.compile else None
     key_mask = at = None  # the compiled step's (B, block) keys to attend to and write position
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    live, alive = ~done, [True] * B  # the rows still generating, as a tensor and on the host
     next_pos = None  # with the cache: each row's position for its next token, (B, 1)
     training = model.training
     model.eval()
@@ -238,8 +239,6 @@ def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = Gene
                 nxt = next_tokens(logits, cfg, seen, generator)
                 if padded:
                     nxt = nxt.masked_fill(done, pad_id)
-            live = ~done
-            alive = live.tolist()
             out = [t if a else None for t, a in zip(nxt.tolist(), alive)]
             tokens[:, filled] = nxt
             reals[:, filled] = live
@@ -247,13 +246,14 @@ def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = Gene
             if seen is not None:
                 idx = live.nonzero().squeeze(1)
                 seen[idx, nxt[idx]] = True
-            if stop_id is not None:
-                done = done | (nxt == stop_id)
-                stopped = done.tolist()
-                if all(stopped):
+            if stop_id is not None and stop_id in out:  # rows stop (checked on the host: no extra sync)
+                alive = [a and t != stop_id for t, a in zip(out, alive)]
+                if not any(alive):
                     yield out
                     break
-                padded = padded or any(stopped)  # a stopped row's next tokens are masked out
+                live = torch.tensor(alive, device=device)
+                done = ~live
+                padded = True  # a stopped row's next tokens are masked out
             yield out
     finally:
         model.train(training)

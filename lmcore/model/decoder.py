@@ -126,8 +126,9 @@ def uses_cpu_kernels(device: torch.device | str) -> bool:
 
 def emulating_bf16(x: torch.Tensor) -> bool:
     """True for a tensor on a device that :func:`emulates_bf16`, inside CPU bf16 autocast."""
-    return (emulates_bf16(x.device) and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    # the cheapest test first: generation and float32 training ask it for every matmul
+    return (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and emulates_bf16(x.device))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -181,6 +182,8 @@ def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     if uses_cpu_kernels(x.device):
         if not (torch.is_grad_enabled() and x.requires_grad):  # no backward: the forward alone, without
             xf = x.float()  # the autograd.Function's bookkeeping (generation, evaluation)
+            if x.numel() <= 64 * x.shape[-1]:  # a few rows (decoding): one call, ~20 % faster at 1-8 rows
+                return F.rms_norm(xf, (x.shape[-1],), eps=eps).to(x.dtype)
             return (xf * torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1])
                     .add_(eps).rsqrt_()).to(x.dtype)
         return _RMSNormalize.apply(x.float(), eps).to(x.dtype)
@@ -468,10 +471,16 @@ class Block(nn.Module):
         # activations, (x * g) @ W.T = x @ (W * g).T: a pass over the weights instead of passes
         # over the activations, forward and backward
         # (the norm, fused q/k/v and this folding: 10 % faster than norm + 3 projections)
+        # (dropout only where it does something: the module call costs ~10 us a token in decoding)
+        drop = self.drop if self.training and self.drop.p > 0 else _identity
         h = rms_normalize(x, self.attn_norm.eps)
-        x = x + self.drop(self.attn(h, rot, self.attn_norm.weight, attn_mask, cache))
+        x = x + drop(self.attn(h, rot, self.attn_norm.weight, attn_mask, cache))
         h = rms_normalize(x, self.mlp_norm.eps)
-        return x + self.drop(self.mlp(h, self.mlp_norm.weight, cache))
+        return x + drop(self.mlp(h, self.mlp_norm.weight, cache))
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,7 +595,8 @@ class Decoder(nn.Module):
             span = slice(start, start + T)
             rot = torch.complex(self.rope_cos[span].float(), self.rope_sin[span].float())[:, None]
         else:
-            if positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < self.cfg.block_size:
+            low, high = torch.stack(torch.aminmax(positions)).tolist() if positions.numel() else (0, 0)
+            if not 0 <= low <= high < self.cfg.block_size:
                 raise ValueError(f"positions must lie in 0 .. {self.cfg.block_size - 1} (block_size)")
             rot = torch.complex(self.rope_cos[positions].float(), self.rope_sin[positions].float())[:, :, None]
         if cache is not None or key_mask is not None:
