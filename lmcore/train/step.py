@@ -78,6 +78,15 @@ def accumulate(model: torch.nn.Module, batches: Sequence[Any], accelerator, obje
     so each process scales by it. The gradient is then exactly that of one big batch. Returns
     the step's mean loss per target (over all processes) and N.
     """
+    loss_sum, total = accumulate_sum(model, batches, accelerator, objective)
+    return float(loss_sum) / total, total
+
+
+def accumulate_sum(model: torch.nn.Module, batches: Sequence[Any], accelerator, objective: Objective = NEXT_TOKEN
+                   ) -> tuple[torch.Tensor, int]:
+    """:func:`accumulate`, returning the summed loss of the step's targets (all processes) as a
+    tensor on the device, not read by the host: :func:`train_step` reads it together with the
+    gradient norm, one synchronisation per optimizer step."""
     world = accelerator.num_processes
     counts = [objective.targets(b) for b in batches]
     local = sum(counts)
@@ -96,7 +105,7 @@ def accumulate(model: torch.nn.Module, batches: Sequence[Any], accelerator, obje
         loss_sum += loss.detach().double() * count if mean else loss.detach().float()
     if world > 1:
         loss_sum = accelerator.reduce(loss_sum, "sum")
-    return float(loss_sum) / total, total
+    return loss_sum, total
 
 
 @dataclasses.dataclass
@@ -138,10 +147,16 @@ def train_step(model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimize
     unless the loss or the gradient norm is not finite (every process sees the same reduced
     values, so all skip together). ``max_nonfinite`` skipped steps in a row raise a StageError
     ending with ``hint`` (what to change). Advances ``state.step``; the gradients are cleared."""
-    loss, total = accumulate(model, batches, accelerator, objective)
-    grad_norm = float("nan")
+    loss_sum, total = accumulate_sum(model, batches, accelerator, objective)
+    read = [loss_sum.double()]
     if grad_clip > 0:
-        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), grad_clip))
+        norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+            norm = norm.full_tensor()
+        read.append(torch.as_tensor(norm, device=loss_sum.device).double())
+    values = torch.stack(read).tolist()  # the step's one host synchronisation: the loss and the norm together
+    loss = values[0] / total
+    grad_norm = values[1] if grad_clip > 0 else float("nan")
     applied = math.isfinite(loss) and (grad_clip == 0 or math.isfinite(grad_norm))
     state.step += 1
     if applied:
