@@ -400,6 +400,11 @@ def test_cli_prompt_streamed_equals_not_streamed(folder):
     assert whole.returncode == 0, whole.stderr
     assert whole.stdout == streamed.stdout
     assert "KV cache off" in whole.stderr
+    greedy_eager = lmcore_generate(folder, "--prompt", "The king", "--temperature", "0")
+    compiled = lmcore_generate(folder, "--prompt", "The king", "--temperature", "0", "--compile")
+    assert compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == greedy_eager.stdout
+    assert "decode step compiled" in compiled.stderr and "decode step compiled" not in greedy_eager.stderr
 
 
 def test_cli_prompts_from_a_file_and_from_stdin(folder):

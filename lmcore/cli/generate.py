@@ -217,5 +217,6 @@ def main(args: argparse.Namespace, stdin=None, stdout=None) -> int:
         show_done()
     print(f"lmcore generate: {n_tokens} tokens for {len(ids)} prompt(s) in {seconds:.2f} s "
           f"({n_tokens / max(seconds, 1e-9):.1f} tokens/s, KV cache {'on' if cfg.use_cache else 'off'}, "
+          f"{'decode step compiled (the compilation included), ' if cfg.compile else ''}"
           f"seed {cfg.seed})", file=sys.stderr)
     return 0
