@@ -305,8 +305,9 @@ def train(s: dict[str, Any], which: str, compiled: bool) -> dict[str, Any]:
 # step 3: generation
 
 
-def generation(s: dict[str, Any]) -> dict[str, Any]:
-    import generate_bench as gb
+def generation_model(s: dict[str, Any]) -> tuple[Any, Any, Any, tuple[int, ...]]:
+    """The device, lmcore's model of the preset with bf16 weights in eval mode, its decoder config
+    and (layers, heads, width, context, vocab, prompt tokens, new tokens, rounds)."""
     import torch
     import train_throughput as tt
 
@@ -315,10 +316,18 @@ def generation(s: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(s["device"])
     shape = MODEL_PRESETS[s["preset"]]
     L, H, C, T, V = shape["n_layer"], shape["n_head"], shape["n_embd"], shape["block_size"], s["vocab"]
-    P, N, rounds = s["gen_prompt_tokens"], s["gen_new_tokens"], s["gen_rounds"]
     torch.manual_seed(0)
     model, gcfg = tt.lmcore_model(L, H, C, T, V)
     model = model.to(device=device, dtype=torch.bfloat16).eval()
+    return device, model, gcfg, (L, H, C, T, V, s["gen_prompt_tokens"], s["gen_new_tokens"], s["gen_rounds"])
+
+
+def generation(s: dict[str, Any]) -> dict[str, Any]:
+    import generate_bench as gb
+    import torch
+    import train_throughput as tt
+
+    device, model, gcfg, (L, H, C, T, V, P, N, rounds) = generation_model(s)
     cases = [(b, cache) for b in s["gen_batches"] for cache in (True, False)]
     rows = []
     for b, cache in cases:
@@ -377,18 +386,8 @@ def generation_compiled(s: dict[str, Any]) -> dict[str, Any]:
     (``GenerationConfig(compile=True)``: on CUDA a CUDA graph replayed per token); the first call
     per batch size compiles and is timed apart."""
     import generate_bench as gb
-    import torch
-    import train_throughput as tt
 
-    from lmcore.config import MODEL_PRESETS
-
-    device = torch.device(s["device"])
-    shape = MODEL_PRESETS[s["preset"]]
-    L, H, C, T, V = shape["n_layer"], shape["n_head"], shape["n_embd"], shape["block_size"], s["vocab"]
-    P, N, rounds = s["gen_prompt_tokens"], s["gen_new_tokens"], s["gen_rounds"]
-    torch.manual_seed(0)
-    model, _ = tt.lmcore_model(L, H, C, T, V)
-    model = model.to(device=device, dtype=torch.bfloat16).eval()
+    device, model, _, (L, H, C, T, V, P, N, rounds) = generation_model(s)
     rows = []
     for b in s["gen_batches"]:
         first = gb.run(model, b, True, P, 4, compile=True)  # compiles (and records the graph)
