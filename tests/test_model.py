@@ -208,6 +208,26 @@ def test_paired_rope_leaves_attention_scores_unchanged():
     torch.testing.assert_close(scores, torch.einsum("bthd,bshd->bhts", q_ref, k_ref), atol=1e-4, rtol=1e-5)
 
 
+def test_rope_on_real_pairs_equals_the_complex_multiply_and_is_what_compile_traces():
+    # the real form (cos, sin pairs) is what `rotation` gives inside torch.compile: the same
+    # rotation, forward and backward
+    T, heads, D = 10, 3, 16
+    cos, sin = model_module.rope_cache(T, D, 10000.0)
+    x = torch.randn(2, T, heads, D, requires_grad=True)
+    g = torch.randn(2, T, heads, D)
+    complex_rot, real_rot = torch.complex(cos, sin)[:, None], torch.stack((cos, sin), -1)[:, None]
+    assert model_module.rotation(cos, sin).is_complex()
+    out = []
+    for rot in (complex_rot, real_rot):
+        y = model_module.apply_rope(x, rot)
+        (dx,) = torch.autograd.grad(y, x, g)
+        out.append((y, dx))
+    torch.testing.assert_close(out[1], out[0], atol=1e-6, rtol=1e-6)
+    traced = torch.compile(lambda c, s: model_module.rotation(c, s), backend="eager", fullgraph=True)(cos, sin)
+    assert not traced.is_complex() and traced.shape == (T, D // 2, 2)
+    torch.testing.assert_close(traced, torch.stack((cos, sin), -1))
+
+
 def test_rms_normalize_backward():
     x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: model_module._RMSNormalize.apply(t, 1e-5), (x,))

