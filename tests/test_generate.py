@@ -125,6 +125,9 @@ def test_the_compiled_decode_step_gives_the_eager_tokens_and_compiles_once_per_b
     assert counters["stats"]["unique_graphs"] == graphs
     assert tokens(model, PROMPTS[:1], greedy(12, compile=True)) == free[:1]  # batch 1: its own graph
     assert counters["stats"]["unique_graphs"] == graphs + 1
+    # up to the last position of the cache, then the sliding window without it, as the eager loop
+    small = randomised(block=16)
+    assert tokens(small, PROMPTS, greedy(30, compile=True)) == tokens(small, PROMPTS, greedy(30))
 
 
 def test_cache_refuses_more_than_it_holds():
