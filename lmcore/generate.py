@@ -36,6 +36,7 @@ interface. The command line is ``lmcore.cli.generate``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -136,16 +137,21 @@ def positions_of(real: torch.Tensor) -> torch.Tensor:
     return (real.long().cumsum(dim=1) - 1).clamp_(min=0)
 
 
+_COMPILED: dict[tuple[type, str], Callable[..., torch.Tensor]] = {}
+
+
 def compiled_decode_step(model) -> Callable[..., torch.Tensor]:
-    """``model.decode_step`` compiled by ``torch.compile`` (static shapes: one graph per batch
-    size; mode ``reduce-overhead`` on CUDA, which replays the step as a CUDA graph), kept on the
-    model so that later generations reuse it."""
-    fn = model.__dict__.get("_compiled_decode_step")
-    if fn is None:
-        cuda = next(model.parameters()).device.type == "cuda"
-        fn = torch.compile(model.decode_step, dynamic=False, mode="reduce-overhead" if cuda else None)
-        model.__dict__["_compiled_decode_step"] = fn
-    return fn
+    """``model.decode_step`` compiled by ``torch.compile``: static shapes (one graph per model
+    shape and batch size), mode ``reduce-overhead`` on CUDA (the step replayed as a CUDA graph).
+    The class's function is compiled, once per process and mode, and the model passed to it: the
+    parameters are inputs of the graph, so later generations and other models of the same shape
+    reuse it, and nothing here holds on to a model or lives in its attributes (which a copy or a
+    pickle of the model would carry)."""
+    mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else "default"
+    key = (type(model), mode)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(type(model).decode_step, dynamic=False, mode=mode)
+    return functools.partial(_COMPILED[key], model)
 
 
 def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = GenerationConfig(),

@@ -4,6 +4,7 @@ prompt's own tokens, seeded sampling, the logits processors, stopping at end of 
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -124,6 +125,13 @@ def test_the_compiled_decode_step_gives_the_eager_tokens_and_compiles_once_per_b
     assert tokens(model, PROMPTS, greedy(9, compile=True)) == [t[:9] for t in free]
     assert counters["stats"]["unique_graphs"] == graphs
     assert tokens(model, PROMPTS[:1], greedy(12, compile=True)) == free[:1]  # batch 1: its own graph
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    # another model of the same shape (a copy, other weights): the same graph, its own tokens
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-1.0)
+    assert tokens(other, PROMPTS, greedy(12, compile=True)) == tokens(other, PROMPTS, greedy(12)) != free
     assert counters["stats"]["unique_graphs"] == graphs + 1
     # up to the last position of the cache, then the sliding window without it, as the eager loop
     small = randomised(block=16)

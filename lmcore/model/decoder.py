@@ -335,7 +335,11 @@ class KVCache:
     ``torch.compile`` captures once) ``at`` holds the position the next token is written at as a
     one-element tensor, and ``append`` then returns every position, written or not: the buffers
     start zeroed (a masked-out key or value must be finite: 0 x NaN would poison the output), and
-    on CUDA they are marked as static addresses so that a CUDA graph may update them in place."""
+    on CUDA they and the fused weights are marked as static addresses, so that a CUDA graph
+    updates the buffers in place and reads the weights where they are. Each generation builds its
+    own cache, so a CUDA graph is recorded again for each call (a step's time; torch stops
+    re-recording a function after ``cudagraph_unexpected_rerecord_limit`` times and runs it
+    compiled without the graph)."""
 
     def __init__(self, max_len: int) -> None:
         self.max_len = max_len
@@ -361,7 +365,10 @@ class KVCache:
         outputs): the rule above."""
         if key not in self.weights:
             w = build().detach()
-            self.weights[key] = w.t().contiguous().t() if w.shape[0] > w.shape[1] else w.contiguous()
+            w = w.t().contiguous().t() if w.shape[0] > w.shape[1] else w.contiguous()
+            if w.device.type == "cuda":  # a CUDA graph reads it in place instead of copying it in per token
+                torch._dynamo.mark_static_address(w)
+            self.weights[key] = w
         return self.weights[key]
 
     def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
