@@ -8,7 +8,11 @@ everywhere or choosing per machine (as ``lmcore.model.kernels`` does for attenti
   (what autocast runs) on B*T x vocab logits;
 - RoPE: the complex multiply of the pair-adjacent layout (``apply_rope``) against Llama's
   rotate-half form, on q and k together;
-- attention: ``causal_attention`` with each kernel (what the probe times).
+- attention: ``causal_attention`` with each kernel (what the probe times);
+- q/k/v and gate/up projections: the weights joined at run time with the norm's weight folded in
+  (``CausalSelfAttention.forward``, ``SwiGLU.forward``: one ``torch.cat``, one multiply of the
+  weights, one matrix product) against separate products of the activations scaled by the norm's
+  weight (Llama's form); the input is the normalised residual, gradients to it and every weight.
 
 Best of ``--reps`` after two warm-ups, ms, with glibc malloc tuned as in training.
 
@@ -37,6 +41,8 @@ from lmcore.model.decoder import (  # noqa: E402
     _RMSNormalize,
     apply_rope,
     cross_entropy,
+    linear,
+    pair_rows,
 )
 from lmcore.model.kernels import measure_attention  # noqa: E402
 
@@ -110,6 +116,54 @@ def main() -> None:
         assert set(times) == set(ATTENTION_KERNELS)
         print(f"| attention (matmul / sdpa) | {name} | {1e3 * times['matmul']:.2f} | {1e3 * times['sdpa']:.2f} | "
               f"{times['sdpa'] / times['matmul']:.2f}x |")
+
+        for row, ours, theirs, leaves in projections(cfg, B, T, g):
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+            def under_autocast(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+                def run() -> torch.Tensor:
+                    with autocast:
+                        return fn()
+                return run
+
+            a = best_ms(under_autocast(ours), leaves, args.reps)
+            b = best_ms(under_autocast(theirs), leaves, args.reps)
+            print(f"| {row} | {name} | {a:.2f} | {b:.2f} | {b / a:.2f}x |")
+
+
+def projections(cfg: DecoderConfig, B: int, T: int, g: torch.Generator
+                ) -> list[tuple[str, Callable[[], torch.Tensor], Callable[[], torch.Tensor], list[torch.Tensor]]]:
+    """The two joined projections of a block, each as (row name, lmcore's form, the separate form,
+    the tensors that get gradients); both forms return the sum of their outputs (SwiGLU: of
+    silu(gate) * up), so that one backward covers every product."""
+    C, H, KV, D, F_ = cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.mlp_hidden
+    h = torch.randn(B, T, C, generator=g).requires_grad_()
+    norm = (1 + 0.1 * torch.randn(C, generator=g)).requires_grad_()
+
+    def weight(rows: int, cols: int) -> torch.Tensor:
+        return (torch.randn(rows, cols, generator=g) / cols**0.5).requires_grad_()
+
+    wq, wk, wv = weight(H * D, C), weight(KV * D, C), weight(KV * D, C)
+    wg, wu = weight(F_, C), weight(F_, C)
+
+    def qkv_joined() -> torch.Tensor:
+        w = torch.cat([pair_rows(wq, H), pair_rows(wk, KV), wv]) * norm
+        return linear(h, w).sum()
+
+    def qkv_separate() -> torch.Tensor:
+        x = h * norm
+        return linear(x, wq).sum() + linear(x, wk).sum() + linear(x, wv).sum()
+
+    def gate_up_joined() -> torch.Tensor:
+        gate, up = linear(h, torch.cat([wg, wu]) * norm).chunk(2, dim=-1)
+        return (F.silu(gate) * up).sum()
+
+    def gate_up_separate() -> torch.Tensor:
+        x = h * norm
+        return (F.silu(linear(x, wg)) * linear(x, wu)).sum()
+
+    return [("q/k/v projections (joined / separate)", qkv_joined, qkv_separate, [h, norm, wq, wk, wv]),
+            ("gate/up projections (joined / separate)", gate_up_joined, gate_up_separate, [h, norm, wg, wu])]
 
 
 if __name__ == "__main__":
