@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmcore.core.machine import cpu_name, git_commit  # noqa: E402
+from lmcore.core.machine import cpu_flags, cpu_name, git_commit  # noqa: E402
 from lmcore.generate import GenerationConfig, generate  # noqa: E402
 from lmcore.model.folder import load_decoder  # noqa: E402
 
@@ -91,7 +91,7 @@ def main() -> None:
                 secs, toks = runners[name](prompts[b], args.new_tokens)
                 times[(name, b)].append(secs)
                 tokens[(name, b)] = toks
-    print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
+    print(f"machine: {cpu_name()} ({cpu_flags()}), {torch.get_num_threads()} threads; torch {torch.__version__}; "
           f"commit {git_commit(Path(__file__).resolve().parents[1])}; {dt.date.today()}")
     print(f"model {args.model} ({ours.num_params() / 1e6:.2f}M parameters), greedy, float32, prompt "
           f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens, {args.rounds} rounds\n")

@@ -198,8 +198,8 @@ def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = Gene
     cache = KVCache(block) if cfg.use_cache else None
     step = compiled_decode_step(model) if cache is not None and cfg.compile else None
     key_mask = at = None  # the compiled step's (B, block) keys to attend to and write position
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    live, alive = ~done, [True] * B  # the rows still generating, as a tensor and on the host
+    live = torch.ones(B, dtype=torch.bool, device=device)  # the rows still generating,
+    alive = [True] * B  # and the same on the host
     next_pos = None  # with the cache: each row's position for its next token, (B, 1)
     training = model.training
     model.eval()
@@ -247,7 +247,7 @@ def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = Gene
                     logits = model.next_token_logits(seq[:, -block:], positions=positions_of(win), key_mask=win)
                 nxt = next_tokens(logits, cfg, seen, generator)
                 if padded:
-                    nxt = nxt.masked_fill(done, pad_id)
+                    nxt = nxt.masked_fill(~live, pad_id)
             out = [t if a else None for t, a in zip(nxt.tolist(), alive)]
             tokens[:, filled] = nxt
             reals[:, filled] = live
@@ -261,7 +261,6 @@ def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = Gene
                     yield out
                     break
                 live = torch.tensor(alive, device=device)
-                done = ~live
                 padded = True  # a stopped row's next tokens are masked out
             yield out
     finally:

@@ -328,8 +328,9 @@ class KVCache:
     ``length``; ``lmcore.generate`` drives it.
 
     It also keeps each layer's fused weights (q/k/v and gate/up, with the norm folded in) and the
-    output head (with the final norm's weight folded in), built at the first step: the weights do not change while one generation runs, and building them anew
-    for every token took 40 % of a step at batch 1 (small preset).
+    output head (with the final norm's weight folded in), built at the first step: the weights do
+    not change while one generation runs, and building them anew for every token took 40 % of a
+    step at batch 1 (small preset).
 
     For :meth:`Decoder.decode_step` (a step whose shapes do not change as the cache fills, what
     ``torch.compile`` captures once) ``at`` holds the position the next token is written at as a
@@ -366,9 +367,7 @@ class KVCache:
         if key not in self.weights:
             w = build().detach()
             w = w.t().contiguous().t() if w.shape[0] > w.shape[1] else w.contiguous()
-            if w.device.type == "cuda":  # a CUDA graph reads it in place instead of copying it in per token
-                torch._dynamo.mark_static_address(w)
-            self.weights[key] = w
+            self.weights[key] = _static_on_cuda(w)  # a CUDA graph reads it in place, not copied in per token
         return self.weights[key]
 
     def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,17 +384,21 @@ class KVCache:
             raise ValueError(f"KV cache full: {self.length} + {k.shape[2]} positions exceed its {self.max_len}")
         if i not in self.keys:
             shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
-            self.keys[i] = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self.values[i] = torch.zeros(shape, dtype=v.dtype, device=v.device)
-            if k.device.type == "cuda":
-                torch._dynamo.mark_static_address(self.keys[i])
-                torch._dynamo.mark_static_address(self.values[i])
+            self.keys[i] = _static_on_cuda(torch.zeros(shape, dtype=k.dtype, device=k.device))
+            self.values[i] = _static_on_cuda(torch.zeros(shape, dtype=v.dtype, device=v.device))
         keys, values = self.keys[i], self.values[i]
         if keys.shape[:2] != k.shape[:2]:
             raise ValueError(f"KV cache holds {tuple(keys.shape[:2])} (batch, kv heads); got {tuple(k.shape[:2])}")
         keys[:, :, self.length : end] = k
         values[:, :, self.length : end] = v
         return keys[:, :, :end], values[:, :, :end]
+
+
+def _static_on_cuda(t: torch.Tensor) -> torch.Tensor:
+    """``t``, marked (on CUDA) as a static address for ``torch.compile``'s CUDA graphs."""
+    if t.device.type == "cuda":
+        torch._dynamo.mark_static_address(t)
+    return t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -621,7 +624,7 @@ class Decoder(nn.Module):
             low, high = torch.stack(torch.aminmax(positions)).tolist() if positions.numel() else (0, 0)
             if not 0 <= low <= high < self.cfg.block_size:
                 raise ValueError(f"positions must lie in 0 .. {self.cfg.block_size - 1} (block_size)")
-            rot = rotation(self.rope_cos[positions].float(), self.rope_sin[positions].float())[:, :, None]
+            rot = self._rotation_at(positions)
         if cache is not None or key_mask is not None:
             if attn_mask is not None:
                 raise ValueError("give attn_mask, or key_mask/cache (which build the mask), not both")
@@ -679,6 +682,10 @@ class Decoder(nn.Module):
             return linear(self.norm(h), self.lm_head.weight).float()
         return self._cached_head(h, cache)
 
+    def _rotation_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """The RoPE rotation (:func:`rotation`) at (B, T) ``positions``, broadcast over heads."""
+        return rotation(self.rope_cos[positions].float(), self.rope_sin[positions].float())[:, :, None]
+
     def _cached_head(self, h: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Float32 logits of the final hidden rows ``h`` (B, n_embd), the final norm's weight
         folded into the head weight that ``cache`` keeps for the whole generation."""
@@ -695,7 +702,7 @@ class Decoder(nn.Module):
         replay it (``lmcore.generate`` compiles it; it also runs as it is). The caller moves
         ``cache.at`` and ``cache.length`` on; the cache's weights must have been built by an
         earlier call of :meth:`next_token_logits` (the prompt's)."""
-        rot = rotation(self.rope_cos[positions].float(), self.rope_sin[positions].float())[:, :, None]
+        rot = self._rotation_at(positions)
         attn_mask = key_mask[:, None, None, :]
         x = self.embed(idx)
         for i, block in enumerate(self.blocks):
