@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import psutil
-import torch
 import yaml
 
 from lmcore.config import LaunchConfig, Params
@@ -130,7 +129,11 @@ def allocator_library(launch: LaunchConfig, cpu: bool) -> str | None:
     if value == "system":
         return None
     if value == "auto":
-        return find_tcmalloc() if cpu or not torch.cuda.is_available() else None
+        if cpu:
+            return find_tcmalloc()
+        import torch  # lazy: 1.3 s to import, which the launching process needs for this one question
+
+        return None if torch.cuda.is_available() else find_tcmalloc()
     if not sys.platform.startswith("linux"):
         raise StageError(f"launch.allocator = '{value}': preloading a malloc library needs Linux (LD_PRELOAD); "
                          "use auto or system here")
