@@ -12,7 +12,10 @@ everywhere or choosing per machine (as ``lmcore.model.kernels`` does for attenti
 - q/k/v and gate/up projections: the weights joined at run time with the norm's weight folded in
   (``CausalSelfAttention.forward``, ``SwiGLU.forward``: one ``torch.cat``, one multiply of the
   weights, one matrix product) against separate products of the activations scaled by the norm's
-  weight (Llama's form); the input is the normalised residual, gradients to it and every weight.
+  weight (Llama's form); the input is the normalised residual, gradients to it and every weight;
+- the weights alone: the run-time join (rows reordered for RoPE, concatenated, multiplied by the
+  norm's weight; forward and backward) against weights kept joined between steps (the multiply
+  only): what storing the parameters in the step's layout would save.
 
 Best of ``--reps`` after two warm-ups, ms, with glibc malloc tuned as in training.
 
@@ -135,7 +138,8 @@ def projections(cfg: DecoderConfig, B: int, T: int, g: torch.Generator
                 ) -> list[tuple[str, Callable[[], torch.Tensor], Callable[[], torch.Tensor], list[torch.Tensor]]]:
     """The two joined projections of a block, each as (row name, lmcore's form, the separate form,
     the tensors that get gradients); both forms return the sum of their outputs (SwiGLU: of
-    silu(gate) * up), so that one backward covers every product."""
+    silu(gate) * up), so that one backward covers every product. Then the two joins alone against
+    weights kept joined."""
     C, H, KV, D, F_ = cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.mlp_hidden
     h = torch.randn(B, T, C, generator=g).requires_grad_()
     norm = (1 + 0.1 * torch.randn(C, generator=g)).requires_grad_()
@@ -162,8 +166,16 @@ def projections(cfg: DecoderConfig, B: int, T: int, g: torch.Generator
         x = h * norm
         return (F.silu(linear(x, wg)) * linear(x, wu)).sum()
 
+    kept_qkv = weight((H + 2 * KV) * D, C)  # the same weights, kept in the step's layout
+    kept_gate_up = weight(2 * F_, C)
+
     return [("q/k/v projections (joined / separate)", qkv_joined, qkv_separate, [h, norm, wq, wk, wv]),
-            ("gate/up projections (joined / separate)", gate_up_joined, gate_up_separate, [h, norm, wg, wu])]
+            ("gate/up projections (joined / separate)", gate_up_joined, gate_up_separate, [h, norm, wg, wu]),
+            ("q/k/v weights alone (joined each step / kept joined)",
+             lambda: torch.cat([pair_rows(wq, H), pair_rows(wk, KV), wv]) * norm, lambda: kept_qkv * norm,
+             [norm, wq, wk, wv, kept_qkv]),
+            ("gate/up weights alone (joined each step / kept joined)",
+             lambda: torch.cat([wg, wu]) * norm, lambda: kept_gate_up * norm, [norm, wg, wu, kept_gate_up])]
 
 
 if __name__ == "__main__":
