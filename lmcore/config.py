@@ -788,7 +788,9 @@ class PretrainConfig(Section):
     measured bf16 matmul peak beats fp32 (GPUs with bf16, CPUs with AVX-512 BF16/AMX), else
     fp32. ``fp16`` is refused on CPUs, where it runs ~100x slower than fp32."""
     compile: bool = False
-    """Compile the model with ``torch.compile`` (slow first step, then faster steps)."""
+    """Compile the model with ``torch.compile`` (slow first step, then faster steps). On a CPU it
+    needs a working C++ compiler (``$CXX``, else ``g++``): without one the stage is refused before
+    it trains."""
     attention: Attention = "auto"
     """Causal attention kernel: ``auto`` (the faster here, measured), ``sdpa`` or ``matmul``."""
     eval_interval: int = Field(default=100, ge=1)

@@ -45,6 +45,7 @@ import pydantic
 import torch
 
 from lmcore.config import Sampling
+from lmcore.core.machine import require_cxx_compiler
 from lmcore.data.tokenizer import special_ids
 from lmcore.model.decoder import KVCache
 
@@ -146,8 +147,12 @@ def compiled_decode_step(model) -> Callable[..., torch.Tensor]:
     The class's function is compiled, once per process and mode, and the model passed to it: the
     parameters are inputs of the graph, so later generations and other models of the same shape
     reuse it, and nothing here holds on to a model or lives in its attributes (which a copy or a
-    pickle of the model would carry)."""
-    mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else "default"
+    pickle of the model would carry). On a CPU without a working C++ compiler it raises
+    :class:`lmcore.core.errors.StageError` (see :func:`lmcore.core.machine.require_cxx_compiler`)."""
+    device = next(model.parameters()).device
+    if device.type == "cpu":  # inductor's CPU kernels are C++: refused up front where no compiler runs
+        require_cxx_compiler("compiling the decode step (lmcore generate --compile, GenerationConfig.compile)")
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
     key = (type(model), mode)
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(type(model).decode_step, dynamic=False, mode=mode)

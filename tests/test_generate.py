@@ -138,6 +138,23 @@ def test_the_compiled_decode_step_gives_the_eager_tokens_and_compiles_once_per_b
     assert tokens(small, PROMPTS, greedy(30, compile=True)) == tokens(small, PROMPTS, greedy(30))
 
 
+def test_compiling_on_a_cpu_without_a_cxx_compiler_is_refused_with_a_clear_error(tmp_path):
+    """inductor's CPU kernels are C++: where no compiler runs, the compiled decode step is refused
+    up front (a StageError that says what to do), not with inductor's traceback at the first step."""
+    import torch._inductor.config as inductor_config
+
+    from lmcore.core.errors import StageError
+    from lmcore.core.machine import cxx_compiler
+
+    assert cxx_compiler() is not None  # this machine compiles (the test above ran compiled)
+    with inductor_config.patch({"cpp.cxx": (None, str(tmp_path / "no-g++"))}):
+        assert cxx_compiler() is None
+        with pytest.raises(StageError, match=r"GenerationConfig.compile\): torch.compile builds its CPU kernels "
+                                             r"with a C\+\+ compiler and none runs here .*apt-get install g\+\+"):
+            generate(randomised(), PROMPTS, greedy(4, compile=True))
+    assert cxx_compiler() is not None
+
+
 def test_cache_refuses_more_than_it_holds():
     model = randomised(block=8)
     cache = KVCache(8)
@@ -457,6 +474,11 @@ def test_cli_errors_name_what_is_wrong(folder, tmp_path, capsys):
     assert code == 2 and "nothing: no model folder here" in err
     code, err = run("--prompt", "x", "--top-p", "1.5")
     assert code == 2 and "--top-p = 1.5" in err
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch({"cpp.cxx": (None, str(tmp_path / "no-g++"))}):
+        code, err = run("--prompt", "x", "--compile")
+    assert code == 2 and err.startswith("lmcore generate: error: --compile: torch.compile builds its CPU kernels")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "ok"}) + "\n{oops\n")
     code, err = run("--file", str(tmp_path / "bad.jsonl"))
     assert code == 2 and "bad.jsonl: line 2: not valid JSON" in err

@@ -325,6 +325,14 @@ def test_auto_precision_trains(tmp_path):
     assert (root / "runs/pretrain/final/model.safetensors").exists()
 
 
+def test_compile_on_a_cpu_without_a_cxx_compiler_is_refused_before_training(tmp_path):
+    root = make_project(tmp_path, compile=True)
+    res = run_cli(root, env={"CXX": str(tmp_path / "no-g++")})  # what inductor looks for, read at its import
+    assert res.returncode == 2, res.stderr
+    assert "pretrain.compile = true: torch.compile builds its CPU kernels with a C++ compiler" in res.stderr
+    assert "Traceback" not in res.stderr and not (root / "runs/pretrain/final").exists()
+
+
 def test_fp16_is_refused_on_cpu(tmp_path):
     root = make_project(tmp_path, mixed_precision="fp16")
     res = run_cli(root)

@@ -23,6 +23,7 @@ from lmcore import config
 from lmcore.config import ConfigError, EvaluateConfig, Sampling
 from lmcore.core.errors import StageError
 from lmcore.core.layout import Layout
+from lmcore.core.machine import require_cxx_compiler
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,8 @@ def main(args: argparse.Namespace, stdin=None, stdout=None) -> int:
         check_tokenizer(model, model_cfg, tok, tok_file, model_dir)
         sp = tokmod.special_ids(tok)
         ids = encode_prompts(tok, prompts)
+        if cfg.compile and next(model.parameters()).device.type == "cpu":
+            require_cxx_compiler("--compile")  # before the prompt is printed, not at the first step
     except (ConfigError, StageError) as e:
         print(f"lmcore generate: error: {e}", file=sys.stderr)
         return 2

@@ -8,9 +8,12 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from lmcore.core.errors import StageError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,31 @@ def git_commit(root: str | Path) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha + (" + uncommitted" if dirty else "")
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler ``torch.compile`` builds its CPU kernels with, found as inductor finds it
+    (``$CXX`` as torch read it on import, else ``g++``, each asked for ``--version``), or None where
+    none runs."""
+    try:
+        from torch._inductor import cpp_builder, exc  # lazy: inductor loads only for a compiled run
+    except ImportError:  # a torch without inductor's builder: what the shell finds
+        return shutil.which(os.environ.get("CXX", "g++"))
+    try:
+        return cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return None
+
+
+def require_cxx_compiler(setting: str) -> None:
+    """Refuse ``setting`` (what asked for ``torch.compile`` on a CPU, e.g. ``pretrain.compile =
+    true``) with a :class:`StageError` where no C++ compiler runs: inductor would otherwise fail at
+    the first compiled call with a long traceback (``InvalidCxxCompiler``), after the model and
+    data were loaded."""
+    if cxx_compiler() is None:
+        raise StageError(f"{setting}: torch.compile builds its CPU kernels with a C++ compiler and none runs here "
+                         f"(it looks for $CXX, else g++): install one (Debian, Ubuntu: apt-get install g++; "
+                         f"or set CXX to its path) or turn compiling off")
 
 
 def find_tcmalloc() -> str | None:

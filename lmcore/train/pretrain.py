@@ -39,7 +39,7 @@ from tqdm import tqdm
 from lmcore.config import ModelConfig, PretrainConfig, TrackingConfig, flatten
 from lmcore.core.errors import Interrupted
 from lmcore.core.io import atomic_path, write_json
-from lmcore.core.machine import tune_malloc
+from lmcore.core.machine import require_cxx_compiler, tune_malloc
 from lmcore.data.encode import load_manifest, load_tokens
 from lmcore.model.decoder import Decoder, DecoderConfig
 from lmcore.model.folder import save_decoder
@@ -142,6 +142,8 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
     optimizers = build_optimizers(model, cfg, accelerator.device)
     scheds = schedulers(optimizers, lambda s: lr_factor(s, cfg))
     if cfg.compile:
+        if accelerator.device.type == "cpu":
+            require_cxx_compiler("pretrain.compile = true")
         model.compile()  # in place: parameter names (and so checkpoints) stay the same
     # schedulers are stepped by hand once per optimizer step (Accelerate's wrapper assumes its
     # own data loader); their state goes to trainer.json, so resuming unpickles nothing of ours
