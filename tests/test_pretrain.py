@@ -144,7 +144,8 @@ def test_accumulated_loss_is_normalised_by_all_target_tokens_of_the_step():
         model.zero_grad(set_to_none=True)
         return g
 
-    loss_micro, n = accumulate(model, [(x[:1], y[:1]), (x[1:3], y[1:3]), (x[3:], y[3:])], acc)
+    loss_sum, n = accumulate(model, [(x[:1], y[:1]), (x[1:3], y[1:3]), (x[3:], y[3:])], acc)
+    loss_micro = float(loss_sum) / n
     g_micro = grads()
     _, big = model(x, y)  # mean over all target tokens of one big batch
     big.backward()

@@ -69,7 +69,8 @@ def test_example_loss_over_unequal_micro_batches_is_that_of_one_big_batch(acc, r
     model = classifier()
     objective = ft.ExampleLoss(regression)
     parts = [example_batch(n, seed, regression) for n, seed in ((1, 1), (5, 2), (2, 3))]
-    loss, n = accumulate(model, parts, acc, objective)
+    loss_sum, n = accumulate(model, parts, acc, objective)
+    loss = float(loss_sum) / n
     g_micro = grads(model)
     big = tuple(torch.cat([p[i] for p in parts]) for i in range(3))
     loss_big = objective.loss(model, big, acc)
@@ -118,7 +119,8 @@ def _lm_and_batch():
 def test_the_update_is_clipped_to_grad_clip_and_not_at_all_with_zero(acc, clip):
     model, batches = _lm_and_batch()
     before = [p.detach().clone() for p in model.parameters()]
-    raw = accumulate(model, batches, acc)[0]
+    loss_sum, n = accumulate(model, batches, acc)
+    raw = float(loss_sum) / n
     raw_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
     model.zero_grad(set_to_none=True)
     sgd = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is minus the (clipped) gradient

@@ -70,23 +70,16 @@ NEXT_TOKEN = NextToken()
 
 
 def accumulate(model: torch.nn.Module, batches: Sequence[Any], accelerator, objective: Objective = NEXT_TOKEN
-               ) -> tuple[float, int]:
+               ) -> tuple[torch.Tensor, int]:
     """Forward and backward over this process's micro-batches of one step.
 
     Each micro-batch contributes ``sum of its target losses / N`` where N counts the targets of
     the whole step on all processes; data-parallel averaging divides by the number of processes,
     so each process scales by it. The gradient is then exactly that of one big batch. Returns
-    the step's mean loss per target (over all processes) and N.
+    the summed loss of the step's targets (over all processes) as a tensor on the device, not yet
+    read by the host (:func:`train_step` reads it together with the gradient norm, one
+    synchronisation per optimizer step; the mean loss per target is ``float(sum) / N``), and N.
     """
-    loss_sum, total = accumulate_sum(model, batches, accelerator, objective)
-    return float(loss_sum) / total, total
-
-
-def accumulate_sum(model: torch.nn.Module, batches: Sequence[Any], accelerator, objective: Objective = NEXT_TOKEN
-                   ) -> tuple[torch.Tensor, int]:
-    """:func:`accumulate`, returning the summed loss of the step's targets (all processes) as a
-    tensor on the device, not read by the host: :func:`train_step` reads it together with the
-    gradient norm, one synchronisation per optimizer step."""
     world = accelerator.num_processes
     counts = [objective.targets(b) for b in batches]
     local = sum(counts)
@@ -147,7 +140,7 @@ def train_step(model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimize
     unless the loss or the gradient norm is not finite (every process sees the same reduced
     values, so all skip together). ``max_nonfinite`` skipped steps in a row raise a StageError
     ending with ``hint`` (what to change). Advances ``state.step``; the gradients are cleared."""
-    loss_sum, total = accumulate_sum(model, batches, accelerator, objective)
+    loss_sum, total = accumulate(model, batches, accelerator, objective)
     read = [loss_sum.double()]
     if grad_clip > 0:
         norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
