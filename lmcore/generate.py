@@ -150,8 +150,7 @@ def compiled_decode_step(model) -> Callable[..., torch.Tensor]:
     pickle of the model would carry). On a CPU without a working C++ compiler it raises
     :class:`lmcore.core.errors.StageError` (see :func:`lmcore.core.machine.require_cxx_compiler`)."""
     device = next(model.parameters()).device
-    if device.type == "cpu":  # inductor's CPU kernels are C++: refused up front where no compiler runs
-        require_cxx_compiler("compiling the decode step (lmcore generate --compile, GenerationConfig.compile)")
+    require_cxx_compiler("compiling the decode step (lmcore generate --compile, GenerationConfig.compile)", device)
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     key = (type(model), mode)
     if key not in _COMPILED:

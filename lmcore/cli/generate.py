@@ -163,8 +163,8 @@ def main(args: argparse.Namespace, stdin=None, stdout=None) -> int:
         check_tokenizer(model, model_cfg, tok, tok_file, model_dir)
         sp = tokmod.special_ids(tok)
         ids = encode_prompts(tok, prompts)
-        if cfg.compile and next(model.parameters()).device.type == "cpu":
-            require_cxx_compiler("--compile")  # before the prompt is printed, not at the first step
+        if cfg.compile:  # refused before the prompt is printed, not at the first step
+            require_cxx_compiler("--compile", next(model.parameters()).device)
     except (ConfigError, StageError) as e:
         print(f"lmcore generate: error: {e}", file=sys.stderr)
         return 2

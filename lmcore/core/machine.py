@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from lmcore.core.errors import StageError
 
@@ -93,12 +94,12 @@ def cxx_compiler() -> str | None:
         return None
 
 
-def require_cxx_compiler(setting: str) -> None:
-    """Refuse ``setting`` (what asked for ``torch.compile`` on a CPU, e.g. ``pretrain.compile =
-    true``) with a :class:`StageError` where no C++ compiler runs: inductor would otherwise fail at
-    the first compiled call with a long traceback (``InvalidCxxCompiler``), after the model and
-    data were loaded."""
-    if cxx_compiler() is None:
+def require_cxx_compiler(setting: str, device: Any) -> None:
+    """Refuse ``setting`` (what asked for ``torch.compile``, e.g. ``pretrain.compile = true``) with
+    a :class:`StageError` when ``device`` (a ``torch.device``) is a CPU and no C++ compiler runs:
+    inductor builds CPU kernels in C++ and would otherwise fail at the first compiled call with a
+    long traceback (``InvalidCxxCompiler``), after the model and data were loaded."""
+    if device.type == "cpu" and cxx_compiler() is None:
         raise StageError(f"{setting}: torch.compile builds its CPU kernels with a C++ compiler and none runs here "
                          f"(it looks for $CXX, else g++): install one (Debian, Ubuntu: apt-get install g++; "
                          f"or set CXX to its path) or turn compiling off")

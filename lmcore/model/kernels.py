@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from lmcore.core.io import write_json
 from lmcore.config import ATTENTION_KERNELS
+from lmcore.core.io import write_json
 from lmcore.core.machine import cache_dir, cpu_flags, cpu_name, read_cache
 from lmcore.model.decoder import DecoderConfig, causal_attention, emulates_bf16
 

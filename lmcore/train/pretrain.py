@@ -142,8 +142,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
     optimizers = build_optimizers(model, cfg, accelerator.device)
     scheds = schedulers(optimizers, lambda s: lr_factor(s, cfg))
     if cfg.compile:
-        if accelerator.device.type == "cpu":
-            require_cxx_compiler("pretrain.compile = true")
+        require_cxx_compiler("pretrain.compile = true", accelerator.device)
         model.compile()  # in place: parameter names (and so checkpoints) stay the same
     # schedulers are stepped by hand once per optimizer step (Accelerate's wrapper assumes its
     # own data loader); their state goes to trainer.json, so resuming unpickles nothing of ours
