@@ -218,7 +218,7 @@ class Tracker:
     def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.active:
             return
-        from mlflow.entities import LoggedModelOutput, Metric  # lazy: mlflow loads only when a stage tracks
+        from mlflow.entities import Metric  # lazy: mlflow loads only when a stage tracks
 
         now = int(time.time() * 1000)
         clean = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]

@@ -36,7 +36,6 @@ from safetensors.torch import save_model as st_save
 from tqdm import tqdm
 
 from lmcore.config import FinetuneConfig, FinetuneHyper, TrackingConfig, flatten
-from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, require, write_json
 from lmcore.core.machine import tune_malloc
 from lmcore.data import glue
