@@ -835,7 +835,8 @@ class FinetuneHyper(Section):
     warmup_fraction: float = Field(default=0.06, ge=0, lt=1)
     """Share of the steps spent warming up."""
     weight_decay: float = Field(default=0.01, ge=0)
-    """AdamW weight decay."""
+    """AdamW weight decay on the 2-D weights of the body and head (never on norms, biases or the
+    token embedding)."""
     max_length: int = Field(default=128, ge=8)
     """Truncate inputs to this many tokens (also capped by the model's context); pairs lose
     tokens from the longer text first."""

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import BIN, ROOT, mlflow_runs, run_env
+from conftest import BIN, ROOT, make_text, mlflow_runs, run_env
 from test_pretrain import final_weights, make_project, train_losses
 
 from lmcore import config
@@ -241,3 +241,41 @@ def test_a_launch_asking_for_fsdp_that_lmcore_cannot_shard_on_cpu_is_refused(tmp
     assert "asks for FSDP version 1" in res.stderr and "fsdp_version: 2" in res.stderr
     assert "Traceback" not in res.stdout + res.stderr
     assert not (root / "runs/pretrain/final").exists()
+
+
+def test_finetune_on_two_processes_with_an_odd_number_of_batches_finishes(tmp_path):
+    """50 examples in batches of 4 are 13 batches an epoch: over 2 processes each takes 7 steps
+    (one batch is repeated). Before, one process took a step more, a collective the other never
+    joined: the launch hung."""
+    import random
+
+    from lmcore.config import TokenizerConfig
+    from lmcore.core.io import write_json, write_jsonl
+    from lmcore.data import glue
+    from lmcore.data.tokenizer import save as save_tokenizer
+    from lmcore.data.tokenizer import train
+    from lmcore.model.decoder import Decoder, DecoderConfig
+    from lmcore.model.folder import save_decoder
+
+    rng = random.Random(0)
+    tcfg = TokenizerConfig(vocab_size=300)
+    save_tokenizer(train(tcfg, [make_text(rng, 80) for _ in range(20)]), tcfg, tmp_path / "data/tokenizer")
+    torch.manual_seed(0)
+    save_decoder(Decoder(DecoderConfig(vocab_size=300, n_layer=1, n_head=2, n_embd=32, block_size=32)),
+                 tmp_path / "runs/pretrain/final")
+    task = tmp_path / "data/raw/tasks/sst2"
+    for split, n in (("train", 50), ("validation", 12)):
+        write_jsonl(task / f"{split}.jsonl", [{"idx": i, "text_a": make_text(rng, 8), "label": i % 2} for i in range(n)])
+    write_json(task / "task.json", glue.TASKS["sst2"].to_dict())
+    params = {"prepare": {"tasks": {"kind": "glue_dir", "glue_dir": str(tmp_path / "glue"), "tasks": ["sst2"]}}, "tracking": {"enabled": False},
+              "finetune": {"mixed_precision": "no", "threads": 1, "tasks": {"sst2": {}},
+                           "defaults": {"epochs": 2, "batch_size": 4, "max_length": 32, "scratch_baseline": False}},
+              "launch": {"config": CPU, "num_processes": 2}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    res = subprocess.run([str(BIN / "lmcore"), "--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path),
+                          "launch", "finetune", "--task", "sst2"], cwd=tmp_path, env=run_env(), capture_output=True,
+                         text=True, timeout=120)  # ~10 s here
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "--num_processes 2" in res.stdout
+    history = json.loads((tmp_path / "runs/finetune/sst2/results.json").read_text())["history"]
+    assert [h["step"] for h in history] == [7, 14]

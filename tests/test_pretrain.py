@@ -194,6 +194,11 @@ def test_golden_loss_trajectory(tmp_path, attention):
     assert golden["settings"] == TINY
     np.testing.assert_allclose(losses, golden["train_loss"], rtol=0, atol=2e-4)
     assert losses[-1] < losses[0] - 0.5  # it learns
+    # the learning rate logged at step k is the one step k trained with (factor of step k - 1, 0-based)
+    with open(root / "metrics/plots/pretrain_train.csv") as f:
+        logged = [(int(r["step"]), float(r["lr"])) for r in csv.DictReader(f)]
+    cfg = config.PretrainConfig(**TINY)
+    assert logged == [(k, pytest.approx(cfg.lr * lr_factor(k - 1, cfg), rel=1e-6)) for k in range(1, 21)]
 
 
 # long enough (tens of ms per step) for a test to interrupt it after a checkpoint

@@ -9,6 +9,7 @@ import math
 import os
 import random
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,8 @@ from lmcore.train import finetune as ft
 from lmcore.train import step as step_module
 from lmcore.train.checkpoint import list_checkpoints, prune, stop_signals
 from lmcore.train.optim import build_optimizers, finetune_optimizer
-from lmcore.train.sampler import epoch_batches, step_groups
+from lmcore.train.pretrain import Throughput
+from lmcore.train.sampler import epoch_batches, process_share, step_groups
 from lmcore.train.schedule import linear_warmup_decay, lr_factor, schedulers
 from lmcore.train.step import NEXT_TOKEN, TrainState, accumulate, pins_memory, to_device, train_step
 
@@ -207,6 +209,45 @@ def test_step_groups_take_accum_consecutive_batches():
     assert [len(g) for g in groups] == [2] * 6 + [1]
     big = epoch_batches([5] * 50, 8, np.random.default_rng(0), group_by_length=False)
     assert [np.concatenate(g).tolist() for g in groups] == [b.tolist() for b in big]
+
+
+@pytest.mark.parametrize("n_batches", [1, 6, 7, 9, 10, 11])
+@pytest.mark.parametrize("accum", [1, 2, 3])
+def test_processes_get_equal_shares_of_an_epoch_and_so_take_the_same_steps(n_batches, accum):
+    """Each optimizer step is a collective: a process with one step more than another would wait
+    for it forever. Three processes: equal shares, every batch in one of them (repeats only to
+    fill the last round)."""
+    batches = [[i] for i in range(n_batches)]
+    shares = [process_share(batches, rank, 3) for rank in range(3)]
+    assert len({len(s) for s in shares}) == 1 and len(shares[0]) == math.ceil(n_batches / 3)
+    assert len({len(step_groups(s, accum)) for s in shares}) == 1
+    seen = [b[0] for s in shares for b in s]
+    assert set(seen) == set(range(n_batches)) and len(seen) - n_batches == -n_batches % 3
+    assert process_share(batches, 0, 1) == batches and process_share([], 1, 3) == []
+
+
+def test_throughput_counts_the_seconds_of_steps_only():
+    """A validation between two log lines adds no time and no tokens: 30 tokens in 3 s of steps."""
+    speed = Throughput()
+    for _ in range(3):
+        speed.add(10, 1.0)
+        time.sleep(0.05)  # validation, a checkpoint, logging
+    assert speed.rate() == pytest.approx(10.0)
+    speed.add(40, 2.0)  # counted afresh after a rate
+    assert speed.rate() == pytest.approx(20.0)
+
+
+def test_finetune_weight_decay_spares_norms_biases_and_the_embedding():
+    model = classifier()
+    opt = finetune_optimizer(model, model.head, FinetuneHyper(lr=1e-3, head_lr=1e-2, weight_decay=0.05))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {(g["lr"], g["weight_decay"]): sorted(names[id(p)] for p in g["params"]) for g in opt.param_groups}
+    assert set(groups) == {(1e-3, 0.05), (1e-3, 0.0), (1e-2, 0.05), (1e-2, 0.0)}
+    assert groups[(1e-2, 0.05)] == ["head.weight"] and groups[(1e-2, 0.0)] == ["head.bias"]
+    decayed = groups[(1e-3, 0.05)]
+    assert decayed and all(n.endswith("_proj.weight") for n in decayed)
+    assert all("norm" in n or "embed" in n for n in groups[(1e-3, 0.0)])
+    assert sum(len(v) for v in groups.values()) == len(names)  # every parameter, once
 
 
 def test_prune_keeps_the_last_and_the_best(tmp_path):

@@ -46,7 +46,7 @@ from lmcore.model.folder import load_decoder, read_config
 from lmcore.tracking import stage_run
 from lmcore.train.accel import decide_attention, make_accelerator
 from lmcore.train.optim import finetune_optimizer
-from lmcore.train.sampler import epoch_batches, step_groups
+from lmcore.train.sampler import epoch_batches, process_share, step_groups
 from lmcore.train.schedule import linear_warmup_decay, schedulers
 from lmcore.train.step import TrainState, to_device, train_step
 
@@ -254,7 +254,7 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
     for epoch in range(1, hp.epochs + 1):
         model.train()
         batches = epoch_batches(train_lengths, hp.batch_size, rng, hp.group_by_length)
-        batches = batches[accelerator.process_index :: accelerator.num_processes]
+        batches = process_share(batches, accelerator.process_index, accelerator.num_processes)
         bar = tqdm(step_groups(batches, hp.grad_accum),
                    desc=f"finetune {spec.name}{' from scratch' if from_scratch else ''}"
                         f"{'' if first else f' seed {seed}'} epoch {epoch}",
@@ -263,10 +263,11 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
             micro = [(*collate([train_seqs[i] for i in b], pad), labels[b]) for b in group]
             res = train_step(model, [optimizer], micro, accelerator, state, grad_clip=hp.grad_clip,
                              max_nonfinite=hp.max_nonfinite, hint=NONFINITE_HINT, objective=objective)
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
             n_tokens += sum(int(lengths.sum()) for _, lengths, _ in micro)
             if state.step % 20 == 0:
-                tr.metrics({f"{prefix}train_loss": res.loss, f"{prefix}lr": scheduler.get_last_lr()[0]}, step=state.step)
+                tr.metrics({f"{prefix}train_loss": res.loss, f"{prefix}lr": lr}, step=state.step)
                 bar.set_postfix(loss=f"{res.loss:.3f}")
         scores, score = _evaluate(raw, valid_seqs, pad, spec, valid_labels, accelerator.autocast)
         history.append({"epoch": epoch, "step": state.step, "score": score, **scores})

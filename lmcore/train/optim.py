@@ -67,12 +67,16 @@ def build_optimizers(model: torch.nn.Module, cfg: PretrainConfig,
 
 def finetune_optimizer(model: torch.nn.Module, head: torch.nn.Module, hp: FinetuneHyper,
                        device: torch.device | str | None = None) -> torch.optim.Optimizer:
-    """AdamW: ``hp.lr`` for the pretrained body, ``hp.head_lr`` for the fresh ``head``; the fused
-    kernel on CUDA (``device``: where training runs, default where the parameters are now), torch's
-    default implementation elsewhere (as fine-tuning on a CPU always ran)."""
-    head_params = list(head.parameters())
-    head_ids = {id(p) for p in head_params}
-    body = [p for p in model.parameters() if id(p) not in head_ids]
+    """AdamW: ``hp.lr`` for the pretrained body, ``hp.head_lr`` for the fresh ``head``; weight
+    decay as in pretraining (:func:`param_groups`: on 2-D matrices, never on norms, biases or the
+    embedding); the fused kernel on CUDA (``device``: where training runs, default where the
+    parameters are now), torch's default implementation elsewhere (as fine-tuning on a CPU always
+    ran)."""
+    head_ids = {id(p) for p in head.parameters()}
+    named = list(model.named_parameters())
+    body = [(n, p) for n, p in named if id(p) not in head_ids]
+    fresh = [(n, p) for n, p in named if id(p) in head_ids]
+    groups = ([g | {"lr": hp.lr} for g in param_groups(body, hp.weight_decay)]
+              + [g | {"lr": hp.head_lr} for g in param_groups(fresh, hp.weight_decay)])
     fused = True if _target_device(model, device).type == "cuda" else None
-    return torch.optim.AdamW([{"params": body, "lr": hp.lr}, {"params": head_params, "lr": hp.head_lr}],
-                             weight_decay=hp.weight_decay, fused=fused)
+    return torch.optim.AdamW(groups, weight_decay=hp.weight_decay, fused=fused)

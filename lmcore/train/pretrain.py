@@ -77,19 +77,20 @@ class PretrainResult:
 
 
 class Throughput:
-    """Training tokens per second between log lines (evaluation and checkpoints not counted)."""
+    """Training tokens per second between log lines: the tokens of the steps since the last line
+    over the seconds those steps took, so that validation and checkpoints between them count
+    neither way."""
 
     def __init__(self) -> None:
-        self.t, self.tokens = time.perf_counter(), 0
+        self.tokens, self.seconds = 0, 0.0
 
-    def exclude_until_now(self) -> None:
-        """Leave the time since the last call out (evaluation, checkpoints)."""
-        self.t = time.perf_counter()
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
 
     def rate(self) -> float:
-        now = time.perf_counter()
-        tps = self.tokens / max(now - self.t, 1e-9)
-        self.t, self.tokens = now, 0
+        tps = self.tokens / max(self.seconds, 1e-9)
+        self.tokens, self.seconds = 0, 0.0
         return tps
 
 
@@ -198,14 +199,16 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
             res = train_step(model, optimizers, batches, accelerator, state, grad_clip=cfg.grad_clip,
                              max_nonfinite=cfg.max_nonfinite, hint=NONFINITE_HINT)
             loss_val = res.loss
+            lr = scheds[0].get_last_lr()[0]  # the rate this step used
             for s in scheds:
                 s.step()
             done = state.step
-            state.train_seconds += time.perf_counter() - t0
-            speed.tokens += tokens_per_step
+            seconds = time.perf_counter() - t0
+            state.train_seconds += seconds
+            speed.add(tokens_per_step, seconds)
             if done % cfg.log_interval == 0 or done == cfg.max_steps:
                 tps = speed.rate()
-                row = {"train_loss": loss_val, "lr": scheds[0].get_last_lr()[0], "tokens_per_second": tps,
+                row = {"train_loss": loss_val, "lr": lr, "tokens_per_second": tps,
                        "mfu": mfu(tps, fpt, peak) if world == 1 else mfu(tps / world, fpt, peak),
                        "skipped_steps": state.skipped_steps}
                 if cfg.grad_clip > 0:
@@ -220,8 +223,6 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
                 val_loss = validate_now()
             if checkpoint or signum:
                 save_checkpoint(accelerator, ckpt_dir, done, trainer_state(), cfg.keep_checkpoints)
-            if evaluated or checkpoint or signum:
-                speed.exclude_until_now()  # throughput counts training time only
             if signum:
                 bar.close()
                 raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} at step {done}; "

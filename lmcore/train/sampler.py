@@ -103,6 +103,17 @@ def epoch_batches(lengths: list[int], batch_size: int, rng: np.random.Generator,
     return batches
 
 
+def process_share(batches: list, index: int, count: int) -> list:
+    """Process ``index``'s share of one epoch's ``batches`` when ``count`` processes split them:
+    every other batch from ``index``, after the list is padded to a multiple of ``count`` by
+    repeating its first batches (as torch's ``DistributedSampler`` pads). Every process then takes
+    the same number of optimizer steps: each step is a collective (the gradients' all-reduce, the
+    loss's reduction), and one process with a step more would wait for the others forever."""
+    if count > 1 and len(batches) % count:
+        batches = batches + [batches[i % len(batches)] for i in range(count - len(batches) % count)]
+    return batches[index::count]
+
+
 def step_groups(batches: list, accum: int) -> list[list]:
     """Consecutive groups of ``accum`` batches, one optimizer step each (the last may be shorter)."""
     return [batches[i : i + accum] for i in range(0, len(batches), accum)]
