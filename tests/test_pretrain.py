@@ -282,10 +282,42 @@ def test_changed_settings_start_afresh(straight, tmp_path):
 
     root = tmp_path / "p"
     shutil.copytree(straight, root)
+    ckpts = root / "runs/pretrain/checkpoints"
+    before = {p.name: (p / "trainer.json").read_text() for _, p in list_checkpoints(ckpts)}
+    # new settings that fail before their first checkpoint: the old run's checkpoints are all kept
+    make_project(root, **RESUMABLE, lr=1e30)
+    res = run_cli(root)
+    assert res.returncode == 2 and "starting afresh" in res.stdout + res.stderr, res.stderr[-3000:]
+    assert {p.name: (p / "trainer.json").read_text() for _, p in list_checkpoints(ckpts)} == before
     make_project(root, **RESUMABLE, lr=0.005)
     res = run_cli(root)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "starting afresh" in res.stdout + res.stderr and "resuming" not in res.stdout + res.stderr
+    # ... and once the new run has checkpoints, the old run's are gone
+    hashes = {json.loads((p / "trainer.json").read_text())["config_hash"] for _, p in list_checkpoints(ckpts)}
+    assert len(hashes) == 1 and hashes.isdisjoint(json.loads(t)["config_hash"] for t in before.values())
+
+
+@pytest.mark.parametrize("damage", ["trainer_empty", "trainer_not_json", "weights_truncated"])
+def test_a_corrupt_newest_checkpoint_is_named_and_nothing_is_removed(straight, tmp_path, damage):
+    import shutil
+
+    root = tmp_path / "p"
+    shutil.copytree(straight, root)
+    ckpts = root / "runs/pretrain/checkpoints"
+    kept = [p.name for _, p in list_checkpoints(ckpts)]
+    newest = ckpts / kept[-1]
+    if damage == "trainer_empty":
+        (newest / "trainer.json").write_text("{}")
+    elif damage == "trainer_not_json":
+        (newest / "trainer.json").write_text("{not json")
+    else:
+        with open(newest / "model.safetensors", "r+b") as f:
+            f.truncate(1000)
+    res = run_cli(root)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert f"{newest}" in res.stderr and "corrupt checkpoint" in res.stderr and "to start afresh" in res.stderr
+    assert [p.name for _, p in list_checkpoints(ckpts)] == kept
 
 
 def test_nonfinite_losses_skip_steps_then_stop(tmp_path, monkeypatch):

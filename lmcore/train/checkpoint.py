@@ -70,7 +70,9 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(accelerator, folder: Path, step: int, trainer: dict[str, Any], keep: int) -> Path:
     """Save the state of every process into ``folder/step-NNNNNN`` (via a temporary folder and
-    a rename), then prune to the last ``keep`` plus the best (``trainer["best_step"]``)."""
+    a rename), then prune to the last ``keep`` plus the best (``trainer["best_step"]``); the
+    checkpoints of another run (other settings or another global batch, left by :func:`resume`
+    until now) go too."""
     target = folder / f"step-{step:06d}"
     tmp = folder / f".step-{step:06d}.tmp"
     if accelerator.is_main_process:
@@ -84,18 +86,52 @@ def save_checkpoint(accelerator, folder: Path, step: int, trainer: dict[str, Any
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
-        prune(folder, keep, trainer.get("best_step"))
+        prune(folder, keep, trainer.get("best_step"), _run_of(trainer))
     accelerator.wait_for_everyone()
     return target
 
 
-def prune(folder: Path, keep: int, best_step: int | None) -> None:
-    """Remove all checkpoints but the last ``keep`` and the one of ``best_step``."""
+def _run_of(trainer: dict[str, Any]) -> tuple[Any, Any]:
+    """What makes checkpoints one run's: the settings hash and the global batch."""
+    layout = trainer.get("layout")
+    return trainer.get("config_hash"), StepLayout(**layout).global_batch if isinstance(layout, dict) else None
+
+
+def _other_run(path: Path, run: tuple[Any, Any]) -> bool:
+    try:
+        return _run_of(json.loads((path / "trainer.json").read_text())) != run
+    except (OSError, ValueError, TypeError, AttributeError):  # unreadable: not this run's
+        return True
+
+
+def prune(folder: Path, keep: int, best_step: int | None, run: tuple[Any, Any] | None = None) -> None:
+    """Remove all checkpoints but the last ``keep`` and the one of ``best_step``; with ``run``
+    (:func:`_run_of` the newest), also every checkpoint of another run."""
     ckpts = list_checkpoints(folder)
+    if run is not None:
+        for s, p in [c for c in ckpts if _other_run(c[1], run)]:
+            shutil.rmtree(p, ignore_errors=True)
+        ckpts = list_checkpoints(folder)
     keep_steps = {s for s, _ in ckpts[-keep:]} | {best_step}
     for s, p in ckpts:
         if s not in keep_steps:
             shutil.rmtree(p, ignore_errors=True)
+
+
+_TRAINER_KEYS = ("step", "config_hash", "layout", "sampler", "schedulers")
+
+
+def _read_trainer(path: Path, folder: Path) -> dict[str, Any]:
+    """A checkpoint's ``trainer.json``, or a :class:`StageError` saying what to do about it."""
+    advice = f"remove {path} to resume from an older checkpoint, or {folder} to start afresh"
+    try:
+        saved = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise StageError(f"{path / 'trainer.json'}: corrupt checkpoint ({e}); {advice}") from None
+    missing = [k for k in _TRAINER_KEYS if k not in saved] if isinstance(saved, dict) else list(_TRAINER_KEYS)
+    if missing:
+        raise StageError(f"{path / 'trainer.json'}: corrupt checkpoint (no {', '.join(missing)}); {advice}")
+    return saved
 
 
 def resume(accelerator, folder: Path, chash: str, sampler, schedulers: Sequence[Any], layout: StepLayout,
@@ -104,21 +140,32 @@ def resume(accelerator, folder: Path, chash: str, sampler, schedulers: Sequence[
     global batch of ``layout``: the Accelerate state, the sampler and the schedulers; return the
     rest of its ``trainer.json``. The number of processes may differ from the run that wrote it
     (the sampler's position counts windows of all processes). Checkpoints of other settings, or
-    of a finished run with another global batch, are removed (None: start afresh); an unfinished
-    run with another global batch is refused (:class:`StageError`), so that its progress is not
-    lost to a changed launch."""
+    of a finished run with another global batch, mean starting afresh (None); they stay until
+    this run saves its first checkpoint (:func:`save_checkpoint`), so a run that fails before
+    that loses nothing. An unfinished run with another global batch is refused
+    (:class:`StageError`), so that its progress is not lost to a changed launch; so is a corrupt
+    newest checkpoint."""
     ckpts = list_checkpoints(folder)
     if not ckpts:
         return None
     step, path = ckpts[-1]
-    saved = json.loads((path / "trainer.json").read_text())
+    saved = _read_trainer(path, folder)
     if saved.get("config_hash") == chash:
-        was = StepLayout(**saved["layout"])
+        try:
+            was = StepLayout(**saved["layout"])
+        except TypeError as e:
+            raise StageError(f"{path / 'trainer.json'}: corrupt checkpoint (layout: {e}); remove {path} to resume "
+                             f"from an older checkpoint, or {folder} to start afresh") from None
         if was.global_batch == layout.global_batch:
-            accelerator.load_state(str(path))
-            sampler.load_state_dict(saved.pop("sampler"))
-            for sched, sd in zip(schedulers, saved.pop("schedulers"), strict=True):
-                sched.load_state_dict(sd)
+            try:
+                accelerator.load_state(str(path))
+                sampler.load_state_dict(saved.pop("sampler"))
+                for sched, sd in zip(schedulers, saved.pop("schedulers"), strict=True):
+                    sched.load_state_dict(sd)
+            except Exception as e:  # noqa: BLE001 (safetensors, torch.load, a missing file: all mean the same here)
+                raise StageError(f"{path}: corrupt checkpoint, cannot be loaded ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}); remove {path} to resume from an "
+                                 f"older checkpoint, or {folder} to start afresh") from None
             moved = "" if was == layout else f"; written as {was.describe()}, continued as {layout.describe()}"
             accelerator.print(f"resuming from step {saved['step']} ({path}){moved}")
             return saved
@@ -129,13 +176,10 @@ def resume(accelerator, folder: Path, chash: str, sampler, schedulers: Sequence[
                 f"set pretrain.grad_accum or pretrain.batch_size so that the product is {was.global_batch}, "
                 f"or remove {folder} to start afresh")
         accelerator.print(f"{folder}: a finished run of {was.describe()}; this run trains {layout.describe()}: "
-                          "starting afresh and replacing it")
+                          "starting afresh (its checkpoints are replaced at this run's first checkpoint)")
     else:
         accelerator.print(f"{folder}: checkpoints of other settings ({saved.get('config_hash')} != {chash}); "
-                          "starting afresh and replacing them")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(folder)
+                          "starting afresh (they are replaced at this run's first checkpoint)")
     return None
 
 
