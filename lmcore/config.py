@@ -51,8 +51,18 @@ or ``auto``: the faster of the two, measured once per machine, precision and sha
 (``lmcore.model.kernels``; on GPUs ``sdpa``)."""
 
 
+TEXT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+"""A name that becomes a folder, a file, a metric prefix or a registered model's name (a task, a
+held-out text): letters, digits, ``_`` and ``-``, so it can never reach outside its folder."""
+TaskName = Annotated[str, Field(pattern=TEXT_NAME)]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+"""A random seed: 0 to 2**32 - 1 (what NumPy, torch and Python's ``random`` all accept)."""
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    # allow_inf_nan: no setting is meaningful at infinity or NaN (a YAML ``.inf`` is refused here,
+    # not as an overflow deep inside a stage)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,11 +177,11 @@ class TaskSource(Section):
     glue_dir: str = ""
     """Folder holding ``CoLA/``, ``SST-2/``, ... (and ``diagnostic/diagnostic.tsv`` or ``AX.tsv``
     for the AX diagnostic) for ``kind: glue_dir``."""
-    local: dict[str, LocalTask] = {}
+    local: dict[TaskName, LocalTask] = {}
     """Tasks read from local JSONL/CSV/TSV/parquet files with a column mapping, by task name. A
     GLUE task name (``sst2``...) keeps the registry's labels, metrics and leaderboard file; any
     other name defines a new task (``label_names`` or ``regression``)."""
-    tasks: list[str] = ["rotten_tomatoes"]
+    tasks: list[TaskName] = ["rotten_tomatoes"]
     """Task names, each prepared into ``data/raw/tasks/<task>/`` and fine-tuned by its own DVC
     stage ``finetune@<task>`` (each needs an entry in ``finetune.tasks``). GLUE: cola, sst2, mrpc,
     stsb, qqp, mnli, qnli, rte, wnli (the AX diagnostic comes with mnli: see ``ax``); also
@@ -257,7 +267,7 @@ class PrepareConfig(Section):
 # of lmcore.data.clean.filters are these dataclasses with their ``__call__`` added (they inherit
 # every field, its default and its docstring from here), and ``MinHashConfig`` is used as is by
 # lmcore.data.clean.dedup. Frozen, with unknown fields refused, like every section.
-SETTINGS = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+SETTINGS = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False)
 """The pydantic configuration of the dataclass sections (filters, MinHash)."""
 
 Ratio = Annotated[float, Field(ge=0)]
@@ -805,7 +815,7 @@ class PretrainConfig(Section):
     """Keep the last this many checkpoints, plus the one with the best validation loss."""
     max_nonfinite: int = Field(default=5, ge=1)
     """Stop when this many steps in a row have a NaN or infinite loss (each one is skipped)."""
-    seed: int = 1337
+    seed: Seed = 1337
     """Seed for initialisation and the order of training windows."""
     threads: int | None = Field(default=None, ge=1)
     """torch intra-op threads per process (None: torch's default)."""
@@ -853,7 +863,7 @@ class FinetuneHyper(Section):
     max_nonfinite: int = Field(default=5, ge=1)
     """Stop when this many steps in a row have a NaN or infinite loss or gradient norm (each one
     is skipped)."""
-    seed: int = 1337
+    seed: Seed = 1337
     """Seed for the head and the batch order."""
     seeds: int = Field(default=1, ge=1)
     """Fine-tune this many times, with seeds ``seed``, ``seed + 1``, ...: the task's metrics are
@@ -907,9 +917,6 @@ class FinetuneConfig(Section):
         if over is None:
             return self.defaults
         return FinetuneHyper(**{**self.defaults.model_dump(), **over.model_dump(exclude_none=True)})
-
-
-TEXT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 
 
 class HeldOutText(Section):
@@ -967,7 +974,7 @@ class Sampling(Section):
     repetition_penalty: float = Field(default=1.0, gt=0)
     """CTRL repetition penalty on the tokens already in the prompt or the output: their positive
     logits are divided by it, negative ones multiplied (1: none; 1.1-1.3 are usual)."""
-    seed: int | None = None
+    seed: Seed | None = None
     """Seed of the sampling generator (None: a fresh random seed)."""
 
 
@@ -1194,12 +1201,17 @@ class Params(Section):
 
 
 def _describe(err: dict[str, Any], source: str) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    loc = err["loc"]
+    if loc and loc[-1] == "[key]":  # a bad key of a mapping (the value shown): name the mapping
+        loc = loc[:-2] or loc
+    key = ".".join(str(p) for p in loc) or "<root>"
     kind = err["type"]
     if kind == "extra_forbidden":
         return f"{source}: unknown key '{key}'"
     value = err.get("input")
     msg = err["msg"]
+    if kind == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == TEXT_NAME:
+        msg = "a name is letters, digits, _ and -, starting with a letter or digit"
     if kind in ("literal_error",):
         allowed = err.get("ctx", {}).get("expected", "")
         msg = f"allowed: {allowed}"
@@ -1220,13 +1232,45 @@ def from_dict(data: dict[str, Any] | None, source: str = "params.yaml") -> Param
         raise ConfigError("; ".join(_describe(err, source) for err in e.errors())) from None
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"line {line}: duplicate key '{key}' (first at line {first})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
+    silently, so a second ``pretrain:`` section pasted at the end would replace the first. Keys
+    merged in with ``<<: *anchor`` may be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(key, line, seen[key])
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
     """Read and validate ``params.yaml``; ``overrides`` maps dotted keys to values."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: params file not found")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     data = data if data is not None else {}

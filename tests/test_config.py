@@ -155,3 +155,50 @@ def test_stride_must_fit_the_context(tmp_path):
     p = _write(tmp_path, {"evaluate": {"stride": 512}, "pretrain": {"model": {"block_size": 256}}})
     with pytest.raises(ConfigError, match="evaluate.stride"):
         config.load(p)
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second ``pretrain:`` pasted at the end would
+    silently replace the first section."""
+    p = tmp_path / "params.yaml"
+    p.write_text("pretrain:\n  max_steps: 12\n  seed: 3\nevaluate:\n  stride: 8\npretrain:\n  max_steps: 5\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: line 6: duplicate key 'pretrain' \(first at line 1\)"):
+        config.load(p)
+    p.write_text("pretrain:\n  max_steps: 12\n  max_steps: 5000\n")
+    with pytest.raises(ConfigError, match=r"line 3: duplicate key 'max_steps' \(first at line 2\)"):
+        config.load(p)
+    # keys merged from an anchor may still be overridden, as YAML means
+    p.write_text("finetune:\n  defaults: &d\n    lr: 0.001\n  tasks:\n    rotten_tomatoes:\n      <<: *d\n      lr: 0.002\n")
+    assert config.load(p).finetune.for_task("rotten_tomatoes").lr == 0.002
+
+
+def test_a_params_file_that_is_not_utf8_names_the_line(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_bytes(b"pretrain:\n  max_steps: 12\ntracking:\n  experiment: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: line 4: not UTF-8 text \(byte 0xe9\)"):
+        config.load(p)
+    p.unlink()
+    p.mkdir()
+    with pytest.raises(ConfigError, match="params.yaml: not a file"):
+        config.load(p)
+
+
+@pytest.mark.parametrize("section, value, why", [
+    ({"pretrain": {"seed": -1}}, "pretrain.seed = -1", "greater than or equal to 0"),
+    ({"pretrain": {"seed": 10**23}}, "pretrain.seed = 100000000000000000000000", "less than 4294967296"),
+    ({"finetune": {"tasks": {"rotten_tomatoes": {"seed": -3}}}}, "finetune.tasks.rotten_tomatoes.seed = -3", "greater"),
+    ({"pretrain": {"model": {"mlp_ratio": float("inf")}}}, "pretrain.model.mlp_ratio = inf", "finite"),
+    ({"prepare": {"corpus": {"shard_mb": float("inf")}}}, "prepare.corpus.shard_mb = inf", "finite"),
+    ({"evaluate": {"temperature": float("nan")}}, "evaluate.temperature = nan", "finite"),
+    ({"prepare": {"tasks": {"tasks": ["../../runs"]}}}, "prepare.tasks.tasks.0 = '../../runs'", "letters, digits"),
+    ({"prepare": {"tasks": {"local": {"/abs/x": {"files": {"train": "t.jsonl"}, "label_names": ["a", "b"]}},
+                            "tasks": ["rotten_tomatoes"]}}}, "prepare.tasks.local = '/abs/x'", "letters, digits"),
+    ({"prepare": {"tasks": {"local": {"reviews.v2": {"files": {"train": "t.jsonl"}, "label_names": ["a", "b"]}},
+                            "tasks": ["rotten_tomatoes"]}}}, "prepare.tasks.local = 'reviews.v2'", "letters, digits"),
+])
+def test_values_that_would_fail_deep_inside_a_stage_are_refused_at_load(tmp_path, section, value, why):
+    """A seed out of what NumPy and torch accept, an infinite or NaN float, a task name that is a
+    path (prepare and finetune write and replace folders by it) or no MLflow model name."""
+    with pytest.raises(ConfigError) as e:
+        config.load(_write(tmp_path, section))
+    assert value in str(e.value) and why in str(e.value), str(e.value)

@@ -413,7 +413,7 @@ def test_text_stream_prints_characters_split_across_tokens_whole(folder):
 
 
 def lmcore_generate(root: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "lmcore.cli", "--params", str(root / "none.yaml"), "--root", str(root), "generate",
+    cmd = [sys.executable, "-m", "lmcore.cli", "--root", str(root), "generate",  # no params.yaml in root: defaults
            "--max-new-tokens", "24", "--temperature", "0.9", "--seed", "5", *args]
     return subprocess.run(cmd, cwd=root, input=stdin or "", capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"})
@@ -452,8 +452,10 @@ def test_cli_prompts_from_a_file_and_from_stdin(folder):
 def test_cli_batch_gives_each_prompt_its_text_alone(folder, tmp_path, capsys):
     from lmcore.cli import main
 
+    (tmp_path / "defaults.yaml").write_text("{}\n")
+
     def run(*args: str) -> str:
-        code = main(["--params", str(tmp_path / "none.yaml"), "--root", str(folder), "generate",
+        code = main(["--params", str(tmp_path / "defaults.yaml"), "--root", str(folder), "generate",
                      "--temperature", "0", "--max-new-tokens", "16", *args])
         out, err = capsys.readouterr()
         assert code == 0, err
@@ -466,10 +468,14 @@ def test_cli_batch_gives_each_prompt_its_text_alone(folder, tmp_path, capsys):
 def test_cli_errors_name_what_is_wrong(folder, tmp_path, capsys):
     from lmcore.cli import main
 
-    def run(*args: str) -> tuple[int, str]:
-        code = main(["--params", str(tmp_path / "none.yaml"), "--root", str(folder), "generate", *args])
+    (tmp_path / "defaults.yaml").write_text("{}\n")
+
+    def run(*args: str, params: str = "defaults.yaml") -> tuple[int, str]:
+        code = main(["--params", str(tmp_path / params), "--root", str(folder), "generate", *args])
         return code, capsys.readouterr().err
 
+    code, err = run("--prompt", "x", params="none.yaml")  # named on the command line: it must exist
+    assert code == 2 and err == f"lmcore generate: error: {tmp_path / 'none.yaml'}: params file not found\n"
     code, err = run("--model", str(tmp_path / "nothing"), "--prompt", "x")
     assert code == 2 and "nothing: no model folder here" in err
     code, err = run("--prompt", "x", "--top-p", "1.5")
@@ -485,6 +491,22 @@ def test_cli_errors_name_what_is_wrong(folder, tmp_path, capsys):
     (tmp_path / "params.yaml").write_text("evaluate:\n  top_p: 2\n")
     code = main(["--params", str(tmp_path / "params.yaml"), "--root", str(folder), "generate", "--prompt", "x"])
     assert code == 2 and "evaluate.top_p" in capsys.readouterr().err
+    # a fine-tuned classifier, a truncated weights file: named, no traceback
+    import shutil
+
+    from lmcore.model.folder import read_config
+
+    clf = tmp_path / "clf"
+    shutil.copytree(folder / "runs/pretrain/final", clf)
+    (clf / "config.json").write_text(json.dumps({**read_config(clf), "task": {"name": "sst2"}}))
+    code, err = run("--model", str(clf), "--prompt", "x")
+    assert code == 2 and f"{clf} holds a model fine-tuned on a task (a classifier), not a language model" in err
+    cut = tmp_path / "cut"
+    shutil.copytree(folder / "runs/pretrain/final", cut)
+    with open(cut / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    code, err = run("--model", str(cut), "--prompt", "x")
+    assert code == 2 and f"{cut / 'model.safetensors'}: cannot be loaded into the model its config.json" in err
 
 
 def test_cli_jsonl_prompts_may_hold_newlines_and_params_give_the_defaults(folder, tmp_path, capsys, monkeypatch):

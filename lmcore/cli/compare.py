@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         tracking = TrackingConfig()
-        if not (args.experiment and args.tracking_uri) and Path(args.params).exists():
+        if not (args.experiment and args.tracking_uri) and (Path(args.params).exists() or getattr(args, "params_given", False)):
             tracking = config.load(args.params).tracking
         out = Path(args.out) if args.out else Path(args.root) / "runs/compare"
         if args.runs < 0:

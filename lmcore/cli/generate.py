@@ -66,7 +66,9 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """One flag per field of :class:`lmcore.config.Sampling`, its type and help from the field
     (the default of each is the field of the params file's ``evaluate`` section)."""
     for name, f in Sampling.model_fields.items():
-        kinds = [t for t in (f.annotation, *typing.get_args(f.annotation)) if t in (int, float)]
+        args = [typing.get_args(t)[0] if typing.get_origin(t) is typing.Annotated else t
+                for t in (f.annotation, *typing.get_args(f.annotation))]  # Seed | None: int
+        kinds = [t for t in args if t in (int, float)]
         doc = " ".join((f.description or "").replace("``", "").split())
         note = f" {_FLAG_NOTES[name]}" if name in _FLAG_NOTES else ""
         p.add_argument(flag(name), type=kinds[0], metavar=name.upper(),
@@ -136,6 +138,11 @@ def registered(uri: str, params: str) -> Path:
     return download_model(config.load(params).tracking, uri, Path(tmp))
 
 
+def _params_file(args: argparse.Namespace) -> bool:
+    """Whether to read the params file: it exists, or was named (then it must exist)."""
+    return Path(args.params).exists() or getattr(args, "params_given", False)
+
+
 def main(args: argparse.Namespace, stdin=None, stdout=None) -> int:
     """Run ``lmcore generate`` from parsed arguments (also reads ``args.params`` and ``args.root``)."""
     # lazy: the CLI loads a command's code (torch) only when that command runs
@@ -147,7 +154,7 @@ def main(args: argparse.Namespace, stdin=None, stdout=None) -> int:
     out = stdout or sys.stdout
     layout = Layout(Path(args.root))
     try:
-        defaults = config.load(args.params).evaluate if Path(args.params).exists() else EvaluateConfig()
+        defaults = config.load(args.params).evaluate if _params_file(args) else EvaluateConfig()
         cfg = settings(args, defaults)
         model_dir = registered(args.model, args.params) if (args.model or "").startswith("models:/") else (
             Path(args.model) if args.model else layout.pretrained)
@@ -160,7 +167,7 @@ def main(args: argparse.Namespace, stdin=None, stdout=None) -> int:
         prompts = list(args.prompt) if args.prompt else read_prompts(args.file, stdin)
         model, model_cfg = load_lm(model_dir)
         tok = tokmod.load(tok_file)
-        check_tokenizer(model, model_cfg, tok, tok_file, model_dir)
+        check_tokenizer(model_cfg, model.cfg.vocab_size, tok, tok_file, model_dir)
         sp = tokmod.special_ids(tok)
         ids = encode_prompts(tok, prompts)
         if cfg.compile:  # refused before the prompt is printed, not at the first step

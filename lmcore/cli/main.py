@@ -38,7 +38,8 @@ def _summary(result: object) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmcore", description="Small language models, from raw text to evaluation.")
-    parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
+    parser.add_argument("--params", help="settings file (default: params.yaml; commands that can do without one "
+                                         "use the built-in defaults where params.yaml is absent)")
     parser.add_argument("--root", default=".", help="project folder holding data/, runs/, metrics/")
     sub = parser.add_subparsers(dest="stage", required=True)
     for name in ORDER:
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     offline_plots.add_parser(sub)  # dvc plots show without a CDN
     score.add_parser(sub)  # any model folder on held-out text, as lm-evaluation-harness scores it
     args = parser.parse_args(argv)
+    args.params_given = args.params is not None  # a file named on the command line must exist
+    args.params = args.params or "params.yaml"
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("mlflow", "alembic", "httpx"):
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return _launch(args)
     try:
         params = config.load(args.params)
-        options = {"task": args.task} if getattr(args, "task", None) else {}
+        options = {"task": args.task} if getattr(args, "task", None) is not None else {}
         result = run_stage(args.stage, params, Layout(Path(args.root)), **options)
     except (ConfigError, StageError) as e:
         print(f"lmcore {args.stage}: error: {e}", file=sys.stderr)
