@@ -27,7 +27,7 @@ from lmcore.config import ExportConfig, TrackingConfig, flatten
 from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, require, write_json
 from lmcore.data.tokenizer import load
-from lmcore.model.folder import load_decoder
+from lmcore.model.folder import check_tokenizer, load_decoder, read_config
 from lmcore.model.llama import hf_name
 from lmcore.tracking import stage_run
 
@@ -168,13 +168,12 @@ def export(cfg: ExportConfig, model_dir: Path, tokenizer_dir: Path, out: Path, m
     ids, tokens = _special_ids(tok, tok_cfg, tokenizer_dir)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
 
+    model = load_decoder(model_dir).eval()
+    g = model.cfg
+    check_tokenizer(read_config(model_dir), g.vocab_size, tok, tokenizer_dir / "tokenizer.json", model_dir)
+
     with stage_run("export", tracking, flatten(cfg, "export."), inputs=[model_dir, tokenizer_dir],
                    outputs=[out]) as tr:
-        model = load_decoder(model_dir).eval()
-        g = model.cfg
-        if tok.get_vocab_size() > g.vocab_size:
-            raise StageError(f"{tokenizer_dir}: the tokenizer has {tok.get_vocab_size()} tokens but the model in "
-                             f"{model_dir} only {g.vocab_size} (not the tokenizer it was trained with?)")
         eps = float(getattr(model.norm, "eps", 1e-5))
         config = llama_config(g, eps, cfg.dtype, ids)
         tensors = hf_state_dict(model, config, torch_dtype)

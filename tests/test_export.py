@@ -157,6 +157,19 @@ def test_a_missing_tokenizer_names_the_path(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_tokenizer_the_model_was_not_trained_with_is_refused_and_the_export_kept(tmp_path, tokenizer_dir):
+    """The tokenizer retrained (new params) without pretraining again: the export would pair the
+    model with the wrong tokens, and replace a good export."""
+    model_dir, out = tmp_path / "model", tmp_path / "runs/export"
+    model = tiny_model(model_dir)
+    save_decoder(model, model_dir, extra={"tokenizer_sha256": "0" * 64})
+    out.mkdir(parents=True)
+    (out / "tokenizer.json").write_text("the good export")
+    with pytest.raises(StageError, match=r"tokenizer.json: sha256 \w+\.\.\. is not the tokenizer .* was trained with"):
+        export(ExportConfig(), model_dir, tokenizer_dir, out, tmp_path / "m.json", OFF)
+    assert (out / "tokenizer.json").read_text() == "the good export"
+
+
 def test_a_model_tensor_without_a_llama_name_is_refused(tmp_path, tokenizer_dir, monkeypatch):
     tiny_model(tmp_path / "model")
     exportmod = importlib.import_module("lmcore.export")

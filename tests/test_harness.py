@@ -79,3 +79,13 @@ def test_lmcore_and_transformers_give_the_same_numbers_on_the_export(tmp_path, t
     for a, b in zip(ours.loglikelihoods, hf.loglikelihoods):
         assert a == pytest.approx(b, rel=1e-5)
     assert ours.bits_per_byte == pytest.approx(hf.bits_per_byte, rel=1e-6)
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "-1"), ("--batch-size", "0"), ("--limit", "0")])
+def test_score_refuses_counts_below_one(flag, value, capsys):
+    """A batch size of -1 used to score nothing and report a perfect 0 bits per byte."""
+    from lmcore.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["score", "runs/pretrain/final", flag, value])
+    assert e.value.code == 2 and f"argument {flag}: '{value}' is not a whole number >= 1" in capsys.readouterr().err

@@ -147,6 +147,25 @@ def test_damaged_or_missing_shards_are_reported(project, tmp_path):
         load_tokens(tokens, "validation")
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: [], "the top level: Input should be a valid dictionary, not []"),
+    (lambda m: m.pop("tokenizer_sha256") and m, "tokenizer_sha256: missing"),
+    (lambda m: m["splits"]["train"]["shards"][0].update(tokens="x") or m,
+     "splits.train.shards.0.tokens: Input should be a valid integer, not 'x'"),
+    (lambda m: m.update(dtype="foo") or m, "dtype: Input should be 'uint16' or 'uint32', not 'foo'"),
+])
+def test_a_damaged_manifest_names_the_key(project, tmp_path, damage, message):
+    import shutil
+
+    tokens = tmp_path / "tokens"
+    shutil.copytree(project / "tokens", tokens)
+    manifest = json.loads((tokens / "manifest.json").read_text())
+    (tokens / "manifest.json").write_text(json.dumps(damage(manifest)))
+    with pytest.raises(StageError) as e:
+        load_tokens(tokens, "train")
+    assert str(e.value) == f"{tokens / 'manifest.json'}: {message}; re-run the encode stage"
+
+
 def test_bad_clean_line_names_file_and_line(tmp_path, project):
     clean = write_clean(tmp_path / "clean", corpus(4), corpus(2))
     with open(clean / "train/00000.jsonl", "a") as f:

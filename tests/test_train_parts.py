@@ -320,6 +320,17 @@ def _finetune(ft_inputs, out: Path, task: str, **hp) -> dict[str, torch.Tensor]:
     return load_file(out / "model.safetensors")
 
 
+def test_finetune_refuses_a_tokenizer_the_model_was_not_trained_with(ft_inputs, tmp_path):
+    from lmcore.model.folder import load_decoder, save_decoder
+
+    root, tasks = ft_inputs
+    save_decoder(load_decoder(root / "pretrained"), tmp_path / "pretrained", extra={"tokenizer_sha256": "0" * 64})
+    with pytest.raises(StageError, match="is not the tokenizer .*pretrained was trained with"):
+        ft.finetune(FinetuneConfig(mixed_precision="no"), tasks["sst2"], tmp_path / "pretrained", root / "tokenizer",
+                    tmp_path / "out", tmp_path / "out.json", OFF)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("task", ["sst2", "stsb"])
 def test_finetune_accumulating_two_batches_of_b_equals_one_batch_of_2b(ft_inputs, tmp_path, task):
     """50 examples: 13 batches of 4 (the last of 2) in 7 steps against 7 batches of 8."""

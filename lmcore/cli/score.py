@@ -13,6 +13,17 @@ from typing import Any
 from lmcore.core.errors import StageError
 
 
+def _positive(text: str) -> int:
+    """An argument that must be a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def add_parser(sub: Any) -> None:
     """The ``score`` subcommand of the ``lmcore`` CLI."""
     p = sub.add_parser("score", help="bits per byte, byte and word perplexity of any model folder (lmcore's or a "
@@ -26,8 +37,8 @@ def add_parser(sub: Any) -> None:
                                        "(default: data/tokenizer for runs/pretrain/final, else the model folder)")
     p.add_argument("--backend", choices=["auto", "lmcore", "transformers"], default="auto",
                    help="auto: lmcore's loader for its own model folders, transformers for the rest")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--limit", type=int, help="score the first N documents only")
+    p.add_argument("--batch-size", type=_positive, default=8, help="windows per forward pass (text scoring)")
+    p.add_argument("--limit", type=_positive, help="score the first N documents only")
     p.add_argument("--task", help="instead of text: zero-shot scores on a prepared task folder "
                                   "(data/raw/tasks/<task>), by log-likelihood after lm-evaluation-harness's prompt")
     p.add_argument("--multiple-choice", metavar="JSONL",
@@ -49,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
             else:
                 z, backend = multiple_choice_model(model, args.multiple_choice, tok, args.backend)
             z = {"model": str(model), "backend": backend, "task": args.task or args.multiple_choice, **z}
-            print(json.dumps(z) if args.json else f"{model} ({backend}) on {args.task}, zero-shot: "
+            print(json.dumps(z) if args.json else f"{model} ({backend}) on {z['task']}, zero-shot: "
                   + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in z.items()
                               if k not in ("model", "backend", "task")))
             return 0

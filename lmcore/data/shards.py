@@ -22,9 +22,10 @@ from __future__ import annotations
 import operator
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmcore.core.errors import StageError
 from lmcore.core.io import read_json
@@ -36,8 +37,45 @@ def manifest_path(tokens_dir: str | Path) -> Path:
     return Path(tokens_dir) / "manifest.json"
 
 
+class _Shard(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    file: str
+    index: str
+    tokens: int = Field(ge=0)
+    documents: int = Field(ge=0)
+
+
+class _Split(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    tokens: int = Field(ge=0)
+    documents: int = Field(ge=0)
+    shards: list[_Shard]
+
+
+class _Manifest(BaseModel):
+    """What every reader of ``manifest.json`` relies on (the encode stage writes more)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    dtype: Literal["uint16", "uint32"]
+    vocab_size: int = Field(ge=1)
+    eot_id: int = Field(ge=0)
+    tokenizer_sha256: str
+    splits: dict[str, _Split]
+
+
 def read_manifest(tokens_dir: str | Path) -> dict[str, Any]:
-    return read_json(manifest_path(tokens_dir))
+    """``tokens_dir/manifest.json``, checked for the keys and types its readers use; a damaged or
+    hand-edited file is a :class:`StageError` naming the key."""
+    path = manifest_path(tokens_dir)
+    data = read_json(path)
+    try:
+        _Manifest.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(map(str, err["loc"])) or "the top level"
+        what = "missing" if err["type"] == "missing" else f"{err['msg'].split(' or instance of ')[0]}, not {err['input']!r:.80}"
+        raise StageError(f"{path}: {where}: {what}; re-run the encode stage") from None
+    return data
 
 
 def _memmap(path: Path, dtype: np.dtype, count: int, what: str) -> np.ndarray:

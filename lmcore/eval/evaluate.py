@@ -100,7 +100,7 @@ def evaluate_texts(model_dir: str | Path, paths: Sequence[str | Path], tokenizer
     tok_file = tok_path / "tokenizer.json" if tok_path.is_dir() else tok_path
     model, model_cfg = load_lm(model_dir)
     tok = tokmod.load(tok_file)
-    check_tokenizer(model, model_cfg, tok, tok_file, model_dir)
+    check_tokenizer(model_cfg, model.cfg.vocab_size, tok, tok_file, model_dir)
     block = model.cfg.block_size
     if stride is not None and not 1 <= stride <= block:
         raise StageError(f"stride = {stride} must be between 1 and the model's context {block}")
@@ -162,7 +162,7 @@ def load_scorer(model_dir: str | Path, tokenizer_dir: str | Path | None = None,
     tok_file = tok_path / "tokenizer.json" if tok_path.is_dir() else tok_path
     model, model_cfg = load_lm(model_dir)
     tok = tokmod.load(require(tok_file, "tokenizer"))
-    check_tokenizer(model, model_cfg, tok, tok_file, model_dir)
+    check_tokenizer(model_cfg, model.cfg.vocab_size, tok, tok_file, model_dir)
     return Loaded(DecoderScorer(model), text_encoder(tok), special_ids(tok).eot, backend)
 
 
@@ -241,7 +241,7 @@ def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned:
     model, model_cfg = load_lm(pretrained)
     tok_file = require(Path(tokenizer_dir) / "tokenizer.json", "tokenizer")
     tok = tokmod.load(tok_file)
-    check_tokenizer(model, model_cfg, tok, tok_file, Path(pretrained))
+    check_tokenizer(model_cfg, model.cfg.vocab_size, tok, tok_file, Path(pretrained))
     block = model.cfg.block_size
     stride = cfg.stride or block
     if stride > block:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from lmcore.core.errors import StageError
@@ -209,7 +210,7 @@ def load_hf(folder: Path) -> Loaded:
     try:
         tok = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise StageError(f"{folder}: not a Hugging Face causal LM folder transformers can load "
                          f"({str(e).splitlines()[0][:200]})") from None
     prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load
 from safetensors.torch import save_model as st_save
 
@@ -33,18 +35,43 @@ def save_decoder(model: Decoder, folder: Path, extra: dict[str, Any] | None = No
 
 
 def read_config(folder: Path) -> dict[str, Any]:
+    """A model folder's ``config.json``, or a :class:`StageError` saying what is wrong with it."""
     path = require(Path(folder) / "config.json", "model config")
-    return json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise StageError(f"{path}: not a model config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise StageError(f"{path}: not a model config (a JSON {type(cfg).__name__}, not an object)")
+    return cfg
+
+
+def load_weights(model: torch.nn.Module, weights: Path, map_location: str = "cpu") -> None:
+    """Load ``weights`` (safetensors) into ``model``, strictly; a truncated file or tensors of
+    another shape are a :class:`StageError` naming the file."""
+    try:
+        st_load(model, str(weights), device=map_location)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        why = " ".join(str(e).split()).removeprefix(f"Error(s) in loading state_dict for {type(model).__name__}: ")
+        raise StageError(f"{weights}: cannot be loaded into the model its config.json describes ({why[:300]})") from None
 
 
 def load_decoder(folder: Path, map_location: str = "cpu") -> Decoder:
     """Load a Decoder saved by :func:`save_decoder`."""
     folder = Path(folder)
     cfg = read_config(folder)
-    if "model" not in cfg:
+    if "task" in cfg:
+        raise StageError(f"{folder} holds a model fine-tuned on a task (a classifier), not a language model: give "
+                         "a pretrained model folder (runs/pretrain/final) or its export (runs/export)")
+    if not isinstance(cfg.get("model"), dict):
         raise StageError(f"{folder}/config.json: no 'model' section")
-    model = Decoder(DecoderConfig(**cfg["model"]))
-    st_load(model, str(require(folder / "model.safetensors", "model weights")), device=map_location)
+    try:
+        gcfg = DecoderConfig(**cfg["model"])
+    except ValidationError as e:
+        why = "; ".join(f"{'.'.join(map(str, err['loc']))} = {err.get('input')!r}: {err['msg']}" for err in e.errors())
+        raise StageError(f"{folder}/config.json: the 'model' section is not a decoder shape ({why[:300]})") from None
+    model = Decoder(gcfg)
+    load_weights(model, require(folder / "model.safetensors", "model weights"), map_location)
     return model
 
 
@@ -63,15 +90,15 @@ def load_lm(folder: str | Path) -> tuple[Any, dict[str, Any]]:
                      f"folder (model_type 'llama'); has keys {', '.join(sorted(cfg)[:12])}")
 
 
-def check_tokenizer(model, model_cfg: dict[str, Any], tok, tokenizer_path: Path, model_dir: Path) -> None:
+def check_tokenizer(model_cfg: dict[str, Any], vocab_size: int, tok, tokenizer_path: Path, model_dir: Path) -> None:
     """Refuse a tokenizer the model was not trained with (sha256 recorded by pretrain, or a
-    vocabulary larger than the model's)."""
+    vocabulary larger than the model's ``vocab_size``)."""
     want = model_cfg.get("tokenizer_sha256")
     if want:
         got = sha256_file(tokenizer_path)
         if got != want:
             raise StageError(f"{tokenizer_path}: sha256 {got[:12]}... is not the tokenizer {model_dir} was trained "
                              f"with ({want[:12]}...): give that model's tokenizer")
-    if tok.get_vocab_size() > model.cfg.vocab_size:
-        raise StageError(f"{tokenizer_path}: {tok.get_vocab_size()} tokens, more than the {model.cfg.vocab_size} "
+    if tok.get_vocab_size() > vocab_size:
+        raise StageError(f"{tokenizer_path}: {tok.get_vocab_size()} tokens, more than the {vocab_size} "
                          f"of the model in {model_dir}")

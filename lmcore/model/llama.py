@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lmcore.core.errors import StageError
@@ -74,13 +75,21 @@ def load_llama(folder: Path, c: dict[str, Any]) -> Decoder:
     ours = {hf_name(k): k for k in model.state_dict() if hf_name(k)}
     weights = require(folder / "model.safetensors", "model weights (model.safetensors)")
     state = {}
-    for name, t in load_file(str(weights)).items():
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise StageError(f"{weights}: not readable safetensors ({' '.join(str(e).split())[:300]})") from None
+    for name, t in tensors.items():
         if name not in ours:
             raise StageError(f"{weights}: tensor '{name}' has no lmcore counterpart")
         state[ours[name]] = t.float()
     if gcfg.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape than config.json says
+        raise StageError(f"{weights}: does not match {folder / 'config.json'} "
+                         f"({' '.join(str(e).split())[:300]})") from None
     missing = [k for k in missing if not k.startswith("rope_")]  # buffers, not weights
     if missing or unexpected:
         raise StageError(f"{weights}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_model as st_load
 from safetensors.torch import save_model as st_save
 from tqdm import tqdm
 
@@ -42,7 +41,7 @@ from lmcore.data import glue
 from lmcore.data import tokenizer as tokmod
 from lmcore.data.tokenizer import special_ids
 from lmcore.model.decoder import Decoder, DecoderConfig
-from lmcore.model.folder import load_decoder, read_config
+from lmcore.model.folder import check_tokenizer, load_decoder, load_weights, read_config
 from lmcore.tracking import stage_run
 from lmcore.train.accel import decide_attention, make_accelerator
 from lmcore.train.optim import finetune_optimizer
@@ -148,7 +147,7 @@ def load_classifier(folder: Path) -> tuple[SequenceClassifier, glue.TaskSpec]:
     cfg = read_config(folder)
     spec = glue.TaskSpec.from_dict(cfg["task"])
     model = SequenceClassifier(Decoder(DecoderConfig(**cfg["model"])), spec.num_labels, cfg.get("dropout", 0.0))
-    st_load(model, str(require(Path(folder) / "model.safetensors", "fine-tuned weights")))
+    load_weights(model, require(Path(folder) / "model.safetensors", "fine-tuned weights"))
     return model, spec
 
 
@@ -314,7 +313,9 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
     hp = cfg.for_task(spec.name)
     tok = tokmod.load(tokenizer_dir)
     accelerator = make_accelerator(cfg.mixed_precision)
-    shape = DecoderConfig(**read_config(Path(pretrained))["model"])
+    shape = load_decoder(pretrained).cfg  # a readable model folder, before anything starts
+    check_tokenizer(read_config(Path(pretrained)), shape.vocab_size, tok, Path(tokenizer_dir) / "tokenizer.json",
+                    Path(pretrained))
     attention = decide_attention(shape, accelerator, hp.batch_size, min(hp.max_length, shape.block_size), cfg.attention)
     params = {"task": spec.name, **flatten(hp, "finetune."), "finetune.mixed_precision": cfg.mixed_precision,
               "finetune.attention": cfg.attention, "attention_kernel": attention, "allocator": malloc,
