@@ -1281,6 +1281,12 @@ def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = No
     return params
 
 
+def load_present(path: str | Path, required: bool) -> Params:
+    """:func:`load` where the file is there or ``required`` (named on the command line: it must
+    exist), else the defaults: for the commands that also work outside a project."""
+    return load(path) if required or Path(path).exists() else from_dict({}, str(path))
+
+
 def set_key(data: dict[str, Any], key: str, value: Any) -> None:
     """Set the dotted ``key`` (``pretrain.model.n_layer``) of a raw params dict to ``value``,
     creating the sections on the way."""

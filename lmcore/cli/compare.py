@@ -41,8 +41,8 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         tracking = TrackingConfig()
-        if not (args.experiment and args.tracking_uri) and (Path(args.params).exists() or getattr(args, "params_given", False)):
-            tracking = config.load(args.params).tracking
+        if not (args.experiment and args.tracking_uri):
+            tracking = config.load_present(args.params, args.params_given).tracking
         out = Path(args.out) if args.out else Path(args.root) / "runs/compare"
         if args.runs < 0:
             raise StageError(f"--runs = {args.runs}: give a number of runs, or 0 for all")

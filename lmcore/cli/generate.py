@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from lmcore import config
-from lmcore.config import ConfigError, EvaluateConfig, Sampling
+from lmcore.config import ConfigError, Sampling
 from lmcore.core.errors import StageError
 from lmcore.core.layout import Layout
 from lmcore.core.machine import require_cxx_compiler
@@ -138,11 +138,6 @@ def registered(uri: str, params: str) -> Path:
     return download_model(config.load(params).tracking, uri, Path(tmp))
 
 
-def _params_file(args: argparse.Namespace) -> bool:
-    """Whether to read the params file: it exists, or was named (then it must exist)."""
-    return Path(args.params).exists() or getattr(args, "params_given", False)
-
-
 def main(args: argparse.Namespace, stdin=None, stdout=None) -> int:
     """Run ``lmcore generate`` from parsed arguments (also reads ``args.params`` and ``args.root``)."""
     # lazy: the CLI loads a command's code (torch) only when that command runs
@@ -154,7 +149,7 @@ def main(args: argparse.Namespace, stdin=None, stdout=None) -> int:
     out = stdout or sys.stdout
     layout = Layout(Path(args.root))
     try:
-        defaults = config.load(args.params).evaluate if _params_file(args) else EvaluateConfig()
+        defaults = config.load_present(args.params, args.params_given).evaluate
         cfg = settings(args, defaults)
         model_dir = registered(args.model, args.params) if (args.model or "").startswith("models:/") else (
             Path(args.model) if args.model else layout.pretrained)

@@ -56,8 +56,10 @@ def load_weights(model: torch.nn.Module, weights: Path, map_location: str = "cpu
         raise StageError(f"{weights}: cannot be loaded into the model its config.json describes ({why[:300]})") from None
 
 
-def load_decoder(folder: Path, map_location: str = "cpu") -> Decoder:
-    """Load a Decoder saved by :func:`save_decoder`."""
+def decoder_config(folder: Path) -> tuple[DecoderConfig, dict[str, Any]]:
+    """The decoder shape of an lmcore model folder (:func:`save_decoder`) and its whole
+    ``config.json``, checked without reading the weights: a fine-tuned classifier's folder, a
+    missing or invalid ``model`` section are a :class:`StageError`."""
     folder = Path(folder)
     cfg = read_config(folder)
     if "task" in cfg:
@@ -66,12 +68,16 @@ def load_decoder(folder: Path, map_location: str = "cpu") -> Decoder:
     if not isinstance(cfg.get("model"), dict):
         raise StageError(f"{folder}/config.json: no 'model' section")
     try:
-        gcfg = DecoderConfig(**cfg["model"])
+        return DecoderConfig(**cfg["model"]), cfg
     except ValidationError as e:
         why = "; ".join(f"{'.'.join(map(str, err['loc']))} = {err.get('input')!r}: {err['msg']}" for err in e.errors())
         raise StageError(f"{folder}/config.json: the 'model' section is not a decoder shape ({why[:300]})") from None
-    model = Decoder(gcfg)
-    load_weights(model, require(folder / "model.safetensors", "model weights"), map_location)
+
+
+def load_decoder(folder: Path, map_location: str = "cpu") -> Decoder:
+    """Load a Decoder saved by :func:`save_decoder`."""
+    model = Decoder(decoder_config(folder)[0])
+    load_weights(model, require(Path(folder) / "model.safetensors", "model weights"), map_location)
     return model
 
 

@@ -41,7 +41,7 @@ from lmcore.data import glue
 from lmcore.data import tokenizer as tokmod
 from lmcore.data.tokenizer import special_ids
 from lmcore.model.decoder import Decoder, DecoderConfig
-from lmcore.model.folder import check_tokenizer, load_decoder, load_weights, read_config
+from lmcore.model.folder import check_tokenizer, decoder_config, load_decoder, load_weights, read_config
 from lmcore.tracking import stage_run
 from lmcore.train.accel import decide_attention, make_accelerator
 from lmcore.train.optim import finetune_optimizer
@@ -313,9 +313,8 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
     hp = cfg.for_task(spec.name)
     tok = tokmod.load(tokenizer_dir)
     accelerator = make_accelerator(cfg.mixed_precision)
-    shape = load_decoder(pretrained).cfg  # a readable model folder, before anything starts
-    check_tokenizer(read_config(Path(pretrained)), shape.vocab_size, tok, Path(tokenizer_dir) / "tokenizer.json",
-                    Path(pretrained))
+    shape, model_cfg = decoder_config(pretrained)  # a language model's folder, checked before anything starts
+    check_tokenizer(model_cfg, shape.vocab_size, tok, Path(tokenizer_dir) / "tokenizer.json", Path(pretrained))
     attention = decide_attention(shape, accelerator, hp.batch_size, min(hp.max_length, shape.block_size), cfg.attention)
     params = {"task": spec.name, **flatten(hp, "finetune."), "finetune.mixed_precision": cfg.mixed_precision,
               "finetune.attention": cfg.attention, "attention_kernel": attention, "allocator": malloc,
