@@ -261,6 +261,13 @@ class Tracker:
         from mlflow.exceptions import MlflowException  # lazy: as above
 
         c = self.client
+        resumed, earlier = self._registered_by_resumed_run(name)
+        if earlier:  # a finished training run again (resumed at its end): the same weights, the same version
+            self.metrics(metrics, step=step)
+            c.set_tag(self.run_id, "lmcore.model_version", earlier)
+            print(f"lmcore: {earlier} already holds this model (registered by run {resumed}); "
+                  "not registered again", file=sys.stderr, flush=True)
+            return
         lm = c.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id,
                                    model_type="lmcore", tags={"lmcore.registered_name": name})
         c.log_model_artifacts(lm.model_id, str(folder))
@@ -281,6 +288,20 @@ class Tracker:
         c.set_tag(self.run_id, "lmcore.model_version", f"models:/{name}/{mv.version}")
         print(f"lmcore: registered {name} version {mv.version} (alias candidate; {metric} {metrics.get(metric)}); "
               f"lmcore promote {name} compares it with the champion", file=sys.stderr, flush=True)
+
+    def _registered_by_resumed_run(self, name: str) -> tuple[str, str]:
+        """The finished run this run resumes (``lmcore.resumes_run``) and the ``models:/<name>/<version>``
+        it registered; ``""`` for the version where it registered none under ``name`` (or is gone)."""
+        from mlflow.exceptions import MlflowException  # lazy: mlflow loads only when a stage tracks
+
+        resumed = self.client.get_run(self.run_id).data.tags.get("lmcore.resumes_run", "")
+        if not resumed:
+            return "", ""
+        try:
+            version = self.client.get_run(resumed).data.tags.get("lmcore.model_version", "")
+        except MlflowException:  # that run is no longer in the store
+            return resumed, ""
+        return resumed, version if version.startswith(f"models:/{name}/") else ""
 
     def export_model(self, folder: Path, source: Path) -> None:
         """Log ``folder`` (a Hugging Face export of the model in ``source``) as an MLflow logged

@@ -259,6 +259,24 @@ def test_killed_run_resumes_bitwise_identically(straight, tmp_path):
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert set(steps) == set(range(1, 41))  # steps after the checkpoint and before the kill are logged twice
     assert run.data.params["resumed_from_step"] == "0" and run.data.tags["lmcore.resume.resumed_from_step"] == "20"
+    # the finished run run again: it resumes at its end and trains, validates and registers nothing new
+    val_rows = (root / "metrics/plots/pretrain_val.csv").read_text()
+    metrics = json.loads((root / "metrics/pretrain.json").read_text())
+    versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+    val_history = client.get_metric_history(run.info.run_id, "val_loss")
+    assert len(versions) == 1
+    res = run_cli(root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming from step 40" in res.stdout + res.stderr and "not registered again" in res.stderr
+    assert (root / "metrics/plots/pretrain_val.csv").read_text() == val_rows
+    again = json.loads((root / "metrics/pretrain.json").read_text())
+    assert again["val_loss"] == metrics["val_loss"] and again["train_loss"] == metrics["train_loss"]
+    assert len(client.search_model_versions("name = 'lmcore-base'")) == 1
+    assert client.get_metric_history(run.info.run_id, "val_loss") == val_history
+    (rerun,) = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_id != run.info.run_id]
+    assert rerun.data.tags["lmcore.resumes_run"] == run.info.run_id
+    assert rerun.data.tags["lmcore.model_version"] == run.data.tags["lmcore.model_version"] == "models:/lmcore-base/1"
+    assert rerun.data.metrics["val_loss"] == pytest.approx(metrics["val_loss"])
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(straight, tmp_path):

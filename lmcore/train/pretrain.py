@@ -229,7 +229,9 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
                                   f"checkpoint saved in {ckpt_dir / f'step-{done:06d}'}, run again to resume")
         bar.close()
         if not math.isfinite(val_loss):  # resumed at the last step: nothing left to train
-            val_loss = validate_now()
+            # the validation of that step, as recorded (validating again would add a second row)
+            last = next((h for h in reversed(state.history) if "val_loss" in h), None)
+            val_loss = last["val_loss"] if last is not None and last["step"] == state.step else validate_now()
         trained_tokens = cfg.max_steps * tokens_per_step
         tps_total = trained_tokens / max(state.train_seconds, 1e-9)
         peak = _final_peak(peak, state.history, fpt, world, accelerator)
