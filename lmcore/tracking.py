@@ -176,6 +176,17 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:240]}{'...' if len(text) > 240 else ''}"
 
 
+@contextlib.contextmanager
+def reading_store(uri: str) -> Iterator[None]:
+    """Around a command's reads of the tracking store at ``uri``: a store that fails (an unknown
+    scheme, unreachable, refused) is a :class:`StageError` naming it, not a traceback."""
+    try:
+        yield
+    except _errors() as e:
+        raise StageError(f"the tracking store {uri} did not answer: {_short(e)}; check the URI "
+                         "(--tracking-uri, or tracking.tracking_uri in the params file) and that its server runs") from e
+
+
 class Tracker:
     """Logging helpers for one stage run, through an ``MlflowClient`` bound to its run. With
     ``active=False`` every method does nothing (tracking disabled, or a non-main process of a

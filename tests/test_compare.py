@@ -159,6 +159,12 @@ def test_compare_errors_name_what_is_missing(store, capsys):
     code = main(["compare", "--tracking-uri", uri, "--experiment", "nope"])
     err = capsys.readouterr().err
     assert code == 2 and "no MLflow experiment 'nope'" in err and EXPERIMENT in err
+    # a metric no run logged is named, with what they did log (it used to sort by nothing, silently)
+    code, _, err = _compare(capsys, uri, "--metric", "nope", "--out", str(tmp_path / "x"))
+    assert code == 2 and "--metric nope: none of the" in err and "pretrain.tokens_per_second_mean" in err
+    # a store URI with a scheme MLflow does not know: named, no traceback
+    code, _, err = _compare(capsys, "foo://bar", "--out", str(tmp_path / "x"))
+    assert code == 2 and "the tracking store foo://bar did not answer" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
 
 

@@ -35,6 +35,7 @@ from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, write_text
 from lmcore.data import glue
 from lmcore.eval.bootstrap import bits_per_byte_stat, paired_bootstrap, same_windows
+from lmcore.tracking import reading_store
 
 STAGE_ORDER = ["prepare", "clean", "tokenizer", "encode", "pretrain", "export", "finetune", "evaluate"]
 COMPARED = {"pretrain", "evaluate", "finetune"}  # a run shows up when one of these ran in it
@@ -164,6 +165,12 @@ def pipeline_runs(client, experiment: str, limit: int | None = None) -> list[Pip
 
 # ---------------------------------------------------------------------------------------------
 # the table
+
+
+def logged_metrics(runs: list[PipelineRun]) -> list[str]:
+    """Every ``<stage>.<metric>`` the stage runs of ``runs`` logged, sorted (what ``--metric`` can name)."""
+    return sorted({f"{stage.split(':')[0]}.{key}" for r in runs for stage, run in r.stages.items()
+                   for key in run.data.metrics})
 
 
 def metric_value(run: PipelineRun, metric: str) -> tuple[int, float] | None:
@@ -340,10 +347,14 @@ def compare(experiment: str, tracking_uri: str, metric: str = "val_bpb", out: Pa
     ``out/val_bpb.png``."""
     from mlflow import MlflowClient  # lazy: mlflow takes ~2 s to import; only reading runs needs it
 
-    client = MlflowClient(tracking_uri=resolve_uri(tracking_uri))
-    runs = pipeline_runs(client, experiment, limit)
+    with reading_store(tracking_uri):
+        client = MlflowClient(tracking_uri=resolve_uri(tracking_uri))
+        runs = pipeline_runs(client, experiment, limit)
     if not runs:
         raise StageError(f"experiment '{experiment}' has no run that pretrained, evaluated or fine-tuned")
+    if all(metric_value(r, metric) is None for r in runs):
+        raise StageError(f"--metric {metric}: none of the {len(runs)} run(s) logged it; they logged: "
+                         + ", ".join(logged_metrics(runs)))
     runs = sort_runs(runs, metric)
     table = markdown_table(runs)
     out = Path(out)
@@ -411,8 +422,9 @@ def noise(experiment: str, tracking_uri: str, a: str, b: str, resamples: int = 2
     not be tested)."""
     from mlflow import MlflowClient  # lazy: as compare()
 
-    client = MlflowClient(tracking_uri=resolve_uri(tracking_uri))
-    runs = pipeline_runs(client, experiment)
+    with reading_store(tracking_uri):
+        client = MlflowClient(tracking_uri=resolve_uri(tracking_uri))
+        runs = pipeline_runs(client, experiment)
     ra, rb = _find(runs, a), _find(runs, b)
     lines = [f"{ra.name} ({ra.run_id[:8]}) -> {rb.name} ({rb.run_id[:8]}): b - a, paired bootstrap"]
     with tempfile.TemporaryDirectory() as tmp:
