@@ -8,6 +8,8 @@ and what is allowed. Every field carries a docstring (pydantic reads them as des
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -63,6 +65,22 @@ class Section(BaseModel):
     # allow_inf_nan: no setting is meaningful at infinity or NaN (a YAML ``.inf`` is refused here,
     # not as an overflow deep inside a stage)
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, v: Any, info: Any) -> Any:
+        # pydantic reads YAML's true/false as 1/0 for a number: `batch_size: true` would train with 1
+        if isinstance(v, bool) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"{str(v).lower()} is a boolean; give a number")
+        return v
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field of this type takes numbers only (int, float, or either or None)."""
+    if typing.get_origin(annotation) not in (None, typing.Union, types.UnionType):  # list[int], Literal[...]
+        return False
+    args = [a for a in typing.get_args(annotation) or (annotation,) if a is not type(None)]
+    return bool(args) and all(a in (int, float) for a in args)
 
 
 # --------------------------------------------------------------------------------------------

@@ -195,6 +195,10 @@ def test_a_params_file_that_is_not_utf8_names_the_line(tmp_path):
                             "tasks": ["rotten_tomatoes"]}}}, "prepare.tasks.local = '/abs/x'", "letters, digits"),
     ({"prepare": {"tasks": {"local": {"reviews.v2": {"files": {"train": "t.jsonl"}, "label_names": ["a", "b"]}},
                             "tasks": ["rotten_tomatoes"]}}}, "prepare.tasks.local = 'reviews.v2'", "letters, digits"),
+    # YAML's true/false where a number belongs (pydantic read them as 1 and 0)
+    ({"encode": {"batch_size": True}}, "encode.batch_size = True", "a boolean; give a number"),
+    ({"pretrain": {"lr": False}}, "pretrain.lr = False", "a boolean; give a number"),
+    ({"pretrain": {"threads": True}}, "pretrain.threads = True", "a boolean; give a number"),
 ])
 def test_values_that_would_fail_deep_inside_a_stage_are_refused_at_load(tmp_path, section, value, why):
     """A seed out of what NumPy and torch accept, an infinite or NaN float, a task name that is a
