@@ -1233,6 +1233,9 @@ def _describe(err: dict[str, Any], source: str) -> str:
     if kind in ("literal_error",):
         allowed = err.get("ctx", {}).get("expected", "")
         msg = f"allowed: {allowed}"
+    if kind == "string_type" and isinstance(value, bool):  # `languages: [en, no]`: Norwegian read as false
+        words = "yes, on, true" if value else "no, off, false"
+        msg += f"; YAML reads a bare {words} as {str(value).lower()}: quote the word, e.g. '{words.split(',')[0]}'"
     if kind == "value_error" and (isinstance(value, dict) or not err["loc"]):  # a rule across the fields of a section
         return f"{source}: {key + ': ' if err['loc'] else ''}{msg.removeprefix('Value error, ')}"
     return f"{source}: {key} = {value!r} is invalid ({msg})"

@@ -199,6 +199,8 @@ def test_a_params_file_that_is_not_utf8_names_the_line(tmp_path):
     ({"encode": {"batch_size": True}}, "encode.batch_size = True", "a boolean; give a number"),
     ({"pretrain": {"lr": False}}, "pretrain.lr = False", "a boolean; give a number"),
     ({"pretrain": {"threads": True}}, "pretrain.threads = True", "a boolean; give a number"),
+    ({"clean": {"filters": {"language": {"languages": ["en", False]}}}}, "languages.1 = False",
+     "YAML reads a bare no, off, false as false: quote the word, e.g. 'no'"),
 ])
 def test_values_that_would_fail_deep_inside_a_stage_are_refused_at_load(tmp_path, section, value, why):
     """A seed out of what NumPy and torch accept, an infinite or NaN float, a task name that is a
