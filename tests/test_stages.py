@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import write_sst2_like
 
-from lmcore.config import CleanConfig, CorpusSource, PrepareConfig, TaskSource, TrackingConfig
+from lmcore.config import CleanConfig, CorpusSource, Params, PrepareConfig, TaskSource, TrackingConfig
 from lmcore.core.errors import StageError
 from lmcore.data import glue
 from lmcore.data.clean import clean, split_of
@@ -148,3 +148,28 @@ def test_glue_metrics_use_official_definitions():
 def test_hub_offline_fails_fast_with_advice():
     with pytest.raises(StageError, match="glue_dir"):
         glue.read_hub_split(glue.TASKS["rte"], "train")
+
+
+def test_prepare_reads_input_files_relative_to_the_project_not_the_working_directory(tmp_path, monkeypatch):
+    """``lmcore --root proj prepare`` run from elsewhere reads ``corpus.paths`` and the local task
+    files of params.yaml inside ``proj`` (they were looked up in the working directory)."""
+    from lmcore.core.layout import Layout
+    from lmcore.stages import rooted_inputs, run_stage
+
+    proj, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    (proj / "texts").mkdir(parents=True)
+    elsewhere.mkdir()
+    (proj / "texts/a.txt").write_text("A first document of the corpus, long enough to keep.\n", encoding="utf-8")
+    rows = [{"text": f"review number {i}", "label": i % 2} for i in range(20)]
+    (proj / "texts/reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = PrepareConfig(corpus=CorpusSource(kind="files", paths=["texts/a.txt", str(proj / "texts")]),
+                        tasks=TaskSource(tasks=["reviews"], local={"reviews": {
+                            "files": {"train": "texts/reviews.jsonl"}, "label_names": ["neg", "pos"]}}))
+    rooted = rooted_inputs(cfg, proj)
+    assert rooted.corpus.paths == [str(proj / "texts/a.txt"), str(proj / "texts")]  # an absolute path is kept
+    assert rooted.tasks.local["reviews"].files == {"train": str(proj / "texts/reviews.jsonl")}
+    monkeypatch.chdir(elsewhere)
+    params = Params.model_validate({"prepare": cfg.model_dump(), "finetune": {"tasks": {"reviews": {}}},
+                                    "tracking": {"enabled": False}})
+    run_stage("prepare", params, Layout(proj))
+    assert (proj / "data/raw/tasks/reviews").is_dir() and not (elsewhere / "data").exists()
