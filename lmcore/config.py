@@ -242,6 +242,14 @@ class TaskSource(Section):
         return tasks
 
 
+def task_spec(name: str, local: LocalTask | None = None) -> task_specs.TaskSpec:
+    """The spec of task ``name``: the registry's (a GLUE name, ``rotten_tomatoes``), also where
+    ``local`` reads a GLUE task from files; else the spec of ``local``'s definition."""
+    if name in task_specs.TASKS or local is None:
+        return task_specs.TASKS[name]
+    return task_specs.custom_spec(name, local.label_names, local.metrics, local.columns.text_b is not None)
+
+
 def _check_local(name: str, task: LocalTask) -> None:
     """A local task definition against the registry (a GLUE name keeps the registry's spec)."""
     spec = task_specs.TASKS.get(name)
@@ -258,7 +266,7 @@ def _check_local(name: str, task: LocalTask) -> None:
         if task.label_names is None and not task.regression:
             raise ValueError(f"local.{name}: give label_names (classification) or regression: true")
         allowed = ["train", "validation", "test"]
-        spec = task_specs.custom_spec(name, task.label_names, task.metrics, task.columns.text_b is not None)
+        spec = task_spec(name, task)
     bad = [s for s in task.files if s not in allowed]
     if bad:
         raise ValueError(f"local.{name}.files: split(s) {bad} do not belong to task {name} "
@@ -1156,7 +1164,8 @@ class RegistryConfig(Section):
     """The pretraining metric ``lmcore promote`` compares (lower is better)."""
     task_metric: str = "score"
     """The fine-tuning metric ``lmcore promote`` compares (higher is better): ``score`` (the task's
-    main metric) or one the task reports, e.g. ``accuracy``, ``f1``, ``mcc``, ``pearson``."""
+    main metric) or one every listed task reports, e.g. ``accuracy``, ``f1``, ``matthews``, ``pearson`` (MNLI:
+    ``accuracy_matched``); checked at load against ``prepare.tasks.tasks``."""
 
 
 class TrackingConfig(Section):
@@ -1208,6 +1217,21 @@ class Params(Section):
                 f"finetune.tasks has no entry for {', '.join(missing)} (listed in prepare.tasks.tasks): add "
                 + ", ".join(f"'{t}: {{}}'" for t in missing)
                 + " under finetune.tasks ({} keeps finetune.defaults; DVC tracks finetune.tasks.<task> per task)")
+        return self
+
+    @model_validator(mode="after")
+    def _task_metric(self) -> "Params":
+        # a name no task reports would first fail at `lmcore promote`, after every task trained
+        registry = self.tracking.registry
+        metric = registry.task_metric
+        if not registry.enabled or metric == "score":
+            return self
+        src = self.prepare.tasks
+        for name in src.tasks:
+            reported = task_specs.metric_keys(task_spec(name, src.local.get(name)))
+            if metric not in reported:
+                raise ValueError(f"tracking.registry.task_metric = {metric!r}: task {name} reports "
+                                 f"{', '.join(['score', *reported])}")
         return self
 
     @model_validator(mode="after")

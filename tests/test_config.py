@@ -208,3 +208,19 @@ def test_values_that_would_fail_deep_inside_a_stage_are_refused_at_load(tmp_path
     with pytest.raises(ConfigError) as e:
         config.load(_write(tmp_path, section))
     assert value in str(e.value) and why in str(e.value), str(e.value)
+
+
+def test_the_registry_task_metric_must_be_one_every_task_reports(tmp_path):
+    """A metric no listed task reports (a typo, or MCC asked of a task without it) used to fail
+    only at ``lmcore promote``, after every task had trained."""
+    ok = {"tracking": {"registry": {"task_metric": "f1"}}}  # rotten_tomatoes reports accuracy and f1
+    assert config.load(_write(tmp_path, ok)).tracking.registry.task_metric == "f1"
+    with pytest.raises(ConfigError) as e:
+        config.load(_write(tmp_path, {"tracking": {"registry": {"task_metric": "acc"}}}))
+    assert "tracking.registry.task_metric = 'acc': task rotten_tomatoes reports score, accuracy, f1" in str(e.value)
+    cola = {"prepare": {"tasks": {"kind": "glue_dir", "glue_dir": "glue", "tasks": ["sst2", "cola"]}},
+            "finetune": {"tasks": {"sst2": {}, "cola": {}}}, "tracking": {"registry": {"task_metric": "accuracy"}}}
+    with pytest.raises(ConfigError, match="task cola reports score, matthews"):
+        config.load(_write(tmp_path, cola))
+    cola["tracking"]["registry"]["enabled"] = False  # nothing is registered: nothing to check
+    config.load(_write(tmp_path, cola))

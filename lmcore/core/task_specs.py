@@ -135,3 +135,15 @@ def custom_spec(name: str, labels: Sequence[str] | None, metrics: Sequence[str] 
 def glue_splits(spec: TaskSpec) -> list[str]:
     """Splits of a registry task, in order (MNLI's include its AX diagnostic split)."""
     return spec.splits()
+
+
+def split_suffix(spec: TaskSpec, split: str) -> str:
+    """Suffix of a validation split's metric names: none for a single validation split, else
+    ``_matched`` / ``_mismatched`` (MNLI)."""
+    return "" if len(spec.validation_splits) == 1 else "_" + split.removeprefix("validation_")
+
+
+def metric_keys(spec: TaskSpec) -> list[str]:
+    """The numbers a task reports: its metrics on each validation split (MNLI:
+    ``accuracy_matched``, ``accuracy_mismatched``)."""
+    return [f"{m}{split_suffix(spec, s)}" for s in spec.validation_splits for m in spec.metrics]

@@ -42,6 +42,8 @@ from lmcore.core.task_specs import REGRESSION_METRICS as REGRESSION_METRICS
 from lmcore.core.task_specs import TASKS as TASKS
 from lmcore.core.task_specs import TaskSpec as TaskSpec
 from lmcore.core.task_specs import custom_spec as custom_spec
+from lmcore.core.task_specs import metric_keys as metric_keys
+from lmcore.core.task_specs import split_suffix as split_suffix
 from lmcore.core.task_specs import get_task as get_task
 from lmcore.core.task_specs import glue_splits as glue_splits
 
@@ -347,18 +349,6 @@ def compute_metrics(spec: TaskSpec, preds: Sequence[float], labels: Sequence[flo
             raise ValueError(m)
         out[m] = 0.0 if math.isnan(float(v)) else float(v)
     return out
-
-
-def split_suffix(spec: TaskSpec, split: str) -> str:
-    """Suffix of a validation split's metric names: none for a single validation split, else
-    ``_matched`` / ``_mismatched`` (MNLI)."""
-    return "" if len(spec.validation_splits) == 1 else "_" + split.removeprefix("validation_")
-
-
-def metric_keys(spec: TaskSpec) -> list[str]:
-    """The numbers a task reports: its metrics on each validation split (MNLI:
-    ``accuracy_matched``, ``accuracy_mismatched``)."""
-    return [f"{m}{split_suffix(spec, s)}" for s in spec.validation_splits for m in spec.metrics]
 
 
 def evaluate_splits(spec: TaskSpec, preds: Mapping[str, Sequence[float]],

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lmcore.config import CorpusSource, PrepareConfig, TaskSource, TrackingConfig, flatten
+from lmcore.config import CorpusSource, PrepareConfig, TaskSource, TrackingConfig, flatten, task_spec
 from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, sha256_file, write_json, write_jsonl
 from lmcore.core.readers import ReadStats, read_files, read_hub
@@ -187,8 +187,7 @@ def hold_out(rows: list[dict[str, Any]], fraction: float) -> tuple[list[dict[str
 def local_task_splits(src: TaskSource, name: str) -> tuple[glue.TaskSpec, dict[str, list[dict[str, Any]]], int]:
     """Every split of a task defined under ``prepare.tasks.local`` (files with a column mapping)."""
     lt = src.local[name]
-    spec = glue.TASKS[name] if name in glue.TASKS else glue.custom_spec(
-        name, lt.label_names, lt.metrics, lt.columns.text_b is not None)
+    spec = task_spec(name, lt)
     splits: dict[str, list[dict[str, Any]]] = {}
     skipped = 0
     for split in [s for s in spec.splits() if s in lt.files]:
