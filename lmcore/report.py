@@ -47,10 +47,13 @@ img { max-width: 100%; border: 1px solid #eee; } .missing { color: #a11; }
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``; None where it is missing, unreadable or not an object (the
+    report shows what it can)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _img(png: bytes, alt: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import zipfile
 from pathlib import Path
 
@@ -597,3 +598,47 @@ def test_length_grouped_batches_cover_each_example_once_pad_less_and_are_seeded(
     # still shuffled: the batches do not come in length order
     maxima = [max(lengths[i] for i in b) for b in grouped]
     assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)
+
+
+# --------------------------------------------------------------------------------------------- damaged prepared files
+
+
+def _prepared(folder: Path, spec: glue.TaskSpec, train: list[dict]) -> Path:
+    write_json(folder / "task.json", spec.to_dict())
+    write_jsonl(folder / "train.jsonl", train)
+    write_jsonl(folder / "validation.jsonl", train[:1])
+    return folder
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"label": 7}, "line 2: label 7 is not a class index 0 .. 1"),
+    ({"label": True}, "line 2: label True is not a class index 0 .. 1"),
+    ({"text_a": 5}, "line 2: text_a is 5, not a string"),
+    ({"text_b": "x"}, "line 2: text_b is 'x': task rotten_tomatoes has one text"),
+])
+def test_a_damaged_prepared_example_is_named_by_file_and_line(tmp_path, change, message):
+    """Training used to stop deep inside with ``IndexError: Target 7 is out of bounds`` or the
+    tokenizer's TypeError; now loading the task names the line."""
+    good = {"idx": 0, "text_a": "a good film", "text_b": None, "label": 1}
+    folder = _prepared(tmp_path / "t", glue.TASKS["rotten_tomatoes"], [good, {**good, "idx": 1, **change}])
+    with pytest.raises(StageError, match=re.escape(f"train.jsonl: {message}")):
+        glue.load_task(folder)
+    stsb = _prepared(tmp_path / "s", glue.TASKS["stsb"], [{"idx": 0, "text_a": "a", "text_b": "b", "label": 3.8}])
+    assert glue.load_task(stsb)[1]["train"][0]["label"] == 3.8  # regression: a number, pairs: two texts
+
+
+def test_a_task_description_or_results_file_of_the_wrong_shape_is_named(tmp_path):
+    from lmcore.eval.tasks import task_results
+
+    folder = _prepared(tmp_path / "t", glue.TASKS["rotten_tomatoes"], [{"idx": 0, "text_a": "a", "label": 0}])
+    (folder / "task.json").write_text("[1, 2]")
+    with pytest.raises(StageError, match=r"task.json: not a task description as lmcore writes it \(a JSON object"):
+        glue.load_task(folder)
+    run = tmp_path / "runs/rotten_tomatoes"
+    write_json(run / "config.json", {"task": glue.TASKS["rotten_tomatoes"].to_dict()})
+    (run / "results.json").write_text("[1]")
+    with pytest.raises(StageError, match=r"results.json: no number for metrics.score"):
+        task_results(tmp_path / "runs", ["rotten_tomatoes"])
+    write_json(run / "results.json", {"metrics": {"score": 0.5, "accuracy": 0.5}})
+    with pytest.raises(StageError, match=r"results.json: no number for metrics.majority_accuracy"):
+        task_results(tmp_path / "runs", ["rotten_tomatoes"])

@@ -67,14 +67,26 @@ class TaskSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TaskSpec":
-        d = dict(d)
-        for k in ("labels", "metrics", "columns", "validation_splits", "test_splits", "hub_columns", "score_range"):
-            if d.get(k) is not None:
-                d[k] = tuple(d[k])
-        if d.get("submissions") is not None:
-            d["submissions"] = tuple(tuple(s) for s in d["submissions"])
-        return cls(**d)
+    def from_dict(cls, d: Any, where: str = "task description") -> "TaskSpec":
+        """The spec :meth:`to_dict` wrote; ``where`` (the file, and key) names it in the
+        :class:`StageError` a damaged or hand-edited one raises."""
+        try:
+            if not isinstance(d, dict):
+                raise TypeError(f"a JSON object expected, not {type(d).__name__}")
+            d = dict(d)
+            for k in ("labels", "metrics", "columns", "validation_splits", "test_splits", "hub_columns",
+                      "score_range"):
+                if d.get(k) is not None:
+                    d[k] = tuple(d[k])
+            if d.get("submissions") is not None:
+                d["submissions"] = tuple(tuple(s) for s in d["submissions"])
+            spec = cls(**d)
+            if not (isinstance(spec.name, str) and spec.validation_splits and spec.metrics):
+                raise TypeError("no name, validation splits or metrics")
+            return spec
+        except (TypeError, ValueError) as e:
+            raise StageError(f"{where}: not a task description as lmcore writes it ({e}); re-run the stage that "
+                             "wrote it") from None
 
 
 BINARY = ("0", "1")

@@ -28,7 +28,7 @@ from typing import Any
 
 from lmcore.core import readers
 from lmcore.core.errors import StageError
-from lmcore.core.io import atomic_path, read_json, read_jsonl, read_jsonl_lines
+from lmcore.core.io import atomic_path, read_json, read_jsonl_lines
 
 # the task registry, re-exported: lmcore.data.glue is where tasks are loaded and scored
 from lmcore.core.task_specs import BINARY as BINARY
@@ -424,12 +424,37 @@ def write_submission_zip(files: Sequence[Path], out: Path) -> list[str]:
     return names
 
 
+def _checked_example(spec: TaskSpec, row: dict[str, Any], where: str) -> dict[str, Any]:
+    """A prepared example as training and scoring read it: ``text_a`` a string, ``text_b`` one
+    for a pair task (else absent or null), ``label`` null (a test split) or one the task has (a
+    class index below its number of labels; a finite number for regression)."""
+    def bad(what: str) -> StageError:
+        return StageError(f"{where}: {what}: damaged or not written by prepare; run the prepare stage again")
+
+    if not isinstance(row.get("text_a"), str):
+        raise bad(f"text_a is {row.get('text_a')!r:.40}, not a string")
+    b = row.get("text_b")
+    if spec.pair and not isinstance(b, str) or not spec.pair and b is not None:
+        raise bad(f"text_b is {b!r:.40}: task {spec.name} {'pairs two texts' if spec.pair else 'has one text'}")
+    y = row.get("label")
+    if y is not None:
+        if spec.is_regression:
+            ok = isinstance(y, (int, float)) and not isinstance(y, bool) and math.isfinite(y)
+        else:
+            ok = isinstance(y, int) and not isinstance(y, bool) and 0 <= y < spec.num_labels
+        if not ok:
+            allowed = "a finite number" if spec.is_regression else f"a class index 0 .. {spec.num_labels - 1}"
+            raise bad(f"label {y!r:.40} is not {allowed}")
+    return row
+
+
 def load_task(folder: Path) -> tuple[TaskSpec, dict[str, list[dict[str, Any]]]]:
     """A prepared task folder (``data/raw/tasks/<task>``, what ``prepare`` writes): its spec
     (``task.json``) and its splits (``<split>.jsonl``)."""
     folder = Path(folder)
-    spec = TaskSpec.from_dict(read_json(folder / "task.json"))
-    splits = {p.stem: list(read_jsonl(p)) for p in sorted(folder.glob("*.jsonl"))}
+    spec = TaskSpec.from_dict(read_json(folder / "task.json"), str(folder / "task.json"))
+    splits = {p.stem: [_checked_example(spec, row, f"{p}: line {n}") for n, row in read_jsonl_lines(p)]
+              for p in sorted(folder.glob("*.jsonl"))}
     if not splits.get("train"):
         raise StageError(f"{folder}/train.jsonl: no training examples")
     for name in spec.validation_splits:

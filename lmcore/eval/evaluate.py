@@ -255,6 +255,8 @@ def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned:
         expand_paths(text.paths, f"evaluate.texts ({text.name})")
     for mc in cfg.multiple_choice:
         read_multiple_choice(mc.path, mc.context_field, mc.choices_field, mc.gold_field)
+    # read (and checked) before the scoring: a damaged results file stops the stage at once
+    task_m, task_rows, submission = task_results(finetuned, tasks)
     params = flatten(cfg, "evaluate.")
     params["evaluate.texts"] = json.dumps([t.model_dump() for t in cfg.texts])
     params["evaluate.multiple_choice"] = json.dumps([c.model_dump() for c in cfg.multiple_choice])
@@ -301,7 +303,6 @@ def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned:
             log.info("evaluate: %s %.4f bits per byte, perplexity %.2f (%d tokens, %d bytes, %d documents)",
                      text.name, s.bpb, math.exp(s.loss), s.tokens, s.bytes, s.documents)
 
-        task_m, task_rows, submission = task_results(finetuned, tasks)
         m |= task_m
         rows += task_rows
         if zero_shot:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lmcore.core.errors import StageError
 from lmcore.core.io import read_json
 from lmcore.data import glue
 
@@ -32,8 +33,15 @@ def task_results(finetuned: Path, tasks: Sequence[str]) -> tuple[dict[str, Any],
     for task in tasks:
         folder = Path(finetuned) / task
         res = read_json(folder / "results.json")
-        spec = glue.TaskSpec.from_dict(read_json(folder / "config.json")["task"])
-        r = res["metrics"]
+        config = read_json(folder / "config.json")
+        spec = glue.TaskSpec.from_dict(config.get("task") if isinstance(config, dict) else config,
+                                       f"{folder / 'config.json'}: task")
+        r = res.get("metrics") if isinstance(res, dict) else None
+        needed = ["score"] + [f"{p}{k}" for k in glue.metric_keys(spec) for p in ("", "majority_", "bow_")]
+        if not isinstance(r, dict) or any(not isinstance(r.get(k), (int, float)) for k in needed):
+            missing = needed if not isinstance(r, dict) else [k for k in needed if not isinstance(r.get(k), (int, float))]
+            raise StageError(f"{folder / 'results.json'}: no number for metrics.{', metrics.'.join(missing[:4])}: "
+                             f"damaged or not written by lmcore's finetune; run finetune@{task} again")
         for k in glue.metric_keys(spec):
             m[f"{task}.{k}"] = r[k]
             m[f"{task}.majority_{k}"] = r[f"majority_{k}"]

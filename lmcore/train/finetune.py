@@ -145,7 +145,7 @@ def bow_baseline(spec: glue.TaskSpec, train: list[dict[str, Any]],
 def load_classifier(folder: Path) -> tuple[SequenceClassifier, glue.TaskSpec]:
 
     cfg = read_config(folder)
-    spec = glue.TaskSpec.from_dict(cfg["task"])
+    spec = glue.TaskSpec.from_dict(cfg.get("task"), f"{Path(folder) / 'config.json'}: task")
     model = SequenceClassifier(Decoder(DecoderConfig(**cfg["model"])), spec.num_labels, cfg.get("dropout", 0.0))
     load_weights(model, require(Path(folder) / "model.safetensors", "fine-tuned weights"))
     return model, spec
