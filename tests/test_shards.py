@@ -139,7 +139,11 @@ def test_damaged_or_missing_shards_are_reported(project, tmp_path):
     with pytest.raises(StageError, match="no split 'test'"):
         load_tokens(tokens, "test")
     path = tokens / "validation.bin"
-    path.write_bytes(path.read_bytes()[:-2])
+    data = path.read_bytes()
+    path.write_bytes(data[:-2] + b"\xff\xff")  # the same size, the last token id 65535
+    with pytest.raises(StageError, match=r"validation\.bin: token id 65535 is outside the vocabulary of \d+"):
+        load_tokens(tokens, "validation")
+    path.write_bytes(data[:-2])
     with pytest.raises(StageError, match=r"validation\.bin: .* bytes, but manifest\.json says"):
         load_tokens(tokens, "validation")
     path.unlink()

@@ -138,8 +138,16 @@ class TokenShards:
             raise StageError(f"{mpath}: missing key {e} (written by an older lmcore? re-run the encode stage)") \
                 from None
         shards, indexes = [], []
+        vocab = int(manifest["vocab_size"])
         for e in entries:
             shards.append(_memmap(tokens_dir / e["file"], dtype, int(e["tokens"]), "tokens"))
+            # one pass over the shard (memory speed; training reads it all anyway): an id the
+            # model has no embedding for would stop training deep inside with an IndexError
+            top = int(shards[-1].max()) if len(shards[-1]) else -1
+            if top >= vocab:
+                raise StageError(f"{tokens_dir / e['file']}: token id {top} is outside the vocabulary of {vocab} "
+                                 f"(manifest.json): a damaged shard, or one another tokenizer wrote; re-run the "
+                                 "encode stage")
             ix = _memmap(tokens_dir / e["index"], INDEX_DTYPE, int(e["documents"]) + 1, "document offsets")
             if len(ix) and int(ix[-1]) != int(e["tokens"]):
                 raise StageError(f"{tokens_dir / e['index']}: last offset {int(ix[-1])} != {e['tokens']} tokens")
