@@ -91,6 +91,26 @@ def test_output_does_not_depend_on_workers_or_orchestrator(tmp_path):
     assert len(a) > 6 and a == outputs(tmp_path / "b") == outputs(tmp_path / "c")
 
 
+def test_a_failed_clean_leaves_no_scratch_folder_and_keeps_the_earlier_output(tmp_path):
+    from lmcore.core.errors import StageError
+    from lmcore.data.clean.stage import work_dir
+
+    raw = raw_corpus(tmp_path / "raw", n_docs=80, shard_bytes=8_000)
+    cfg = CleanConfig(min_chars=50, filters={}, workers=1)
+    clean(cfg, raw, tmp_path / "clean", tmp_path / "clean.json", OFF)
+    before = outputs(tmp_path / "clean")
+
+    def worker_lost(jobs):  # an orchestrator whose worker dies after the first shard
+        clean_shard(*jobs[0])
+        assert work_dir(tmp_path / "clean").is_dir()
+        raise StageError("worker lost")
+
+    with pytest.raises(StageError, match="worker lost"):
+        clean(cfg, raw, tmp_path / "clean", tmp_path / "clean.json", OFF, map_shards=worker_lost)
+    assert not work_dir(tmp_path / "clean").exists()  # the first shards' scratch files went too
+    assert outputs(tmp_path / "clean") == before
+
+
 def test_bad_filter_settings_name_the_key():
     with pytest.raises(ConfigError, match="clean.*filters.gopher_quality.*unknown field"):
         from_dict({"clean": {"filters": {"gopher_quality": {"no_such_threshold": 1}}}})

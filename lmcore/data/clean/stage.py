@@ -460,6 +460,14 @@ def clean(cfg: CleanConfig, raw: Path, out: Path, metrics: Path, tracking: Track
     shards = raw_shards(raw)
     work = work_dir(out)
     shutil.rmtree(work, ignore_errors=True)
+    try:
+        return _clean(cfg, raw, shards, work, out, metrics, tracking, map_shards)
+    finally:  # the shards' scratch files, whether the stage finished or failed
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _clean(cfg: CleanConfig, raw: Path, shards: list[Path], work: Path, out: Path, metrics: Path,
+           tracking: TrackingConfig, map_shards: Callable[[list[tuple]], list[ShardResult]] | None) -> CleanResult:
     with stage_run("clean", tracking, flatten(cfg, "clean."), inputs=[raw_shards(raw)[0].parent],
                    outputs=[out]) as tr:
         t0 = time.perf_counter()
@@ -479,5 +487,4 @@ def clean(cfg: CleanConfig, raw: Path, out: Path, metrics: Path, tracking: Track
         write_json(metrics, headline(result.stats))
         log.info("clean: %.1f MB in %.1f s (%.2f MB/s), kept %d of %d documents", result.stats["mb_in"], seconds,
                  result.stats["mb_per_second"], result.stats["documents_kept"], result.stats["documents_in"])
-        shutil.rmtree(work, ignore_errors=True)
         return result
