@@ -79,7 +79,8 @@ def _numeric(annotation: Any) -> bool:
     """Whether a field of this type takes numbers only (int, float, or either or None)."""
     if typing.get_origin(annotation) not in (None, typing.Union, types.UnionType):  # list[int], Literal[...]
         return False
-    args = [a for a in typing.get_args(annotation) or (annotation,) if a is not type(None)]
+    args = [typing.get_args(a)[0] if typing.get_origin(a) is Annotated else a  # Seed | None: Annotated[int, ...]
+            for a in typing.get_args(annotation) or (annotation,) if a is not type(None)]
     return bool(args) and all(a in (int, float) for a in args)
 
 
@@ -156,7 +157,7 @@ class LocalTask(Section):
     regression: bool = False
     """A regression task (a number per example) that is not a GLUE task, instead of
     ``label_names``."""
-    metrics: list[MetricName] | None = None
+    metrics: Annotated[list[MetricName], Field(min_length=1)] | None = None
     """Metrics for a task that is not a GLUE task; the task score is their mean. None:
     ``accuracy`` for classification, ``pearson`` and ``spearman`` for regression. ``f1`` (of class
     1) needs two classes."""

@@ -24,16 +24,19 @@ from lmcore.core.layout import Layout
 
 
 def rooted_inputs(cfg: PrepareConfig, root: Path) -> PrepareConfig:
-    """``cfg`` with the input files it names (``corpus.paths``, ``tasks.local.<task>.files``)
-    relative to the project folder ``root``, as ``params.yaml`` means them, not to the directory
-    the command runs in (``lmcore --root``); absolute paths are kept."""
+    """``cfg`` with the input files it names (``corpus.paths``, ``tasks.glue_dir``,
+    ``tasks.local.<task>.files``) relative to the project folder ``root``, as ``params.yaml``
+    means them, not to the directory the command runs in (``lmcore --root``); absolute paths are
+    kept."""
     def at(path: str) -> str:
         return path if Path(path).is_absolute() else str(root / path)
 
     corpus = cfg.corpus.model_copy(update={"paths": [at(x) for x in cfg.corpus.paths]})
     local = {name: task.model_copy(update={"files": {split: at(f) for split, f in task.files.items()}})
              for name, task in cfg.tasks.local.items()}
-    return cfg.model_copy(update={"corpus": corpus, "tasks": cfg.tasks.model_copy(update={"local": local})})
+    glue_dir = cfg.tasks.glue_dir and at(cfg.tasks.glue_dir)
+    tasks = cfg.tasks.model_copy(update={"local": local, "glue_dir": glue_dir})
+    return cfg.model_copy(update={"corpus": corpus, "tasks": tasks})
 
 
 def _prepare(p: Params, L: Layout) -> Any:

@@ -145,6 +145,15 @@ def test_compare_other_metrics_and_limits(store, capsys):
     code, out, _ = _compare(capsys, uri, "--metric", "glue.score", "--out", str(tmp_path / "b"))
     header, *rows = _rows(out)
     assert [r[header.index("run")] for r in rows] == ["run-b", "run-c", "run-a", "run-d"]
+    # one task's own run, by its stage key
+    code, out, _ = _compare(capsys, uri, "--metric", "finetune:sst2.score", "--out", str(tmp_path / "t"))
+    header, *rows = _rows(out)
+    assert code == 0 and [r[header.index("run")] for r in rows][:2] == ["run-b", "run-a"]
+    # the default order needs no metric from every run: runs that only fine-tuned are listed too
+    only = TrackingConfig(tracking_uri=uri, experiment="finetune-only")
+    _pipeline("run-f", only, task_score=0.6)
+    code = main(["compare", "--tracking-uri", uri, "--experiment", "finetune-only", "--out", str(tmp_path / "f")])
+    assert code == 0 and "run-f" in capsys.readouterr().out
     # the two most recent runs (E does not count)
     code, out, _ = _compare(capsys, uri, "--runs", "2", "--out", str(tmp_path / "c"))
     header, *rows = _rows(out)
@@ -162,6 +171,13 @@ def test_compare_errors_name_what_is_missing(store, capsys):
     # a metric no run logged is named, with what they did log (it used to sort by nothing, silently)
     code, _, err = _compare(capsys, uri, "--metric", "nope", "--out", str(tmp_path / "x"))
     assert code == 2 and "--metric nope: none of the" in err and "pretrain.tokens_per_second_mean" in err
+    # ... and every name it lists sorts the table
+    import mlflow
+
+    from lmcore.eval.compare import logged_metrics, metric_value, pipeline_runs
+
+    runs = pipeline_runs(mlflow.MlflowClient(uri), EXPERIMENT)
+    assert all(any(metric_value(r, m) is not None for r in runs) for m in logged_metrics(runs))
     # a store URI with a scheme MLflow does not know: named, no traceback
     code, _, err = _compare(capsys, "foo://bar", "--out", str(tmp_path / "x"))
     assert code == 2 and "the tracking store foo://bar did not answer" in err and "Traceback" not in err

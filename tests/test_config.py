@@ -199,6 +199,10 @@ def test_a_params_file_that_is_not_utf8_names_the_line(tmp_path):
     ({"encode": {"batch_size": True}}, "encode.batch_size = True", "a boolean; give a number"),
     ({"pretrain": {"lr": False}}, "pretrain.lr = False", "a boolean; give a number"),
     ({"pretrain": {"threads": True}}, "pretrain.threads = True", "a boolean; give a number"),
+    ({"evaluate": {"seed": True}}, "evaluate.seed = True", "a boolean; give a number"),  # Seed | None
+    ({"prepare": {"tasks": {"local": {"x": {"files": {"train": "t.jsonl"}, "label_names": ["a", "b"], "metrics": []}},
+                            "tasks": ["x"]}}, "finetune": {"tasks": {"x": {}}}},
+     "prepare.tasks.local.x.metrics = []", "at least 1 item"),  # a task with nothing to score
     ({"clean": {"filters": {"language": {"languages": ["en", False]}}}}, "languages.1 = False",
      "YAML reads a bare no, off, false as false: quote the word, e.g. 'no'"),
 ])

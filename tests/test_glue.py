@@ -610,21 +610,29 @@ def _prepared(folder: Path, spec: glue.TaskSpec, train: list[dict]) -> Path:
     return folder
 
 
+REMOVED = object()
+
+
 @pytest.mark.parametrize("change, message", [
     ({"label": 7}, "line 2: label 7 is not a class index 0 .. 1"),
     ({"label": True}, "line 2: label True is not a class index 0 .. 1"),
     ({"text_a": 5}, "line 2: text_a is 5, not a string"),
     ({"text_b": "x"}, "line 2: text_b is 'x': task rotten_tomatoes has one text"),
+    ({"label": None}, "line 2: no label, in the train split"),
+    ({"idx": REMOVED}, "line 2: no idx"),
 ])
 def test_a_damaged_prepared_example_is_named_by_file_and_line(tmp_path, change, message):
     """Training used to stop deep inside with ``IndexError: Target 7 is out of bounds`` or the
     tokenizer's TypeError; now loading the task names the line."""
     good = {"idx": 0, "text_a": "a good film", "text_b": None, "label": 1}
-    folder = _prepared(tmp_path / "t", glue.TASKS["rotten_tomatoes"], [good, {**good, "idx": 1, **change}])
+    bad = {k: v for k, v in {**good, "idx": 1, **change}.items() if v is not REMOVED}
+    folder = _prepared(tmp_path / "t", glue.TASKS["rotten_tomatoes"], [good, bad])
     with pytest.raises(StageError, match=re.escape(f"train.jsonl: {message}")):
         glue.load_task(folder)
     stsb = _prepared(tmp_path / "s", glue.TASKS["stsb"], [{"idx": 0, "text_a": "a", "text_b": "b", "label": 3.8}])
-    assert glue.load_task(stsb)[1]["train"][0]["label"] == 3.8  # regression: a number, pairs: two texts
+    write_jsonl(stsb / "test.jsonl", [{"idx": 0, "text_a": "a", "text_b": "b", "label": None}])
+    splits = glue.load_task(stsb)[1]
+    assert splits["train"][0]["label"] == 3.8 and splits["test"][0]["label"] is None  # a test split has no labels
 
 
 def test_a_task_description_or_results_file_of_the_wrong_shape_is_named(tmp_path):

@@ -168,6 +168,8 @@ def test_prepare_reads_input_files_relative_to_the_project_not_the_working_direc
     rooted = rooted_inputs(cfg, proj)
     assert rooted.corpus.paths == [str(proj / "texts/a.txt"), str(proj / "texts")]  # an absolute path is kept
     assert rooted.tasks.local["reviews"].files == {"train": str(proj / "texts/reviews.jsonl")}
+    glue = PrepareConfig(tasks=TaskSource(kind="glue_dir", glue_dir="glue", tasks=["sst2"]))
+    assert rooted_inputs(glue, proj).tasks.glue_dir == str(proj / "glue")
     monkeypatch.chdir(elsewhere)
     params = Params.model_validate({"prepare": cfg.model_dump(), "finetune": {"tasks": {"reviews": {}}},
                                     "tracking": {"enabled": False}})

@@ -21,10 +21,10 @@ def add_parser(sub: Any) -> None:
                                        "not a pipeline stage)")
     p.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment in the params file)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.tracking_uri in the params file)")
-    p.add_argument("--metric", default="val_bpb",
+    p.add_argument("--metric",
                    help="sort by this metric: a bare name (evaluate's NAME or lm.NAME, else pretrain's NAME) or "
-                        "<stage>.<metric>, e.g. pretrain.tokens_per_second_mean, evaluate.glue.score "
-                        "(default: val_bpb)")
+                        "<stage>.<metric>, e.g. pretrain.tokens_per_second_mean, evaluate.glue.score, "
+                        "finetune:rotten_tomatoes.score (default: val_bpb)")
     p.add_argument("--out", help="output folder (default: runs/compare under --root)")
     p.add_argument("--runs", type=int, default=20, help="the most recent N runs (default: 20; 0: all)")
     p.add_argument("pair", nargs="*", metavar="RUN",

@@ -424,13 +424,17 @@ def write_submission_zip(files: Sequence[Path], out: Path) -> list[str]:
     return names
 
 
-def _checked_example(spec: TaskSpec, row: dict[str, Any], where: str) -> dict[str, Any]:
-    """A prepared example as training and scoring read it: ``text_a`` a string, ``text_b`` one
-    for a pair task (else absent or null), ``label`` null (a test split) or one the task has (a
-    class index below its number of labels; a finite number for regression)."""
+def _checked_example(spec: TaskSpec, row: dict[str, Any], split: str, where: str) -> dict[str, Any]:
+    """A prepared example as training and scoring read it: an ``idx``, ``text_a`` a string,
+    ``text_b`` one for a pair task (else absent or null), and a ``label`` the task has (a class
+    index below its number of labels; a finite number for regression), or null in a test split."""
     def bad(what: str) -> StageError:
         return StageError(f"{where}: {what}: damaged or not written by prepare; run the prepare stage again")
 
+    if "idx" not in row:
+        raise bad("no idx")
+    if row.get("label") is None and split not in spec.test_splits:
+        raise bad(f"no label, in the {split} split")
     if not isinstance(row.get("text_a"), str):
         raise bad(f"text_a is {row.get('text_a')!r:.40}, not a string")
     b = row.get("text_b")
@@ -453,7 +457,7 @@ def load_task(folder: Path) -> tuple[TaskSpec, dict[str, list[dict[str, Any]]]]:
     (``task.json``) and its splits (``<split>.jsonl``)."""
     folder = Path(folder)
     spec = TaskSpec.from_dict(read_json(folder / "task.json"), str(folder / "task.json"))
-    splits = {p.stem: [_checked_example(spec, row, f"{p}: line {n}") for n, row in read_jsonl_lines(p)]
+    splits = {p.stem: [_checked_example(spec, row, p.stem, f"{p}: line {n}") for n, row in read_jsonl_lines(p)]
               for p in sorted(folder.glob("*.jsonl"))}
     if not splits.get("train"):
         raise StageError(f"{folder}/train.jsonl: no training examples")

@@ -41,6 +41,8 @@ STAGE_ORDER = ["prepare", "clean", "tokenizer", "encode", "pretrain", "export", 
 COMPARED = {"pretrain", "evaluate", "finetune"}  # a run shows up when one of these ran in it
 HIGHER_IS_BETTER = re.compile(r"score|accuracy|f1|matthews|pearson|spearman|tokens_per_second|mfu")
 PLOT_METRIC = "val_bpb"  # pretrain's stepped validation bits per byte
+DEFAULT_METRIC = "val_bpb"
+"""What the table is sorted by unless a metric is named: evaluate's bits per byte, else pretrain's."""
 
 
 @dataclasses.dataclass
@@ -168,18 +170,19 @@ def pipeline_runs(client, experiment: str, limit: int | None = None) -> list[Pip
 
 
 def logged_metrics(runs: list[PipelineRun]) -> list[str]:
-    """Every ``<stage>.<metric>`` the stage runs of ``runs`` logged, sorted (what ``--metric`` can name)."""
-    return sorted({f"{stage.split(':')[0]}.{key}" for r in runs for stage, run in r.stages.items()
-                   for key in run.data.metrics})
+    """Every ``<stage>.<metric>`` the stage runs of ``runs`` logged (``finetune:<task>.<metric>``
+    for a task), sorted: what ``--metric`` can name."""
+    return sorted({f"{stage}.{key}" for r in runs for stage, run in r.stages.items() for key in run.data.metrics})
 
 
 def metric_value(run: PipelineRun, metric: str) -> tuple[int, float] | None:
     """``(source rank, value)`` of ``metric`` for ``run``: ``<stage>.<key>`` names one stage's
-    metric; a bare name is looked up in evaluate (``NAME``, then ``lm.NAME``), then pretrain,
-    then the other stages. The rank sorts runs measured by the same source together."""
-    for stage in STAGE_ORDER:
-        if metric.startswith(stage + ".") and (v := run.metric(stage, metric[len(stage) + 1:])) is not None:
-            return 0, v
+    metric (``finetune:<task>.<key>`` one task's); a bare name is looked up in evaluate (``NAME``,
+    then ``lm.NAME``), then pretrain, then the other stages. The rank sorts runs measured by the
+    same source together."""
+    stage, _, key = metric.partition(".")
+    if key and (v := run.metric(stage, key)) is not None:
+        return 0, v
     sources = [(0, "evaluate", metric), (0, "evaluate", f"lm.{metric}"), (1, "pretrain", metric)]
     sources += [(2, s, metric) for s in sorted(run.stages) if s not in ("evaluate", "pretrain")]
     for rank, stage, key in sources:
@@ -280,8 +283,9 @@ def markdown_table(runs: list[PipelineRun]) -> str:
 
 def describe_order(metric: str) -> str:
     better = "higher" if HIGHER_IS_BETTER.search(metric) else "lower"
-    if "." in metric and metric.split(".", 1)[0] in STAGE_ORDER:
-        return f"Sorted by the {metric.split('.', 1)[0]} run's `{metric.split('.', 1)[1]}`, {better} is better first."
+    stage, _, key = metric.partition(".")
+    if key and stage.split(":")[0] in STAGE_ORDER:  # finetune:<task> too
+        return f"Sorted by the {stage} run's `{key}`, {better} is better first."
     return (f"Sorted by evaluate's `{metric}` (or `lm.{metric}`), {better} is better first; then the runs without "
             f"it, by pretrain's `{metric}`; runs with neither last.")
 
@@ -341,10 +345,11 @@ class CompareResult:
     """Runs drawn in the plot (those whose pretrain run logged ``val_bpb``)."""
 
 
-def compare(experiment: str, tracking_uri: str, metric: str = "val_bpb", out: Path = Path("runs/compare"),
+def compare(experiment: str, tracking_uri: str, metric: str | None = None, out: Path = Path("runs/compare"),
             limit: int | None = 20) -> CompareResult:
-    """Compare the last ``limit`` pipeline runs of ``experiment``; write ``out/compare.md`` and
-    ``out/val_bpb.png``."""
+    """Compare the last ``limit`` pipeline runs of ``experiment``, best first by ``metric``
+    (default :data:`DEFAULT_METRIC`; one that no run logged is an error, where it was asked for);
+    write ``out/compare.md`` and ``out/val_bpb.png``."""
     from mlflow import MlflowClient  # lazy: mlflow takes ~2 s to import; only reading runs needs it
 
     with reading_store(tracking_uri):
@@ -352,7 +357,9 @@ def compare(experiment: str, tracking_uri: str, metric: str = "val_bpb", out: Pa
         runs = pipeline_runs(client, experiment, limit)
     if not runs:
         raise StageError(f"experiment '{experiment}' has no run that pretrained, evaluated or fine-tuned")
-    if all(metric_value(r, metric) is None for r in runs):
+    if metric is None:
+        metric = DEFAULT_METRIC
+    elif all(metric_value(r, metric) is None for r in runs):
         raise StageError(f"--metric {metric}: none of the {len(runs)} run(s) logged it; they logged: "
                          + ", ".join(logged_metrics(runs)))
     runs = sort_runs(runs, metric)

@@ -269,7 +269,8 @@ class _CausalMatmulAttention(torch.autograd.Function):
     matrix products (one ``baddbmm`` adds the mask), the softmax in float32 rounded to the
     inputs' dtype (the "eager" attention of Hugging Face's models; torch's CPU softmax of bf16 computes in
     float32 and rounds once, bit-identical to ``softmax(s, dtype=float32).to(bf16)`` without that
-    float32 buffer and its copy: 0.91 against 1.06 ms at 48 x 256 x 256, Zen 5), and a hand-written backward:
+    float32 buffer and its copy: 0.91 against 1.06 ms at 48 x 256 x 256, Zen 5; fp16 differs from
+    that form by one unit in the last place at some lengths), and a hand-written backward:
     four ``bmm`` and one fused softmax backward, nothing else kept but q, k, v and the
     probabilities.
 
@@ -287,7 +288,9 @@ class _CausalMatmulAttention(torch.autograd.Function):
         B, H, T, D = q.shape
         q3, k3, v3 = q.reshape(B * H, T, D), k.reshape(B * H, T, D), v.reshape(B * H, T, D)
         s = torch.baddbmm(bias.expand(B * H, T, T), q3, k3.transpose(1, 2), alpha=scale)
-        p = torch.softmax(s, -1)  # computed in float32 inside, written in s's dtype (no float32 copy)
+        # computed in float32 inside, written in s's dtype (no float32 copy); the explicit dtype keeps
+        # CUDA autocast, which would return float32 for softmax, from changing it
+        p = torch.softmax(s, -1, dtype=s.dtype)
         ctx.save_for_backward(q3, k3, v3, p)
         ctx.scale = scale
         return torch.bmm(p, v3).view(B, H, T, D)
