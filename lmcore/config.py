@@ -70,18 +70,26 @@ class Section(BaseModel):
     @classmethod
     def _no_boolean_for_a_number(cls, v: Any, info: Any) -> Any:
         # pydantic reads YAML's true/false as 1/0 for a number: `batch_size: true` would train with 1
-        if isinstance(v, bool) and _numeric(cls.model_fields[info.field_name].annotation):
+        members = _members(cls.model_fields[info.field_name].annotation)
+        if isinstance(v, bool) and members and all(m in (int, float) for m in members):  # numbers only
             raise ValueError(f"{str(v).lower()} is a boolean; give a number")
         return v
 
 
-def _numeric(annotation: Any) -> bool:
-    """Whether a field of this type takes numbers only (int, float, or either or None)."""
-    if typing.get_origin(annotation) not in (None, typing.Union, types.UnionType):  # list[int], Literal[...]
-        return False
-    args = [typing.get_args(a)[0] if typing.get_origin(a) is Annotated else a  # Seed | None: Annotated[int, ...]
+def _members(annotation: Any) -> list[Any]:
+    """The types a field of this type takes: itself, or its union's members, None left out and
+    ``Annotated`` unwrapped (``Seed | None``: ``[int]``); a generic (``list[int]``,
+    ``Literal[...]``) is one member as it is."""
+    if typing.get_origin(annotation) not in (None, typing.Union, types.UnionType):
+        return [annotation]
+    return [typing.get_args(a)[0] if typing.get_origin(a) is Annotated else a
             for a in typing.get_args(annotation) or (annotation,) if a is not type(None)]
-    return bool(args) and all(a in (int, float) for a in args)
+
+
+def number_types(annotation: Any) -> list[type]:
+    """The number types (``int``, ``float``) among what a field of this type takes, in order;
+    none for text, literals, lists and booleans."""
+    return [m for m in _members(annotation) if m in (int, float)]
 
 
 # --------------------------------------------------------------------------------------------

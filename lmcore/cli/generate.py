@@ -13,14 +13,13 @@ import shutil
 import sys
 import tempfile
 import time
-import typing
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from lmcore import config
-from lmcore.config import ConfigError, Sampling
+from lmcore.config import ConfigError, Sampling, number_types
 from lmcore.core.errors import StageError
 from lmcore.core.layout import Layout
 from lmcore.core.machine import require_cxx_compiler
@@ -66,9 +65,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """One flag per field of :class:`lmcore.config.Sampling`, its type and help from the field
     (the default of each is the field of the params file's ``evaluate`` section)."""
     for name, f in Sampling.model_fields.items():
-        args = [typing.get_args(t)[0] if typing.get_origin(t) is typing.Annotated else t
-                for t in (f.annotation, *typing.get_args(f.annotation))]  # Seed | None: int
-        kinds = [t for t in args if t in (int, float)]
+        kinds = number_types(f.annotation)  # Seed | None: int
         doc = " ".join((f.description or "").replace("``", "").split())
         note = f" {_FLAG_NOTES[name]}" if name in _FLAG_NOTES else ""
         p.add_argument(flag(name), type=kinds[0], metavar=name.upper(),
