@@ -37,9 +37,10 @@ def task_results(finetuned: Path, tasks: Sequence[str]) -> tuple[dict[str, Any],
         spec = glue.TaskSpec.from_dict(config.get("task") if isinstance(config, dict) else config,
                                        f"{folder / 'config.json'}: task")
         r = res.get("metrics") if isinstance(res, dict) else None
+        r = r if isinstance(r, dict) else {}
         needed = ["score"] + [f"{p}{k}" for k in glue.metric_keys(spec) for p in ("", "majority_", "bow_")]
-        if not isinstance(r, dict) or any(not isinstance(r.get(k), (int, float)) for k in needed):
-            missing = needed if not isinstance(r, dict) else [k for k in needed if not isinstance(r.get(k), (int, float))]
+        missing = [k for k in needed if not isinstance(r.get(k), (int, float))]
+        if missing:
             raise StageError(f"{folder / 'results.json'}: no number for metrics.{', metrics.'.join(missing[:4])}: "
                              f"damaged or not written by lmcore's finetune; run finetune@{task} again")
         for k in glue.metric_keys(spec):

@@ -121,16 +121,21 @@ def prune(folder: Path, keep: int, best_step: int | None, run: tuple[Any, Any] |
 _TRAINER_KEYS = ("step", "config_hash", "layout", "sampler", "schedulers")
 
 
+def _corrupt(where: Path, why: str, path: Path, folder: Path) -> StageError:
+    """The error of a checkpoint ``path`` (in ``folder``) that cannot be resumed, and what to do."""
+    return StageError(f"{where}: corrupt checkpoint{why}; remove {path} to resume from an older checkpoint, "
+                      f"or {folder} to start afresh")
+
+
 def _read_trainer(path: Path, folder: Path) -> dict[str, Any]:
     """A checkpoint's ``trainer.json``, or a :class:`StageError` saying what to do about it."""
-    advice = f"remove {path} to resume from an older checkpoint, or {folder} to start afresh"
     try:
         saved = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise StageError(f"{path / 'trainer.json'}: corrupt checkpoint ({e}); {advice}") from None
+        raise _corrupt(path / "trainer.json", f" ({e})", path, folder) from None
     missing = [k for k in _TRAINER_KEYS if k not in saved] if isinstance(saved, dict) else list(_TRAINER_KEYS)
     if missing:
-        raise StageError(f"{path / 'trainer.json'}: corrupt checkpoint (no {', '.join(missing)}); {advice}")
+        raise _corrupt(path / "trainer.json", f" (no {', '.join(missing)})", path, folder)
     return saved
 
 
@@ -154,8 +159,7 @@ def resume(accelerator, folder: Path, chash: str, sampler, schedulers: Sequence[
         try:
             was = StepLayout(**saved["layout"])
         except TypeError as e:
-            raise StageError(f"{path / 'trainer.json'}: corrupt checkpoint (layout: {e}); remove {path} to resume "
-                             f"from an older checkpoint, or {folder} to start afresh") from None
+            raise _corrupt(path / "trainer.json", f" (layout: {e})", path, folder) from None
         if was.global_batch == layout.global_batch:
             try:
                 accelerator.load_state(str(path))
@@ -163,9 +167,8 @@ def resume(accelerator, folder: Path, chash: str, sampler, schedulers: Sequence[
                 for sched, sd in zip(schedulers, saved.pop("schedulers"), strict=True):
                     sched.load_state_dict(sd)
             except Exception as e:  # noqa: BLE001 (safetensors, torch.load, a missing file: all mean the same here)
-                raise StageError(f"{path}: corrupt checkpoint, cannot be loaded ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else ''}); remove {path} to resume from an "
-                                 f"older checkpoint, or {folder} to start afresh") from None
+                first = str(e).splitlines()[0] if str(e) else ""
+                raise _corrupt(path, f", cannot be loaded ({type(e).__name__}: {first})", path, folder) from None
             moved = "" if was == layout else f"; written as {was.describe()}, continued as {layout.describe()}"
             accelerator.print(f"resuming from step {saved['step']} ({path}){moved}")
             return saved
