@@ -27,7 +27,7 @@ from lmcore.config import ExportConfig, TrackingConfig, flatten
 from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, require, write_json
 from lmcore.data.tokenizer import load
-from lmcore.model.folder import check_tokenizer, load_decoder, read_config
+from lmcore.model.folder import check_tokenizer, decoder_config, load_decoder
 from lmcore.model.llama import hf_name
 from lmcore.tracking import stage_run
 
@@ -168,9 +168,10 @@ def export(cfg: ExportConfig, model_dir: Path, tokenizer_dir: Path, out: Path, m
     ids, tokens = _special_ids(tok, tok_cfg, tokenizer_dir)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
 
-    model = load_decoder(model_dir).eval()
+    shape, model_cfg = decoder_config(model_dir)  # checked, with its tokenizer, before the weights are read
+    check_tokenizer(model_cfg, shape.vocab_size, tok, tokenizer_dir / "tokenizer.json", model_dir)
+    model = load_decoder(model_dir, shape=shape).eval()
     g = model.cfg
-    check_tokenizer(read_config(model_dir), g.vocab_size, tok, tokenizer_dir / "tokenizer.json", model_dir)
 
     with stage_run("export", tracking, flatten(cfg, "export."), inputs=[model_dir, tokenizer_dir],
                    outputs=[out]) as tr:

@@ -16,33 +16,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmcore.config import Params, PrepareConfig
+from lmcore.config import Params
 from lmcore.core.errors import StageError
 from lmcore.core.imports import PACKAGE_DIR, closure_files
 from lmcore.core.io import fingerprint
 from lmcore.core.layout import Layout
 
 
-def rooted_inputs(cfg: PrepareConfig, root: Path) -> PrepareConfig:
-    """``cfg`` with the input files it names (``corpus.paths``, ``tasks.glue_dir``,
-    ``tasks.local.<task>.files``) relative to the project folder ``root``, as ``params.yaml``
-    means them, not to the directory the command runs in (``lmcore --root``); absolute paths are
-    kept."""
-    def at(path: str) -> str:
-        return path if Path(path).is_absolute() else str(root / path)
-
-    corpus = cfg.corpus.model_copy(update={"paths": [at(x) for x in cfg.corpus.paths]})
-    local = {name: task.model_copy(update={"files": {split: at(f) for split, f in task.files.items()}})
-             for name, task in cfg.tasks.local.items()}
-    glue_dir = cfg.tasks.glue_dir and at(cfg.tasks.glue_dir)
-    tasks = cfg.tasks.model_copy(update={"local": local, "glue_dir": glue_dir})
-    return cfg.model_copy(update={"corpus": corpus, "tasks": tasks})
-
-
 def _prepare(p: Params, L: Layout) -> Any:
     from lmcore.data.prepare import prepare  # lazy: each stage loads only its own code
 
-    return prepare(rooted_inputs(p.prepare, L.root), L.raw, L.metrics("prepare"), p.tracking)
+    return prepare(p.prepare, L.raw, L.metrics("prepare"), p.tracking, root=L.root)
 
 
 def _clean(p: Params, L: Layout, map_shards: Callable | None = None) -> Any:

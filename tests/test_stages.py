@@ -154,7 +154,8 @@ def test_prepare_reads_input_files_relative_to_the_project_not_the_working_direc
     """``lmcore --root proj prepare`` run from elsewhere reads ``corpus.paths`` and the local task
     files of params.yaml inside ``proj`` (they were looked up in the working directory)."""
     from lmcore.core.layout import Layout
-    from lmcore.stages import rooted_inputs, run_stage
+    from lmcore.data.prepare import rooted_inputs
+    from lmcore.stages import run_stage
 
     proj, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
     (proj / "texts").mkdir(parents=True)
@@ -175,3 +176,9 @@ def test_prepare_reads_input_files_relative_to_the_project_not_the_working_direc
                                     "tracking": {"enabled": False}})
     run_stage("prepare", params, Layout(proj))
     assert (proj / "data/raw/tasks/reviews").is_dir() and not (elsewhere / "data").exists()
+    # the outputs name the files as the project does, not with the folder it was read from
+    docs = [json.loads(line) for f in sorted((proj / "data/raw/corpus").glob("*.jsonl"))
+            for line in f.read_text(encoding="utf-8").splitlines()]
+    assert {d["source"] for d in docs} == {"texts/a.txt", "texts/reviews.jsonl"}
+    report = json.loads((proj / "data/raw/read_report.json").read_text(encoding="utf-8"))
+    assert set(report["status"]) == {"texts/a.txt", "texts/reviews.jsonl"}

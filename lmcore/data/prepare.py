@@ -31,7 +31,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +245,35 @@ def task_splits(src: TaskSource, name: str) -> tuple[glue.TaskSpec, dict[str, li
 # ---------------------------------------------------------------------------------------------
 
 
+def rooted_inputs(cfg: PrepareConfig, root: Path) -> PrepareConfig:
+    """``cfg`` with the input files it names (``corpus.paths``, ``tasks.glue_dir``,
+    ``tasks.local.<task>.files``) relative to the project folder ``root``, as ``params.yaml``
+    means them, not to the directory the command runs in (``lmcore --root``); absolute paths are
+    kept."""
+    def at(path: str) -> str:
+        return path if Path(path).is_absolute() else str(root / path)
+
+    corpus = cfg.corpus.model_copy(update={"paths": [at(x) for x in cfg.corpus.paths]})
+    local = {name: task.model_copy(update={"files": {split: at(f) for split, f in task.files.items()}})
+             for name, task in cfg.tasks.local.items()}
+    glue_dir = cfg.tasks.glue_dir and at(cfg.tasks.glue_dir)
+    tasks = cfg.tasks.model_copy(update={"local": local, "glue_dir": glue_dir})
+    return cfg.model_copy(update={"corpus": corpus, "tasks": tasks})
+
+
+
+def _named_in_project(root: Path) -> Callable[[str], str]:
+    """A file's name as the outputs record it: without the project folder ``root`` that
+    :func:`rooted_inputs` put before it, so the same project read with ``--root`` (or from
+    another folder) writes the same documents and read report."""
+    prefix = str(root).rstrip(os.sep) + os.sep
+
+    def name(path: str) -> str:
+        return path[len(prefix):] if root != Path(".") and path.startswith(prefix) else path
+
+    return name
+
+
 @dataclasses.dataclass
 class PrepareResult:
     corpus: Path
@@ -254,11 +283,16 @@ class PrepareResult:
     tasks: dict[str, dict[str, int]]
 
 
-def prepare(cfg: PrepareConfig, out: Path, metrics: Path, tracking: TrackingConfig = TrackingConfig()) -> PrepareResult:
+def prepare(cfg: PrepareConfig, out: Path, metrics: Path, tracking: TrackingConfig = TrackingConfig(),
+            root: Path = Path(".")) -> PrepareResult:
     """Fetch the corpus into ``out/corpus/*.jsonl`` shards and the tasks into ``out/tasks/``;
-    write counts (and what was skipped, per file, in ``out/read_report.json``) to ``metrics``."""
+    write counts (and what was skipped, per file, in ``out/read_report.json``) to ``metrics``.
+    The input files ``cfg`` names are relative to the project folder ``root``
+    (:func:`rooted_inputs`); the parameters are logged as written, and the documents' ``source``
+    and the read report name files relative to ``root``."""
     out, metrics = Path(out), Path(metrics)
-    with stage_run("prepare", tracking, flatten(cfg, "prepare."),
+    given, cfg, name = cfg, rooted_inputs(cfg, Path(root)), _named_in_project(Path(root))
+    with stage_run("prepare", tracking, flatten(given, "prepare."),
                    outputs=[out, out / "corpus", *(out / "tasks" / t for t in cfg.tasks.tasks)],
                    inputs=[Path(x) for x in cfg.corpus.paths] if cfg.corpus.kind == "files" else []) as tr:
         stats = ReadStats()
@@ -267,6 +301,8 @@ def prepare(cfg: PrepareConfig, out: Path, metrics: Path, tracking: TrackingConf
         def counted() -> Iterator[dict[str, Any]]:
             nonlocal n_docs, n_chars
             for doc in corpus_documents(cfg.corpus, stats):
+                if cfg.corpus.kind == "files":
+                    doc["source"] = name(doc["source"])
                 n_docs += 1
                 n_chars += len(doc["text"])
                 yield doc
@@ -282,7 +318,10 @@ def prepare(cfg: PrepareConfig, out: Path, metrics: Path, tracking: TrackingConf
                 more = f"; and {len(warnings) - 3} more file(s)" if len(warnings) > 3 else ""
                 problems = "; ".join(warnings[:3]) + more
                 raise StageError(f"the corpus ({cfg.corpus.kind}) yielded no documents" + (f": {problems}" if problems else ""))
-            write_json(tmp / "read_report.json", stats.to_dict())
+            report = stats.to_dict()
+            for key in ("problems", "status"):
+                report[key] = {name(path): v for path, v in report[key].items()}
+            write_json(tmp / "read_report.json", report)
             for name in cfg.tasks.tasks:
                 spec, splits, skipped = task_splits(cfg.tasks, name)
                 folder = tmp / "tasks" / name

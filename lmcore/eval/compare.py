@@ -429,12 +429,11 @@ def noise(experiment: str, tracking_uri: str, a: str, b: str, resamples: int = 2
     not be tested)."""
     from mlflow import MlflowClient  # lazy: as compare()
 
-    with reading_store(tracking_uri):
+    with reading_store(tracking_uri), tempfile.TemporaryDirectory() as tmp:
         client = MlflowClient(tracking_uri=resolve_uri(tracking_uri))
         runs = pipeline_runs(client, experiment)
-    ra, rb = _find(runs, a), _find(runs, b)
-    lines = [f"{ra.name} ({ra.run_id[:8]}) -> {rb.name} ({rb.run_id[:8]}): b - a, paired bootstrap"]
-    with tempfile.TemporaryDirectory() as tmp:
+        ra, rb = _find(runs, a), _find(runs, b)
+        lines = [f"{ra.name} ({ra.run_id[:8]}) -> {rb.name} ({rb.run_id[:8]}): b - a, paired bootstrap"]
         ea, eb = (_stage(client, r, "evaluate", "runs/evaluate") for r in (ra, rb))
         wa = _artifact(client, ea, "windows.json", Path(tmp) / "a") if ea else None
         wb = _artifact(client, eb, "windows.json", Path(tmp) / "b") if eb else None
@@ -459,7 +458,7 @@ def noise(experiment: str, tracking_uri: str, a: str, b: str, resamples: int = 2
             if [pa["splits"][s]["labels"] for s in pa["splits"]] != [pb["splits"][s]["labels"] for s in pb["splits"]]:
                 lines.append(f"{task} score: not tested (the runs were validated on different examples)")
                 continue
-            spec = glue.TaskSpec.from_dict(pa["task"])
+            spec = glue.TaskSpec.from_dict(pa["task"], f"validation_predictions.json of {task}")
             n, stat_a = _task_stat(spec, pa)
             _, stat_b = _task_stat(spec, pb)
             lines.append(paired_bootstrap(f"{task} score", stat_a, stat_b, n, "validation examples", resamples,

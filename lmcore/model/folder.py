@@ -74,9 +74,10 @@ def decoder_config(folder: Path) -> tuple[DecoderConfig, dict[str, Any]]:
         raise StageError(f"{folder}/config.json: the 'model' section is not a decoder shape ({why[:300]})") from None
 
 
-def load_decoder(folder: Path, map_location: str = "cpu") -> Decoder:
-    """Load a Decoder saved by :func:`save_decoder`."""
-    model = Decoder(decoder_config(folder)[0])
+def load_decoder(folder: Path, map_location: str = "cpu", shape: DecoderConfig | None = None) -> Decoder:
+    """Load a Decoder saved by :func:`save_decoder`; ``shape``: its :func:`decoder_config`, where
+    the caller has read it already."""
+    model = Decoder(shape or decoder_config(folder)[0])
     load_weights(model, require(Path(folder) / "model.safetensors", "model weights"), map_location)
     return model
 
