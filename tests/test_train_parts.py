@@ -4,6 +4,7 @@ schedules, checkpoints and signals, and fine-tuning through them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from lmcore.train.pretrain import Throughput
 from lmcore.train.sampler import epoch_batches, process_share, step_groups
 from lmcore.train.schedule import linear_warmup_decay, lr_factor, schedulers
 from lmcore.train.step import NEXT_TOKEN, TrainState, accumulate, pins_memory, to_device, train_step
+from lmcore.train.validate import evaluate_windows
 
 OFF = TrackingConfig(enabled=False)
 
@@ -130,11 +132,8 @@ def test_the_update_is_clipped_to_grad_clip_and_not_at_all_with_zero(acc, clip):
     moved = float(torch.linalg.vector_norm(torch.stack([(p - q).norm() for p, q in zip(model.parameters(), before)])))
     assert res.applied and math.isclose(res.loss, raw, rel_tol=1e-6)
     assert raw_norm > 0.05
-    if clip == 0:
-        assert math.isnan(res.grad_norm) and math.isclose(moved, raw_norm, rel_tol=1e-4)
-    else:
-        assert math.isclose(res.grad_norm, raw_norm, rel_tol=1e-4)
-        assert math.isclose(moved, min(clip, raw_norm), rel_tol=1e-4)
+    assert math.isclose(res.grad_norm, raw_norm, rel_tol=1e-4)  # measured with clipping off too
+    assert math.isclose(moved, raw_norm if clip == 0 else min(clip, raw_norm), rel_tol=1e-4)
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -169,14 +168,143 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(acc):
     assert state.skipped_steps == 5
 
 
+class SqrtOfWeights:
+    """A loss that is finite (0) where its gradient is not: the square root of |w| at w = 0."""
+    reduction = "sum"
+
+    def targets(self, batch):
+        return 1
+
+    def loss(self, model, batch, accelerator):
+        return model.weight.abs().sqrt().sum()
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_a_finite_loss_with_a_nonfinite_gradient_is_not_applied_even_without_clipping(acc, clip):
+    """With clipping off the norm was not computed, so such a step was applied and wrote NaN into
+    every weight for good."""
+    model = torch.nn.Linear(3, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    state = TrainState()
+    res = train_step(model, [torch.optim.AdamW(model.parameters())], [None], acc, state, grad_clip=clip,
+                     max_nonfinite=3, hint="", objective=SqrtOfWeights())
+    assert res.loss == 0.0 and not math.isfinite(res.grad_norm)
+    assert not res.applied and state.skipped_steps == 1
+    assert torch.equal(model.weight, torch.zeros(1, 3))
+
+
+class Doubled:
+    """Twice the first input's sum of the output: its gradient overflows float16 for a large input."""
+    reduction = "sum"
+
+    def targets(self, batch):
+        return 1
+
+    def loss(self, model, batch, accelerator):
+        return model(batch).sum()
+
+
+def test_an_overflowing_float16_step_lowers_the_loss_scale_and_the_next_steps_run():
+    """fp16 (a GPU's): the update skipped for an overflow must still update the gradient scaler
+    (its step was the only place that did); the next step's unscaling then raised "unscale_() has
+    already been called". Here a CPU accelerator gets the GradScaler Accelerate builds for fp16."""
+    acc16 = Accelerator(cpu=True)
+    acc16.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    acc16.native_amp, acc16.state._mixed_precision = True, "fp16"
+    try:
+        model = torch.nn.Linear(2, 1, bias=False)
+        model, opt = acc16.prepare(model, torch.optim.SGD(model.parameters(), lr=0.01))
+        state = TrainState()
+        scales = []
+        for batch in (torch.full((1, 2), 1e36), torch.ones(1, 2), torch.ones(1, 2)):
+            res = train_step(model, [opt], [batch], acc16, state, grad_clip=1.0, max_nonfinite=3, hint="",
+                             objective=Doubled())
+            scales.append((res.applied, acc16.scaler.get_scale()))
+        assert scales[0] == (False, 2.0**15)  # skipped, the scale halved
+        assert [a for a, _ in scales[1:]] == [True, True]
+    finally:
+        acc16.state._mixed_precision = "no"
+
+
+def test_the_best_checkpoint_is_the_best_validated_checkpoint_not_the_best_validation():
+    """Validations between checkpoints (eval_interval below checkpoint_interval) can be the best;
+    pruning kept that step, which has no checkpoint, and removed the best checkpoint."""
+    s = TrainState()
+    for step, loss, checkpoint in [(100, 3.0, True), (200, 2.0, True), (300, 1.5, False), (400, 2.5, True),
+                                   (500, float("nan"), True), (600, 2.6, True)]:
+        s.step, s.best_val_loss = step, min(loss, s.best_val_loss or math.inf)
+        if checkpoint:
+            s.checkpointed(loss)
+    assert (s.best_checkpoint_step, s.best_checkpoint_loss) == (200, 2.0)
+
+
+class Share:
+    """What :func:`evaluate_windows` asks of an accelerator, for process ``rank`` of ``world``
+    (the sums each process hands to the all-reduce are kept, to add them up here)."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.process_index, self.num_processes, self.device = rank, world, torch.device("cpu")
+        self.reduced = None
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def reduce(self, t, op):
+        self.reduced = t
+        return t
+
+
+@pytest.mark.parametrize("n_windows, world, batch", [(8, 3, 2), (7, 2, 2), (2, 3, 1), (9, 3, 3)])
+def test_validation_runs_as_many_forward_passes_on_every_process_and_counts_each_window_once(n_windows, world, batch):
+    """Uneven shares (8 windows, 3 processes, batches of 2: 2, 2 and 1 passes) left a process
+    waiting in FSDP's weight gathering while the others went on to the all-reduce: a hang."""
+    model, _ = _lm_and_batch()
+    windows = torch.randint(0, 32, (n_windows, 9), generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = model.forward
+    model.forward = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    whole = evaluate_windows(model, windows, batch, Share(0, 1))
+    passes, sums = [], torch.zeros(2, dtype=torch.float64)
+    for rank in range(world):
+        calls.clear()
+        share = Share(rank, world)
+        evaluate_windows(model, windows, batch, share)
+        passes.append(len(calls))
+        sums += share.reduced
+    assert len(set(passes)) == 1 and passes[0] == -(-(-(-n_windows // world)) // batch)
+    assert sums[1] == n_windows * 8 and math.isclose(float(sums[0] / sums[1]), whole, rel_tol=1e-6)
+
+
+def test_a_classifier_of_an_untied_model_trains_only_what_it_uses():
+    """Its language-model head got no gradient, and DDP (which expects one for every trainable
+    parameter) stopped at the second step of any multi-process fine-tuning of an untied model."""
+    torch.manual_seed(0)
+    for tied in (True, False):
+        model = ft.SequenceClassifier(Decoder(DecoderConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16,
+                                                            block_size=16, tie_embeddings=tied)), 2)
+        x, lengths, _ = example_batch(4, 0)
+        model(x, lengths).sum().backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        assert model.backbone.lm_head.weight.requires_grad is tied  # tied: it is the embedding
+        assert model.backbone.embed.weight.requires_grad
+
+
+def test_the_best_epoch_is_never_one_scored_nan_unless_every_one_was():
+    assert ft._better(0.5, 0.4) and not ft._better(0.4, 0.5)
+    assert not ft._better(float("nan"), 0.1)  # all-equal predictions: a NaN correlation
+    assert ft._better(0.1, float("nan"))
+
+
 def test_train_state_round_trips_through_trainer_json():
     s = TrainState(step=7, history=[{"step": 5, "val_loss": 2.0}], best_val_loss=2.0, best_step=5,
-                   train_seconds=1.5, skipped_steps=1, nonfinite_in_a_row=1)
+                   best_checkpoint_loss=2.1, best_checkpoint_step=4, train_seconds=1.5, skipped_steps=1,
+                   nonfinite_in_a_row=1)
     saved = json.loads(json.dumps({**s.to_dict(), "sampler": {"pos": 3}, "config_hash": "x"}))
     t = TrainState()
     t.load(saved)
     assert t == s
-    assert list(s.to_dict()) == ["step", "history", "best_val_loss", "best_step", "train_seconds", "skipped_steps",
+    assert list(s.to_dict()) == ["step", "history", "best_val_loss", "best_step", "best_checkpoint_loss",
+                                 "best_checkpoint_step", "train_seconds", "skipped_steps",
                                  "nonfinite_in_a_row"]  # the keys of trainer.json, in their order
 
 

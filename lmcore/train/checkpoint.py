@@ -70,7 +70,7 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(accelerator, folder: Path, step: int, trainer: dict[str, Any], keep: int) -> Path:
     """Save the state of every process into ``folder/step-NNNNNN`` (via a temporary folder and
-    a rename), then prune to the last ``keep`` plus the best (``trainer["best_step"]``); the
+    a rename), then prune to the last ``keep`` plus the best (``trainer["best_checkpoint_step"]``); the
     checkpoints of another run (other settings or another global batch, left by :func:`resume`
     until now) go too."""
     target = folder / f"step-{step:06d}"
@@ -86,7 +86,7 @@ def save_checkpoint(accelerator, folder: Path, step: int, trainer: dict[str, Any
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
-        prune(folder, keep, trainer.get("best_step"), _run_of(trainer))
+        prune(folder, keep, trainer.get("best_checkpoint_step"), _run_of(trainer))
     accelerator.wait_for_everyone()
     return target
 

@@ -56,6 +56,10 @@ class SequenceClassifier(nn.Module):
     def __init__(self, backbone: Decoder, num_labels: int, dropout: float = 0.1) -> None:
         super().__init__()
         self.backbone = backbone
+        if not backbone.cfg.tie_embeddings:
+            # the classifier never reads the language-model head: trained, it would get no gradient
+            # (and DDP, which expects one for every trainable parameter, would stop at the second step)
+            backbone.lm_head.requires_grad_(False)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(backbone.cfg.n_embd, num_labels)
         nn.init.normal_(self.head.weight, std=0.02)
@@ -244,7 +248,7 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
     raw = accelerator.unwrap_model(model)
     objective = ExampleLoss(spec.is_regression)
 
-    best: dict[str, Any] = {"score": -math.inf}
+    best: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     state = TrainState()
     rng = np.random.default_rng(seed)
@@ -274,7 +278,7 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
         accelerator.print(f"{spec.name}{' from scratch' if from_scratch else ''}{'' if first else f' seed {seed}'} "
                           f"epoch {epoch}: "
                           + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-        if score > best["score"]:
+        if "state" not in best or _better(score, best["score"]):
             best = {"score": score, "epoch": epoch, "metrics": scores, "state": copy.deepcopy(raw.state_dict())}
     elapsed = time.perf_counter() - t0
     raw.load_state_dict(best.pop("state"))
@@ -283,6 +287,12 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
                      "train_tokens_per_second": n_tokens * accelerator.num_processes / max(elapsed, 1e-9)}
     best["history"] = history
     return raw, best, max_len
+
+
+def _better(score: float, best: float) -> bool:
+    """An epoch's score beats the best so far (a NaN score, from predictions that are all NaN or
+    all equal, never does; the first epoch is kept whatever its score)."""
+    return not math.isnan(score) and (math.isnan(best) or score > best)
 
 
 def over_seeds(bests: list[dict[str, Any]], seeds: list[int]) -> dict[str, float]:

@@ -211,8 +211,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
                 row = {"train_loss": loss_val, "lr": lr, "tokens_per_second": tps,
                        "mfu": mfu(tps, fpt, peak) if world == 1 else mfu(tps / world, fpt, peak),
                        "skipped_steps": state.skipped_steps}
-                if cfg.grad_clip > 0:
-                    row["grad_norm"] = res.grad_norm
+                row["grad_norm"] = res.grad_norm
                 tr.metrics(row, step=done)
                 bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{row['mfu']:.0%}")
                 state.history.append({"step": done, **row})
@@ -221,6 +220,8 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
             signum = stop_requested(stop, accelerator)  # from any process: all stop at this step
             if evaluated or checkpoint:  # checkpoints carry their validation loss (to keep the best)
                 val_loss = validate_now()
+            if checkpoint:
+                state.checkpointed(val_loss)
             if checkpoint or signum:
                 save_checkpoint(accelerator, ckpt_dir, done, trainer_state(), cfg.keep_checkpoints)
             if signum:

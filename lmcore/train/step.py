@@ -109,12 +109,21 @@ class TrainState:
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
     best_val_loss: float | None = None
     best_step: int | None = None
+    best_checkpoint_loss: float | None = None
+    best_checkpoint_step: int | None = None
+    """The checkpoint of the lowest validation loss, kept when older ones are pruned (``best_step``
+    can be a validation between checkpoints, which no checkpoint holds)."""
     train_seconds: float = 0.0
     skipped_steps: int = 0
     nonfinite_in_a_row: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def checkpointed(self, val_loss: float) -> None:
+        """A checkpoint of ``state.step`` validated at ``val_loss``: the best one if the lowest."""
+        if math.isfinite(val_loss) and (self.best_checkpoint_loss is None or val_loss < self.best_checkpoint_loss):
+            self.best_checkpoint_loss, self.best_checkpoint_step = val_loss, self.step
 
     def load(self, saved: dict[str, Any]) -> None:
         for f in dataclasses.fields(self):
@@ -128,7 +137,7 @@ class StepResult:
     """Mean loss per target of the step (all processes)."""
     targets: int
     grad_norm: float
-    """Before clipping; NaN when clipping is off."""
+    """Before clipping (computed with clipping off too)."""
     applied: bool
     """False when the update was skipped (a non-finite loss or gradient norm)."""
 
@@ -141,22 +150,24 @@ def train_step(model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimize
     values, so all skip together). ``max_nonfinite`` skipped steps in a row raise a StageError
     ending with ``hint`` (what to change). Advances ``state.step``; the gradients are cleared."""
     loss_sum, total = accumulate(model, batches, accelerator, objective)
-    read = [loss_sum.double()]
-    if grad_clip > 0:
-        norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-            norm = norm.full_tensor()
-        read.append(torch.as_tensor(norm, device=loss_sum.device).double())
-    values = torch.stack(read).tolist()  # the step's one host synchronisation: the loss and the norm together
-    loss = values[0] / total
-    grad_norm = values[1] if grad_clip > 0 else float("nan")
-    applied = math.isfinite(loss) and (grad_clip == 0 or math.isfinite(grad_norm))
+    # the norm is needed with clipping off too (an infinite bound scales by 1): a finite loss can
+    # come with a non-finite gradient, which one update would write into every weight
+    norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+        norm = norm.full_tensor()
+    # the step's one host synchronisation: the loss and the norm together
+    loss_sum, grad_norm = torch.stack([loss_sum.double(), torch.as_tensor(norm, device=loss_sum.device).double()]).tolist()
+    loss = loss_sum / total
+    applied = math.isfinite(loss) and math.isfinite(grad_norm)
     state.step += 1
     if applied:
         for o in optimizers:
             o.step()
         state.nonfinite_in_a_row = 0
     else:
+        scaler = getattr(accelerator, "scaler", None)
+        if scaler is not None:  # fp16: the optimizer's step would have lowered the loss scale after an overflow
+            scaler.update()
         state.skipped_steps += 1
         state.nonfinite_in_a_row += 1
         accelerator.print(f"step {state.step}: loss {loss}, gradient norm {grad_norm}: update skipped")

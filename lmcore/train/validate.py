@@ -17,12 +17,16 @@ def evaluate_windows(model: torch.nn.Module, windows: torch.Tensor, batch: int, 
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = windows[rank::world]
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for i in range(0, len(mine), batch):
-        w = to_device(mine[i : i + batch], accelerator.device)
+    # as many forward passes on every process (under FSDP each one gathers the weights from all):
+    # a process whose share is a window short runs its last one again, not counted
+    for i in range(0, -(-len(windows) // world), batch):
+        counted = i < len(mine)
+        w = to_device(mine[i : i + batch] if counted else windows[:1], accelerator.device)
         with accelerator.autocast():
             _, loss = model(w[:, :-1], w[:, 1:], reduction="sum", return_logits=False)
-        sums[0] += loss.detach().double()  # no device sync per batch
-        sums[1] += w[:, 1:].numel()
+        if counted:
+            sums[0] += loss.detach().double()  # no device sync per batch
+            sums[1] += w[:, 1:].numel()
     if world > 1:
         sums = accelerator.reduce(sums, "sum")
     model.train()
