@@ -306,7 +306,7 @@ def generate_ids(model, idx: torch.Tensor, max_new_tokens: int, temperature: flo
     earlier are padded with it): nanoGPT's ``model.generate`` as a function. ``generator`` draws
     the sampling seed. :func:`generate` has top-p, the repetition penalty and prompts of
     different lengths."""
-    seed = None if generator is None else int(torch.randint(2**32, (1,), generator=generator))  # a Seed
+    seed = None if generator is None else int(torch.randint(2**32, (1,), generator=generator, device=generator.device))  # a Seed
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     done = generate(model, idx.tolist(), cfg, stop_id=eot_id)
     rows = [c.tokens + ([eot_id] if c.stopped else []) for c in done]

@@ -203,3 +203,33 @@ def test_cli_runs_the_stage_on_the_default_layout_and_logs_to_mlflow(tmp_path, t
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "export")}
     assert {"export/config.json", "export/model.safetensors", "export/tokenizer.json"} <= logged
+
+
+def test_the_export_of_any_feed_forward_width_reads_back_as_the_same_model(tmp_path, tokenizer_dir):
+    """The width came back as ratio = width / n_embd, which for n_embd 352 and width 1600 rounds a
+    hair above 1600, so lmcore rebuilt 1664 and refused its own export."""
+    from lmcore.model.folder import load_lm
+
+    model = tiny_model(tmp_path / "model", n_layer=1, n_head=4, n_embd=352, mlp_ratio=4.5)
+    assert model.cfg.mlp_hidden == 1600
+    export(ExportConfig(), tmp_path / "model", tokenizer_dir, tmp_path / "export", tmp_path / "m.json", OFF)
+    back, _ = load_lm(tmp_path / "export")
+    assert back.cfg.mlp_hidden == 1600
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids)[0], model(ids)[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("change", [{"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+                                    {"head_dim": 32}, {"intermediate_size": 100}])
+def test_a_llama_folder_lmcore_cannot_compute_exactly_is_refused_by_name(change, tmp_path, tokenizer_dir):
+    """A Llama-3 folder written by transformers 5 keeps its RoPE scaling in rope_parameters: it was
+    read with plain RoPE, and scored wrong without a word."""
+    from lmcore.model.folder import load_lm
+
+    tiny_model(tmp_path / "model")
+    export(ExportConfig(), tmp_path / "model", tokenizer_dir, tmp_path / "export", tmp_path / "m.json", OFF)
+    cfg = json.loads((tmp_path / "export/config.json").read_text())
+    (tmp_path / "export/config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(StageError, match=rf"config.json: .*{re.escape(next(iter(change)))}.*load it with transformers"):
+        load_lm(tmp_path / "export")

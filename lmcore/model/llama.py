@@ -17,6 +17,7 @@ reads such a folder back.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -56,19 +57,29 @@ def load_llama(folder: Path, c: dict[str, Any]) -> Decoder:
     where = folder / "config.json"
     unsupported = {k: c.get(k) for k, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
                                              ("rope_scaling", None)) if c.get(k, ok) != ok}
+    rope = c.get("rope_parameters") or {}  # transformers 5 writes the RoPE settings here, scaling included
+    if rope.get("rope_type", "default") != "default":
+        unsupported["rope_parameters.rope_type"] = rope["rope_type"]
     if float(c.get("rms_norm_eps", 1e-5)) != 1e-5:
         unsupported["rms_norm_eps"] = c["rms_norm_eps"]
-    if unsupported:
-        raise StageError(f"{where}: {unsupported} differ from lmcore's Llama (silu, no biases, no rope scaling, "
-                         "rms_norm_eps 1e-5): load it with transformers instead")
     try:
-        n_embd, n_head = int(c["hidden_size"]), int(c["num_attention_heads"])
+        n_embd, n_head, width = int(c["hidden_size"]), int(c["num_attention_heads"]), int(c["intermediate_size"])
+        if c.get("head_dim") is not None and int(c["head_dim"]) * n_head != n_embd:
+            unsupported["head_dim"] = c["head_dim"]
+        if width % 64:
+            unsupported["intermediate_size"] = width
+        if unsupported:
+            raise StageError(f"{where}: {unsupported} differ from lmcore's Llama (silu, no biases, no RoPE scaling, "
+                             "rms_norm_eps 1e-5, head_dim = hidden_size / num_attention_heads, a feed-forward width "
+                             "that is a multiple of 64): load it with transformers instead")
+        # the ratio that gives back exactly this width (lmcore rounds ratio x n_embd up to a multiple of 64,
+        # and width / n_embd x n_embd can land a hair above the width)
+        ratio = next(r for r in (width / n_embd, (width - 0.5) / n_embd) if 64 * math.ceil(r * n_embd / 64) == width)
         gcfg = DecoderConfig(vocab_size=int(c["vocab_size"]), n_layer=int(c["num_hidden_layers"]), n_head=n_head,
                          n_kv_heads=int(c.get("num_key_value_heads", n_head)), n_embd=n_embd,
-                         block_size=int(c["max_position_embeddings"]),
-                         mlp_ratio=int(c["intermediate_size"]) / n_embd,
+                         block_size=int(c["max_position_embeddings"]), mlp_ratio=ratio,
                          tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-                         rope_theta=float(c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 1e4))))
+                         rope_theta=float(c.get("rope_theta", rope.get("rope_theta", 1e4))))
     except KeyError as e:
         raise StageError(f"{where}: missing key {e}") from None
     model = Decoder(gcfg)
