@@ -241,6 +241,36 @@ def test_validation_max_tokens_counts_bytes_of_exactly_the_documents_scored(proj
     assert m["lm.val_documents"] == 7
 
 
+def test_a_normalising_tokenizer_still_divides_by_the_bytes_of_the_text_it_read(tmp_path):
+    """With ``tokenizer.normalizer: nfkc`` the tokens decode to the folded text ('ﬁ ①' -> 'fi 1',
+    5 bytes fewer): max_tokens counted those decoded bytes while the whole split counts the text's,
+    so the two bits per byte could not be compared."""
+    from lmcore.data.encode import encode, load_tokens
+    from lmcore.data.tokenizer import load, train_tokenizer
+
+    rng = random.Random(5)
+    folded = "Ｆｕｌｌ ﬁnal ① ㎏ Ⅻ ﬀ"
+    docs = [_doc(rng, 30) + folded for _ in range(8)]
+    _write_jsonl(tmp_path / "clean/train/00000.jsonl", docs * 3)
+    _write_jsonl(tmp_path / "clean/validation/00000.jsonl", docs[:3])
+    _write_jsonl(tmp_path / "clean/validation/00001.jsonl", docs[3:])
+    train_tokenizer(TokenizerConfig(vocab_size=300, normalizer="nfkc"), tmp_path / "clean", tmp_path / "tok",
+                    tmp_path / "m/t.json", OFF)
+    encode(EncodeConfig(workers=1), tmp_path / "clean", tmp_path / "tok", tmp_path / "tokens", tmp_path / "m/e.json", OFF)
+    tok = load(tmp_path / "tok")
+    assert len(tok.decode(tok.encode(folded).ids).encode("utf-8")) < len(folded.encode("utf-8"))  # folded
+    val = load_tokens(tmp_path / "tokens", "validation")
+    info = json.loads((tmp_path / "tokens/manifest.json").read_text())["splits"]["validation"]
+    assert info["bytes"] == _utf8_bytes(docs)
+    ends = np.cumsum([len(tok.encode(t).ids) + 1 for t in docs])
+    for k in (1, 2, 3, 4, 7):  # inside the first shard, at its end, inside the second
+        tokens, n_bytes, n_docs, cut = split_selection(val, info, int(ends[k - 1]), tok)
+        assert (tokens, n_docs, cut, n_bytes) == (int(ends[k - 1]), k, False, _utf8_bytes(docs[:k]))
+    # the beginning of a first document longer than max_tokens: its share of the text's bytes
+    tokens, n_bytes, n_docs, cut = split_selection(val, info, int(ends[0]) // 2, tok)
+    assert cut and n_docs == 1 and 0.3 * _utf8_bytes(docs[:1]) < n_bytes < 0.7 * _utf8_bytes(docs[:1])
+
+
 def test_same_text_with_another_tokenizer_has_the_same_bytes(project, tmp_path):
     from lmcore.data.tokenizer import train_tokenizer
 

@@ -90,6 +90,12 @@ def test_documents_through_the_index(project):
     entry = load_manifest(tmp / "tokens")["splits"]["train"]["shards"][0]
     idx = np.fromfile(tmp / "tokens" / entry["index"], dtype="<u8")
     assert len(idx) == entry["documents"] + 1 and idx[0] == 0 and idx[-1] == entry["tokens"]
+    # the .bytes files: each document's UTF-8 bytes, as read
+    sizes = np.fromfile(tmp / "tokens" / entry["document_bytes"], dtype="<u8")
+    first = read_texts(sorted((tmp / "clean/train").glob("*.jsonl"))[0])
+    assert sizes.tolist() == [len(d.encode("utf-8")) for d in first] and int(sizes.sum()) == entry["bytes"]
+    assert arr.bytes_of_first(len(docs)) == sum(len(d.encode("utf-8")) for d in docs)
+    assert arr.bytes_of_first(0) == 0 and arr.bytes_of_first(3) == sum(len(d.encode("utf-8")) for d in docs[:3])
 
 
 def test_output_is_identical_whatever_the_worker_count(project, tmp_path):

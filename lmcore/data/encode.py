@@ -4,7 +4,8 @@ Input shard ``i`` of a split (``clean/<split>/*.jsonl``, sorted by name) becomes
 (``<split>.bin`` when the split has one shard, else ``<split>-<i:05d>-of-<n:05d>.bin``): the tokens
 of every document followed by the end-of-text token, as uint16 while the vocabulary fits (else
 uint32), plus ``<same name>.idx`` with the uint64 start offset of every document and the shard's
-token count (the layout is described in :mod:`lmcore.data.shards`). ``manifest.json`` records the
+token count, and ``<same name>.bytes`` with the UTF-8 bytes of every document's text as it was
+read (before the tokenizer's normaliser; the layout is described in :mod:`lmcore.data.shards`). ``manifest.json`` records the
 dtype, vocabulary size, end-of-text id, the tokenizer's sha256 and, per split, the token, document
 and UTF-8 byte counts, the source shards with their sha256, and the token shards.
 
@@ -50,7 +51,7 @@ from lmcore.tracking import stage_run
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
-FORMAT = "lmcore-token-shards/2"
+FORMAT = "lmcore-token-shards/3"
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
@@ -116,6 +117,7 @@ class ShardJob:
     source_name: str  # relative to the clean folder, for the manifest
     out_bin: str
     out_idx: str
+    out_bytes: str
     tokenizer: str
     eot: int
     dtype: str
@@ -155,12 +157,13 @@ def _texts(path: Path, sha: Any):
 
 
 def encode_shard(job: ShardJob, progress: Any = None) -> dict[str, Any]:
-    """Encode one input shard into ``job.out_bin`` and ``job.out_idx``; return its counts."""
+    """Encode one input shard into ``job.out_bin``, ``job.out_idx`` and ``job.out_bytes``; return
+    its counts."""
     tok = _tokenizer(job.tokenizer)
     dtype, eot = np.dtype(job.dtype), job.eot
     sha = hashlib.sha256()
     n_tok = n_docs = n_bytes = 0
-    with open(job.out_bin, "wb") as fb, open(job.out_idx, "wb") as fi:
+    with open(job.out_bin, "wb") as fb, open(job.out_idx, "wb") as fi, open(job.out_bytes, "wb") as fy:
 
         def flush(docs: list[list[int]]) -> None:
             nonlocal n_tok, n_docs
@@ -177,7 +180,9 @@ def encode_shard(job: ShardJob, progress: Any = None) -> dict[str, Any]:
                 progress(len(docs))
 
         for batch, docs in encode_batches(tok, _texts(Path(job.source), sha), job.batch_size, eot):
-            n_bytes += sum(len(t.encode("utf-8")) for t in batch)
+            sizes = np.array([len(t.encode("utf-8")) for t in batch], dtype=INDEX_DTYPE)
+            fy.write(sizes.tobytes())
+            n_bytes += int(sizes.sum())
             flush(docs)
         fi.write(np.array([n_tok], dtype=INDEX_DTYPE).tobytes())
     return {"tokens": n_tok, "documents": n_docs, "bytes": n_bytes, "source_sha256": sha.hexdigest()}
@@ -244,7 +249,7 @@ def encode(cfg: EncodeConfig, clean_dir: Path, tokenizer_dir: Path, out: Path, m
                     name = shard_name(split, i, len(srcs))
                     jobs.append(ShardJob(split, str(src), src.relative_to(clean_dir).as_posix(),
                                          str(tmp / f"{name}.bin"), str(tmp / f"{name}.idx"),
-                                         str(tok_path), eot, dtype.str, cfg.batch_size))
+                                         str(tmp / f"{name}.bytes"), str(tok_path), eot, dtype.str, cfg.batch_size))
             results, workers = _run(jobs, cfg, tqdm)
             manifest: dict[str, Any] = {
                 "format": FORMAT, "dtype": dtype.name, "index_dtype": "uint64", "vocab_size": vocab_size,
@@ -255,7 +260,8 @@ def encode(cfg: EncodeConfig, clean_dir: Path, tokenizer_dir: Path, out: Path, m
                 if info["tokens"] == 0:
                     raise StageError(f"{clean_dir / split}: no documents to encode")
                 info["sources"] = {j.source_name: r["source_sha256"] for j, r in entries}
-                info["shards"] = [{"file": Path(j.out_bin).name, "index": Path(j.out_idx).name, "source": j.source_name,
+                info["shards"] = [{"file": Path(j.out_bin).name, "index": Path(j.out_idx).name,
+                                   "document_bytes": Path(j.out_bytes).name, "source": j.source_name,
                                    "source_sha256": r["source_sha256"], "tokens": r["tokens"],
                                    "documents": r["documents"], "bytes": r["bytes"]} for j, r in entries]
                 manifest["splits"][split] = info

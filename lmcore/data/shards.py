@@ -10,7 +10,9 @@ Layout of ``data/tokens/`` (written by :mod:`lmcore.data.encode`):
   fits, else ``uint32``, little-endian) of every document followed by the end-of-text token;
 - beside it ``<same name>.idx``: ``uint64`` offsets, one per document (where it starts in the
   shard) plus a last one equal to the shard's token count, so document ``j`` is
-  ``tokens[idx[j] : idx[j + 1] - 1]`` followed by end-of-text at ``idx[j + 1] - 1``.
+  ``tokens[idx[j] : idx[j + 1] - 1]`` followed by end-of-text at ``idx[j + 1] - 1``;
+- and ``<same name>.bytes``: ``uint64``, the UTF-8 bytes of each document's text as read (before
+  the tokenizer's normaliser): the denominator of bits per byte for any first documents.
 
 :class:`TokenShards` shows the shards of one split as one flat read-only array over
 ``np.memmap``: nothing is read until it is sliced, and a slice inside one shard is a view (no
@@ -96,11 +98,12 @@ class TokenShards:
     Supports ``len()``, integer indexing, slicing (contiguous slices across shard boundaries give
     a new ``np.ndarray``; inside one shard a view of the memmap), index arrays, ``np.asarray()``
     (a view when there is a single shard), iteration, and documents through the index:
-    :meth:`document` and :attr:`n_documents`.
+    :meth:`document` and :attr:`n_documents`; with ``document_bytes`` (one array per shard) also
+    :meth:`bytes_of_first`.
     """
 
     def __init__(self, shards: Sequence[np.ndarray], indexes: Sequence[np.ndarray] | None = None,
-                 dtype: np.dtype | str | None = None):
+                 dtype: np.dtype | str | None = None, document_bytes: Sequence[np.ndarray] | None = None):
         if dtype is None:
             if not shards:
                 raise ValueError("TokenShards needs at least one shard or a dtype")
@@ -118,6 +121,10 @@ class TokenShards:
                 raise ValueError("one index per shard")
             self._doc_starts = np.zeros(len(self._shards) + 1, dtype=np.int64)
             np.cumsum([max(len(ix) - 1, 0) for ix in self._indexes], out=self._doc_starts[1:])
+        self._doc_bytes = None if document_bytes is None else list(document_bytes)
+        if self._doc_bytes is not None and (self._indexes is None or [len(b) for b in self._doc_bytes]
+                                            != [max(len(ix) - 1, 0) for ix in self._indexes]):
+            raise ValueError("document_bytes needs the indexes, and one count per document of each shard")
 
     # ------------------------------------------------------------------------------ opening
 
@@ -137,7 +144,7 @@ class TokenShards:
         except (KeyError, TypeError) as e:
             raise StageError(f"{mpath}: missing key {e} (written by an older lmcore? re-run the encode stage)") \
                 from None
-        shards, indexes = [], []
+        shards, indexes, doc_bytes = [], [], []
         vocab = int(manifest["vocab_size"])
         for e in entries:
             shards.append(_memmap(tokens_dir / e["file"], dtype, int(e["tokens"]), "tokens"))
@@ -152,10 +159,13 @@ class TokenShards:
             if len(ix) and int(ix[-1]) != int(e["tokens"]):
                 raise StageError(f"{tokens_dir / e['index']}: last offset {int(ix[-1])} != {e['tokens']} tokens")
             indexes.append(ix)
+            if e.get("document_bytes"):
+                doc_bytes.append(_memmap(tokens_dir / e["document_bytes"], INDEX_DTYPE, int(e["documents"]),
+                                         "document byte counts"))
         total = sum(len(s) for s in shards)
         if total != int(info["tokens"]):
             raise StageError(f"{mpath}: split '{split}' lists {info['tokens']} tokens but its shards hold {total}")
-        return cls(shards, indexes, dtype=dtype)
+        return cls(shards, indexes, dtype=dtype, document_bytes=doc_bytes if len(doc_bytes) == len(shards) else None)
 
     # ------------------------------------------------------------------------------ array protocol
 
@@ -288,6 +298,22 @@ class TokenShards:
         ix = self._indexes[k]
         base = int(self._starts[k])
         return base + int(ix[j]), base + int(ix[j + 1]) - 1
+
+    def bytes_of_first(self, k: int) -> int | None:
+        """UTF-8 bytes of the text of the first ``k`` documents as encode read it, or None for
+        shards written without their ``.bytes`` files (an older encode)."""
+        if self._doc_bytes is None:
+            return None
+        if not 0 <= k <= self.n_documents:
+            raise IndexError(f"{k} documents of {self.n_documents}")
+        total, left = 0, k
+        for b in self._doc_bytes:
+            take = min(left, len(b))
+            total += int(np.asarray(b[:take], dtype=np.uint64).sum())
+            left -= take
+            if left == 0:
+                break
+        return total
 
     def document(self, i: int) -> np.ndarray:
         """The tokens of document ``i`` (in corpus order), without its end-of-text token."""

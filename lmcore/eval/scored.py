@@ -3,7 +3,7 @@
 Bits per byte divide a negative log-likelihood by the UTF-8 bytes of exactly the documents scored,
 whatever the tokenizer: :class:`Scored` holds the two and the metrics made of them. Of an encoded
 split, :func:`split_selection` picks the first whole documents within ``max_tokens`` and counts
-their bytes (from the manifest for whole shards, by decoding otherwise); of raw text,
+their bytes (those of the text encode read: the manifest's, and its per-document counts); of raw text,
 :func:`encode_documents` tokenizes documents with the encode stage's own rules
 (:func:`lmcore.data.encode.encode_batches`) and counts the bytes of the text, and
 :func:`score_texts` scores them.
@@ -85,8 +85,10 @@ def _decoded_bytes(tok, docs: Iterable[np.ndarray]) -> int:
 
 def split_selection(val: Any, info: dict[str, Any], max_tokens: int | None, tok) -> tuple[int, int, int, bool]:
     """What of an encoded split to score: ``(tokens, bytes, documents, cut)`` for its first whole
-    documents holding at most ``max_tokens`` tokens (end-of-text tokens included). Bytes come from
-    the manifest for whole shards, and from decoding the documents of a partly scored shard."""
+    documents holding at most ``max_tokens`` tokens (end-of-text tokens included). Bytes are those
+    of the text as encode read it (the manifest's, and its per-document counts), so a selection is
+    measured as the whole split is, whatever the tokenizer's normaliser; shards written without the
+    counts (an older encode) fall back to decoding the documents."""
     n_docs = val.n_documents
     if max_tokens is None or max_tokens >= len(val):
         return len(val), int(info["bytes"]), n_docs, False
@@ -100,16 +102,22 @@ def split_selection(val: Any, info: dict[str, Any], max_tokens: int | None, tok)
         lo, hi = (mid, hi) if end(mid) <= max_tokens else (lo, mid - 1)
     k = lo
     if k == 0:  # the first document alone is longer: score its beginning
-        return max_tokens, _decoded_bytes(tok, [val[:max_tokens]]), 1, True
-    n_bytes, done = 0, 0
-    for entry in info["shards"]:
-        docs = int(entry["documents"])
-        if done + docs <= k:
-            n_bytes += int(entry["bytes"])
-        else:
-            n_bytes += _decoded_bytes(tok, (val.document(i) for i in range(done, k)))
-            break
-        done += docs
+        prefix = _decoded_bytes(tok, [val[:max_tokens]])
+        whole = val.bytes_of_first(1)
+        if whole is not None:  # its share of the document's text, in the text's own bytes
+            prefix = round(whole * prefix / max(_decoded_bytes(tok, [val.document(0)]), 1))
+        return max_tokens, prefix, 1, True
+    n_bytes = val.bytes_of_first(k)
+    if n_bytes is None:
+        n_bytes, done = 0, 0
+        for entry in info["shards"]:
+            docs = int(entry["documents"])
+            if done + docs <= k:
+                n_bytes += int(entry["bytes"])
+            else:
+                n_bytes += _decoded_bytes(tok, (val.document(i) for i in range(done, k)))
+                break
+            done += docs
     return end(k), n_bytes, k, False
 
 
