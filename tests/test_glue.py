@@ -342,6 +342,14 @@ def test_a_label_outside_the_task_names_file_line_and_allowed_values(tmp_path):
         glue.read_local_split(spec, tmp_path / "train.jsonl", {"text_a": "text", "label": "label"}, "train")
 
 
+def test_a_superscript_digit_is_not_a_label_id_nor_an_example_id(tmp_path):
+    """'¹'.isdigit() is true but int('¹') raises: a bare ValueError reached the user."""
+    _write(tmp_path / "train.jsonl", '{"text": "a", "label": "1", "id": "7"}\n{"text": "b", "label": "\u00b9"}\n')
+    spec = glue.custom_spec("mood", ["negative", "positive"], None, False)
+    with pytest.raises(StageError, match=r"train.jsonl: line 2: column 'label' = '\u00b9' is not a label"):
+        glue.read_local_split(spec, tmp_path / "train.jsonl", {"text_a": "text", "label": "label"}, "train")
+
+
 def test_local_task_definitions_are_validated(tmp_path):
     def check(tasks: dict, match: str) -> None:
         data = {"prepare": {"tasks": {"tasks": list(tasks), "local": tasks}},

@@ -75,6 +75,21 @@ def test_every_format_is_read_and_reported_read(tmp_path):
     assert report["status"][str(d / "c.jsonl")] == {"status": "read", "documents": 2}
 
 
+def test_what_review_found_in_the_readers(tmp_path):
+    """Windows paragraphs were one document; a field over csv's 131,072 characters ended the file;
+    a lone surrogate escape passed the reader and crashed prepare's writing, naming no file."""
+    d = tmp_path / "src"
+    d.mkdir()
+    (d / "a.txt").write_bytes(b"one\r\ntwo\r\n\r\nthree\r\n\r\nfour\r\n")
+    long = "x" * 200_000
+    (d / "b.csv").write_text(f"text\nfirst\n{long}\nthird\n", encoding="utf-8")
+    (d / "c.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "bad \\ud800 half"}\n{"text": "pair \\ud83d\\ude00 ok"}\n')
+    docs, report = _read([d], unit="paragraph")
+    assert [x["text"] for x in docs] == ["one\ntwo", "three", "four\n", "first", long, "third", "fine", "pair \U0001f600 ok"]
+    assert report["problems"] == {str(d / "c.jsonl"): {"counts": {"invalid_utf8_line": 1},
+                                                       "lines": {"invalid_utf8_line": [2]}}}
+
+
 def test_every_skip_reason_is_reported(tmp_path):
     d = tmp_path / "src"
     d.mkdir()

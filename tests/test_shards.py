@@ -98,6 +98,21 @@ def test_documents_through_the_index(project):
     assert arr.bytes_of_first(0) == 0 and arr.bytes_of_first(3) == sum(len(d.encode("utf-8")) for d in docs[:3])
 
 
+def test_a_tokenizer_trained_again_at_the_same_path_is_the_one_encode_uses(project, tmp_path):
+    """Encode kept each process's tokenizer by path: in one process (a Prefect flow, a notebook) a
+    tokenizer trained again at the same path was ignored, and the shards held the old ids under a
+    manifest naming the new tokenizer."""
+    clean = project / "clean"
+    for vocab in (300, 420):
+        train_tokenizer(TokenizerConfig(vocab_size=vocab), clean, tmp_path / "tok", tmp_path / "m/t.json", OFF)
+        encode(EncodeConfig(workers=1), clean, tmp_path / "tok", tmp_path / f"tokens{vocab}", tmp_path / "m/e.json", OFF)
+    tok = load_tok(tmp_path / "tok")
+    docs = [d for s in sorted((clean / "validation").glob("*.jsonl")) for d in read_texts(s)]
+    arr = load_tokens(tmp_path / "tokens420", "validation")
+    assert arr.document(0).tolist() == tok.encode(docs[0]).ids
+    assert load_tokens(tmp_path / "tokens300", "validation").document(0).tolist() != arr.document(0).tolist()
+
+
 def test_output_is_identical_whatever_the_worker_count(project, tmp_path):
     tmp = project
 

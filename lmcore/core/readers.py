@@ -205,11 +205,25 @@ def decode_json_line(raw: bytes, first: bool = False) -> Any:
     except UnicodeDecodeError as e:
         return LineProblem("invalid_utf8_line", f"invalid UTF-8 ({e.reason} at byte {e.start})")
     try:
-        return json.loads(text)
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
         return LineProblem("invalid_json_line", f"not valid JSON ({e.msg})")
     except (ValueError, RecursionError) as e:  # an integer too long, nesting too deep
         return LineProblem("invalid_json_line", f"not valid JSON ({type(e).__name__})")
+    if "\\u" in text and _has_lone_surrogate(obj):  # only an escape can write one
+        return LineProblem("invalid_utf8_line", "a lone surrogate escape (\\ud800-\\udfff): not text UTF-8 can hold")
+    return obj
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    """A string anywhere in a decoded JSON value that cannot be written as UTF-8."""
+    if isinstance(obj, str):
+        return _bad_utf8(obj)
+    if isinstance(obj, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in obj.items())
+    if isinstance(obj, list):
+        return any(_has_lone_surrogate(v) for v in obj)
+    return False
 
 
 def jsonl_records(path: Path, sink: Sink, field: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -263,6 +277,7 @@ def text_records(path: Path, sink: Sink, unit: str = "file") -> Iterator[tuple[i
         yield 1, {"text": text}
         return
     line = 1
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # blank lines of Windows and old Mac files too
     for block in text.split("\n\n"):
         if block.strip():
             yield line, {"text": block}
@@ -291,6 +306,7 @@ def csv_rows(path: Path, sink: Sink, tsv: bool = False) -> tuple[list[str] | Non
     if binary:
         sink("binary_file", None, "binary file (NUL bytes)")
         return None, iter(())
+    csv.field_size_limit(2**31 - 1)  # a long document is a long field (the default stops at 131,072 characters)
     f = open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")  # noqa: SIM115 - rows() closes it
     reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(f)
     try:

@@ -124,16 +124,20 @@ class ShardJob:
     batch_size: int
 
 
-_TOKENIZERS: dict[str, Any] = {}
+_TOKENIZERS: dict[tuple[str, int, int], Any] = {}
 
 
 def _tokenizer(path: str):
-    tok = _TOKENIZERS.get(path)
+    """The tokenizer of ``path``, loaded once per process while the file stays the same (a
+    tokenizer trained again at the same path, in the same process, is loaded again)."""
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size)
+    tok = _TOKENIZERS.get(key)
     if tok is None:
-
         tok = load(path)
         tok.encode_special_tokens = True  # "<|endoftext|>" in a document is text, not a separator
-        _TOKENIZERS[path] = tok
+        _TOKENIZERS.clear()
+        _TOKENIZERS[key] = tok
     return tok
 
 

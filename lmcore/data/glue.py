@@ -122,7 +122,7 @@ def read_glue_split(spec: TaskSpec, folder: Path, split: str) -> tuple[list[dict
             skipped += 1
             continue
         raw_id = row[id_col].strip() if id_col is not None else ""
-        ex: dict[str, Any] = {"idx": int(raw_id) if raw_id.isdigit() else n}
+        ex: dict[str, Any] = {"idx": int(raw_id) if raw_id.isdecimal() else n}
         ex["text_a"] = row[col[text_cols[0]]]
         ex["text_b"] = row[col[text_cols[1]]] if spec.pair else None
         if is_test:
@@ -251,7 +251,7 @@ def _local_label(spec: TaskSpec, value: Any, where: str, column: str) -> int | f
         v = value.strip()
         if v in labels:
             return labels.index(v)
-        if v.lstrip("-").isdigit() and 0 <= int(v) < len(labels):
+        if v.lstrip("-").isdecimal() and 0 <= int(v) < len(labels):
             return int(v)  # class ids written as text (CSV)
     elif isinstance(value, bool):
         if len(labels) == 2:
@@ -316,7 +316,7 @@ def read_local_split(spec: TaskSpec, path: Path, columns: Mapping[str, str | Non
         if wanted["idx"]:
             raw = rec.get(wanted["idx"])
             idx = int(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) and float(raw).is_integer() \
-                else int(raw) if isinstance(raw, str) and raw.strip().lstrip("-").isdigit() else raw
+                else int(raw) if isinstance(raw, str) and raw.strip().lstrip("-").isdecimal() else raw
         text_b = str(texts[1]) if spec.pair else None
         out.append({"idx": idx, "text_a": str(texts[0]), "text_b": text_b, "label": label})
     return out, skipped

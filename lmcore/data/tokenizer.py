@@ -22,8 +22,9 @@ Models (``tokenizer.kind``) and what ``decode(encode(text))`` gives back:
   ``▁`` to the text and splits before each ``▁``; decoding turns every ``▁`` back into a space and
   removes the one it prepended. So it round-trips exactly except that (1) a literal ``▁`` in the
   text comes back as a space, and (2) a text that starts with a space loses that first space.
-  Tabs, newlines and runs of spaces are kept. ``whitespace_digits`` does the same and also puts
-  every digit in a token of its own.
+  Tabs, newlines and runs of spaces are kept. Every ``<`` is a pre-token of its own, so no text
+  can spell a byte token (``<0x41>`` as written stays that text). ``whitespace_digits`` does the
+  same and also puts every digit in a token of its own.
 
 Special-token strings inside a text (``"<|endoftext|>"``) are matched as the special token by
 ``encode``; the ``encode`` stage turns that off, so a document cannot inject an end-of-text token.
@@ -81,7 +82,9 @@ def build_trainer(cfg: TokenizerConfig):
     elif cfg.kind == "unigram":
         tok = Tokenizer(models.Unigram())
         meta = pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="always", split=True)
-        tok.pre_tokenizer = meta if cfg.pre_tokenizer == "metaspace" else pre_tokenizers.Sequence([meta, digits])
+        # "<" stands alone, so no piece of text can spell a byte token ("<0x41>" would decode to "A")
+        lt = pre_tokenizers.Split("<", behavior="isolated")
+        tok.pre_tokenizer = pre_tokenizers.Sequence([meta, lt] if cfg.pre_tokenizer == "metaspace" else [meta, digits, lt])
         tok.decoder = decoders.Sequence([
             decoders.ByteFallback(),
             decoders.Metaspace(replacement=METASPACE, prepend_scheme="always", split=True),
@@ -102,11 +105,26 @@ def build_trainer(cfg: TokenizerConfig):
 
 def _add_byte_fallback(tok):
     """The trained Unigram ``tok`` with the 256 byte tokens appended (scored below every piece)
-    and byte fallback on."""
+    and byte fallback on. The trained scores are rounded to 1e-9 and equal scores ordered by piece:
+    the trainer's last digits (1e-14) and its order of ties differ from run to run, which made the
+    same corpus give another ``tokenizer.json`` (and other ids) every time."""
 
     data = json.loads(tok.to_str())
     model = data["model"]
-    vocab = model["vocab"]
+    specials = {t["content"] for t in data.get("added_tokens", [])}
+    n = next((i for i, (piece, _) in enumerate(model["vocab"]) if piece not in specials), len(model["vocab"]))
+    pieces = sorted(([piece, round(score, 9)] for piece, score in model["vocab"][n:]), key=lambda e: (-e[1], e[0]))
+    # the trainer ends with the characters it must keep, in a hash order, scored one 1e-4 step
+    # apart (the last steps meeting the rarest characters' score): from the first of those steps
+    # on, the same scores go to the same characters in code point order
+    def step(i: int) -> bool:
+        return len(pieces[i][0]) == len(pieces[i + 1][0]) == 1 and abs(pieces[i][1] - pieces[i + 1][1] - 1e-4) < 1e-7
+
+    start = next((i for i in range(len(pieces) - 2) if step(i) and step(i + 1)), None)
+    if start is not None and all(len(piece) == 1 for piece, _ in pieces[start:]):
+        chars = sorted(piece for piece, _ in pieces[start:])
+        pieces[start:] = [[c, score] for c, (_, score) in zip(chars, pieces[start:])]
+    vocab = model["vocab"] = model["vocab"][:n] + pieces  # the special tokens keep their ids
     have = {piece for piece, _ in vocab}
     floor = min(score for _, score in vocab) - 10.0
     vocab.extend([b, floor] for b in BYTE_TOKENS if b not in have)
