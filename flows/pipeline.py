@@ -20,7 +20,7 @@ from lmcore.config import ConfigError
 from lmcore.core.errors import StageError
 from lmcore.core.layout import Layout
 from lmcore.report import report_execution
-from lmcore.stages import ORDER, outputs_exist, stage_items
+from lmcore.stages import ORDER, outputs_current, stage_items
 from lmcore.summary import summarize
 from lmcore.tracking import PIPELINE_ENV
 from tasks import STAGE_TASKS, launch_overrides
@@ -29,8 +29,9 @@ from tasks import STAGE_TASKS, launch_overrides
 @flow(name="lmcore-pipeline", log_prints=True)
 def pipeline(params_file: str = "params.yaml", root: str = ".", force: bool = False,
              launch: dict[str, Any] | None = None, until: str | None = None) -> dict[str, Any]:
-    """Run every stage; a stage whose inputs and params are unchanged and whose outputs exist is
-    taken from Prefect's cache. ``finetune`` runs as one task run per task of
+    """Run every stage; a stage whose inputs, params and code are unchanged and whose outputs are
+    still the ones this flow wrote for them is taken from Prefect's cache
+    (:func:`lmcore.stages.outputs_current`). ``finetune`` runs as one task run per task of
     ``prepare.tasks.tasks`` (like DVC's ``finetune@<task>`` stages), one after the other: each
     uses every core. All stages log under one MLflow parent run; the flow ends by printing
     :func:`lmcore.summary.summarize` (which also gives an execution of cached tasks its parent
@@ -54,12 +55,12 @@ def pipeline(params_file: str = "params.yaml", root: str = ".", force: bool = Fa
         for name in ORDER[: ORDER.index(until) + 1] if until else ORDER:
             items = stage_items(name, params)
             if items is None:
-                refresh = force or not outputs_exist(name, layout)
+                refresh = force or not outputs_current(name, params, layout)
                 results[name] = STAGE_TASKS[name].with_options(refresh_cache=refresh)(params_file, root, launch=launch)
                 continue
             results[name] = {}
             for item in items:
-                refresh = force or not outputs_exist(name, layout, item)
+                refresh = force or not outputs_current(name, params, layout, item)
                 task = STAGE_TASKS[name].with_options(refresh_cache=refresh, task_run_name=f"{name}-{item}")
                 results[name][item] = task(params_file, root, item, launch=launch)
         if until is None:  # recorded in MLflow even when every task came from the cache

@@ -1346,8 +1346,13 @@ def set_key(data: dict[str, Any], key: str, value: Any) -> None:
     creating the sections on the way."""
     *parents, leaf = key.split(".")
     node = data
-    for part in parents:
-        node = node.setdefault(part, {})
+    for i, part in enumerate(parents):
+        if node.get(part) is None:  # absent, or an empty section (`launch:` with nothing under it)
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            where = ".".join(parents[: i + 1])
+            raise ConfigError(f"{where} = {node!r}: a section (a mapping of keys) is needed to set {key}")
     node[leaf] = value
 
 

@@ -99,6 +99,12 @@ def launch_command(launch: LaunchConfig, stage: str, params_file: str | Path = "
         raise StageError(f"launch: {processes} process(es) on {machines} machines: num_processes counts the processes "
                          "of all machines (set launch.num_processes)")
     argv = [python, "-m", "accelerate.commands.launch", "--config_file", str(path)]
+    if dtype not in _MULTI and processes == 1 and machines == 1 and bool(file.get("use_cpu")) != cpu:
+        # one process: accelerate's simple launcher sets ACCELERATE_USE_CPU from the file's use_cpu
+        if not cpu:
+            raise StageError(f"launch.cpu = false, but {path} sets use_cpu: true, which a one-process launch obeys: "
+                             "set use_cpu: false there, or name another launch.config")
+        argv.append("--cpu")
     if dtype not in _MULTI and (processes > 1 or machines > 1):
         argv.append("--multi_gpu")  # a single-process file asked for more: data parallel
         dtype = "MULTI_CPU" if cpu else "MULTI_GPU"
@@ -218,7 +224,12 @@ def run_launched(launch: Launch, log: Callable[[str], None] = print, cwd: str | 
         rc = proc.wait()
     except BaseException:
         log(f"launch: stopping the training processes (SIGTERM, then SIGKILL after {grace:.0f} s)")
-        stop_launch(proc, grace)
+        try:
+            stop_launch(proc, grace)
+        except BaseException:  # a second signal while they stop: no more waiting, and none left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
         raise
     finally:
         reader.join(timeout=10)

@@ -19,6 +19,7 @@ import datetime
 import html
 import io
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -30,7 +31,7 @@ from lmcore.core.io import atomic_path
 from lmcore.core.layout import Layout
 from lmcore.lineage import render, trace
 from lmcore.summary import REPORT, headlines
-from lmcore.tracking import find_parent, open_client
+from lmcore.tracking import find_parent, is_newest_execution, open_client, reading_store
 from lmcore.train.pretrain import read_history
 
 FOLDER = "runs/report"
@@ -44,6 +45,8 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; } .better { colo
 .worse { color: #a11; } pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 13px; }
 img { max-width: 100%; border: 1px solid #eee; } .missing { color: #a11; }
 """
+
+log = logging.getLogger(__name__)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -162,7 +165,7 @@ def _data_section(layout: Layout) -> str:
     return "\n".join(parts) or '<p class="missing">no cleaned data (data/clean is missing)</p>'
 
 
-def _training_section(layout: Layout, curves: bytes | None) -> str:
+def _training_section(layout: Layout, curves: bytes | None, tasks: list[str] | None) -> str:
     parts = []
     m = _read_json(layout / "metrics/pretrain.json")
     if m:
@@ -171,9 +174,14 @@ def _training_section(layout: Layout, curves: bytes | None) -> str:
         parts.append(_table(["", "value"], [[k, m[k]] for k in keys if k in m]))
     if curves:
         parts.append(_img(curves, "pretraining curves"))
-    fine = sorted((layout / "metrics/finetune").glob("*.json")) if (layout / "metrics/finetune").is_dir() else []
+    if tasks is None:
+        fine = sorted((layout / "metrics/finetune").glob("*.json")) if (layout / "metrics/finetune").is_dir() else []
+    else:  # the pipeline's tasks: a task dropped from prepare.tasks.tasks leaves its metrics file behind
+        fine = [layout / "metrics/finetune" / f"{t}.json" for t in tasks]
     rows = []
     for f in fine:
+        if not f.exists():
+            continue
         r = _read_json(f) or {}
         full = (_read_json(layout / "runs/finetune" / f.stem / "results.json") or {}).get("metrics", {})
         rows.append([f.stem, r.get("score", ""), r.get("scratch_score", ""), r.get("majority_score", ""),
@@ -184,10 +192,11 @@ def _training_section(layout: Layout, curves: bytes | None) -> str:
     return "\n".join(parts) or '<p class="missing">no pretraining yet (metrics/pretrain.json is missing)</p>'
 
 
-def write_report(layout: Layout, title: str, summary: str, lineage: str | None) -> Path:
+def write_report(layout: Layout, title: str, summary: str, lineage: str | None, tasks: list[str] | None = None) -> Path:
     """Write ``runs/report/`` (``index.html``, ``curves.png``) from the outputs under ``layout``;
     ``summary``: the text of :func:`lmcore.summary.summarize`; ``lineage``: the text of
-    :func:`lmcore.lineage.render` (None: not tracked). Returns the page's path."""
+    :func:`lmcore.lineage.render` (None: not tracked); ``tasks``: the fine-tuning tasks to show
+    (default: every metrics file). Returns the page's path."""
     history = read_history(layout.plots)
     curves = curves_png(history) if history else None
     samples = _samples(layout / "runs/evaluate/samples.md") if (layout / "runs/evaluate/samples.md").exists() else []
@@ -197,7 +206,7 @@ def write_report(layout: Layout, title: str, summary: str, lineage: str | None) 
         "<h2>Summary</h2>", f"<pre>{html.escape(summary)}</pre>",
         "<h2>Scores beside their baselines</h2>", _scores_section(layout),
         "<h2>Data</h2>", _data_section(layout),
-        "<h2>Training</h2>", _training_section(layout, curves),
+        "<h2>Training</h2>", _training_section(layout, curves, tasks),
         "<h2>Samples</h2>",
         "\n".join(f"<h3>{html.escape(p)}</h3><pre>{html.escape(t)}</pre>" for p, t in samples)
         or "<p class='missing'>no samples (runs/evaluate/samples.md is missing)</p>",
@@ -223,14 +232,22 @@ def report_execution(params: Params, layout: Layout, key: str | None, summary: s
     parent = None
     if params.tracking.enabled:
         try:
-            client, experiment_id, _ = open_client(params.tracking)
-            evaluated = layout / "runs/evaluate"
-            lineage = (render(trace(client, experiment_id, str(evaluated))) if evaluated.exists()
-                       else "no evaluation yet: runs/evaluate is missing")
-            parent = find_parent(client, experiment_id, key) if key else None
+            with reading_store(params.tracking.tracking_uri):
+                client, experiment_id, _ = open_client(params.tracking)
+                evaluated = layout / "runs/evaluate"
+                lineage = (render(trace(client, experiment_id, str(evaluated))) if evaluated.exists()
+                           else "no evaluation yet: runs/evaluate is missing")
+                parent = find_parent(client, experiment_id, key) if key else None
+                if parent is not None and not is_newest_execution(client, experiment_id, parent.info.run_id):
+                    parent = None  # an older execution's record keeps the report it had
         except StageError as e:
             lineage = f"the lineage could not be read: {e}"
-    page = write_report(layout, f"lmcore pipeline {key}" if key else "lmcore pipeline outputs", summary, lineage)
+    page = write_report(layout, f"lmcore pipeline {key}" if key else "lmcore pipeline outputs", summary, lineage,
+                        list(params.prepare.tasks.tasks))
     if parent is not None:
-        client.log_artifacts(parent.info.run_id, str(page.parent), artifact_path="report")
+        try:  # the pipeline has run: a store that fails now costs the copy in MLflow, not the run
+            with reading_store(params.tracking.tracking_uri):
+                client.log_artifacts(parent.info.run_id, str(page.parent), artifact_path="report")
+        except StageError as e:
+            log.warning("report: %s; the report stays in %s only", e, page)
     return page

@@ -10,16 +10,17 @@ for both DVC and Prefect (:func:`code_deps`).
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmcore.config import Params
+from lmcore.config import Params, task_spec
 from lmcore.core.errors import StageError
-from lmcore.core.imports import PACKAGE_DIR, closure_files
-from lmcore.core.io import fingerprint
+from lmcore.core.imports import PACKAGE_DIR, closure_files, closure_fingerprint
+from lmcore.core.io import fingerprint, write_json
 from lmcore.core.layout import Layout
 
 
@@ -172,7 +173,7 @@ def code_deps(name: str, package_dir: Path = PACKAGE_DIR) -> list[str]:
 
 def code_fingerprint(name: str, package_dir: Path = PACKAGE_DIR) -> str:
     """A hash of the contents of :func:`code_deps`: the code part of the Prefect cache key."""
-    return fingerprint(*(package_dir.parent / f for f in code_deps(name, package_dir)))
+    return closure_fingerprint(ENTRY_MODULES[name], package_dir)
 
 
 def deps(name: str, item: str | None = None) -> list[str]:
@@ -220,15 +221,39 @@ def metrics_path(name: str, layout: Layout, item: str | None = None) -> Path:
     return layout / io.metrics[0] if io.metrics else layout.metrics(name)
 
 
+def named_inputs(name: str, params: Params, layout: Layout) -> list[Path]:
+    """The files a stage reads because its params name them, beside its declared deps:
+    prepare's ``corpus.paths`` (kind ``files``), its GLUE task folders and local task files (as
+    prepare reads them, relative to the project folder), evaluate's ``texts`` and
+    ``multiple_choice`` files (as evaluate reads them), globs expanded. Part of the Prefect cache
+    key; ``dvc.yaml`` cannot list them (README: after editing one in place, ``dvc repro -f -s``)."""
+    def at(p: str) -> Path:
+        return Path(p) if Path(p).is_absolute() else layout.root / p
+
+    paths: list[Path] = []
+    if name == "prepare":
+        cfg = params.prepare
+        if cfg.corpus.kind == "files":
+            paths += [at(p) for p in cfg.corpus.paths]
+        if cfg.tasks.kind == "glue_dir" and cfg.tasks.glue_dir:
+            specs = [task_spec(t, cfg.tasks.local.get(t)) for t in cfg.tasks.tasks]
+            paths += [at(cfg.tasks.glue_dir) / s.glue_folder for s in specs if s.glue_folder]
+        paths += [at(f) for task in cfg.tasks.local.values() for f in task.files.values()]
+    elif name == "evaluate":
+        paths += [Path(p) for t in params.evaluate.texts for p in t.paths]
+        paths += [Path(m.path) for m in params.evaluate.multiple_choice]
+    return sorted({Path(m) for p in paths for m in (glob.glob(str(p)) or [str(p)])})
+
+
 def cache_key(name: str, params: Params, layout: Layout, item: str | None = None) -> str:
-    """A key that changes when the stage's params keys, its input files, its code (the same
-    :func:`code_deps` as ``dvc.yaml``) or the project folder change (the Prefect cache key); per
-    item for a ``foreach`` stage."""
+    """A key that changes when the stage's params keys, its input files (declared, and
+    :func:`named_inputs`), its code (the same :func:`code_deps` as ``dvc.yaml``) or the project
+    folder change (the Prefect cache key); per item for a ``foreach`` stage."""
     io = stage_io(name, item)
     data = data_deps(name, params, layout, item)
     sections = {s: param_value(params, s) for s in io.params}
-    payload = json.dumps([name, item, str(layout.root.resolve()), sections, fingerprint(*data), code_fingerprint(name)],
-                         sort_keys=True)
+    payload = json.dumps([name, item, str(layout.root.resolve()), sections, fingerprint(*data),
+                          fingerprint(*named_inputs(name, params, layout)), code_fingerprint(name)], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -245,6 +270,40 @@ def pipeline_outputs(params: Params, layout: Layout) -> dict[str, list[Path]]:
 
 def outputs_exist(name: str, layout: Layout, item: str | None = None) -> bool:
     return all((layout / o).exists() for o in stage_io(name, item).outs)
+
+
+PRODUCED = ".lmcore/produced"
+"""Per stage (and item), the cache key of the flow run that last wrote its outputs and a content
+hash of those outputs (:func:`record_produced`)."""
+
+
+def _produced(name: str, layout: Layout, item: str | None) -> Path:
+    return layout / PRODUCED / f"{name}{f'@{item}' if item else ''}.json"
+
+
+def _outputs_hash(name: str, layout: Layout, item: str | None) -> str:
+    return fingerprint(*(layout / o for o in stage_io(name, item).outs))
+
+
+def record_produced(name: str, params: Params, layout: Layout, item: str | None = None) -> None:
+    """After the flow ran stage ``name``: the outputs now on disk are those of this cache key."""
+    write_json(_produced(name, layout, item), {"key": cache_key(name, params, layout, item),
+                                               "outputs": _outputs_hash(name, layout, item)})
+
+
+def outputs_current(name: str, params: Params, layout: Layout, item: str | None = None) -> bool:
+    """The outputs on disk are what the flow's run of the current cache key left: they exist, the
+    flow last wrote them with these inputs, settings and code, and nothing has written them since
+    (``dvc repro`` or ``lmcore <stage>`` with other settings). Otherwise the flow runs the stage
+    instead of taking its result from Prefect's cache, which would leave the other run's files."""
+    if not outputs_exist(name, layout, item):
+        return False
+    try:
+        rec = json.loads(_produced(name, layout, item).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(rec, dict) and rec.get("key") == cache_key(name, params, layout, item)
+            and rec.get("outputs") == _outputs_hash(name, layout, item))
 
 
 STAGES: dict[str, Callable[..., Any]] = {

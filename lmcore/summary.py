@@ -86,7 +86,8 @@ def summarize(params: Params, layout: Layout, key: str | None) -> str:
         parent = client.get_run(execution.parent_id)
         children = client.search_runs([experiment_id], max_results=1000,
                                       filter_string=f"tags.`mlflow.parentRunId` = '{execution.parent_id}'")
-        record_dvc_lock(client, parent, children, layout / "dvc.lock")
+        if execution.current:  # today's dvc.lock is not an older execution's
+            record_dvc_lock(client, parent, children, layout / "dvc.lock")
         took = _seconds(parent)
         state = "every stage reused" if execution.created else (
             f"{parent.info.status.lower()}" + (f", {took:.0f} s" if took is not None else ""))

@@ -39,6 +39,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -667,6 +668,9 @@ class Execution:
     producers: dict[str, Any]
     """``{output name: Run or None}``."""
     uri: str
+    current: bool = True
+    """The newest execution: the outputs on disk may be recorded as its own. An older one is only
+    read (``lmcore summary --pipeline <older key>`` must not rewrite its record with today's files)."""
 
 
 def open_client(cfg: TrackingConfig) -> tuple[Any, str, str]:
@@ -692,6 +696,13 @@ def find_parent(client: Any, experiment_id: str, key: str) -> Any | None:
     return found[0] if found else None
 
 
+def is_newest_execution(client: Any, experiment_id: str, parent_id: str) -> bool:
+    """``parent_id`` is the pipeline parent run started last in the experiment."""
+    newest = client.search_runs([experiment_id], filter_string="tags.`lmcore.kind` = 'pipeline'", max_results=1,
+                                order_by=["attributes.start_time DESC"])
+    return not newest or newest[0].info.run_id == parent_id
+
+
 def link_execution(cfg: TrackingConfig, key: str, outputs: Sequence[Path]) -> Execution:
     """Give execution ``key`` its parent run even when every stage came from a cache (a no-op
     ``dvc repro``, a Prefect run of cached tasks), and tag it with the run that produced each of
@@ -705,6 +716,7 @@ def link_execution(cfg: TrackingConfig, key: str, outputs: Sequence[Path]) -> Ex
             created = parent is None
             parent_id = (_parent_run_id(client, key, experiment_id, {**git_tags(), **params_file_tags(cfg)})
                          if created else parent.info.run_id)
+        current = created or is_newest_execution(client, experiment_id, parent_id)
         producers: dict[str, Any] = {}
         for path in outputs:
             if not path.exists():
@@ -712,13 +724,14 @@ def link_execution(cfg: TrackingConfig, key: str, outputs: Sequence[Path]) -> Ex
             name = dataset_name(path)
             run = producer_of(client, experiment_id, name, data_digest(path)["sha256"][:32])
             producers[name] = run
-            client.set_tag(parent_id, f"lmcore.produced_by.{name}", run.info.run_id if run else "unknown")
+            if current:
+                client.set_tag(parent_id, f"lmcore.produced_by.{name}", run.info.run_id if run else "unknown")
         if created:
             client.set_tag(parent_id, "lmcore.cached", "true")
             client.set_terminated(parent_id, "FINISHED")
     except _errors() as e:
         raise StageError(f"the tracking store {uri} (tracking.tracking_uri) did not answer: {_short(e)}") from e
-    return Execution(parent_id, created, producers, uri)
+    return Execution(parent_id, created, producers, uri, current)
 
 
 def promote(cfg: TrackingConfig, name: str, version: str | None = None) -> tuple[bool, str]:
@@ -748,13 +761,16 @@ def promote(cfg: TrackingConfig, name: str, version: str | None = None) -> tuple
         return float(got)
 
     new = value(mv)
+    if champion is None and math.isnan(new):
+        return False, f"{name} version {mv.version} is not promoted: its {metric} is NaN (a diverged run?)"
     if champion is None:
         client.set_registered_model_alias(name, "champion", mv.version)
         return True, f"{name} version {mv.version} is now champion ({metric} {new:.4f}; there was none)"
     if champion.version == mv.version:
         return False, f"{name} version {mv.version} is already champion ({metric} {new:.4f})"
     old = value(champion)
-    better = new < old if goal == "minimize" else new > old
+    # a NaN metric ranks below every number: a diverged champion is replaced, a diverged candidate never wins
+    better = not math.isnan(new) and (math.isnan(old) or (new < old if goal == "minimize" else new > old))
     way = "lower" if goal == "minimize" else "higher"
     cmp = f"{metric} {new:.4f} against {old:.4f} of version {champion.version} ({way} is better)"
     if not better:

@@ -152,6 +152,7 @@ class Postgres:
             if out.returncode != 0:
                 raise StageError(f"initdb failed in {self.pgdata}: {out.stderr.strip()[-500:]}")
         if self.running():  # left by a start that did not stop it (killed): use it
+            self._ensure_database()
             return
         if not port_is_free("127.0.0.1", self.port):
             raise StageError(f"port {self.port} on 127.0.0.1 is in use (tracking.server.postgres_port): choose another")
@@ -160,12 +161,23 @@ class Postgres:
                         "start", check=False)
         if out.returncode != 0:
             raise StageError(f"PostgreSQL did not start (log: {self.log}): {self.log.read_text()[-800:].strip()}")
-        self._ensure_database()
+        try:
+            self._ensure_database()
+        except BaseException:  # the server this call started does not outlive it
+            self.stop()
+            raise
 
     def _ensure_database(self) -> None:
-        import psycopg2  # lazy: an optional dependency (lmcore[server]), needed by this command only
+        try:
+            import psycopg2  # lazy: an optional dependency (lmcore[server]), needed by this command only
+        except ImportError:
+            raise StageError("the tracking server's PostgreSQL needs psycopg2: pip install 'lmcore[server]'") from None
 
-        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=ROLE, dbname="postgres")
+        try:
+            conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=ROLE, dbname="postgres")
+        except psycopg2.Error as e:
+            raise StageError(f"PostgreSQL at 127.0.0.1:{self.port} refused the connection "
+                             f"({' '.join(str(e).split())[:300]}; log: {self.log})") from None
         try:
             conn.autocommit = True
             with conn.cursor() as cur:

@@ -22,7 +22,7 @@ from lmcore import config
 from lmcore.core.layout import Layout
 from lmcore.data.clean import clean_shard
 from lmcore.launch import run_stage_launched
-from lmcore.stages import ORDER, STAGE_IO, cache_key, run_stage
+from lmcore.stages import ORDER, STAGE_IO, cache_key, record_produced, run_stage
 
 # downloads can fail for passing reasons; pretrain's retry resumes from its last checkpoint
 RETRIES = {"prepare": 2, "pretrain": 1}
@@ -70,11 +70,14 @@ def stage_task(stage: str):
             launch: dict[str, Any] | None = None) -> Any:
         params = config.load(params_file, launch_overrides(launch))
         if STAGE_IO[stage].launched:
-            return run_stage_launched(stage, params, params_file, root, item, get_run_logger().info)
-        extra: dict[str, Any] = {"map_shards": _shard_mapper()} if stage == "clean" else {}
-        if item is not None:
-            extra["task"] = item
-        return run_stage(stage, params, Layout(Path(root)), **extra)
+            result = run_stage_launched(stage, params, params_file, root, item, get_run_logger().info)
+        else:
+            extra: dict[str, Any] = {"map_shards": _shard_mapper()} if stage == "clean" else {}
+            if item is not None:
+                extra["task"] = item
+            result = run_stage(stage, params, Layout(Path(root)), **extra)
+        record_produced(stage, params, Layout(Path(root)), item)  # what the flow's cache may stand for
+        return result
 
     run.__name__ = run.__qualname__ = stage
     return task(

@@ -228,3 +228,14 @@ def test_the_registry_task_metric_must_be_one_every_task_reports(tmp_path):
         config.load(_write(tmp_path, cola))
     cola["tracking"]["registry"]["enabled"] = False  # nothing is registered: nothing to check
     config.load(_write(tmp_path, cola))
+
+
+def test_an_override_into_an_empty_or_wrong_section(tmp_path):
+    """A flow's launch parameter set into `launch:` left empty, or written as a list: a TypeError
+    traceback instead of the key."""
+    p = tmp_path / "params.yaml"
+    p.write_text("launch:\n")
+    assert config.load(p, {"launch.num_processes": 2}).launch.num_processes == 2
+    p.write_text("launch: [a]\n")
+    with pytest.raises(ConfigError, match=r"launch = \['a'\]: a section .* to set launch.num_processes"):
+        config.load(p, {"launch.num_processes": 2})

@@ -97,6 +97,25 @@ def test_clean_shards_spread_over_a_local_two_worker_dask_cluster(prefect_harnes
 
     assert len(anyio.run(shard_runs)) == len(before) // 2  # one task run per raw shard
 
+    # the outputs rewritten with other settings outside the flow (dvc repro, lmcore clean), then the
+    # first settings back: the flow runs the stage again; its cache held the first result but the
+    # files on disk were the other run's
+    import yaml
+
+    from lmcore import config
+    from lmcore.core.layout import Layout
+    from lmcore.stages import run_stage
+
+    first = (tiny_project / "params.yaml").read_text()
+    other = yaml.safe_load(first)
+    other["clean"]["validation_fraction"] = 0.5
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(other))
+    run_stage("clean", config.load(tiny_project / "params.yaml"), Layout(tiny_project))
+    assert {p: p.read_bytes() for p in sorted((tiny_project / "data/clean").rglob("*.jsonl"))} != before
+    (tiny_project / "params.yaml").write_text(first)
+    pipeline(str(tiny_project / "params.yaml"), str(tiny_project), until="clean")
+    assert {p: p.read_bytes() for p in sorted((tiny_project / "data/clean").rglob("*.jsonl"))} == before
+
 
 def _trainers(root) -> list:
     """The training processes of ``root`` (not their launcher)."""

@@ -89,6 +89,18 @@ def test_the_command_follows_the_launch_section(tmp_path):
     assert gpus.env == {} and gpus.num_processes == 8 and "--multi_gpu" not in gpus.argv  # the file says it
 
 
+def test_launch_cpu_is_obeyed_by_a_one_process_launch(tmp_path):
+    """Accelerate's one-process launcher takes use_cpu from the config file and overwrote the
+    ACCELERATE_USE_CPU lmcore set: launch.cpu was ignored (a GPU file trained on the GPU)."""
+    gpu = tmp_path / "gpu.yaml"
+    gpu.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\nuse_cpu: false\n")
+    on_cpu = launch_command(LaunchConfig(config=str(gpu), cpu=True, allocator="system"), "pretrain")
+    assert "--cpu" in on_cpu.argv[: on_cpu.argv.index("-m", 2)] and on_cpu.env == {"ACCELERATE_USE_CPU": "true"}
+    assert "--cpu" not in launch_command(LaunchConfig(config=str(gpu), allocator="system"), "pretrain").argv
+    with pytest.raises(StageError, match=r"launch.cpu = false, but .*cpu.yaml sets use_cpu: true"):
+        launch_command(LaunchConfig(config=CPU, cpu=False), "pretrain")
+
+
 def test_the_allocator_is_preloaded_where_asked(tmp_path, monkeypatch):
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     assert "LD_PRELOAD" not in launch_command(LaunchConfig(config=CPU, allocator="system"), "pretrain").env

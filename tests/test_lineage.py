@@ -182,3 +182,18 @@ def test_training_stages_get_mlflow_system_metrics_and_a_continued_run_goes_on_f
     assert len(steps) >= 3 and steps == sorted(set(steps)), steps  # the continued run went on, no step twice
     assert "system/system_memory_usage_megabytes" in client.get_run(tr.run_id).data.metrics
     assert not any(k.startswith("system/") for k in client.get_run(other.run_id).data.metrics)
+
+
+def test_the_report_shows_the_pipeline_tasks_not_every_metrics_file_left_behind(tmp_path):
+    """DVC leaves the metrics file of a task dropped from prepare.tasks.tasks; the report listed
+    it as if it were part of the run."""
+    from lmcore.core.layout import Layout
+    from lmcore.report import write_report
+
+    for task, score in (("sst2", 0.81), ("cola", 0.12)):
+        (tmp_path / "metrics/finetune").mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"metrics/finetune/{task}.json").write_text(f'{{"score": {score}, "best_epoch": 2}}')
+    page = write_report(Layout(tmp_path), "t", "summary", None, ["sst2", "rte"]).read_text()
+    assert "<td>sst2</td>" in page and "cola" not in page and "<td>rte</td>" not in page
+    everything = write_report(Layout(tmp_path), "t", "summary", None).read_text()
+    assert "<td>sst2</td>" in everything and "<td>cola</td>" in everything

@@ -316,6 +316,25 @@ def test_changed_settings_start_afresh(straight, tmp_path):
     assert len(hashes) == 1 and hashes.isdisjoint(json.loads(t)["config_hash"] for t in before.values())
 
 
+def test_a_finished_run_of_other_code_trains_again(straight, tmp_path):
+    """A code change makes DVC and Prefect run pretrain again; its finished checkpoint (same
+    settings) was resumed at its end, so the stage wrote the old code's weights as the new ones."""
+    import shutil
+
+    root = tmp_path / "p"
+    shutil.copytree(straight, root)
+    ckpts = root / "runs/pretrain/checkpoints"
+    step, newest = list_checkpoints(ckpts)[-1]
+    trainer = json.loads((newest / "trainer.json").read_text())
+    assert len(trainer["code"]) == 64  # the code's hash, recorded with every checkpoint
+    (newest / "trainer.json").write_text(json.dumps({**trainer, "code": "0" * 64}))
+    res = run_cli(root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "a finished run of other code" in out and "resuming" not in out
+    assert json.loads((list_checkpoints(ckpts)[-1][1] / "trainer.json").read_text())["code"] == trainer["code"]
+
+
 @pytest.mark.parametrize("damage", ["trainer_empty", "trainer_not_json", "weights_truncated"])
 def test_a_corrupt_newest_checkpoint_is_named_and_nothing_is_removed(straight, tmp_path, damage):
     import shutil

@@ -182,3 +182,24 @@ def test_prepare_reads_input_files_relative_to_the_project_not_the_working_direc
     assert {d["source"] for d in docs} == {"texts/a.txt", "texts/reviews.jsonl"}
     report = json.loads((proj / "data/raw/read_report.json").read_text(encoding="utf-8"))
     assert set(report["status"]) == {"texts/a.txt", "texts/reviews.jsonl"}
+
+
+def test_a_file_the_params_name_is_part_of_the_prefect_cache_key(tmp_path):
+    """A corpus file (or a held-out text) edited in place left the key unchanged: the flow took
+    prepare from its cache and trained on the old text."""
+    from lmcore.core.layout import Layout
+    from lmcore.stages import cache_key, named_inputs
+
+    proj = tmp_path / "proj"
+    (proj / "texts").mkdir(parents=True)
+    (proj / "texts/a.txt").write_text("first text", encoding="utf-8")
+    (proj / "held.txt").write_text("held out", encoding="utf-8")
+    params = Params.model_validate({"prepare": {"corpus": {"kind": "files", "paths": ["texts/*.txt"]}},
+                                    "evaluate": {"texts": [{"name": "h", "paths": [str(proj / "held.txt")]}]}})
+    layout = Layout(proj)
+    assert named_inputs("prepare", params, layout) == [proj / "texts/a.txt"]
+    assert named_inputs("evaluate", params, layout) == [proj / "held.txt"]
+    keys = {s: cache_key(s, params, layout) for s in ("prepare", "evaluate")}
+    (proj / "texts/a.txt").write_text("edited text", encoding="utf-8")
+    (proj / "held.txt").write_text("held out, edited", encoding="utf-8")
+    assert all(cache_key(s, params, layout) != keys[s] for s in keys)

@@ -67,3 +67,59 @@ def test_a_tracking_server_that_does_not_answer_stops_the_stage_before_it_writes
     assert len(lines) == 1 and url in lines[0] and "tracking.enabled: false" in lines[0], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert not Path(tiny_project / "data/raw").exists() and not Path(tiny_project / "metrics/prepare.json").exists()
+
+
+def test_promote_ranks_a_nan_metric_below_every_number(tmp_path):
+    """`new < old` is false both ways when one side is NaN: a diverged champion could never be
+    replaced, and a diverged first version became champion."""
+    import math
+
+    from mlflow import MlflowClient
+
+    from lmcore.config import TrackingConfig
+    from lmcore.tracking import promote
+
+    cfg = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    client = MlflowClient(cfg.tracking_uri)
+    client.create_registered_model("m")
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
+
+    def version(val_bpb: float) -> str:
+        run = client.create_run(exp)
+        client.log_metric(run.info.run_id, "val_bpb", val_bpb)
+        client.set_terminated(run.info.run_id)
+        return client.create_model_version("m", str(tmp_path), run.info.run_id).version
+
+    first = version(math.nan)
+    moved, why = promote(cfg, "m", first)
+    assert not moved and "NaN" in why
+    second = version(2.0)
+    assert promote(cfg, "m", second)[0]
+    assert not promote(cfg, "m", version(math.nan))[0]
+    client.set_registered_model_alias("m", "champion", first)  # a diverged champion
+    assert promote(cfg, "m", version(3.0))[0]
+    assert client.get_model_version_by_alias("m", "champion").version != first
+
+
+def test_an_older_execution_is_read_not_rewritten(tmp_path):
+    """`lmcore summary --pipeline <older key>` tagged the older execution with the producers of
+    today's outputs (and attached today's dvc.lock and report to it)."""
+    from mlflow import MlflowClient
+
+    from lmcore.config import TrackingConfig
+    from lmcore.tracking import link_execution
+
+    cfg = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment="e")
+    a, b = tmp_path / "data/a", tmp_path / "data/b"
+    a.mkdir(parents=True)
+    (a / "x.txt").write_text("a")
+    first = link_execution(cfg, "k1", [a])
+    b.mkdir()
+    (b / "y.txt").write_text("b")
+    second = link_execution(cfg, "k2", [a, b])
+    again = link_execution(cfg, "k1", [a, b])
+    assert first.current and second.current and not again.current and again.parent_id == first.parent_id
+    client = MlflowClient(cfg.tracking_uri)
+    tags = client.get_run(first.parent_id).data.tags
+    assert [t for t in tags if t.startswith("lmcore.produced_by.")] == [f"lmcore.produced_by.{a}"]
+    assert f"lmcore.produced_by.{b}" in client.get_run(second.parent_id).data.tags

@@ -13,6 +13,8 @@ import dataclasses
 from functools import cache
 from pathlib import Path
 
+from lmcore.core.io import fingerprint
+
 PACKAGE = "lmcore"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 """The folder of the ``lmcore`` package."""
@@ -184,6 +186,11 @@ def closure_files(entry: str, package_dir: Path = PACKAGE_DIR) -> list[str]:
     root = package_dir.parent
     files = {module_path(m, package_dir).relative_to(root).as_posix() for m in closure(entry, package_dir)}  # type: ignore[union-attr]
     return sorted(files)
+
+
+def closure_fingerprint(entry: str, package_dir: Path = PACKAGE_DIR) -> str:
+    """A hash of the contents of :func:`closure_files`: the code a stage run of ``entry`` ran."""
+    return fingerprint(*(package_dir.parent / f for f in closure_files(entry, package_dir)))
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:

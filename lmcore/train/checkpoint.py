@@ -140,7 +140,7 @@ def _read_trainer(path: Path, folder: Path) -> dict[str, Any]:
 
 
 def resume(accelerator, folder: Path, chash: str, sampler, schedulers: Sequence[Any], layout: StepLayout,
-           max_steps: int) -> dict[str, Any] | None:
+           max_steps: int, code: str | None = None) -> dict[str, Any] | None:
     """Load the newest checkpoint in ``folder`` if it has the settings hash ``chash`` and the
     global batch of ``layout``: the Accelerate state, the sampler and the schedulers; return the
     rest of its ``trainer.json``. The number of processes may differ from the run that wrote it
@@ -149,13 +149,19 @@ def resume(accelerator, folder: Path, chash: str, sampler, schedulers: Sequence[
     this run saves its first checkpoint (:func:`save_checkpoint`), so a run that fails before
     that loses nothing. An unfinished run with another global batch is refused
     (:class:`StageError`), so that its progress is not lost to a changed launch; so is a corrupt
-    newest checkpoint."""
+    newest checkpoint. ``code``: a hash of the code the run runs (``trainer["code"]``); a
+    finished run of other code starts afresh (its weights are not what this code would train),
+    an unfinished one resumes with a warning."""
     ckpts = list_checkpoints(folder)
     if not ckpts:
         return None
     step, path = ckpts[-1]
     saved = _read_trainer(path, folder)
-    if saved.get("config_hash") == chash:
+    other_code = code is not None and saved.get("code") not in (None, code)
+    if saved.get("config_hash") == chash and other_code and step >= max_steps:
+        accelerator.print(f"{folder}: a finished run of other code (the training code changed since); starting "
+                          "afresh (its checkpoints are replaced at this run's first checkpoint)")
+    elif saved.get("config_hash") == chash:
         try:
             was = StepLayout(**saved["layout"])
         except TypeError as e:
@@ -170,7 +176,9 @@ def resume(accelerator, folder: Path, chash: str, sampler, schedulers: Sequence[
                 first = str(e).splitlines()[0] if str(e) else ""
                 raise _corrupt(path, f", cannot be loaded ({type(e).__name__}: {first})", path, folder) from None
             moved = "" if was == layout else f"; written as {was.describe()}, continued as {layout.describe()}"
-            accelerator.print(f"resuming from step {saved['step']} ({path}){moved}")
+            changed = ("; the training code changed since it was written (remove the folder to start afresh "
+                       "with this code)") if other_code else ""
+            accelerator.print(f"resuming from step {saved['step']} ({path}){moved}{changed}")
             return saved
         if step < max_steps:
             raise StageError(

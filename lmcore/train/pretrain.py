@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from lmcore.config import ModelConfig, PretrainConfig, TrackingConfig, flatten
 from lmcore.core.errors import Interrupted
+from lmcore.core.imports import closure_fingerprint
 from lmcore.core.io import atomic_path, write_json
 from lmcore.core.machine import require_cxx_compiler, tune_malloc
 from lmcore.data.encode import load_manifest, load_tokens
@@ -160,7 +161,8 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
     chash = config_hash(cfg, manifest)
     step_layout = StepLayout(world, cfg.grad_accum, cfg.batch_size)
     state = TrainState()
-    saved = resume(accelerator, ckpt_dir, chash, sampler, scheds, step_layout, cfg.max_steps)
+    code = closure_fingerprint(__name__)  # the code of this stage (dvc.yaml's code deps of pretrain)
+    saved = resume(accelerator, ckpt_dir, chash, sampler, scheds, step_layout, cfg.max_steps, code)
     if saved is not None:
         state.load(saved)
     start_step = state.step
@@ -175,7 +177,8 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
         f"peak {peak.flops / 1e9:.0f} GFLOP/s ({peak.source}, {peak.dtype}); allocator {malloc}; attention {kernel}")
 
     def trainer_state() -> dict[str, Any]:
-        return {**state.to_dict(), "sampler": sampler.state_dict(), "config_hash": chash, "mlflow_run_id": tr.run_id,
+        return {**state.to_dict(), "sampler": sampler.state_dict(), "config_hash": chash, "code": code,
+                "mlflow_run_id": tr.run_id,
                 "layout": dataclasses.asdict(step_layout), "schedulers": [sched.state_dict() for sched in scheds]}
 
     def validate_now() -> float:
