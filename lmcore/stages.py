@@ -77,7 +77,7 @@ def _evaluate(p: Params, L: Layout) -> Any:
     from lmcore.eval.evaluate import evaluate  # lazy: each stage loads only its own code
 
     return evaluate(p.evaluate, L.tokens, L.pretrained, L.finetune, L.tokenizer, p.prepare.tasks.tasks, L.evaluate,
-                    L.metrics("evaluate"), p.tracking, clean_dir=L.clean, tasks_dir=L / "data/raw/tasks")
+                    L.metrics("evaluate"), p.tracking, clean_dir=L.clean, tasks_dir=L / "data/raw/tasks", root=L.root)
 
 
 ITEM = "${item}"
@@ -223,9 +223,9 @@ def metrics_path(name: str, layout: Layout, item: str | None = None) -> Path:
 
 def named_inputs(name: str, params: Params, layout: Layout) -> list[Path]:
     """The files a stage reads because its params name them, beside its declared deps:
-    prepare's ``corpus.paths`` (kind ``files``), its GLUE task folders and local task files (as
-    prepare reads them, relative to the project folder), evaluate's ``texts`` and
-    ``multiple_choice`` files (as evaluate reads them), globs expanded. Part of the Prefect cache
+    prepare's ``corpus.paths`` (kind ``files``), its GLUE task folders and local task files,
+    evaluate's ``texts`` and ``multiple_choice`` files (relative to the project folder, as the
+    stages read them), globs expanded. Part of the Prefect cache
     key; ``dvc.yaml`` cannot list them (README: after editing one in place, ``dvc repro -f -s``)."""
     def at(p: str) -> Path:
         return Path(p) if Path(p).is_absolute() else layout.root / p
@@ -240,8 +240,8 @@ def named_inputs(name: str, params: Params, layout: Layout) -> list[Path]:
             paths += [at(cfg.tasks.glue_dir) / s.glue_folder for s in specs if s.glue_folder]
         paths += [at(f) for task in cfg.tasks.local.values() for f in task.files.values()]
     elif name == "evaluate":
-        paths += [Path(p) for t in params.evaluate.texts for p in t.paths]
-        paths += [Path(m.path) for m in params.evaluate.multiple_choice]
+        paths += [at(p) for t in params.evaluate.texts for p in t.paths]
+        paths += [at(m.path) for m in params.evaluate.multiple_choice]
     return sorted({Path(m) for p in paths for m in (glob.glob(str(p)) or [str(p)])})
 
 

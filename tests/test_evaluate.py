@@ -427,3 +427,16 @@ def test_local_multiple_choice_files_are_scored_zero_shot_and_a_bad_one_stops_fi
     with pytest.raises(StageError, match=r"mc.jsonl:1: answer = 5 is not the index"):
         _run(project, tmp_path / "again", cfg)
     assert not (tmp_path / "again/runs/evaluate").exists()
+
+
+def test_held_out_files_are_read_relative_to_the_project_folder():
+    """`lmcore --root proj evaluate` run from elsewhere looked for evaluate.texts in the working
+    directory (prepare already read its inputs inside --root)."""
+    from lmcore.eval.evaluate import rooted_files
+
+    cfg = EvaluateConfig(texts=[{"name": "h", "paths": ["held/*.txt", "/abs/x.txt"]}],
+                         multiple_choice=[{"name": "mc", "path": "mc/set.jsonl"}])
+    rooted = rooted_files(cfg, Path("/proj"))
+    assert rooted.texts[0].paths == ["/proj/held/*.txt", "/abs/x.txt"]
+    assert rooted.multiple_choice[0].path == "/proj/mc/set.jsonl"
+    assert rooted_files(cfg, Path(".")).texts[0].paths == ["held/*.txt", "/abs/x.txt"]

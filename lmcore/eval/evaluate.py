@@ -225,17 +225,30 @@ class EvaluateResult:
     report: Path
 
 
+def rooted_files(cfg: EvaluateConfig, root: Path) -> EvaluateConfig:
+    """``cfg`` with the files of ``texts`` and ``multiple_choice`` relative to the project folder
+    ``root`` (absolute paths kept; globs stay globs)."""
+    def at(path: str) -> str:
+        return path if Path(path).is_absolute() else str(root / path)
+
+    texts = [t.model_copy(update={"paths": [at(p) for p in t.paths]}) for t in cfg.texts]
+    choices = [m.model_copy(update={"path": at(m.path)}) for m in cfg.multiple_choice]
+    return cfg.model_copy(update={"texts": texts, "multiple_choice": choices})
+
+
 def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned: Path, tokenizer_dir: Path,
              tasks: Sequence[str], out: Path, metrics: Path,
              tracking: TrackingConfig = TrackingConfig(), clean_dir: Path | None = None,
-             tasks_dir: Path | None = None) -> EvaluateResult:
+             tasks_dir: Path | None = None, root: Path = Path(".")) -> EvaluateResult:
     """Evaluate the language model (validation split, then ``cfg.texts``) and collect the
     fine-tuned ``tasks`` (names, in order); ``clean_dir``: the clean stage's folder, whose
     validation documents ``cfg.document_level`` scores one by one (None: not scored);
     ``tasks_dir``: the prepared tasks (``data/raw/tasks``), scored zero-shot with
-    ``cfg.zero_shot`` (None: not scored)."""
+    ``cfg.zero_shot`` (None: not scored). The files of ``cfg.texts`` and
+    ``cfg.multiple_choice`` are relative to the project folder ``root`` (``lmcore --root``), as
+    ``params.yaml`` means them; the parameters are logged as written."""
 
-    out = Path(out)
+    out, given, cfg = Path(out), cfg, rooted_files(cfg, Path(root))
     malloc = tune_malloc()  # batches of B x T x vocab logits: reuse the blocks (see pretrain)
     manifest = load_manifest(tokens_dir)
     model, model_cfg = load_lm(pretrained)
@@ -257,9 +270,9 @@ def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned:
         read_multiple_choice(mc.path, mc.context_field, mc.choices_field, mc.gold_field)
     # read (and checked) before the scoring: a damaged results file stops the stage at once
     task_m, task_rows, submission = task_results(finetuned, tasks)
-    params = flatten(cfg, "evaluate.")
-    params["evaluate.texts"] = json.dumps([t.model_dump() for t in cfg.texts])
-    params["evaluate.multiple_choice"] = json.dumps([c.model_dump() for c in cfg.multiple_choice])
+    params = flatten(given, "evaluate.")
+    params["evaluate.texts"] = json.dumps([t.model_dump() for t in given.texts])
+    params["evaluate.multiple_choice"] = json.dumps([c.model_dump() for c in given.multiple_choice])
     params |= describe_model(model, model_cfg, tok, tok_file)
     params["allocator"] = malloc
 
