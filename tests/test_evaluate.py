@@ -306,8 +306,8 @@ def test_exported_llama_folder_scores_like_the_lmcore_model(project, tmp_path):
 def test_text_is_tokenized_by_the_encode_stages_own_rules(project):
     """The validation documents, re-tokenized as held-out text, give exactly the encode stage's
     token shards and manifest bytes; a special-token string inside a document stays text."""
-    from lmcore.data.encode import encode_batches, load_tokens, specials_as_text
-    from lmcore.data.tokenizer import load, special_ids
+    from lmcore.data.encode import encode_batches, load_tokens
+    from lmcore.data.tokenizer import load, special_ids, specials_as_text
 
     root = project["root"]
     tok = load(root / "tokenizer")

@@ -230,3 +230,16 @@ def test_the_same_corpus_trains_the_same_unigram_tokenizer(unigram):
     sha256 every later stage checks) changed with each training of the same corpus."""
     again = [train(TokenizerConfig(kind="unigram", vocab_size=400), corpus()).to_str() for _ in range(2)]
     assert again[0] == again[1] == unigram.to_str()
+
+
+def test_validation_statistics_count_tokens_as_encode_does(bpe):
+    """"<|endoftext|>" inside a document is text to encode (several tokens), but the tokenizer
+    stage's bytes-per-token statistics counted it as one special token."""
+    from lmcore.data.tokenizer import specials_as_text, validation_stats
+
+    text = "the king wrote <|endoftext|> in a letter"
+    stats = validation_stats(bpe, [(text, None)])
+    with specials_as_text(bpe):
+        as_text = len(bpe.encode(text))
+    assert stats["all"]["tokens"] == as_text > len(bpe.encode(text))
+    assert not bpe.encode_special_tokens  # the tokenizer is left as it was

@@ -15,7 +15,7 @@ process uses the tokenizer's own threads instead), each streaming its input in b
 size. Each output depends only on its input shard and the tokenizer, so the output is
 byte-identical whatever the number of workers. Special-token strings inside a document are
 encoded as plain text: the only end-of-text tokens are the ones after each document. These rules
-are :func:`encode_batches` (with :func:`specials_as_text`), which the evaluate stage uses too, to
+are :func:`encode_batches` (with :func:`lmcore.data.tokenizer.specials_as_text`), which the evaluate stage uses too, to
 score held-out text exactly as the model saw its training text.
 
 Read the shards with :func:`load_tokens` (a :class:`lmcore.data.shards.TokenShards` over ``np.memmap``:
@@ -25,7 +25,6 @@ no copy) and the manifest with :func:`load_manifest`.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -76,24 +75,11 @@ def shard_name(split: str, i: int, n: int) -> str:
 # the rules: documents to token ids
 
 
-@contextlib.contextmanager
-def specials_as_text(tok) -> Iterator[Any]:
-    """``tok`` encoding special-token strings (``"<|endoftext|>"``) inside a document as plain text,
-    for the duration of the ``with`` block: the only end-of-text tokens are the ones that
-    :func:`encode_batches` puts after each document."""
-    saved = tok.encode_special_tokens
-    tok.encode_special_tokens = True
-    try:
-        yield tok
-    finally:
-        tok.encode_special_tokens = saved
-
-
 def encode_batches(tok, texts: Iterable[str], batch_size: int, eot: int) -> Iterator[tuple[list[str], list[list[int]]]]:
     """Documents encoded as the encode stage encodes them: ``(texts, ids)`` per batch of at most
     ``batch_size`` documents holding up to ``BATCH_CHARS`` characters (the memory bound), where the
     ids of each document end with ``eot``. ``tok`` must encode special-token strings as plain text
-    (:func:`specials_as_text`; the stage's own tokenizers always do)."""
+    (:func:`lmcore.data.tokenizer.specials_as_text`; the stage's own tokenizers always do)."""
     if not tok.encode_special_tokens:
         raise ValueError("encode_batches: the tokenizer must encode special-token strings as text "
                          "(use specials_as_text)")

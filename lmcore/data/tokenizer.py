@@ -32,6 +32,7 @@ Special-token strings inside a text (``"<|endoftext|>"``) are matched as the spe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -213,6 +214,19 @@ def save(tok, cfg: TokenizerConfig, folder: Path) -> Path:
     return folder / "tokenizer.json"
 
 
+@contextlib.contextmanager
+def specials_as_text(tok) -> Iterator[Any]:
+    """``tok`` encoding special-token strings (``"<|endoftext|>"``) inside a document as plain text,
+    for the duration of the ``with`` block: the only end-of-text tokens are the ones that
+    :func:`encode_batches` puts after each document."""
+    saved = tok.encode_special_tokens
+    tok.encode_special_tokens = True
+    try:
+        yield tok
+    finally:
+        tok.encode_special_tokens = saved
+
+
 def validation_stats(tok, docs: Iterable[tuple[str, str | None]], batch_size: int = TRAIN_BATCH
                      ) -> dict[str | None, dict[str, int]]:
     """UTF-8 bytes, characters, tokens and whitespace-separated words of ``(text, language)``
@@ -220,7 +234,8 @@ def validation_stats(tok, docs: Iterable[tuple[str, str | None]], batch_size: in
     None where it has none) and over all of them (key ``"all"``)."""
     out: dict[str | None, dict[str, int]] = {}
     for batch in batched(docs, batch_size, max_chars=BATCH_CHARS, text=lambda d: d[0]):
-        encodings = tok.encode_batch_fast([t for t, _ in batch])
+        with specials_as_text(tok):  # counted as encode counts them: "<|endoftext|>" in a document is text
+            encodings = tok.encode_batch_fast([t for t, _ in batch])
         for (text, lang), enc in zip(batch, encodings, strict=True):
             for key in ("all", lang):
                 s = out.setdefault(key, {"documents": 0, "bytes": 0, "chars": 0, "tokens": 0, "words": 0})

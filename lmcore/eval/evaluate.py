@@ -40,8 +40,8 @@ from lmcore.core.io import atomic_path, iter_field, require, split_shards, write
 from lmcore.core.machine import tune_malloc
 from lmcore.data import glue
 from lmcore.data import tokenizer as tokmod
-from lmcore.data.tokenizer import special_ids
-from lmcore.data.encode import load_manifest, load_tokens, specials_as_text
+from lmcore.data.tokenizer import special_ids, specials_as_text
+from lmcore.data.encode import load_manifest, load_tokens
 from lmcore.eval.harness import DecoderScorer, DocumentScores, Loaded, load_hf, score_documents
 from lmcore.eval.report import describe_model, report_table, samples
 from lmcore.eval.scored import score_split, score_texts

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from lmcore.core.errors import StageError
-from lmcore.data.encode import encode_batches, specials_as_text
-from lmcore.data.tokenizer import special_ids
+from lmcore.data.encode import encode_batches
+from lmcore.data.tokenizer import special_ids, specials_as_text
 from lmcore.eval.unigram import unigram_scored_nll
 from lmcore.eval.windows import score_stream
 
