@@ -367,3 +367,22 @@ def test_index_memory(request):
         assert index.add(None, keys[n // 2], sigs[n // 2]) == "near_duplicate"
         report(request, f"index, verify_threshold {verify}: {index.nbytes / n:.0f} bytes/document at {n:,}")
         assert index.nbytes / n < limit
+
+
+def test_a_document_kept_with_only_known_band_keys_still_catches_its_copies():
+    """B shares its bands with three kept documents but is close to none (verification rejects
+    them all), so it is kept; it stored no signature, and its exact-signature copy B' (another
+    exact key: a case or punctuation variant) was kept too."""
+    cfg = MinHashConfig()
+    rng = np.random.default_rng(0)
+    docs = [(rng.integers(1, 2**63, cfg.bands, dtype=np.uint64), rng.integers(0, 256, cfg.num_perm).astype(np.uint8))
+            for _ in range(3)]
+    rows = cfg.num_perm // cfg.bands
+    cuts = [(0, 10), (10, 19), (19, cfg.bands)]
+    keys = np.concatenate([docs[k][0][a:b] for k, (a, b) in enumerate(cuts)])
+    sig = np.concatenate([docs[k][1][rows * a : rows * b] for k, (a, b) in enumerate(cuts)])
+    index = DedupIndex(cfg)
+    assert [index.add(bytes([k]) * 16, *docs[k]) for k in range(3)] == [None, None, None]
+    assert index.add(b"B" * 16, keys, sig) is None and index.candidates_rejected == 1
+    assert index.add(b"b" * 16, keys, sig) == "near_duplicate"
+    assert index.counts == {"kept": 4, "near_duplicate": 1}

@@ -396,11 +396,14 @@ class DedupIndex:
     document and, with ``verify_threshold`` set, the Jaccard similarity estimated from the
     two signatures reaches it). Only kept documents enter the band index, so a chain of
     small edits A -> B -> C drops B (close to A) but keeps C unless C is close to A itself.
-    With verification a band key points at the first kept document that had it.
+    With verification a band key points at a chain of the kept documents that had it (newest
+    first, the first :attr:`MAX_CHAIN` compared): a document kept although all its band keys
+    were known (every candidate failed verification) is a candidate for later ones too.
 
     Memory (:attr:`nbytes`): 21-32 bytes per document for its exact key, and per kept document
-    10.7-16 bytes per band key (16-21 with verification's document number) plus, with
-    verification, ``num_perm`` bytes (the low byte of each signature value). With the defaults
+    10.7-16 bytes per band key (16-21 with verification's chain head) plus, with verification,
+    ``num_perm`` bytes (the low byte of each signature value) and 8 bytes per chain node (one per
+    band key of each kept document). With the defaults
     that is ~0.5-0.8 KB per kept document (~0.3-0.5 KB without verification).
     """
 
@@ -415,6 +418,10 @@ class DedupIndex:
         self._bands = _KeyTable(wide=False, with_values=self.verify, capacity=room(expected * config.bands))
         self._sigs = np.zeros((max(1024, expected) if self.verify else 0, config.num_perm), np.uint8)
         self.n_kept_sigs = 0
+        # with verification a band key's value is a node of a chain: (kept document, next node or -1)
+        self._node_doc = np.zeros(max(1024, expected) if self.verify else 0, np.int32)
+        self._node_next = np.zeros_like(self._node_doc)
+        self.n_nodes = 0
         self.counts: Counter[str] = Counter()
         """Documents added, per outcome: ``kept``, ``exact_duplicate``, ``near_duplicate``."""
         self.candidates_rejected = 0
@@ -426,7 +433,7 @@ class DedupIndex:
     @property
     def nbytes(self) -> int:
         """Bytes held by the index's arrays (the whole state of phase 2)."""
-        return self._exact.nbytes + self._bands.nbytes + self._sigs.nbytes
+        return self._exact.nbytes + self._bands.nbytes + self._sigs.nbytes + self._node_doc.nbytes * 2
 
     def add(self, exact_key: bytes | None, band_keys: Any = None, signature: np.ndarray | None = None) -> str | None:
         """Decide on the next document. ``exact_key`` (16 bytes) None skips exact de-duplication,
@@ -448,6 +455,7 @@ class DedupIndex:
             ex = (at, e0, e1)
         reason = None
         new: list[tuple[int, int]] = []  # (empty slot, key) of band keys not in the index
+        hits: list[int] = []  # slots of band keys in the index
         keys = None if band_keys is None else np.asarray(band_keys, _U64).reshape(-1)
         if keys is not None and keys.any():
             if len(keys) != self.config.bands:
@@ -455,7 +463,6 @@ class DedupIndex:
             keys = keys * _KEY_MUL
             table = self._bands
             table.reserve(len(keys))
-            hits = []
             for home, k in zip(table.home(keys), keys.tolist()):
                 at = table.find(home, k or 1)
                 if at >= 0:
@@ -469,7 +476,7 @@ class DedupIndex:
                     if signature is None or np.shape(signature) != (self.config.num_perm,):
                         raise ValueError(f"verify_threshold is set: add() needs the signature "
                                          f"({self.config.num_perm} values), got {signature!r:.60}")
-                    cands = np.unique(table.vals[hits])
+                    cands = np.unique(self._chain_docs(table.vals[hits].tolist()))
                     match = (self._sigs[cands] == np.asarray(signature).astype(np.uint8)).mean(axis=1)
                     # b-bit MinHash (b = 8): unequal values still agree with probability 1/256
                     est = (match - 1 / 256) / (1 - 1 / 256)
@@ -482,12 +489,39 @@ class DedupIndex:
         if reason:
             self.counts[reason] += 1
             return reason
-        if new:
-            ordinal = self._add_signature(signature) if self.verify else 0
+        if self.verify and (new or hits):
+            ordinal = self._add_signature(signature)
+            for at in hits:  # known keys: this document joins their chains
+                self._bands.vals[at] = self._node(ordinal, int(self._bands.vals[at]))
             for at, k in new:
-                self._bands.put(~at, k, val=ordinal)
+                self._bands.put(~at, k, val=self._node(ordinal, -1))
+        elif new:
+            for at, k in new:
+                self._bands.put(~at, k)
         self.counts["kept"] += 1
         return None
+
+    MAX_CHAIN = 32
+    """Kept documents compared per band key (its newest): bounds the work on boilerplate bands."""
+
+    def _node(self, doc: int, nxt: int) -> int:
+        if self.n_nodes == len(self._node_doc):
+            size = max(1024, int(len(self._node_doc) * 1.5))
+            self._node_doc = np.resize(self._node_doc, size)
+            self._node_next = np.resize(self._node_next, size)
+        self._node_doc[self.n_nodes], self._node_next[self.n_nodes] = doc, nxt
+        self.n_nodes += 1
+        return self.n_nodes - 1
+
+    def _chain_docs(self, heads: list[int]) -> list[int]:
+        docs = []
+        for node in heads:
+            for _ in range(self.MAX_CHAIN):
+                if node < 0:
+                    break
+                docs.append(int(self._node_doc[node]))
+                node = int(self._node_next[node])
+        return docs
 
     def _add_signature(self, signature: np.ndarray | None) -> int:
         if signature is None or np.shape(signature) != (self.config.num_perm,):
