@@ -404,7 +404,7 @@ class DedupIndex:
     10.7-16 bytes per band key (16-21 with verification's chain head) plus, with verification,
     ``num_perm`` bytes (the low byte of each signature value) and 8 bytes per chain node (one per
     band key of each kept document). With the defaults
-    that is ~0.5-0.8 KB per kept document (~0.3-0.5 KB without verification).
+    that is ~0.7-1.0 KB per kept document (~0.3-0.5 KB without verification).
     """
 
     def __init__(self, config: MinHashConfig = MinHashConfig(), expected: int = 0) -> None:
@@ -419,8 +419,9 @@ class DedupIndex:
         self._sigs = np.zeros((max(1024, expected) if self.verify else 0, config.num_perm), np.uint8)
         self.n_kept_sigs = 0
         # with verification a band key's value is a node of a chain: (kept document, next node or -1)
-        self._node_doc = np.zeros(max(1024, expected) if self.verify else 0, np.int32)
+        self._node_doc = np.zeros(max(1024, expected * config.bands) if self.verify else 0, np.int32)
         self._node_next = np.zeros_like(self._node_doc)
+        self._nd, self._nn = memoryview(self._node_doc), memoryview(self._node_next)  # plain-Python speed
         self.n_nodes = 0
         self.counts: Counter[str] = Counter()
         """Documents added, per outcome: ``kept``, ``exact_duplicate``, ``near_duplicate``."""
@@ -491,8 +492,9 @@ class DedupIndex:
             return reason
         if self.verify and (new or hits):
             ordinal = self._add_signature(signature)
+            vals = self._bands._mv
             for at in hits:  # known keys: this document joins their chains
-                self._bands.vals[at] = self._node(ordinal, int(self._bands.vals[at]))
+                vals[at] = self._node(ordinal, vals[at])
             for at, k in new:
                 self._bands.put(~at, k, val=self._node(ordinal, -1))
         elif new:
@@ -505,22 +507,24 @@ class DedupIndex:
     """Kept documents compared per band key (its newest): bounds the work on boilerplate bands."""
 
     def _node(self, doc: int, nxt: int) -> int:
-        if self.n_nodes == len(self._node_doc):
-            size = max(1024, int(len(self._node_doc) * 1.5))
+        n = self.n_nodes
+        if n == len(self._node_doc):
+            size = max(1024, int(n * 1.5))
             self._node_doc = np.resize(self._node_doc, size)
             self._node_next = np.resize(self._node_next, size)
-        self._node_doc[self.n_nodes], self._node_next[self.n_nodes] = doc, nxt
-        self.n_nodes += 1
-        return self.n_nodes - 1
+            self._nd, self._nn = memoryview(self._node_doc), memoryview(self._node_next)
+        self._nd[n], self._nn[n] = doc, nxt
+        self.n_nodes = n + 1
+        return n
 
     def _chain_docs(self, heads: list[int]) -> list[int]:
-        docs = []
+        docs, nd, nn = [], self._nd, self._nn
         for node in heads:
             for _ in range(self.MAX_CHAIN):
                 if node < 0:
                     break
-                docs.append(int(self._node_doc[node]))
-                node = int(self._node_next[node])
+                docs.append(nd[node])
+                node = nn[node]
         return docs
 
     def _add_signature(self, signature: np.ndarray | None) -> int:
