@@ -37,7 +37,9 @@ def lmcore_run(model, ids: torch.Tensor, n: int, compile: bool = False) -> tuple
     cfg = GenerationConfig(max_new_tokens=n, temperature=0.0, compile=compile)
     t0 = time.perf_counter()
     out = generate(model, ids.tolist(), cfg)
-    return time.perf_counter() - t0, [c.tokens for c in out]
+    secs = time.perf_counter() - t0
+    assert all(len(c.tokens) == n for c in out), "lmcore generated another number of tokens"
+    return secs, [c.tokens for c in out]
 
 
 def hf_run(model, ids: torch.Tensor, n: int, compile: bool = False) -> tuple[float, list[list[int]]]:
@@ -49,9 +51,13 @@ def hf_run(model, ids: torch.Tensor, n: int, compile: bool = False) -> tuple[flo
         config._compile_all_devices = True
         extra = {"cache_implementation": "static", "compile_config": config}
     t0 = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False, use_cache=True, pad_token_id=0, **extra)
-    return time.perf_counter() - t0, out[:, ids.shape[1]:].tolist()
+    # no end-of-text (main() clears it) and no min_new_tokens: exactly n tokens, with no per-token
+    # stop check or logits processor that lmcore's side (no stop_id) does not do either
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, use_cache=True,
+                         pad_token_id=0, **extra)
+    secs = time.perf_counter() - t0
+    assert out.shape[1] - ids.shape[1] == n, "transformers generated another number of tokens"
+    return secs, out[:, ids.shape[1]:].tolist()
 
 
 def main() -> None:
@@ -70,7 +76,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     ours = load_decoder(args.model).eval()
-    theirs = LlamaForCausalLM.from_pretrained(args.export, torch_dtype=torch.float32).eval()
+    theirs = LlamaForCausalLM.from_pretrained(args.export, dtype=torch.float32).eval()
+    theirs.generation_config.eos_token_id = None  # both sides generate exactly --new-tokens, unstopped
     vocab = ours.cfg.vocab_size
     prompts = {b: torch.randint(1, vocab, (b, args.prompt_tokens), generator=torch.Generator().manual_seed(b))
                for b in args.batches}
@@ -83,8 +90,8 @@ def main() -> None:
     tokens: dict[tuple[str, int], list[list[int]]] = {}
     with torch.no_grad():
         warmup: dict[tuple[str, int], float] = {}
-        for name, b in cases:  # warm-up (and the compiled cases' compilation)
-            warmup[(name, b)] = runners[name](prompts[b], 4)[0]
+        for name, b in cases:  # warm-up, at the timed length (the compiled cases compile for its cache size)
+            warmup[(name, b)] = runners[name](prompts[b], args.new_tokens)[0]
         for r in range(args.rounds):
             order = cases[r % len(cases):] + cases[: r % len(cases)]
             for name, b in order:
@@ -106,7 +113,7 @@ def main() -> None:
             print(f"| {b} | {ours_name} | {b * args.new_tokens / ours_s:,.0f} | {hf_name} | "
                   f"{b * args.new_tokens / hf_s:,.0f} | {hf_s / ours_s:.2f}x | {same}/{b} |")
     if args.compile:
-        print("\nwarm-up of 4 tokens (s; the compiled cases compile in it): " + ", ".join(
+        print(f"\nwarm-up of {args.new_tokens} tokens (s; the compiled cases compile in it): " + ", ".join(
             f"{name} batch {b} {secs:.1f}" for (name, b), secs in warmup.items()))
 
 

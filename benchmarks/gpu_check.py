@@ -352,6 +352,7 @@ def generation(s: dict[str, Any]) -> dict[str, Any]:
         torch.manual_seed(0)
         llama = tt.hf_llama(L, H, C, T, V, gcfg.mlp_hidden, gcfg.kv_heads).to(device=device, dtype=torch.bfloat16)
         llama.eval()
+        llama.generation_config.eos_token_id = None  # exactly n tokens: no stop check, no min_new_tokens processor
         for b in s["gen_batches"]:
             g = torch.Generator().manual_seed(b)
             ids = torch.randint(1, V, (b, P), generator=g).to(device)
@@ -359,7 +360,7 @@ def generation(s: dict[str, Any]) -> dict[str, Any]:
             def go(n: int, ids: torch.Tensor = ids) -> float:
                 sync(device)
                 t0 = time.perf_counter()
-                out = llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                out = llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                      do_sample=True, temperature=0.8, top_k=50, use_cache=True, pad_token_id=0)
                 sync(device)
                 assert out.shape[1] == P + n, out.shape

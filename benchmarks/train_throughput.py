@@ -45,6 +45,7 @@ from lmcore.config import ATTENTION_KERNELS  # noqa: E402
 from lmcore.core.machine import cpu_flags, cpu_name, git_commit, tune_malloc  # noqa: E402
 from lmcore.model.decoder import Decoder, DecoderConfig  # noqa: E402
 from lmcore.model.kernels import attention_dtype, attention_kernel  # noqa: E402
+from lmcore.train.flops import resolve_precision  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # the models
@@ -192,7 +193,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
     p.add_argument("--rounds", type=int, default=3, help="rounds over the models")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast or plain fp32")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="bf16 autocast or plain fp32; auto (default): what pretrain's mixed_precision: auto picks "
+                        "here (on a CPU without bf16 instructions bf16 is emulated, ~1 GFLOP/s for the peers: no "
+                        "fair comparison)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (compile time reported)")
     p.add_argument("--attention", choices=("auto", *ATTENTION_KERNELS), default="auto",
                    help="lmcore's attention kernel (auto: what pretrain would choose here, measured and cached)")
@@ -201,6 +205,8 @@ def main() -> None:
                         "(lmcore.core.machine.tune_malloc; every model of the run benefits alike)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.precision == "auto":
+        args.precision = "bf16" if resolve_precision("auto") == "bf16" else "fp32"
 
     malloc = tune_malloc() if args.malloc == "tuned" else "system"
     torch.set_num_threads(args.threads)
@@ -232,6 +238,8 @@ def main() -> None:
                 torch.manual_seed(args.seed)
                 model = old.Decoder(old.DecoderConfig(vocab_size=args.vocab, n_layer=L, n_head=H, n_embd=C,
                                                       block_size=T))
+                if hasattr(model, "use_attention"):  # the kernel HEAD runs, or the comparison measures the kernels
+                    model.use_attention(kernels[f"{L}x{H}x{C}"])
                 fpt = flops_per_token(model, L, C, T)
             elif name == "gpt2":
                 torch.manual_seed(args.seed)
