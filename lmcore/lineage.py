@@ -20,7 +20,7 @@ from typing import Any
 
 from lmcore.core.errors import StageError
 from lmcore.stages import ORDER
-from lmcore.tracking import data_digest, dataset_name, find_parent, producer_of
+from lmcore.tracking import data_digest, dataset_name, find_parent, model_uri_parts, producer_of
 
 _CONTEXT = "mlflow.data.context"
 
@@ -70,13 +70,9 @@ def _consumers(client: Any, experiment_id: str, link: Link) -> list[Any]:
 def _model_version(client: Any, uri: str) -> Any:
     from mlflow.exceptions import MlflowException  # lazy: mlflow loads only when a command reads runs
 
-    name, sep, ref = uri[len("models:/"):].partition("@")
-    if not sep:
-        name, _, ref = name.rpartition("/")
-    if not name or not ref:
-        raise StageError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    name, ref, alias = model_uri_parts(uri)
     try:
-        return client.get_model_version_by_alias(name, ref) if sep else client.get_model_version(name, ref)
+        return client.get_model_version_by_alias(name, ref) if alias else client.get_model_version(name, ref)
     except MlflowException as e:
         raise StageError(f"{uri}: no such registered model version ({str(e).splitlines()[0][:200]})") from None
 

@@ -488,7 +488,7 @@ def _store_lock(uri: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _http_settings(cfg: TrackingConfig) -> None:
+def http_settings(cfg: TrackingConfig) -> None:
     """MLflow's HTTP client reads its retry policy from the environment: a failing server is
     given up on after ``request_retries`` retries (waits 1, 2, 4... s), not MLflow's default of
     7 retries over about four minutes."""
@@ -604,7 +604,7 @@ def stage_run(
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = resolved_uri(cfg)
     if uri.startswith(("http://", "https://")):
-        _http_settings(cfg)
+        http_settings(cfg)
     key = pipeline_key()
     provenance = {**git_tags(), **params_file_tags(cfg)}
     tags = {**(tags or {}), **provenance, **_process_tags(), "lmcore.stage": stage, "lmcore.kind": "stage",
@@ -680,7 +680,7 @@ def open_client(cfg: TrackingConfig) -> tuple[Any, str, str]:
     mlflow = _mlflow()
     uri = resolved_uri(cfg)
     if uri.startswith(("http://", "https://")):
-        _http_settings(cfg)
+        http_settings(cfg)
     try:
         with _store_lock(uri):
             client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -690,6 +690,8 @@ def open_client(cfg: TrackingConfig) -> tuple[Any, str, str]:
 
 
 def find_parent(client: Any, experiment_id: str, key: str) -> Any | None:
+    if "'" in key:  # MLflow's filter strings cannot quote it
+        raise StageError(f"pipeline key {key!r}: a key cannot hold a quote (') (--pipeline, ${PIPELINE_ENV})")
     where = f"tags.`{KEY_TAG}` = '{key}' and tags.`lmcore.kind` = 'pipeline'"
     found = client.search_runs([experiment_id], filter_string=where, max_results=1,
                                order_by=["attributes.start_time ASC"])
@@ -780,23 +782,36 @@ def promote(cfg: TrackingConfig, name: str, version: str | None = None) -> tuple
     return True, f"{name} version {mv.version} is now champion: {cmp}"
 
 
+def model_uri_parts(uri: str) -> tuple[str, str, bool]:
+    """``(name, alias or version, is an alias)`` of ``models:/<name>@<alias>`` or
+    ``models:/<name>/<version>``; anything else is a :class:`StageError`."""
+    name, sep, ref = uri.removeprefix("models:/").partition("@")
+    if not sep:
+        name, _, ref = name.rpartition("/")
+    if not uri.startswith("models:/") or not name or not ref:
+        raise StageError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    return name, ref, bool(sep)
+
+
 def download_model(cfg: TrackingConfig, uri: str, dst: Path, hf: bool = False) -> Path:
     """The folder of a registered model, ``models:/<name>@<alias>`` or ``models:/<name>/<version>``,
     downloaded into ``dst``: lmcore's model folder, or with ``hf`` the Hugging Face export the
     export stage attached to that version (``transformers`` loads it; it holds the tokenizer)."""
+    name, ref, alias = model_uri_parts(uri)
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder is needed, no permission
+        raise StageError(f"{dst}: cannot be the folder to download into ({e.strerror or e})") from None
     mlflow = _mlflow()
     client, _, store = open_client(cfg)
     try:
         if hf:
-            name, _, ref = uri.removeprefix("models:/").partition("@")
-            mv = (client.get_model_version_by_alias(name, ref) if ref
-                  else client.get_model_version(*name.rsplit("/", 1)))
+            mv = client.get_model_version_by_alias(name, ref) if alias else client.get_model_version(name, ref)
             model_id = mv.tags.get("lmcore.hf_model_id")
             if not model_id:
                 raise StageError(f"{uri} (version {mv.version}) has no Hugging Face export: run the export stage on "
                                  f"that model (lmcore export) with tracking on")
             uri = f"models:/{model_id}"
-        dst.mkdir(parents=True, exist_ok=True)
         return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst), tracking_uri=store, registry_uri=store))
     except _errors() as e:
         raise StageError(f"{uri}: not found in the model registry at {store} ({_short(e)})") from None

@@ -18,6 +18,7 @@ servers. A second start reuses the database: the runs survive restarts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import os
 import pwd
@@ -62,11 +63,18 @@ def postgres_bin() -> Path:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """Whether ``port`` can be bound on ``host``; a host that is not an IPv4 address or name of
+    this machine is a :class:`StageError` (not reported as a busy port)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-        except OSError:
+        except socket.gaierror as e:
+            raise StageError(f"host {host!r} (tracking.server.host): not an IPv4 address or a name this machine "
+                             f"resolves ({e.strerror})") from None
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise StageError(f"host {host!r} (tracking.server.host): not an address of this machine") from None
             return False
     return True
 
@@ -247,7 +255,11 @@ def serve(cfg: TrackingServerConfig, root: Path, say: Callable[[str], None] = pr
     MLflow server exits or a SIGTERM/SIGINT arrives; stop both. Returns the exit status (0 after
     a signal)."""
     folder = (root / cfg.data).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where the folder should be, no permission
+        raise StageError(f"tracking.server.data = {cfg.data!r}: {folder} cannot be the server's folder "
+                         f"({e.strerror or e})") from None
     url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
     if not port_is_free(cfg.host, cfg.port):
         raise StageError(f"port {cfg.port} on {cfg.host} is in use (tracking.server.port): another server runs "

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 
+import pytest
 import yaml
 from conftest import BIN, run_env
 
@@ -80,3 +81,49 @@ def test_empty_corpus(tiny_project, tmp_path):
     (empty / "nothing.jsonl").write_text("")
     set_params(tiny_project, lambda p: p["prepare"]["corpus"].update(paths=[str(empty)]))
     one_error_line(lmcore(tiny_project, "prepare"), "no documents")
+
+
+def _cli(cwd, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "lmcore"), *args], cwd=cwd, capture_output=True, text=True, env=run_env(),
+                          timeout=120)
+
+
+def test_what_review_found_in_the_commands_is_an_error_naming_the_input(tmp_path):
+    """Each of these was a Python traceback (or a false verdict) before."""
+    store = ["--experiment", "e", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    (tmp_path / "acc.yaml").write_text("distributed_type: 'NO'\nnum_processes: abc\n")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"launch": {"config": "acc.yaml"},
+                                                          "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}}))
+    for flag, value, needle in (("--resamples", "0", "--resamples = 0: at least 100"),
+                                ("--resamples", "1", "--resamples = 1: at least 100"),
+                                ("--confidence", "1.5", "--confidence = 1.5: a fraction")):
+        res = _cli(tmp_path, "compare", *store, "A", "B", flag, value)
+        assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+    res = _cli(tmp_path, "download", "models:/lmcore-base", str(tmp_path / "dl"), "--hf")
+    assert res.returncode == 2 and "expected models:/<name>@<alias> or models:/<name>/<version>" in res.stderr
+    (tmp_path / "afile").write_text("x")
+    res = _cli(tmp_path, "download", "models:/x@champion", str(tmp_path / "afile/dest"))
+    assert res.returncode == 2 and "cannot be the folder to download into" in res.stderr, res.stderr[-2000:]
+    res = _cli(tmp_path, "launch", "pretrain", "--dry-run")
+    assert res.returncode == 2 and "num_processes = 'abc'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_empty_paths_and_keys_are_refused_by_name(tmp_path):
+    from lmcore import config
+    from lmcore.core.errors import StageError
+    from lmcore.tracking import find_parent
+    from lmcore.tracking_server import port_is_free
+
+    with pytest.raises(config.ConfigError, match=r"prepare.corpus.paths.0 = '' .*empty path"):
+        config.from_dict({"prepare": {"corpus": {"kind": "files", "paths": [""]}}})
+    with pytest.raises(config.ConfigError, match=r"evaluate.multiple_choice.0.path = ' '"):
+        config.from_dict({"evaluate": {"multiple_choice": [{"name": "m", "path": " "}]}})
+    with pytest.raises(config.ConfigError, match=r"tracking.experiment = ''"):
+        config.from_dict({"tracking": {"experiment": ""}})
+    (tmp_path / "list.yaml").write_text("- a\n")
+    with pytest.raises(config.ConfigError, match="list.yaml"):
+        config.load(tmp_path / "list.yaml", {"launch.num_processes": 2})
+    with pytest.raises(StageError, match="cannot hold a quote"):
+        find_parent(None, "0", "it's")
+    with pytest.raises(StageError, match="not an IPv4 address or a name"):
+        port_is_free("nosuch.invalid", 5999)

@@ -203,3 +203,16 @@ def test_a_file_the_params_name_is_part_of_the_prefect_cache_key(tmp_path):
     (proj / "texts/a.txt").write_text("edited text", encoding="utf-8")
     (proj / "held.txt").write_text("held out, edited", encoding="utf-8")
     assert all(cache_key(s, params, layout) != keys[s] for s in keys)
+
+
+def test_a_local_task_without_a_usable_training_example_stops_prepare_naming_its_file(tmp_path):
+    """It said "done" with 0 examples, and fine-tuning failed later naming the derived file."""
+    (tmp_path / "a.txt").write_text("A document of the corpus, long enough to be kept by every filter.\n")
+    (tmp_path / "reviews.jsonl").write_text('{"text": "fine", "label": null}\n')
+    cfg = PrepareConfig(corpus=CorpusSource(kind="files", paths=[str(tmp_path / "a.txt")]),
+                        tasks=TaskSource(tasks=["reviews"], local={"reviews": {
+                            "files": {"train": "reviews.jsonl"}, "label_names": ["neg", "pos"]}}))
+    with pytest.raises(StageError, match=r"task reviews: no usable training example in "
+                                         r"prepare.tasks.local.reviews.files.train = 'reviews.jsonl'"):
+        prepare(cfg, tmp_path / "raw", tmp_path / "m.json", TrackingConfig(enabled=False), root=tmp_path)
+    assert not (tmp_path / "raw").exists()

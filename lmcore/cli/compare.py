@@ -38,6 +38,7 @@ def main(args: argparse.Namespace) -> int:
     """Run ``lmcore compare`` from parsed arguments (also reads ``args.params`` and ``args.root``)."""
     # lazy: the CLI loads a command's code (MLflow, matplotlib) only when that command runs
     from lmcore.eval.compare import compare, noise
+    from lmcore.tracking import http_settings
 
     try:
         tracking = TrackingConfig()
@@ -46,7 +47,15 @@ def main(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else Path(args.root) / "runs/compare"
         if args.runs < 0:
             raise StageError(f"--runs = {args.runs}: give a number of runs, or 0 for all")
+        if args.resamples < 100:
+            raise StageError(f"--resamples = {args.resamples}: at least 100 (an interval needs many resamples; "
+                             "the default is 2000)")
+        if not 0 < args.confidence < 1:
+            raise StageError(f"--confidence = {args.confidence}: a fraction between 0 and 1 (e.g. 0.95)")
+        if out.exists() and not out.is_dir():
+            raise StageError(f"--out {out}: a file, not a folder")
         experiment, uri = args.experiment or tracking.experiment, args.tracking_uri or tracking.tracking_uri
+        http_settings(tracking)  # a server that does not answer is given up on as tracking.request_retries says
         if args.pair:
             if len(args.pair) != 2:
                 raise StageError(f"give two runs to test against each other, not {len(args.pair)}")

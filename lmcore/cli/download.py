@@ -37,7 +37,10 @@ def main(args: argparse.Namespace) -> int:
         if dest.exists():
             raise StageError(f"{dest}: already exists (give a new folder)")
         cfg = config.load(args.params).tracking
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file where a folder should be, no permission
+            raise StageError(f"{dest}: cannot be the folder to download into ({e.strerror or e})") from None
         # downloaded beside the destination, then renamed: an interrupted download leaves no half folder
         with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as tmp:
             got = download_model(cfg, args.uri, Path(tmp) / "model", hf=args.hf)

@@ -30,8 +30,9 @@ def add_parser(sub: Any) -> None:
                                      "Hugging Face causal LM) on held-out text, per document as lm-evaluation-harness "
                                      "scores it")
     p.add_argument("model", help="a model folder: runs/pretrain/final, runs/export, or any Hugging Face causal LM")
-    p.add_argument("--texts", nargs="+", default=["data/clean/validation"],
-                   help="files, folders or globs of text or JSONL (default: the clean validation split)")
+    p.add_argument("--texts", nargs="+",
+                   help="files, folders or globs of text or JSONL (default: the clean validation split, "
+                        "data/clean/validation under --root)")
     p.add_argument("--text-field", default="text", help="the JSONL field holding the text (default: text)")
     p.add_argument("--tokenizer", help="tokenizer.json or its folder, for an lmcore model folder "
                                        "(default: data/tokenizer for runs/pretrain/final, else the model folder)")
@@ -64,9 +65,10 @@ def main(args: argparse.Namespace) -> int:
                   + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in z.items()
                               if k not in ("model", "backend", "task")))
             return 0
-        texts = [t for i, t in zip(range(args.limit or 10**12), read_documents(args.texts, args.text_field))]
+        paths = args.texts or [str(root / "data/clean/validation")]
+        texts = [t for i, t in zip(range(args.limit or 10**12), read_documents(paths, args.text_field))]
         if not texts:
-            raise StageError(f"{', '.join(args.texts)}: no documents to score")
+            raise StageError(f"{', '.join(paths)}: no documents to score")
         tok = args.tokenizer
         if tok is None and not (model / "tokenizer.json").exists():
             tok = root / "data/tokenizer"

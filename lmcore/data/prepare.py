@@ -291,7 +291,7 @@ def prepare(cfg: PrepareConfig, out: Path, metrics: Path, tracking: TrackingConf
     (:func:`rooted_inputs`); the parameters are logged as written, and the documents' ``source``
     and the read report name files relative to ``root``."""
     out, metrics = Path(out), Path(metrics)
-    given, cfg, name = cfg, rooted_inputs(cfg, Path(root)), _named_in_project(Path(root))
+    given, cfg, named = cfg, rooted_inputs(cfg, Path(root)), _named_in_project(Path(root))
     with stage_run("prepare", tracking, flatten(given, "prepare."),
                    outputs=[out, out / "corpus", *(out / "tasks" / t for t in cfg.tasks.tasks)],
                    inputs=[Path(x) for x in cfg.corpus.paths] if cfg.corpus.kind == "files" else []) as tr:
@@ -302,7 +302,7 @@ def prepare(cfg: PrepareConfig, out: Path, metrics: Path, tracking: TrackingConf
             nonlocal n_docs, n_chars
             for doc in corpus_documents(cfg.corpus, stats):
                 if cfg.corpus.kind == "files":
-                    doc["source"] = name(doc["source"])
+                    doc["source"] = named(doc["source"])
                 n_docs += 1
                 n_chars += len(doc["text"])
                 yield doc
@@ -320,10 +320,16 @@ def prepare(cfg: PrepareConfig, out: Path, metrics: Path, tracking: TrackingConf
                 raise StageError(f"the corpus ({cfg.corpus.kind}) yielded no documents" + (f": {problems}" if problems else ""))
             report = stats.to_dict()
             for key in ("problems", "status"):
-                report[key] = {name(path): v for path, v in report[key].items()}
+                report[key] = {named(path): v for path, v in report[key].items()}
             write_json(tmp / "read_report.json", report)
             for name in cfg.tasks.tasks:
                 spec, splits, skipped = task_splits(cfg.tasks, name)
+                if not splits.get("train"):  # found at fine-tuning, it named the derived file
+                    local = cfg.tasks.local.get(name)
+                    where = (f"prepare.tasks.local.{name}.files.train = {given.tasks.local[name].files['train']!r}"
+                             if local is not None and "train" in local.files else f"the {cfg.tasks.kind} source")
+                    raise StageError(f"task {name}: no usable training example in {where}"
+                                     + (f" ({skipped} malformed row(s) skipped)" if skipped else ""))
                 folder = tmp / "tasks" / name
                 for split, rows in splits.items():
                     if cfg.tasks.max_examples is not None:
