@@ -1191,6 +1191,16 @@ class TrackingConfig(Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     """MLflow tracking URI; relative sqlite paths are relative to the working directory. An
     ``http://`` URI logs to a tracking server (``lmcore tracking-server`` starts one)."""
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _a_database_file(cls, uri: str) -> str:
+        # an empty sqlite path or a folder: SQLAlchemy retried it for minutes before its error
+        if uri.startswith("sqlite:///"):
+            path = uri.removeprefix("sqlite:///")
+            if not path.strip() or path.endswith("/") or Path(path).is_dir():
+                raise ValueError("a sqlite URI names a database file (sqlite:///mlflow.db, sqlite:////abs/m.db)")
+        return uri
     experiment: str = Field(default="lmcore", min_length=1)
     """MLflow experiment name."""
     enabled: bool = True

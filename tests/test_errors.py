@@ -127,3 +127,19 @@ def test_empty_paths_and_keys_are_refused_by_name(tmp_path):
         find_parent(None, "0", "it's")
     with pytest.raises(StageError, match="not an IPv4 address or a name"):
         port_is_free("nosuch.invalid", 5999)
+
+
+def test_a_sqlite_uri_without_a_database_file_and_odd_arguments_are_refused(tmp_path):
+    from lmcore import config
+
+    for uri in ("sqlite:///", f"sqlite:///{tmp_path}", f"sqlite:///{tmp_path}/"):
+        with pytest.raises(config.ConfigError, match=r"tracking.tracking_uri = .*names a database file"):
+            config.from_dict({"tracking": {"tracking_uri": uri}})
+    assert config.from_dict({"tracking": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tracking": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}}))
+    res = _cli(tmp_path, "launch", "pretrain", "--task", "sst2", "--dry-run")
+    assert res.returncode == 2 and "--task sst2: pretrain is one stage" in res.stderr, res.stderr[-2000:]
+    res = _cli(tmp_path, "launch", "finetune", "--task", "bogus", "--dry-run")
+    assert res.returncode == 2 and "--task bogus: not a task of prepare.tasks.tasks" in res.stderr
+    res = _cli(tmp_path, "lineage", "")
+    assert res.returncode == 2 and "not an empty string" in res.stderr and not (tmp_path / "m.db").exists()

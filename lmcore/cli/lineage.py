@@ -27,6 +27,8 @@ def main(args: argparse.Namespace) -> int:
     from lmcore.tracking import open_client  # lazy: as above
 
     try:
+        if not args.what.strip():
+            raise StageError("give a run id, a pipeline key, a models:/ URI or an output path (not an empty string)")
         tracking = config.load(args.params).tracking
         if not tracking.enabled:
             raise StageError("tracking.enabled is false: there are no MLflow runs to follow")

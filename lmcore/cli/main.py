@@ -113,9 +113,15 @@ def _launch(args: argparse.Namespace) -> int:
     training processes, and their exit status is DVC's."""
     try:
         params = config.load(args.params)
-        if args.task is None and STAGE_IO[args.launched_stage].foreach:
+        foreach = STAGE_IO[args.launched_stage].foreach
+        if args.task is None and foreach:
             raise StageError(f"lmcore launch {args.launched_stage} needs --task (one of "
                              f"{', '.join(params.prepare.tasks.tasks)})")
+        if args.task is not None and not foreach:
+            raise StageError(f"--task {args.task}: {args.launched_stage} is one stage, not one per task")
+        if args.task is not None and args.task not in params.prepare.tasks.tasks:
+            raise StageError(f"--task {args.task}: not a task of prepare.tasks.tasks "
+                             f"({', '.join(params.prepare.tasks.tasks)})")
         launch = launch_command(params.launch, args.launched_stage, args.params, args.root, args.task)
     except (ConfigError, StageError) as e:
         print(f"lmcore launch: error: {e}", file=sys.stderr)
