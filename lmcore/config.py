@@ -33,6 +33,7 @@ from pydantic_core import to_jsonable_python
 
 from lmcore.core import task_specs
 from lmcore.core.languages import ANY, LANGUAGE_CODES
+from lmcore.core.layout import Layout
 
 
 class ConfigError(ValueError):
@@ -303,6 +304,27 @@ class PrepareConfig(Section):
     """The pretraining corpus."""
     tasks: TaskSource = TaskSource()
     """The labelled tasks for fine-tuning."""
+
+    def rooted(self, layout: Layout) -> PrepareConfig:
+        """These settings with the input files they name (``corpus.paths``, ``tasks.glue_dir``,
+        ``tasks.local.<task>.files``) relative to the project folder (:meth:`Layout.rooted`)."""
+        at = layout.rooted
+        corpus = self.corpus.model_copy(update={"paths": [at(x) for x in self.corpus.paths]})
+        local = {name: task.model_copy(update={"files": {split: at(f) for split, f in task.files.items()}})
+                 for name, task in self.tasks.local.items()}
+        tasks = self.tasks.model_copy(update={"local": local,
+                                              "glue_dir": self.tasks.glue_dir and at(self.tasks.glue_dir)})
+        return self.model_copy(update={"corpus": corpus, "tasks": tasks})
+
+    def input_files(self) -> list[str]:
+        """The files and folders these settings make the stage read, beside its declared inputs
+        (globs unexpanded): the corpus files (kind ``files``), the GLUE folder of each task (kind
+        ``glue_dir``), the local tasks' files."""
+        paths = list(self.corpus.paths) if self.corpus.kind == "files" else []
+        if self.tasks.kind == "glue_dir" and self.tasks.glue_dir:
+            specs = [task_spec(t, self.tasks.local.get(t)) for t in self.tasks.tasks]
+            paths += [str(Path(self.tasks.glue_dir) / s.glue_folder) for s in specs if s.glue_folder]
+        return paths + [f for task in self.tasks.local.values() for f in task.files.values()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1087,6 +1109,18 @@ class EvaluateConfig(EvaluateSampling):  # type: ignore[valid-type,misc]
         if twice:
             raise ValueError(f"name(s) {', '.join(twice)} given to more than one text (each needs its own)")
         return texts
+
+    def rooted(self, layout: Layout) -> EvaluateConfig:
+        """These settings with the files of ``texts`` and ``multiple_choice`` relative to the
+        project folder (:meth:`Layout.rooted`; globs stay globs)."""
+        texts = [t.model_copy(update={"paths": [layout.rooted(p) for p in t.paths]}) for t in self.texts]
+        choices = [m.model_copy(update={"path": layout.rooted(m.path)}) for m in self.multiple_choice]
+        return self.model_copy(update={"texts": texts, "multiple_choice": choices})
+
+    def input_files(self) -> list[str]:
+        """The files these settings make the stage read beside its declared inputs (globs
+        unexpanded): the held-out ``texts`` and the ``multiple_choice`` files."""
+        return [p for t in self.texts for p in t.paths] + [m.path for m in self.multiple_choice]
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmcore.config import Params, task_spec
+from lmcore.config import Params
 from lmcore.core.errors import StageError
 from lmcore.core.imports import PACKAGE_DIR, closure_files, closure_fingerprint
 from lmcore.core.io import fingerprint, write_json
@@ -227,22 +227,9 @@ def named_inputs(name: str, params: Params, layout: Layout) -> list[Path]:
     evaluate's ``texts`` and ``multiple_choice`` files (relative to the project folder, as the
     stages read them), globs expanded. Part of the Prefect cache
     key; ``dvc.yaml`` cannot list them (README: after editing one in place, ``dvc repro -f -s``)."""
-    def at(p: str) -> Path:
-        return Path(p) if Path(p).is_absolute() else layout.root / p
-
-    paths: list[Path] = []
-    if name == "prepare":
-        cfg = params.prepare
-        if cfg.corpus.kind == "files":
-            paths += [at(p) for p in cfg.corpus.paths]
-        if cfg.tasks.kind == "glue_dir" and cfg.tasks.glue_dir:
-            specs = [task_spec(t, cfg.tasks.local.get(t)) for t in cfg.tasks.tasks]
-            paths += [at(cfg.tasks.glue_dir) / s.glue_folder for s in specs if s.glue_folder]
-        paths += [at(f) for task in cfg.tasks.local.values() for f in task.files.values()]
-    elif name == "evaluate":
-        paths += [at(p) for t in params.evaluate.texts for p in t.paths]
-        paths += [at(m.path) for m in params.evaluate.multiple_choice]
-    return sorted({Path(m) for p in paths for m in (glob.glob(str(p)) or [str(p)])})
+    sections = {"prepare": params.prepare, "evaluate": params.evaluate}
+    paths = [layout.rooted(p) for p in sections[name].input_files()] if name in sections else []
+    return sorted({Path(m) for p in paths for m in (glob.glob(p) or [p])})
 
 
 def cache_key(name: str, params: Params, layout: Layout, item: str | None = None) -> str:

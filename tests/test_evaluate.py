@@ -432,11 +432,12 @@ def test_local_multiple_choice_files_are_scored_zero_shot_and_a_bad_one_stops_fi
 def test_held_out_files_are_read_relative_to_the_project_folder():
     """`lmcore --root proj evaluate` run from elsewhere looked for evaluate.texts in the working
     directory (prepare already read its inputs inside --root)."""
-    from lmcore.eval.evaluate import rooted_files
+    from lmcore.core.layout import Layout
 
     cfg = EvaluateConfig(texts=[{"name": "h", "paths": ["held/*.txt", "/abs/x.txt"]}],
                          multiple_choice=[{"name": "mc", "path": "mc/set.jsonl"}])
-    rooted = rooted_files(cfg, Path("/proj"))
+    rooted = cfg.rooted(Layout(Path("/proj")))
     assert rooted.texts[0].paths == ["/proj/held/*.txt", "/abs/x.txt"]
     assert rooted.multiple_choice[0].path == "/proj/mc/set.jsonl"
-    assert rooted_files(cfg, Path(".")).texts[0].paths == ["held/*.txt", "/abs/x.txt"]
+    assert rooted.input_files() == ["/proj/held/*.txt", "/abs/x.txt", "/proj/mc/set.jsonl"]
+    assert cfg.rooted(Layout()).texts[0].paths == ["held/*.txt", "/abs/x.txt"]

@@ -16,6 +16,12 @@ class Layout:
     def __truediv__(self, other: str) -> Path:
         return self.root / other
 
+    def rooted(self, path: str) -> str:
+        """A path ``params.yaml`` names (a corpus file, a held-out text, a glob), as the stages
+        read it: relative to the project folder, not to the directory the command runs in
+        (``lmcore --root``); an absolute path is kept."""
+        return path if Path(path).is_absolute() else str(self.root / path)
+
     @property
     def raw(self) -> Path:
         return self / "data/raw"

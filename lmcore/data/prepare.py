@@ -38,6 +38,7 @@ from typing import Any
 from lmcore.config import CorpusSource, PrepareConfig, TaskSource, TrackingConfig, flatten, task_spec
 from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, sha256_file, write_json, write_jsonl
+from lmcore.core.layout import Layout
 from lmcore.core.readers import ReadStats, read_files, read_hub
 from lmcore.data import glue
 from lmcore.tracking import stage_run
@@ -245,26 +246,9 @@ def task_splits(src: TaskSource, name: str) -> tuple[glue.TaskSpec, dict[str, li
 # ---------------------------------------------------------------------------------------------
 
 
-def rooted_inputs(cfg: PrepareConfig, root: Path) -> PrepareConfig:
-    """``cfg`` with the input files it names (``corpus.paths``, ``tasks.glue_dir``,
-    ``tasks.local.<task>.files``) relative to the project folder ``root``, as ``params.yaml``
-    means them, not to the directory the command runs in (``lmcore --root``); absolute paths are
-    kept."""
-    def at(path: str) -> str:
-        return path if Path(path).is_absolute() else str(root / path)
-
-    corpus = cfg.corpus.model_copy(update={"paths": [at(x) for x in cfg.corpus.paths]})
-    local = {name: task.model_copy(update={"files": {split: at(f) for split, f in task.files.items()}})
-             for name, task in cfg.tasks.local.items()}
-    glue_dir = cfg.tasks.glue_dir and at(cfg.tasks.glue_dir)
-    tasks = cfg.tasks.model_copy(update={"local": local, "glue_dir": glue_dir})
-    return cfg.model_copy(update={"corpus": corpus, "tasks": tasks})
-
-
-
 def _named_in_project(root: Path) -> Callable[[str], str]:
     """A file's name as the outputs record it: without the project folder ``root`` that
-    :func:`rooted_inputs` put before it, so the same project read with ``--root`` (or from
+    :meth:`PrepareConfig.rooted` put before it, so the same project read with ``--root`` (or from
     another folder) writes the same documents and read report."""
     prefix = str(root).rstrip(os.sep) + os.sep
 
@@ -288,10 +272,10 @@ def prepare(cfg: PrepareConfig, out: Path, metrics: Path, tracking: TrackingConf
     """Fetch the corpus into ``out/corpus/*.jsonl`` shards and the tasks into ``out/tasks/``;
     write counts (and what was skipped, per file, in ``out/read_report.json``) to ``metrics``.
     The input files ``cfg`` names are relative to the project folder ``root``
-    (:func:`rooted_inputs`); the parameters are logged as written, and the documents' ``source``
+    (:meth:`PrepareConfig.rooted`); the parameters are logged as written, and the documents' ``source``
     and the read report name files relative to ``root``."""
     out, metrics = Path(out), Path(metrics)
-    given, cfg, named = cfg, rooted_inputs(cfg, Path(root)), _named_in_project(Path(root))
+    given, cfg, named = cfg, cfg.rooted(Layout(Path(root))), _named_in_project(Path(root))
     with stage_run("prepare", tracking, flatten(given, "prepare."),
                    outputs=[out, out / "corpus", *(out / "tasks" / t for t in cfg.tasks.tasks)],
                    inputs=[Path(x) for x in cfg.corpus.paths] if cfg.corpus.kind == "files" else []) as tr:

@@ -37,6 +37,7 @@ from lmcore.config import EvaluateConfig, TrackingConfig, flatten
 from lmcore.core import readers
 from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, iter_field, require, split_shards, write_text
+from lmcore.core.layout import Layout
 from lmcore.core.machine import tune_malloc
 from lmcore.data import glue
 from lmcore.data import tokenizer as tokmod
@@ -225,17 +226,6 @@ class EvaluateResult:
     report: Path
 
 
-def rooted_files(cfg: EvaluateConfig, root: Path) -> EvaluateConfig:
-    """``cfg`` with the files of ``texts`` and ``multiple_choice`` relative to the project folder
-    ``root`` (absolute paths kept; globs stay globs)."""
-    def at(path: str) -> str:
-        return path if Path(path).is_absolute() else str(root / path)
-
-    texts = [t.model_copy(update={"paths": [at(p) for p in t.paths]}) for t in cfg.texts]
-    choices = [m.model_copy(update={"path": at(m.path)}) for m in cfg.multiple_choice]
-    return cfg.model_copy(update={"texts": texts, "multiple_choice": choices})
-
-
 def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned: Path, tokenizer_dir: Path,
              tasks: Sequence[str], out: Path, metrics: Path,
              tracking: TrackingConfig = TrackingConfig(), clean_dir: Path | None = None,
@@ -248,7 +238,7 @@ def evaluate(cfg: EvaluateConfig, tokens_dir: Path, pretrained: Path, finetuned:
     ``cfg.multiple_choice`` are relative to the project folder ``root`` (``lmcore --root``), as
     ``params.yaml`` means them; the parameters are logged as written."""
 
-    out, given, cfg = Path(out), cfg, rooted_files(cfg, Path(root))
+    out, given, cfg = Path(out), cfg, cfg.rooted(Layout(Path(root)))
     malloc = tune_malloc()  # batches of B x T x vocab logits: reuse the blocks (see pretrain)
     manifest = load_manifest(tokens_dir)
     model, model_cfg = load_lm(pretrained)
