@@ -154,7 +154,6 @@ def test_prepare_reads_input_files_relative_to_the_project_not_the_working_direc
     """``lmcore --root proj prepare`` run from elsewhere reads ``corpus.paths`` and the local task
     files of params.yaml inside ``proj`` (they were looked up in the working directory)."""
     from lmcore.core.layout import Layout
-    from lmcore.data.prepare import rooted_inputs
     from lmcore.stages import run_stage
 
     proj, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
@@ -166,11 +165,13 @@ def test_prepare_reads_input_files_relative_to_the_project_not_the_working_direc
     cfg = PrepareConfig(corpus=CorpusSource(kind="files", paths=["texts/a.txt", str(proj / "texts")]),
                         tasks=TaskSource(tasks=["reviews"], local={"reviews": {
                             "files": {"train": "texts/reviews.jsonl"}, "label_names": ["neg", "pos"]}}))
-    rooted = rooted_inputs(cfg, proj)
+    rooted = cfg.rooted(Layout(proj))
     assert rooted.corpus.paths == [str(proj / "texts/a.txt"), str(proj / "texts")]  # an absolute path is kept
     assert rooted.tasks.local["reviews"].files == {"train": str(proj / "texts/reviews.jsonl")}
     glue = PrepareConfig(tasks=TaskSource(kind="glue_dir", glue_dir="glue", tasks=["sst2"]))
-    assert rooted_inputs(glue, proj).tasks.glue_dir == str(proj / "glue")
+    assert glue.rooted(Layout(proj)).tasks.glue_dir == str(proj / "glue")
+    assert glue.rooted(Layout(proj)).input_files() == [str(proj / "glue/SST-2")]
+    assert rooted.input_files() == [str(proj / "texts/a.txt"), str(proj / "texts"), str(proj / "texts/reviews.jsonl")]
     monkeypatch.chdir(elsewhere)
     params = Params.model_validate({"prepare": cfg.model_dump(), "finetune": {"tasks": {"reviews": {}}},
                                     "tracking": {"enabled": False}})
@@ -203,6 +204,38 @@ def test_a_file_the_params_name_is_part_of_the_prefect_cache_key(tmp_path):
     (proj / "texts/a.txt").write_text("edited text", encoding="utf-8")
     (proj / "held.txt").write_text("held out, edited", encoding="utf-8")
     assert all(cache_key(s, params, layout) != keys[s] for s in keys)
+
+
+def test_an_unchanged_file_is_hashed_once_and_any_change_is_seen(tmp_path, monkeypatch):
+    """The flow keys, checks and records each stage on its inputs: a process reads an unchanged
+    file once; a rewrite of the same size and modification time (its change time moves) or a file
+    written just now (racy: a rewrite could keep every time) is read again."""
+    import hashlib
+    import os
+    import time
+
+    from lmcore.core import io
+
+    fresh = tmp_path / "fresh.bin"
+    fresh.write_bytes(b"cccc")
+    assert io.sha256_file(fresh) == hashlib.sha256(b"cccc").hexdigest()
+    st = os.stat(fresh)
+    assert (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) not in io._HASHED
+    monkeypatch.setattr(io, "RACY_NS", 0)  # as if each file had been written long before
+    f = tmp_path / "shard.bin"
+    f.write_bytes(b"aaaa")
+    old = 1_000_000_000
+    os.utime(f, ns=(old, old))
+    assert io.sha256_file(f) == hashlib.sha256(b"aaaa").hexdigest()
+    st = os.stat(f)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    assert io._HASHED[key] == hashlib.sha256(b"aaaa").hexdigest()  # kept: read once
+    io._HASHED[key] = "kept"
+    assert io.sha256_file(f) == "kept"  # ... and not read again while unchanged
+    time.sleep(0.1)  # past the change time's granularity: within it, this is the racy case
+    f.write_bytes(b"bbbb")
+    os.utime(f, ns=(old, old))  # same size, same modification time: the change time differs
+    assert io.sha256_file(f) == hashlib.sha256(b"bbbb").hexdigest()
 
 
 def test_a_local_task_without_a_usable_training_example_stops_prepare_naming_its_file(tmp_path):

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -107,11 +108,28 @@ def iter_field(paths: Iterable[str | Path], field: str = "text") -> Iterator[str
             yield obj[field]
 
 
+_HASHED: dict[tuple[int, ...], str] = {}
+"""Digests of files already read by this process, by file identity and change times."""
+RACY_NS = 2_000_000_000
+"""A file changed less than this long before it was read is hashed again at the next call: a
+rewrite within the filesystem's timestamp granularity could keep its size and times (git's
+"racy" files)."""
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+    """The SHA-256 of a file's bytes. A process hashes an unchanged file once (the same device,
+    inode, size, modification and change times: what DVC's state database keys on), so a flow that
+    keys, checks and records a stage on gigabytes of token shards reads them once."""
     with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key in _HASHED:
+            return _HASHED[key]
+        h = hashlib.sha256()
         while block := f.read(chunk):
             h.update(block)
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_NS:
+        _HASHED[key] = h.hexdigest()
     return h.hexdigest()
 
 
