@@ -35,7 +35,7 @@ import psutil
 import yaml
 
 from lmcore.config import LaunchConfig, Params
-from lmcore.core.errors import StageError
+from lmcore.core.errors import MayPass, StageError
 from lmcore.core.io import read_json
 from lmcore.core.machine import find_tcmalloc
 from lmcore.core.layout import Layout
@@ -270,10 +270,13 @@ def run_stage_launched(stage: str, params: Params, params_file: str | Path, root
                        item: str | None = None, log: Callable[[str], None] = print) -> Any:
     """Run a training stage as ``dvc.yaml`` does (:func:`launch_command`, then
     :func:`run_launched`, output to ``log``); return its metrics, or raise :class:`StageError`
-    with the last lines of output when the processes fail."""
+    with the last lines of output when the processes fail (:class:`MayPass` unless they named a
+    problem in the input: exit status 2)."""
     result = run_launched(launch_command(params.launch, stage, params_file, root, item), log)
     if result.returncode != 0:
         tail = "\n".join(result.tail[-15:])
-        raise StageError(f"{stage}{'@' + item if item else ''}: the launched processes exited with status "
-                         f"{result.returncode}:\n{tail}")
+        # status 2: lmcore named a problem in the input (the same again on a retry); else a crash or a kill
+        error = StageError if result.returncode == 2 else MayPass
+        raise error(f"{stage}{'@' + item if item else ''}: the launched processes exited with status "
+                    f"{result.returncode}:\n{tail}")
     return read_json(metrics_path(stage, Layout(Path(root)), item))

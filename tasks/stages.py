@@ -19,12 +19,15 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lmcore import config
+from lmcore.config import ConfigError
+from lmcore.core.errors import MayPass, StageError
 from lmcore.core.layout import Layout
 from lmcore.data.clean import clean_shard
 from lmcore.launch import run_stage_launched
 from lmcore.stages import ORDER, STAGE_IO, cache_key, record_produced, run_stage
 
-# downloads can fail for passing reasons; pretrain's retry resumes from its last checkpoint
+# downloads can fail for passing reasons; pretrain's retry resumes from its last checkpoint; a
+# problem in the user's input is not retried (_may_pass)
 RETRIES = {"prepare": 2, "pretrain": 1}
 
 
@@ -51,6 +54,21 @@ def launch_overrides(launch: dict[str, Any] | None) -> dict[str, Any]:
 
 def _params(parameters: dict[str, Any]) -> config.Params:
     return config.load(parameters["params_file"], launch_overrides(parameters.get("launch")))
+
+
+def _may_pass(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition: retry what a second try may not meet (a download, a training
+    process that crashed or was killed: :class:`~lmcore.core.errors.MayPass`, or an error lmcore
+    did not foresee), not a problem in the user's input (the same error again, after a wait)."""
+    try:
+        state.result()
+    except MayPass:
+        return True
+    except (StageError, ConfigError):
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be passing
+        return True
+    return True
 
 
 def _key(stage: str):
@@ -85,6 +103,7 @@ def stage_task(stage: str):
         name=stage,
         retries=RETRIES.get(stage, 0),
         retry_delay_seconds=10,
+        retry_condition_fn=_may_pass,
         cache_key_fn=_key(stage),
         persist_result=True,
     )

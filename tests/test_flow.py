@@ -210,3 +210,24 @@ def test_sigterm_stops_training_with_a_checkpoint_a_crash_is_retried_and_both_re
     first_parent = client.get_run(run.data.tags["lmcore.resumed_from_parent"])
     assert first_parent.info.status == "FAILED"  # the SIGTERMed flow run's execution
     assert client.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "FINISHED"
+
+
+def test_a_problem_in_the_input_is_not_retried_a_crash_or_a_download_is():
+    """Prefect retried prepare twice (10 s apart) on a corpus path that does not exist, and
+    pretrain on a launch config that does not exist: the same error three times. A download, a
+    crashed or killed training process, or an error lmcore did not foresee are still retried."""
+    from prefect.states import Failed
+
+    from lmcore.config import ConfigError
+    from lmcore.core.errors import MayPass, StageError
+    from tasks import STAGE_TASKS
+    from tasks.stages import _may_pass
+
+    def retried(exc: Exception) -> bool:
+        return _may_pass(None, None, Failed(data=exc))
+
+    assert not retried(StageError("texts/a.txt: corpus path not found (prepare.corpus.paths)"))
+    assert not retried(ConfigError("pretrain.lr = -1: must be > 0"))
+    assert retried(MayPass("pretrain: the launched processes exited with status 1"))
+    assert retried(RuntimeError("connection reset"))
+    assert all(t.retry_condition_fn is _may_pass for t in STAGE_TASKS.values())

@@ -7,6 +7,12 @@ class StageError(RuntimeError):
     """An error a user can act on (bad input, missing file): shown as one line, no traceback."""
 
 
+class MayPass(StageError):
+    """A failure that a second try may not meet (a download, a training process that crashed or
+    was killed): the orchestrators' retries are for these. Any other :class:`StageError` is a
+    problem in the user's input, which a retry would only meet again."""
+
+
 class Interrupted(RuntimeError):
     """A stage stopped by a signal after saving what it needs to resume (exit status 128 + signum)."""
 

