@@ -673,17 +673,27 @@ class Execution:
     read (``lmcore summary --pipeline <older key>`` must not rewrite its record with today's files)."""
 
 
-def open_client(cfg: TrackingConfig) -> tuple[Any, str, str]:
+def open_client(cfg: TrackingConfig, existing: bool = False) -> tuple[Any, str, str]:
     """``(MlflowClient, experiment id, URI)`` of ``cfg``'s store, creating a new store (sqlite)
-    or the experiment under the same lock as a stage. Raises :class:`StageError` when it does not
-    answer."""
+    or the experiment under the same lock as a stage; with ``existing`` (a command that only reads
+    what stages logged) a missing sqlite file or experiment is a :class:`StageError` instead, and
+    nothing is created. Raises :class:`StageError` when the store does not answer."""
     mlflow = _mlflow()
     uri = resolved_uri(cfg)
     if uri.startswith(("http://", "https://")):
         http_settings(cfg)
+    nothing_logged = "no stage has logged there yet (or tracking.tracking_uri / --params names another store)"
+    if existing and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise StageError(f"{uri[len('sqlite:///'):]}: no tracking database: {nothing_logged}")
     try:
         with _store_lock(uri):
             client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+            if existing:
+                exp = client.get_experiment_by_name(cfg.experiment)
+                if exp is None:
+                    raise StageError(f"no experiment '{cfg.experiment}' (tracking.experiment) in the tracking store "
+                                     f"{uri}: {nothing_logged}")
+                return client, exp.experiment_id, uri
             return client, _experiment_id(client, cfg.experiment), uri
     except _errors() as e:
         raise StageError(f"the tracking store {uri} (tracking.tracking_uri) did not answer: {_short(e)}") from e
@@ -743,7 +753,7 @@ def promote(cfg: TrackingConfig, name: str, version: str | None = None) -> tuple
     why, in one sentence."""
     from mlflow.exceptions import MlflowException  # lazy: mlflow loads only when a command reads runs
 
-    client, _, uri = open_client(cfg)
+    client, _, uri = open_client(cfg, existing=True)
     try:
         model = client.get_registered_model(name)
         mv = (client.get_model_version(name, version) if version
@@ -803,7 +813,7 @@ def download_model(cfg: TrackingConfig, uri: str, dst: Path, hf: bool = False) -
     except OSError as e:  # a file where a folder is needed, no permission
         raise StageError(f"{dst}: cannot be the folder to download into ({e.strerror or e})") from None
     mlflow = _mlflow()
-    client, _, store = open_client(cfg)
+    client, _, store = open_client(cfg, existing=True)
     try:
         if hf:
             mv = client.get_model_version_by_alias(name, ref) if alias else client.get_model_version(name, ref)

@@ -143,3 +143,28 @@ def test_a_sqlite_uri_without_a_database_file_and_odd_arguments_are_refused(tmp_
     assert res.returncode == 2 and "--task bogus: not a task of prepare.tasks.tasks" in res.stderr
     res = _cli(tmp_path, "lineage", "")
     assert res.returncode == 2 and "not an empty string" in res.stderr and not (tmp_path / "m.db").exists()
+
+
+def test_reading_commands_name_a_missing_store_or_experiment_and_create_nothing(tmp_path, monkeypatch, capsys):
+    """lmcore lineage, promote and download on a project where no stage has logged created an
+    empty mlflow.db (and an experiment) and then reported that nothing was found in it."""
+    from lmcore.cli.main import main
+    from lmcore.config import TrackingConfig
+    from lmcore.tracking import open_client
+
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "m.db"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tracking": {"tracking_uri": f"sqlite:///{db}",
+                                                                       "experiment": "e"}}))
+    commands = (["lineage", "runs/evaluate"], ["promote", "lmcore-base"],
+                ["download", "models:/lmcore-base@champion", str(tmp_path / "dl")])
+    for command in commands:
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert f"{db}: no tracking database: no stage has logged there yet" in err, (command, err)
+    assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]
+    open_client(TrackingConfig(tracking_uri=f"sqlite:///{db}", experiment="other"))  # a store, another experiment
+    for command in commands:
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert "no experiment 'e' (tracking.experiment) in the tracking store" in err, (command, err)

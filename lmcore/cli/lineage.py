@@ -32,7 +32,7 @@ def main(args: argparse.Namespace) -> int:
         tracking = config.load(args.params).tracking
         if not tracking.enabled:
             raise StageError("tracking.enabled is false: there are no MLflow runs to follow")
-        client, experiment_id, _ = open_client(tracking)
+        client, experiment_id, _ = open_client(tracking, existing=True)
         text = render(trace(client, experiment_id, args.what))
     except (ConfigError, StageError) as e:
         print(f"lmcore lineage: error: {e}", file=sys.stderr)
