@@ -144,6 +144,13 @@ def test_files_not_reached_under_max_documents_are_accounted_for(tmp_path):
     assert status["a.jsonl"]["status"] == "read"
     assert status["b.jsonl"] == {"status": "partly read", "documents": 1, "reason": "stopped at max_documents"}
     assert status["c.jsonl"] == {"status": "skipped", "documents": 0, "reason": "not reached (max_documents)"}
+    # the limit at a file's last document: that file was read whole, the next one not reached
+    stats = ReadStats()
+    docs = list(corpus_documents(CorpusSource(kind="files", paths=[str(tmp_path)], max_documents=4), stats))
+    assert [x["text"] for x in docs] == ["a1", "a2", "b1", "b2"] and stats.documents == 4
+    status = {Path(p).name: s for p, s in stats.to_dict()["status"].items()}
+    assert status["b.jsonl"] == {"status": "read", "documents": 2}
+    assert status["c.jsonl"] == {"status": "skipped", "documents": 0, "reason": "not reached (max_documents)"}
 
 
 def test_strict_readers_name_file_and_line(tmp_path):

@@ -531,13 +531,20 @@ def list_files(paths: list[str]) -> list[Path]:
     return expand_paths(paths, "prepare.corpus.paths", empty_folder_ok=True)
 
 
-def read_files(paths: list[str], field: str, unit: str, stats: ReadStats) -> Iterator[dict[str, Any]]:
-    """Documents of every file under ``paths``; every file gets a status in ``stats``: read,
-    partly read, or skipped (unknown extension, binary, corrupt archive, empty...)."""
+def read_files(paths: list[str], field: str, unit: str, stats: ReadStats,
+               limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """Documents of every file under ``paths`` (at most ``limit``); every file gets a status in
+    ``stats``: read, partly read, or skipped (unknown extension, binary, corrupt archive,
+    empty...). At the limit, the file being read is looked at for one more document: a file
+    whose last document was the limit's is read, not partly read; the files after it are not
+    reached."""
     files = list_files(paths)
     for f in files:
         stats.status.setdefault(str(f), FileStatus())
+    given = 0
     for f in files:
+        if limit is not None and given >= limit:
+            return
         st = stats.status[str(f)]
         st.state = "reading"
         stats.files += 1
@@ -546,8 +553,11 @@ def read_files(paths: list[str], field: str, unit: str, stats: ReadStats) -> Ite
             stats.problem(f, "unknown_extension")
         else:
             for doc in read(stats):
+                if limit is not None and given >= limit:
+                    return  # the file holds more: it stays partly read
                 st.documents += 1
                 stats.documents += 1
+                given += 1
                 yield doc
         st.state = "done"
         counts = stats.problems[str(f)].counts if str(f) in stats.problems else {}

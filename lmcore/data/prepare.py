@@ -117,7 +117,8 @@ def corpus_documents(src: CorpusSource, stats: ReadStats | None = None) -> Itera
     elif src.kind == "files":
         if not src.paths:
             raise StageError("prepare.corpus.paths is empty: list files or folders for kind 'files'")
-        docs = read_files(src.paths, src.text_field, src.text_unit, stats)
+        yield from read_files(src.paths, src.text_field, src.text_unit, stats, src.max_documents)
+        return
     else:
         if not src.hub_dataset:
             raise StageError("prepare.corpus.hub_dataset is empty: name a hub dataset for kind 'hub'")
