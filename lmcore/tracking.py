@@ -203,6 +203,10 @@ class Tracker:
         """Final models go to the model registry (``tracking.registry.enabled``)."""
         self.lost: str | None = None
         """Why tracking stopped in the middle of the stage (None while it works)."""
+        self.logged_through: dict[str, int] = {}
+        """Per metric, the last step a continued run already holds: a resumed stage runs the steps
+        after its checkpoint again (the same values: resuming is bitwise identical), and those up
+        to this one are not logged twice."""
 
     def _call(self, fn, *args, **kwargs) -> None:
         if not self.active:
@@ -233,7 +237,8 @@ class Tracker:
         from mlflow.entities import Metric  # lazy: mlflow loads only when a stage tracks
 
         now = int(time.time() * 1000)
-        clean = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        clean = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                 if v is not None and (step is None or step > self.logged_through.get(k, -1))]
         for i in range(0, len(clean), 1000):  # MLflow caps a batch at 1,000 metrics
             self._call(self.client.log_batch, self.run_id, metrics=clean[i : i + 1000], synchronous=True)
 
@@ -631,6 +636,9 @@ def stage_run(
                          "(lmcore tracking-server), correct the URI, or set tracking.enabled: false") from e
     tracker = Tracker(True, client, uri)
     tracker.run_id = run.info.run_id
+    if resume and run.info.run_id == resume:  # continued: what it logged before the interruption
+        tracker._call(lambda: tracker.logged_through.update(
+            {k: max((m.step for m in client.get_metric_history(resume, k)), default=-1) for k in run.data.metrics}))
     tracker.experiment_id = experiment_id
     tracker.registry = cfg.registry.enabled
     monitor = _system_monitor(tracker.run_id, uri, cfg.system_metrics_interval, resumed=bool(run.data.params)) \

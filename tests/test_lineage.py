@@ -168,9 +168,14 @@ def test_training_stages_get_mlflow_system_metrics_and_a_continued_run_goes_on_f
     with pytest.raises(RuntimeError):  # stopped before its end (a run that FINISHED is not continued)
         with stage_run("pretrain", cfg, {"a": 1}, system_metrics=True) as tr:
             busy(3.5)  # the monitor's first sample can come a second late on a busy machine
+            for step in (10, 20, 30):  # logged, then stopped before the checkpoint of step 30
+                tr.metrics({"train_loss": 5.0 - step / 10}, step=step)
+            tr.metrics({"val_bpb": 2.5}, step=20)
             raise RuntimeError("stopped")
     with stage_run("pretrain", cfg, {"a": 1}, resume=tr.run_id, system_metrics=True) as again:
         busy(3.5)
+        for step in (30, 40):  # resumed from the checkpoint of step 20: step 30 runs again
+            again.metrics({"train_loss": 5.0 - step / 10, "val_bpb": 2.4}, step=step)
     with stage_run("pretrain", cfg, {"a": 1}, resume=tr.run_id) as rerun:  # resumed from the end: a run of its own
         pass
     assert rerun.run_id != tr.run_id
@@ -180,6 +185,9 @@ def test_training_stages_get_mlflow_system_metrics_and_a_continued_run_goes_on_f
     assert again.run_id == tr.run_id
     steps = [m.step for m in client.get_metric_history(tr.run_id, "system/cpu_utilization_percentage")]
     assert len(steps) >= 3 and steps == sorted(set(steps)), steps  # the continued run went on, no step twice
+    assert [(m.step, m.value) for m in client.get_metric_history(tr.run_id, "train_loss")] == [
+        (10, 4.0), (20, 3.0), (30, 2.0), (40, 1.0)]  # one loss curve, no step logged twice
+    assert [m.step for m in client.get_metric_history(tr.run_id, "val_bpb")] == [20, 30, 40]
     assert "system/system_memory_usage_megabytes" in client.get_run(tr.run_id).data.metrics
     assert not any(k.startswith("system/") for k in client.get_run(other.run_id).data.metrics)
 
