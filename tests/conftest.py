@@ -38,6 +38,14 @@ HEAVIEST_FIRST = ("test_pipeline_dvc.py", "test_prefect_worker.py", "test_flow.p
                   "test_launch.py", "test_tracking_server.py", "test_pretrain.py")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist >= 3.7 reorders --dist loadfile's files by their number of tests (many quick
+    # tests first), which undid HEAVIEST_FIRST: the longest file then started last and the suite
+    # took minutes longer (benchmarks/RESULTS.md)
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
         name = item.path.name
