@@ -681,11 +681,13 @@ class Execution:
     read (``lmcore summary --pipeline <older key>`` must not rewrite its record with today's files)."""
 
 
-def open_client(cfg: TrackingConfig, existing: bool = False) -> tuple[Any, str, str]:
+def open_client(cfg: TrackingConfig, existing: bool = False, experiment: bool = True) -> tuple[Any, str, str]:
     """``(MlflowClient, experiment id, URI)`` of ``cfg``'s store, creating a new store (sqlite)
     or the experiment under the same lock as a stage; with ``existing`` (a command that only reads
-    what stages logged) a missing sqlite file or experiment is a :class:`StageError` instead, and
-    nothing is created. Raises :class:`StageError` when the store does not answer."""
+    what stages logged) a missing sqlite file, or a missing experiment where ``experiment`` is
+    needed, is a :class:`StageError` instead, and nothing is created (the registry is the
+    store's, not an experiment's: without ``experiment`` the id is ""). Raises
+    :class:`StageError` when the store does not answer."""
     mlflow = _mlflow()
     uri = resolved_uri(cfg)
     if uri.startswith(("http://", "https://")):
@@ -696,6 +698,8 @@ def open_client(cfg: TrackingConfig, existing: bool = False) -> tuple[Any, str, 
     try:
         with _store_lock(uri):
             client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+            if existing and not experiment:
+                return client, "", uri
             if existing:
                 exp = client.get_experiment_by_name(cfg.experiment)
                 if exp is None:
@@ -761,7 +765,7 @@ def promote(cfg: TrackingConfig, name: str, version: str | None = None) -> tuple
     why, in one sentence."""
     from mlflow.exceptions import MlflowException  # lazy: mlflow loads only when a command reads runs
 
-    client, _, uri = open_client(cfg, existing=True)
+    client, _, uri = open_client(cfg, existing=True, experiment=False)
     try:
         model = client.get_registered_model(name)
         mv = (client.get_model_version(name, version) if version
@@ -821,7 +825,7 @@ def download_model(cfg: TrackingConfig, uri: str, dst: Path, hf: bool = False) -
     except OSError as e:  # a file where a folder is needed, no permission
         raise StageError(f"{dst}: cannot be the folder to download into ({e.strerror or e})") from None
     mlflow = _mlflow()
-    client, _, store = open_client(cfg, existing=True)
+    client, _, store = open_client(cfg, existing=True, experiment=False)
     try:
         if hf:
             mv = client.get_model_version_by_alias(name, ref) if alias else client.get_model_version(name, ref)
