@@ -34,8 +34,8 @@ WORDS = ("the a of and to in is was he she it that for on with as his her they a
 
 # the longest test files (minutes each, measured): collected first, so that under pytest-xdist's
 # --dist loadfile (make test) no worker starts one of them while the other is nearly done
-HEAVIEST_FIRST = ("test_pipeline_dvc.py", "test_prefect_worker.py", "test_flow.py", "test_lineage.py",
-                  "test_launch.py", "test_tracking_server.py", "test_pretrain.py")
+HEAVIEST_FIRST = ("test_pipeline_dvc.py", "test_pretrain.py", "test_flow.py", "test_launch.py", "test_lineage.py",
+                  "test_prefect_worker.py", "test_tracking_server.py", "test_errors.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
