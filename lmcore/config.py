@@ -674,7 +674,7 @@ class TokenizerConfig(Section):
     """Tokenizer model. ``byte_bpe``: byte-level BPE (GPT-2 style); every UTF-8 string round-trips
     exactly. ``unigram``: a SentencePiece-style Unigram language model over characters, with the
     256 byte tokens ``<0x00>``..``<0xFF>`` as fallback for characters it never saw; it does not
-    round-trip exactly (see ``lmcore/tokenizer.py``)."""
+    round-trip exactly (see ``lmcore/data/tokenizer.py``)."""
     vocab_size: int = Field(default=4096, ge=300, le=1_000_000)
     """Vocabulary size including the 256 byte symbols and the special tokens (Unigram: an upper
     bound; a small corpus may yield fewer pieces)."""

@@ -123,7 +123,10 @@ def next_tokens(logits: torch.Tensor, cfg: GenerationConfig, seen: torch.Tensor 
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = top_p_filter(top_k_filter(logits / cfg.temperature, cfg.top_k), cfg.top_p)
+    # less the row's maximum first: a tiny temperature then sends the others to -inf, not the
+    # maximum to +inf (inf - inf in the softmax would be NaN)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / cfg.temperature
+    logits = top_p_filter(top_k_filter(logits, cfg.top_k), cfg.top_p)
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
 
 
@@ -158,6 +161,15 @@ def compiled_decode_step(model) -> Callable[..., torch.Tensor]:
     return functools.partial(_COMPILED[key], model)
 
 
+def cache_length(tokens: int, block: int) -> int:
+    """Positions of the KV cache for a generation of ``tokens`` (prompt and new tokens): the power
+    of two that holds them, at least 64 and at most the context ``block``. Not the context
+    itself: a Llama folder's context of 131,072 made a cache of gigabytes for a short reply.
+    Rounded up, so that the compiled decode step (whose shapes include the cache's length) is
+    captured for a few lengths only."""
+    return min(block, max(64, 1 << max(tokens - 1, 1).bit_length()))
+
+
 def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = GenerationConfig(),
            stop_id: int | None = None, pad_id: int = 0) -> Iterator[list[int | None]]:
     """Generate continuations of ``prompts`` (lists of token ids, of any lengths) with ``model``
@@ -175,6 +187,8 @@ def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = Gene
             raise ValueError(f"prompt {i} has no tokens (give at least one, e.g. the end-of-text token)")
         if not 0 <= min(p) <= max(p) < vocab:
             raise ValueError(f"prompt {i} holds token ids outside the model's vocabulary 0 .. {vocab - 1}")
+    if not 0 <= pad_id < vocab:  # it goes through the embedding (masked out after)
+        raise ValueError(f"pad_id {pad_id} is outside the model's vocabulary 0 .. {vocab - 1}")
     device = next(model.parameters()).device
     B, W = len(rows), max(map(len, rows))
     # the tokens and their realness in buffers allocated once (no copy of the sequence per token);
@@ -199,7 +213,7 @@ def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = Gene
     else:
         generator.manual_seed(cfg.seed)
 
-    cache = KVCache(block) if cfg.use_cache else None
+    cache = KVCache(cache_length(width, block)) if cfg.use_cache else None
     step = compiled_decode_step(model) if cache is not None and cfg.compile else None
     key_mask = at = None  # the compiled step's (B, block) keys to attend to and write position
     live = torch.ones(B, dtype=torch.bool, device=device)  # the rows still generating,
@@ -214,7 +228,7 @@ def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = Gene
             # small operators of a step (+12 % tokens/s at batch 1, Zen 2); not across the yield:
             # the caller's code runs in its own mode
             with torch.inference_mode():
-                if cache is not None and filled <= block:
+                if cache is not None and filled <= cache.max_len:
                     start = cache.length  # the whole prompts first (prefill), then the last token only
                     if start == 0:
                         positions = positions_of(real)
@@ -226,7 +240,7 @@ def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = Gene
                                                          key_mask=real if padded else None, cache=cache)
                     else:  # every cached position is attended to, masked: shapes that do not grow
                         if key_mask is None:
-                            key_mask = torch.zeros((B, block), dtype=torch.bool, device=device)
+                            key_mask = torch.zeros((B, cache.max_len), dtype=torch.bool, device=device)
                             key_mask[:, :start] = real[:, :start]
                             at = torch.zeros(1, dtype=torch.long, device=device)
                         else:  # the previous token: visible to later ones if real
@@ -306,6 +320,10 @@ def generate_ids(model, idx: torch.Tensor, max_new_tokens: int, temperature: flo
     earlier are padded with it): nanoGPT's ``model.generate`` as a function. ``generator`` draws
     the sampling seed. :func:`generate` has top-p, the repetition penalty and prompts of
     different lengths."""
+    if idx.dim() != 2:
+        raise ValueError(f"idx must be (batch, tokens), not of shape {tuple(idx.shape)}")
+    if idx.shape[0] == 0 or max_new_tokens == 0:
+        return idx
     seed = None if generator is None else int(torch.randint(2**32, (1,), generator=generator, device=generator.device))  # a Seed
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     done = generate(model, idx.tolist(), cfg, stop_id=eot_id)

@@ -233,3 +233,17 @@ def test_a_llama_folder_lmcore_cannot_compute_exactly_is_refused_by_name(change,
     (tmp_path / "export/config.json").write_text(json.dumps({**cfg, **change}))
     with pytest.raises(StageError, match=rf"config.json: .*{re.escape(next(iter(change)))}.*load it with transformers"):
         load_lm(tmp_path / "export")
+
+
+@pytest.mark.parametrize("change", [{"vocab_size": None}, {"num_attention_heads": 5, "head_dim": None}, {"max_position_embeddings": 4},
+                                    {"rms_norm_eps": "small"}])
+def test_a_llama_folder_with_a_value_lmcore_cannot_read_is_an_error_naming_it(change, tmp_path, tokenizer_dir):
+    """These were a TypeError or a pydantic ValidationError traceback."""
+    from lmcore.model.folder import load_lm
+
+    tiny_model(tmp_path / "model")
+    export(ExportConfig(), tmp_path / "model", tokenizer_dir, tmp_path / "export", tmp_path / "m.json", OFF)
+    cfg = json.loads((tmp_path / "export/config.json").read_text())
+    (tmp_path / "export/config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(StageError, match=r"config.json: not a Llama configuration lmcore can hold \(.+\)"):
+        load_lm(tmp_path / "export")

@@ -98,9 +98,10 @@ def test_default_cache_follows_lmcore_cache(tmp_path: Path, monkeypatch):
     assert (tmp_path / "peak_flops.json").exists()
 
 
-def test_unreadable_cache_is_measured_again(tmp_path: Path):
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe{}"])  # the second: not UTF-8 (it crashed)
+def test_unreadable_cache_is_measured_again(tmp_path: Path, content: bytes):
     cache = tmp_path / "peak_flops.json"
-    cache.write_text("{not json")
+    cache.write_bytes(content)
     assert peak_flops(CPU, torch.float32, threads=1, cache=cache, **SMALL).flops > 0
     assert len(json.loads(cache.read_text())) == 1
 

@@ -19,6 +19,7 @@ from conftest import make_text
 
 from lmcore.generate import (
     GenerationConfig,
+    cache_length,
     TextStream,
     apply_repetition_penalty,
     generate,
@@ -162,6 +163,61 @@ def test_cache_refuses_more_than_it_holds():
         model.next_token_logits(torch.zeros(1, 8, dtype=torch.long), cache=cache)
         with pytest.raises(ValueError, match="exceeds block_size 8"):
             model.next_token_logits(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+    small = KVCache(4)  # shorter than the context: its own limit
+    with torch.no_grad():
+        model.next_token_logits(torch.zeros(1, 4, dtype=torch.long), cache=small)
+        with pytest.raises(ValueError, match=r"KV cache full: 4 \+ 1 positions exceed its 4"):
+            model.next_token_logits(torch.zeros(1, 1, dtype=torch.long), cache=small)
+
+
+def test_the_cache_holds_the_generation_not_the_whole_context():
+    """A Llama folder's context of 131,072 positions made a KV cache of gigabytes at batch 1 for a
+    short reply; the cache now holds the prompt and the new tokens (a power of two, >= 64)."""
+    assert [cache_length(n, 131_072) for n in (1, 64, 65, 200, 256, 257)] == [64, 64, 128, 256, 256, 512]
+    assert cache_length(300, 256) == 256 and cache_length(10, 32) == 32
+    model = randomised(block=4096)
+    made: list[KVCache] = []
+    real_init = KVCache.__init__
+
+    def spy(self, max_len):
+        real_init(self, max_len)
+        made.append(self)
+
+    KVCache.__init__ = spy
+    try:
+        got = tokens(model, PROMPTS, greedy(8))
+    finally:
+        KVCache.__init__ = real_init
+    assert [c.max_len for c in made] == [64]
+    assert got == tokens(model, PROMPTS, greedy(8, use_cache=False))
+
+
+def test_greedy_tokens_are_the_argmax_of_the_full_forward_step_by_step():
+    """Independent of the cache, the positions and the padding: the plain forward of the whole
+    sequence at every step (the cache-against-no-cache tests compare two paths that share them)."""
+    model = randomised(n_kv_heads=2)
+    for prompt in PROMPTS:
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(10):
+                logits, _ = model(torch.tensor([seq]))
+                seq.append(int(logits[0, -1].argmax()))
+        assert tokens(model, [prompt], greedy(10)) == [seq[len(prompt):]]
+
+
+def test_odd_inputs_are_errors_or_answers_not_crashes():
+    model = randomised()
+    with pytest.raises(ValueError, match="pad_id 64 is outside the model's vocabulary 0 .. 63"):
+        generate(model, PROMPTS, greedy(3), pad_id=VOCAB)
+    with pytest.raises(ValueError, match="pad_id -1"):
+        generate(model, PROMPTS, greedy(3), pad_id=-1)
+    # a tiny temperature is nearly greedy (it gave inf / inf = NaN probabilities)
+    tiny = GenerationConfig(max_new_tokens=6, temperature=1e-40, top_k=None, seed=0)
+    assert tokens(model, PROMPTS, tiny) == tokens(model, PROMPTS, greedy(6))
+    with pytest.raises(ValueError, match=r"idx must be \(batch, tokens\), not of shape \(3,\)"):
+        generate_ids(model, torch.tensor([1, 2, 3]), 4)
+    empty = torch.zeros((0, 3), dtype=torch.long)
+    assert generate_ids(model, empty, 4) is empty
 
 
 @pytest.mark.parametrize("kv_heads", [None, 2])
@@ -463,6 +519,12 @@ def test_cli_batch_gives_each_prompt_its_text_alone(folder, tmp_path, capsys):
 
     alone = run("--prompt", "The king")
     assert f"==> 1/2 <==\n{alone}\n==> 2/2 <==\nLove and war" in run("--prompt", "The king", "--prompt", "Love and war")
+    # in batches of one (the memory of a thousand prompts): the same texts, in the same order
+    three = ("--prompt", "The king", "--prompt", "Love and war", "--prompt", "A")
+    assert run(*three, "--batch-size", "1") == run(*three) == run(*three, "--batch-size", "2")
+    assert main(["--params", str(tmp_path / "defaults.yaml"), "--root", str(folder), "generate", "--prompt", "x",
+                 "--batch-size", "0"]) == 2
+    assert "--batch-size = 0: at least 1" in capsys.readouterr().err
 
 
 def test_cli_errors_name_what_is_wrong(folder, tmp_path, capsys):

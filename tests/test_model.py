@@ -343,3 +343,19 @@ def test_a_model_off_the_cpu_takes_none_of_the_cpu_paths(monkeypatch):
     assert model.blocks[0].attn.q_proj.weight.grad.device.type == "meta"
     with pytest.raises(AssertionError, match="hand-written"):  # the same model on the CPU does use it
         tiny()(torch.randint(0, 64, (1, 4)))
+
+
+def test_causal_masks_of_many_lengths_are_not_all_kept():
+    """Fine-tuning pads each batch to its own longest example: one mask per length was kept for
+    the life of the process (~0.7 GB of bf16 masks up to 1,024)."""
+    from lmcore.model import decoder
+
+    decoder._causal_bias.clear()
+    for T in range(10, 30):
+        bias = decoder.causal_bias(T, torch.float32, torch.device("cpu"))
+        assert bias.shape == (T, T) and bias[0, 1] == float("-inf") and bias[1, 0] == 0
+    assert len(decoder._causal_bias) == decoder.CAUSAL_BIASES_KEPT
+    assert decoder.causal_bias(29, torch.float32, torch.device("cpu")) is bias  # the recent ones are reused
+    decoder.causal_bias(26, torch.float32, torch.device("cpu"))  # 26 used again: 27 is now the oldest
+    decoder.causal_bias(5, torch.float32, torch.device("cpu"))
+    assert [k[0] for k in decoder._causal_bias] == [28, 29, 26, 5]

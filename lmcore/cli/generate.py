@@ -50,6 +50,10 @@ def add_parser(sub: Any) -> None:
                                                            "graph on CUDA): the first tokens wait for the compilation "
                                                            "(seconds to a minute), the rest come faster")
     p.add_argument("--no-stream", action="store_true", help="print each text once complete, not token by token")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="prompts decoded together (default 32); more prompts run in batches of N, one after the "
+                        "other, each batch's KV cache freed before the next (a batch draws with --seed plus its "
+                        "index)")
 
 
 # what a flag's value means beyond the field's own documentation
@@ -162,6 +166,8 @@ def main(args: argparse.Namespace, stdin=None, stdout=None) -> int:
         check_tokenizer(model_cfg, model.cfg.vocab_size, tok, tok_file, model_dir)
         sp = tokmod.special_ids(tok)
         ids = encode_prompts(tok, prompts)
+        if args.batch_size < 1:
+            raise StageError(f"--batch-size = {args.batch_size}: at least 1")
         if cfg.compile:  # refused before the prompt is printed, not at the first step
             require_cxx_compiler("--compile", next(model.parameters()).device)
     except (ConfigError, StageError) as e:
@@ -191,19 +197,24 @@ def main(args: argparse.Namespace, stdin=None, stdout=None) -> int:
         out.flush()
     n_tokens, t0 = 0, time.perf_counter()
     try:
-        for step in stream(model, ids, cfg, stop_id=sp.eot, pad_id=sp.pad):
-            for i, t in enumerate(step):
-                if t is None:
-                    continue
-                n_tokens += 1
-                if t == sp.eot:
-                    finished[i] = True
-                    continue
-                if live:
-                    out.write(streams[i].push(t))
-                    out.flush()
-                else:
-                    streams[i].tokens.append(t)
+        for k, lo in enumerate(range(0, len(ids), args.batch_size)):  # memory: B x the KV cache, B x vocab
+            batch = cfg if cfg.seed is None else cfg.model_copy(update={"seed": cfg.seed + k})
+            for step in stream(model, ids[lo : lo + args.batch_size], batch, stop_id=sp.eot, pad_id=sp.pad):
+                for i, t in enumerate(step, lo):
+                    if t is None:
+                        continue
+                    n_tokens += 1
+                    if t == sp.eot:
+                        finished[i] = True
+                        continue
+                    if live:
+                        out.write(streams[i].push(t))
+                        out.flush()
+                    else:
+                        streams[i].tokens.append(t)
+                if not live and not args.no_stream:
+                    show_done()
+            finished[lo : lo + args.batch_size] = [True] * len(ids[lo : lo + args.batch_size])
             if not live and not args.no_stream:
                 show_done()
     except KeyboardInterrupt:

@@ -35,7 +35,7 @@ def read_cache(path: Path, what: str) -> dict:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, and bytes that are not UTF-8
         log.warning("ignoring unreadable %s cache %s (%s)", what, path, e)
         return {}
     return data if isinstance(data, dict) else {}

@@ -251,17 +251,24 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 
 
 _causal_bias: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+CAUSAL_BIASES_KEPT = 4
+"""Masks kept, the most recently used: fine-tuning pads each batch to its longest example, so
+the sizes vary from batch to batch and one mask per size was never freed (~0.7 GB up to 1,024)."""
 
 
 def causal_bias(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(T, T): 0 on and below the diagonal, -inf above; one tensor per size, dtype and device
-    (made anew inside ``torch.compile``, which folds it into the graph)."""
+    """(T, T): 0 on and below the diagonal, -inf above; the last few sizes, dtypes and devices
+    kept (made anew inside ``torch.compile``, which folds it into the graph)."""
     if torch.compiler.is_compiling():
         return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu_(1)
     key = (T, dtype, torch.device(device))
-    if key not in _causal_bias:
-        _causal_bias[key] = torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu_(1)
-    return _causal_bias[key]
+    bias = _causal_bias.pop(key, None)
+    if bias is None:
+        bias = torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu_(1)
+        while len(_causal_bias) >= CAUSAL_BIASES_KEPT:
+            del _causal_bias[next(iter(_causal_bias))]  # the least recently used
+    _causal_bias[key] = bias  # last: the most recently used
+    return bias
 
 
 class _CausalMatmulAttention(torch.autograd.Function):

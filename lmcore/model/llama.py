@@ -60,9 +60,9 @@ def load_llama(folder: Path, c: dict[str, Any]) -> Decoder:
     rope = c.get("rope_parameters") or {}  # transformers 5 writes the RoPE settings here, scaling included
     if rope.get("rope_type", "default") != "default":
         unsupported["rope_parameters.rope_type"] = rope["rope_type"]
-    if float(c.get("rms_norm_eps", 1e-5)) != 1e-5:
-        unsupported["rms_norm_eps"] = c["rms_norm_eps"]
     try:
+        if float(c.get("rms_norm_eps", 1e-5)) != 1e-5:
+            unsupported["rms_norm_eps"] = c["rms_norm_eps"]
         n_embd, n_head, width = int(c["hidden_size"]), int(c["num_attention_heads"]), int(c["intermediate_size"])
         if c.get("head_dim") is not None and int(c["head_dim"]) * n_head != n_embd:
             unsupported["head_dim"] = c["head_dim"]
@@ -82,6 +82,9 @@ def load_llama(folder: Path, c: dict[str, Any]) -> Decoder:
                          rope_theta=float(c.get("rope_theta", rope.get("rope_theta", 1e4))))
     except KeyError as e:
         raise StageError(f"{where}: missing key {e}") from None
+    except (ValueError, TypeError, StopIteration) as e:  # a null, a string, a shape lmcore cannot hold
+        raise StageError(f"{where}: not a Llama configuration lmcore can hold "
+                         f"({' '.join(str(e).split())[:300] or type(e).__name__})") from None
     model = Decoder(gcfg)
     ours = {hf_name(k): k for k in model.state_dict() if hf_name(k)}
     weights = require(folder / "model.safetensors", "model weights (model.safetensors)")
