@@ -55,3 +55,15 @@ def test_bad_inputs_are_named():
         paired_bootstrap("acc", accuracy([1, 0]), accuracy([1, 0]), 2, "examples", confidence=95)
     assert not same_windows({"document": [0], "tokens": [3], "bytes": [1.0]},
                             {"document": [0], "tokens": [4], "bytes": [1.0]})
+
+
+def test_resamples_without_a_finite_difference_are_an_error_not_a_narrower_interval():
+    """They were dropped: the interval came from fewer resamples than the line reported (and
+    from none at all, a numpy error, when every one was NaN)."""
+    values = np.array([1.0, 2.0, math.nan, 3.0])
+
+    def stat(idx: np.ndarray) -> float:
+        return float(values[idx].mean())
+
+    with pytest.raises(StageError, match=r"m: \d+ of 200 resamples gave no finite difference .*among the units"):
+        paired_bootstrap("m", stat, lambda idx: stat(idx) + 0.1, 4, "units", resamples=200)

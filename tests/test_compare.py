@@ -193,3 +193,24 @@ def test_compare_defaults_come_from_the_params_file(store, capsys):
     assert main(["--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path), "compare"]) == 0  # cwd: tmp_path
     assert "run-b" in capsys.readouterr().out
     assert (tmp_path / "runs/compare/compare.md").exists() and (tmp_path / "runs/compare/val_bpb.png").exists()
+
+
+def test_accuracies_sort_highest_first_and_a_nan_goes_with_the_runs_without_the_metric():
+    """--metric sst2.zeroshot_acc sorted the worst run first ('lower is better'), and a diverged
+    run's NaN landed anywhere, first included."""
+    import math
+    import types
+
+    from lmcore.eval.compare import PipelineRun, sort_runs
+
+    def run(name: str, start: int, **metrics: float) -> PipelineRun:
+        evaluated = types.SimpleNamespace(data=types.SimpleNamespace(metrics=metrics, params={}))
+        return PipelineRun(name, name, start, "FINISHED", None, {"evaluate": evaluated})
+
+    runs = [run("low", 1, **{"sst2.zeroshot_acc": 0.5, "mc.acc_norm": 0.3, "lm.val_bpb": 2.0}),
+            run("nan", 2, **{"sst2.zeroshot_acc": math.nan, "mc.acc_norm": math.nan, "lm.val_bpb": math.nan}),
+            run("high", 3, **{"sst2.zeroshot_acc": 0.7, "mc.acc_norm": 0.6, "lm.val_bpb": 1.9}),
+            run("none", 4)]
+    for metric in ("sst2.zeroshot_acc", "mc.acc_norm"):
+        assert [r.name for r in sort_runs(runs, metric)] == ["high", "low", "none", "nan"], metric
+    assert [r.name for r in sort_runs(runs, "val_bpb")] == ["high", "low", "none", "nan"]  # lower is better

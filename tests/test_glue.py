@@ -420,6 +420,9 @@ def test_metrics_are_the_official_ones_computed_by_sklearn_and_scipy():
     stsb = glue.compute_metrics(glue.TASKS["stsb"], a, b)
     assert stsb == {"pearson": pytest.approx(pearsonr(a, b)[0]), "spearman": pytest.approx(spearmanr(a, b)[0])}
     assert glue.compute_metrics(glue.TASKS["stsb"], [2.0] * 4, b) == {"pearson": 0.0, "spearman": 0.0}  # constant
+    # a diverged regression model is NaN, not the constant predictor's 0
+    nan = glue.compute_metrics(glue.TASKS["stsb"], [float("nan")] * 4, b)
+    assert set(nan) == {"pearson", "spearman"} and all(math.isnan(v) for v in nan.values())
     assert glue.compute_metrics(glue.TASKS["mnli"], [0, 1, 2, 2], [0, 1, 2, 0]) == {"accuracy": 0.75}
 
 

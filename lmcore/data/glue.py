@@ -335,6 +335,8 @@ def compute_metrics(spec: TaskSpec, preds: Sequence[float], labels: Sequence[flo
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
     out: dict[str, float] = {}
+    if not all(math.isfinite(float(p)) for p in preds):  # a diverged model: NaN, not a constant's 0
+        return {m: math.nan for m in spec.metrics}
     for m in spec.metrics:
         if m == "accuracy":
             v = accuracy_score(labels, preds)

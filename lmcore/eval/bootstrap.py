@@ -67,7 +67,11 @@ def paired_bootstrap(metric: str, stat_a: Callable[[np.ndarray], float], stat_b:
         idx = rng.integers(0, n, n)
         diffs[r] = stat_b(idx) - stat_a(idx)
     tail = (1 - confidence) / 2
-    low, high = (float(x) for x in np.quantile(diffs[np.isfinite(diffs)], [tail, 1 - tail]))
+    finite = diffs[np.isfinite(diffs)]
+    if len(finite) < resamples:  # an interval from fewer resamples than it says would be too narrow a claim
+        raise StageError(f"{metric}: {resamples - len(finite)} of {resamples} resamples gave no finite difference "
+                         f"(a NaN or infinite value among the {unit}): no interval")
+    low, high = (float(x) for x in np.quantile(finite, [tail, 1 - tail]))
     return Paired(metric, float(a), float(b), low, high, confidence, resamples, n, unit)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import math
 import re
 import tempfile
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from lmcore.tracking import reading_store
 
 STAGE_ORDER = ["prepare", "clean", "tokenizer", "encode", "pretrain", "export", "finetune", "evaluate"]
 COMPARED = {"pretrain", "evaluate", "finetune"}  # a run shows up when one of these ran in it
-HIGHER_IS_BETTER = re.compile(r"score|accuracy|f1|matthews|pearson|spearman|tokens_per_second|mfu")
+HIGHER_IS_BETTER = re.compile(r"score|accuracy|(^|[._])acc(_norm)?$|f1|matthews|pearson|spearman|tokens_per_second|mfu")
 PLOT_METRIC = "val_bpb"  # pretrain's stepped validation bits per byte
 DEFAULT_METRIC = "val_bpb"
 """What the table is sorted by unless a metric is named: evaluate's bits per byte, else pretrain's."""
@@ -198,7 +199,9 @@ def sort_runs(runs: list[PipelineRun], metric: str) -> list[PipelineRun]:
 
     def key(r: PipelineRun) -> tuple:
         v = metric_value(r, metric)
-        return (1, 0, 0.0, -r.start) if v is None else (0, v[0], sign * v[1], -r.start)
+        if v is None or not math.isfinite(v[1]):  # a diverged run's NaN: with the runs without it
+            return (1, 0, 0.0, -r.start)
+        return (0, v[0], sign * v[1], -r.start)
 
     return sorted(runs, key=key)
 

@@ -123,14 +123,15 @@ def score_clean_documents(model, tok, clean_dir: Path, eot: int, batch_size: int
         for text in iter_field(shards):
             enc = tok.encode(text)
             toks = enc.ids
-            if max_tokens is not None and total + len(toks) > max_tokens:
+            # each document's end-of-text token counts, as in the split's selection (scored.split_selection)
+            if max_tokens is not None and total + len(toks) + 1 > max_tokens:
                 if texts:
                     break
                 # the first document alone is longer: its beginning, and the text those tokens hold
                 toks, text = toks[:max_tokens], text[: enc.offsets[max_tokens - 1][1]]
             texts.append(text)
             ids.append(toks)
-            total += len(toks)
+            total += len(toks) + 1
     return score_documents(DecoderScorer(model), ids, texts, eot, batch_size, desc="evaluate: per document")
 
 
