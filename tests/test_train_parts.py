@@ -387,6 +387,30 @@ def test_prune_keeps_the_last_and_the_best(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path)] == [20, 40, 50]
 
 
+def test_a_run_started_afresh_over_a_finished_run_of_the_same_settings_keeps_its_own_checkpoints(tmp_path):
+    """A finished run (steps 10-40) of other code, same settings: the new run started afresh, and
+    its first checkpoints were pruned as the oldest (the old run's steps 30 and 40 were taken for
+    its own), so an interruption restarted it from step 0."""
+    from lmcore.train.checkpoint import _run_of
+
+    layout = {"processes": 1, "grad_accum": 1, "batch_size": 8}
+
+    def write(step: int, run: str) -> dict:  # what save_checkpoint leaves (a step's folder replaced whole)
+        trainer = {"config_hash": "h", "layout": layout, "run": run, "step": step}
+        (tmp_path / f"step-{step:06d}").mkdir(exist_ok=True)
+        (tmp_path / f"step-{step:06d}/trainer.json").write_text(json.dumps(trainer))
+        return trainer
+
+    for step in (10, 20, 30, 40):
+        write(step, "old")
+    new = write(10, "new")
+    prune(tmp_path, 2, best_step=None, run=_run_of(new))
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [10]  # the old run's 20-40 went, not the new 10
+    new = write(20, "new")
+    prune(tmp_path, 2, best_step=None, run=_run_of(new))
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [10, 20]
+
+
 def test_stop_signals_raise_a_flag_and_restore_the_handlers():
     before = signal.getsignal(signal.SIGTERM)
     with stop_signals() as flag:

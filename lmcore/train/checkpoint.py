@@ -91,20 +91,25 @@ def save_checkpoint(accelerator, folder: Path, step: int, trainer: dict[str, Any
     return target
 
 
-def _run_of(trainer: dict[str, Any]) -> tuple[Any, Any]:
-    """What makes checkpoints one run's: the settings hash and the global batch."""
+def _run_of(trainer: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """What makes checkpoints one run's: the settings hash, the global batch and the run's id
+    (``trainer["run"]``: drawn when a run starts afresh, kept when it resumes). Without the id, a
+    run started afresh over a finished run of the same settings (other code) counted the old
+    run's later steps as its own: pruning kept those and deleted the new run's, so each
+    interruption of the new run started it from step 0 again."""
     layout = trainer.get("layout")
-    return trainer.get("config_hash"), StepLayout(**layout).global_batch if isinstance(layout, dict) else None
+    return (trainer.get("config_hash"), StepLayout(**layout).global_batch if isinstance(layout, dict) else None,
+            trainer.get("run"))
 
 
-def _other_run(path: Path, run: tuple[Any, Any]) -> bool:
+def _other_run(path: Path, run: tuple[Any, Any, Any]) -> bool:
     try:
         return _run_of(json.loads((path / "trainer.json").read_text())) != run
     except (OSError, ValueError, TypeError, AttributeError):  # unreadable: not this run's
         return True
 
 
-def prune(folder: Path, keep: int, best_step: int | None, run: tuple[Any, Any] | None = None) -> None:
+def prune(folder: Path, keep: int, best_step: int | None, run: tuple[Any, Any, Any] | None = None) -> None:
     """Remove all checkpoints but the last ``keep`` and the one of ``best_step``; with ``run``
     (:func:`_run_of` the newest), also every checkpoint of another run."""
     ckpts = list_checkpoints(folder)

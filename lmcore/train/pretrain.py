@@ -29,6 +29,7 @@ import logging
 import math
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,6 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
 
     step_windows = world * cfg.grad_accum * cfg.batch_size
     sampler = WindowSampler(len(train_tokens), gcfg.block_size, cfg.seed)
-    val_windows = fixed_windows(val_tokens, cfg.eval_batches * cfg.batch_size, gcfg.block_size)
     tokens_per_step = step_windows * gcfg.block_size
     peak = peak_flops(accelerator.device, dtype_of(accelerator.mixed_precision))  # "auto" resolved
 
@@ -166,6 +166,12 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
     if saved is not None:
         state.load(saved)
     start_step = state.step
+    # a run keeps its id and its validation windows when it resumes (batch_size may change on a
+    # resume that keeps the global batch: the best checkpoint compares losses on the same windows)
+    run_id = saved.get("run") if saved is not None else uuid.uuid4().hex[:12]
+    n_val = cfg.eval_batches * cfg.batch_size
+    n_val = int(saved.get("val_windows", n_val)) if saved is not None else n_val
+    val_windows = fixed_windows(val_tokens, n_val, gcfg.block_size)
 
     params = {**flatten(cfg, "pretrain."), "n_params": n_params, "flops_per_token": fpt,
               "num_processes": world, "peak_flops": peak.flops, "peak_source": peak.source,
@@ -178,6 +184,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
 
     def trainer_state() -> dict[str, Any]:
         return {**state.to_dict(), "sampler": sampler.state_dict(), "config_hash": chash, "code": code,
+                "run": run_id, "val_windows": n_val,
                 "mlflow_run_id": tr.run_id,
                 "layout": dataclasses.asdict(step_layout), "schedulers": [sched.state_dict() for sched in scheds]}
 
