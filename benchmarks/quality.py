@@ -147,7 +147,7 @@ def finalize(spec: dict[str, Any], tps: float, budget_s: float) -> dict[str, Any
     p["max_steps"] = steps
     if spec.get("warmup_fraction") is not None:
         p["warmup_steps"] = round(spec["warmup_fraction"] * steps)
-    p["warmup_steps"] = min(p["warmup_steps"], steps)
+    p["warmup_steps"] = min(p["warmup_steps"], steps - 1)  # < max_steps (PretrainConfig)
     if spec.get("val_windows"):
         p["eval_batches"] = max(1, spec["val_windows"] // p["batch_size"])
     p["eval_interval"] = p["checkpoint_interval"] = steps

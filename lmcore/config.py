@@ -889,8 +889,13 @@ class PretrainConfig(Section):
 
     @model_validator(mode="after")
     def _warmup(self) -> "PretrainConfig":
-        if self.warmup_steps > self.max_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
+        if self.warmup_steps >= self.max_steps:  # equal: the rate would never reach its peak nor decay
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps})")
+        if self.optimizer == "muon" and self.mixed_precision == "fp16":
+            # Accelerate's fp16 scaler steps and updates per optimizer: the second optimizer's
+            # gradients (AdamW's: embeddings, norms) would be unscaled twice, ~2^-32 of their size
+            raise ValueError("optimizer 'muon' with mixed_precision 'fp16' is not supported (the loss scaler "
+                             "would unscale AdamW's gradients twice); use mixed_precision 'bf16' or 'no'")
         return self
 
 

@@ -239,3 +239,18 @@ def test_an_override_into_an_empty_or_wrong_section(tmp_path):
     p.write_text("launch: [a]\n")
     with pytest.raises(ConfigError, match=r"launch = \['a'\]: a section .* to set launch.num_processes"):
         config.load(p, {"launch.num_processes": 2})
+
+
+def test_a_warmup_as_long_as_training_and_muon_under_fp16_are_refused():
+    """warmup_steps == max_steps trained at a rate that never reached its peak nor decayed;
+    Muon under fp16 had AdamW's gradients unscaled twice by Accelerate's loss scaler."""
+    import pytest
+
+    from lmcore import config
+
+    with pytest.raises(config.ConfigError, match=r"pretrain.*warmup_steps \(10\) must be < max_steps \(10\)"):
+        config.from_dict({"pretrain": {"max_steps": 10, "warmup_steps": 10}})
+    assert config.from_dict({"pretrain": {"max_steps": 10, "warmup_steps": 9}}).pretrain.warmup_steps == 9
+    with pytest.raises(config.ConfigError, match=r"pretrain.*optimizer 'muon' with mixed_precision 'fp16'"):
+        config.from_dict({"pretrain": {"optimizer": "muon", "mixed_precision": "fp16"}})
+    assert config.from_dict({"pretrain": {"optimizer": "muon", "mixed_precision": "bf16"}}).pretrain.optimizer == "muon"
