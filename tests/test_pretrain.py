@@ -316,6 +316,27 @@ def test_changed_settings_start_afresh(straight, tmp_path):
     assert len(hashes) == 1 and hashes.isdisjoint(json.loads(t)["config_hash"] for t in before.values())
 
 
+def test_an_unfinished_run_is_not_dropped_for_changed_settings(straight, tmp_path):
+    """Changed settings (here lr) over an unfinished run started afresh, and the run's first
+    checkpoint deleted the unfinished one's: its steps were lost without a question."""
+    import shutil
+
+    root = tmp_path / "p"
+    shutil.copytree(straight, root)
+    ckpts = root / "runs/pretrain/checkpoints"
+    newest = list_checkpoints(ckpts)[-1][1]
+    trainer = json.loads((newest / "trainer.json").read_text())
+    assert trainer["max_steps"] == RESUMABLE.get("max_steps", TINY["max_steps"]) == trainer["step"]  # finished
+    (newest / "trainer.json").write_text(json.dumps({**trainer, "max_steps": trainer["step"] + 100}))  # unfinished
+    before = {p.name: (p / "trainer.json").read_text() for _, p in list_checkpoints(ckpts)}
+    make_project(root, **RESUMABLE, lr=0.005)
+    res = run_cli(root)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert f"{newest} is step {trainer['step']} of {trainer['step'] + 100} of an unfinished run of other settings" \
+        in res.stderr and f"remove {ckpts} to start afresh" in res.stderr
+    assert {p.name: (p / "trainer.json").read_text() for _, p in list_checkpoints(ckpts)} == before
+
+
 def test_a_finished_run_of_other_code_trains_again(straight, tmp_path):
     """A code change makes DVC and Prefect run pretrain again; its finished checkpoint (same
     settings) was resumed at its end, so the stage wrote the old code's weights as the new ones."""

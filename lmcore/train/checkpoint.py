@@ -152,9 +152,9 @@ def resume(accelerator, folder: Path, chash: str, sampler, schedulers: Sequence[
     (the sampler's position counts windows of all processes). Checkpoints of other settings, or
     of a finished run with another global batch, mean starting afresh (None); they stay until
     this run saves its first checkpoint (:func:`save_checkpoint`), so a run that fails before
-    that loses nothing. An unfinished run with another global batch is refused
-    (:class:`StageError`), so that its progress is not lost to a changed launch; so is a corrupt
-    newest checkpoint. ``code``: a hash of the code the run runs (``trainer["code"]``); a
+    that loses nothing. An unfinished run with another global batch or other settings is refused
+    (:class:`StageError`), so that its progress is not lost to a changed launch or params file; so
+    is a corrupt newest checkpoint. ``code``: a hash of the code the run runs (``trainer["code"]``); a
     finished run of other code starts afresh (its weights are not what this code would train),
     an unfinished one resumes with a warning."""
     ckpts = list_checkpoints(folder)
@@ -194,6 +194,13 @@ def resume(accelerator, folder: Path, chash: str, sampler, schedulers: Sequence[
         accelerator.print(f"{folder}: a finished run of {was.describe()}; this run trains {layout.describe()}: "
                           "starting afresh (its checkpoints are replaced at this run's first checkpoint)")
     else:
+        total = saved.get("max_steps")  # recorded since 2026-12-07; older checkpoints count as finished
+        if isinstance(total, int) and step < total:
+            raise StageError(
+                f"{path} is step {step} of {total} of an unfinished run of other settings ({saved.get('config_hash')} "
+                f"!= {chash}): these settings would start afresh and its checkpoints would go at this run's first "
+                f"one. Restore the pretrain settings it ran with (its MLflow run holds them) to resume it, or remove "
+                f"{folder} to start afresh")
         accelerator.print(f"{folder}: checkpoints of other settings ({saved.get('config_hash')} != {chash}); "
                           "starting afresh (they are replaced at this run's first checkpoint)")
     return None

@@ -184,7 +184,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
 
     def trainer_state() -> dict[str, Any]:
         return {**state.to_dict(), "sampler": sampler.state_dict(), "config_hash": chash, "code": code,
-                "run": run_id, "val_windows": n_val,
+                "run": run_id, "val_windows": n_val, "max_steps": cfg.max_steps,
                 "mlflow_run_id": tr.run_id,
                 "layout": dataclasses.asdict(step_layout), "schedulers": [sched.state_dict() for sched in scheds]}
 
