@@ -495,6 +495,21 @@ def test_finetune_accumulating_two_batches_of_b_equals_one_batch_of_2b(ft_inputs
     assert json.loads((tmp_path / "accum/results.json").read_text())["history"][0]["step"] == 7
 
 
+def test_finetune_keeps_no_trained_model_in_the_accelerator(ft_inputs, tmp_path, monkeypatch):
+    """Two seeds and the from-scratch twin: the accelerator held all three models and their
+    optimizers until the stage ended (GPU memory for larger models)."""
+    made = []
+    real = ft.make_accelerator
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(ft, "make_accelerator", spy)
+    _finetune(ft_inputs, tmp_path / "seeds", "sst2", batch_size=8, seeds=2, scratch_baseline=True)
+    assert len(made) == 1 and made[0]._models == [] and made[0]._optimizers == []
+
+
 def test_finetune_clipping_comes_from_the_settings(ft_inputs, tmp_path):
     default = _finetune(ft_inputs, tmp_path / "default", "sst2", batch_size=8)
     one = _finetune(ft_inputs, tmp_path / "one", "sst2", batch_size=8, grad_clip=1.0)

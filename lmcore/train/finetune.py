@@ -286,6 +286,9 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
                      "train_examples_per_second": len(train) * hp.epochs / max(elapsed, 1e-9),
                      "train_tokens_per_second": n_tokens * accelerator.num_processes / max(elapsed, 1e-9)}
     best["history"] = history
+    # each seed and the from-scratch twin prepare a model and an optimizer of their own: without
+    # this, the accelerator kept every one of them (and its optimizer state) until the stage ended
+    accelerator.free_memory()
     return raw, best, max_len
 
 
