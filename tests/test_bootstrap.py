@@ -67,3 +67,26 @@ def test_resamples_without_a_finite_difference_are_an_error_not_a_narrower_inter
 
     with pytest.raises(StageError, match=r"m: \d+ of 200 resamples gave no finite difference .*among the units"):
         paired_bootstrap("m", stat, lambda idx: stat(idx) + 0.1, 4, "units", resamples=200)
+
+
+def test_bits_per_byte_is_resampled_by_document_when_there_are_enough():
+    """Windows of one document share its difficulty and its gain: resampled as independent
+    windows, the interval was several times too narrow."""
+    from lmcore.eval.bootstrap import MIN_DOCUMENTS, bits_per_byte_units
+
+    rng = np.random.default_rng(3)
+    docs, per_doc = 30, 20
+    gain = np.repeat(rng.normal(0.1, 0.5, docs), per_doc)  # each document's own gain, on all its windows
+    hard = np.repeat(rng.random(docs) * 10, per_doc)
+    a = {"document": list(np.repeat(np.arange(docs), per_doc)), "tokens": [8] * docs * per_doc,
+         "bytes": [30.0] * docs * per_doc, "nll": list(hard + 5)}
+    b = {**a, "nll": list(hard + 5 - gain)}
+    (ua, unit), (ub, _) = bits_per_byte_units(a), bits_per_byte_units(b)
+    assert unit == "documents" and len(ua["nll"]) == docs and sum(ua["bytes"]) == 30.0 * docs * per_doc
+    by_doc = paired_bootstrap("bpb", bits_per_byte_stat(ua), bits_per_byte_stat(ub), docs, unit, 500)
+    by_window = paired_bootstrap("bpb", bits_per_byte_stat(a), bits_per_byte_stat(b), docs * per_doc, "w", 500)
+    assert by_doc.a == pytest.approx(by_window.a) and by_doc.b == pytest.approx(by_window.b)  # the same bpb
+    assert (by_doc.high - by_doc.low) > 3 * (by_window.high - by_window.low)
+    few = {**a, "document": [d % (MIN_DOCUMENTS - 1) for d in a["document"]]}
+    units, unit = bits_per_byte_units(few)
+    assert len(units["nll"]) == docs * per_doc and unit.startswith(f"windows of {MIN_DOCUMENTS - 1} document(s)")

@@ -6,9 +6,11 @@ both runs, and recomputes the metric of each on it; the differences over ``resam
 a percentile confidence interval of ``b - a``. The difference is *within noise* when that
 interval holds 0 (the runs are not distinguishable on these units at that confidence).
 
-Windows of one document are not independent, so an interval over windows is narrower than one
-over documents would be; with a handful of validation documents (the default corpus has 7)
-windows are the only units there are. Say so when quoting it.
+Windows of one document are not independent (a hard document makes all its windows hard, for both
+runs and for their difference), so bits per byte are resampled by documents, each with all its
+windows, when there are :data:`MIN_DOCUMENTS` or more; with a handful of validation documents (the
+default corpus has 7) windows are the only units there are, and the line says that its interval
+is optimistic (:func:`bits_per_byte_units`).
 """
 
 from __future__ import annotations
@@ -73,6 +75,25 @@ def paired_bootstrap(metric: str, stat_a: Callable[[np.ndarray], float], stat_b:
                          f"(a NaN or infinite value among the {unit}): no interval")
     low, high = (float(x) for x in np.quantile(finite, [tail, 1 - tail]))
     return Paired(metric, float(a), float(b), low, high, confidence, resamples, n, unit)
+
+
+MIN_DOCUMENTS = 20
+"""Documents from which bits per byte are resampled by document rather than by window."""
+
+
+def bits_per_byte_units(windows: dict[str, list]) -> tuple[dict[str, list], str]:
+    """The units to resample for bits per byte from a window table
+    (:meth:`lmcore.eval.harness.DocumentScores.window_table`), as ``({"nll", "bytes"}, unit
+    name)``: one per document (its windows' sums) when there are :data:`MIN_DOCUMENTS` or more,
+    else the windows themselves, named as an optimistic unit."""
+    docs = np.asarray(windows["document"])
+    kinds, inverse = np.unique(docs, return_inverse=True)
+    if len(kinds) >= MIN_DOCUMENTS:
+        nll = np.bincount(inverse, weights=np.asarray(windows["nll"], dtype=float))
+        nbytes = np.bincount(inverse, weights=np.asarray(windows["bytes"], dtype=float))
+        return {"nll": nll.tolist(), "bytes": nbytes.tolist()}, "documents"
+    return ({"nll": list(windows["nll"]), "bytes": list(windows["bytes"])},
+            f"windows of {len(kinds)} document(s) (not independent: an optimistic interval)")
 
 
 def bits_per_byte_stat(windows: dict[str, list]) -> Callable[[np.ndarray], float]:

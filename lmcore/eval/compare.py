@@ -35,7 +35,7 @@ import numpy as np
 from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, write_text
 from lmcore.data import glue
-from lmcore.eval.bootstrap import bits_per_byte_stat, paired_bootstrap, same_windows
+from lmcore.eval.bootstrap import bits_per_byte_stat, bits_per_byte_units, paired_bootstrap, same_windows
 from lmcore.tracking import reading_store
 
 STAGE_ORDER = ["prepare", "clean", "tokenizer", "encode", "pretrain", "export", "finetune", "evaluate"]
@@ -447,8 +447,9 @@ def noise(experiment: str, tracking_uri: str, a: str, b: str, resamples: int = 2
             lines.append("validation bits per byte: not tested (the runs scored different windows: another "
                          "tokenizer, context or validation split; compare lm.val_bpb directly)")
         else:
-            lines.append(paired_bootstrap("validation bits per byte (document level)", bits_per_byte_stat(wa),
-                                          bits_per_byte_stat(wb), len(wa["nll"]), "windows", resamples,
+            (ua, unit), (ub, _) = bits_per_byte_units(wa), bits_per_byte_units(wb)  # the same documents
+            lines.append(paired_bootstrap("validation bits per byte (document level)", bits_per_byte_stat(ua),
+                                          bits_per_byte_stat(ub), len(ua["nll"]), unit, resamples,
                                           confidence).line())
         tasks = sorted({k.split(":", 1)[1] for r in (ra, rb) for k in r.stages if k.startswith("finetune:")})
         for task in tasks:
