@@ -90,3 +90,18 @@ def test_bits_per_byte_is_resampled_by_document_when_there_are_enough():
     few = {**a, "document": [d % (MIN_DOCUMENTS - 1) for d in a["document"]]}
     units, unit = bits_per_byte_units(few)
     assert len(units["nll"]) == docs * per_doc and unit.startswith(f"windows of {MIN_DOCUMENTS - 1} document(s)")
+
+
+def test_strata_keep_each_splits_size_in_every_resample():
+    """MNLI's matched and mismatched examples were resampled as one pool: a resample could hold
+    none of one split (its metric NaN, read as 0) and each split's share varied."""
+    seen = []
+
+    def stat(idx: np.ndarray) -> float:
+        seen.append((int((idx < 3).sum()), int((idx >= 3).sum())))
+        return float(idx.mean())
+
+    paired_bootstrap("m", stat, stat, 5, "examples", resamples=50, strata=[3, 2])
+    assert set(seen) == {(3, 2)}
+    with pytest.raises(StageError, match=r"strata \[3, 3\] do not split the 5 examples"):
+        paired_bootstrap("m", stat, stat, 5, "examples", resamples=50, strata=[3, 3])

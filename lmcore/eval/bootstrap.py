@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -55,18 +55,25 @@ class Paired:
 
 
 def paired_bootstrap(metric: str, stat_a: Callable[[np.ndarray], float], stat_b: Callable[[np.ndarray], float],
-                     n: int, unit: str, resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> Paired:
-    """``stat_*(indices)``: the metric of each run on those units (an array of ``n`` indices)."""
+                     n: int, unit: str, resamples: int = 2000, confidence: float = 0.95, seed: int = 0,
+                     strata: Sequence[int] | None = None) -> Paired:
+    """``stat_*(indices)``: the metric of each run on those units (an array of ``n`` indices).
+    ``strata``: the sizes of consecutive groups of the units (MNLI's matched and mismatched
+    splits) resampled each within itself, so that every resample keeps each group's size."""
     if n < 2:
         raise StageError(f"{metric}: {n} {unit} to resample; a bootstrap needs at least 2")
     if not 0 < confidence < 1:
         raise StageError(f"confidence {confidence} must be between 0 and 1")
     every = np.arange(n)
     a, b = stat_a(every), stat_b(every)
+    sizes = list(strata) if strata is not None else [n]
+    if sum(sizes) != n or min(sizes) < 1:
+        raise StageError(f"{metric}: strata {sizes} do not split the {n} {unit}")
+    starts = np.cumsum([0] + sizes[:-1])
     rng = np.random.default_rng(seed)
     diffs = np.empty(resamples)
     for r in range(resamples):
-        idx = rng.integers(0, n, n)
+        idx = np.concatenate([start + rng.integers(0, size, size) for start, size in zip(starts, sizes)])
         diffs[r] = stat_b(idx) - stat_a(idx)
     tail = (1 - confidence) / 2
     finite = diffs[np.isfinite(diffs)]

@@ -406,8 +406,9 @@ def _artifact(client, run: Any, name: str, tmp: Path) -> Any | None:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def _task_stat(spec: Any, table: dict[str, Any]) -> tuple[int, Any]:
-    """Units (every validation example of every split) and the task score of a resample."""
+def _task_stat(spec: Any, table: dict[str, Any]) -> tuple[list[int], Any]:
+    """The units (every validation example of every split) as each split's size, and the task
+    score of a resample (resampled within each split: :func:`paired_bootstrap`'s ``strata``)."""
     splits = list(table["splits"])
     sizes = [len(table["splits"][s]["labels"]) for s in splits]
     offsets = np.cumsum([0] + sizes)
@@ -421,7 +422,7 @@ def _task_stat(spec: Any, table: dict[str, Any]) -> tuple[int, Any]:
             p[s], y[s] = preds[s][local].tolist(), labels[s][local].tolist()
         return glue.task_score(spec, glue.evaluate_splits(spec, p, y))
 
-    return int(offsets[-1]), stat
+    return sizes, stat
 
 
 def noise(experiment: str, tracking_uri: str, a: str, b: str, resamples: int = 2000,
@@ -463,8 +464,8 @@ def noise(experiment: str, tracking_uri: str, a: str, b: str, resamples: int = 2
                 lines.append(f"{task} score: not tested (the runs were validated on different examples)")
                 continue
             spec = glue.TaskSpec.from_dict(pa["task"], f"validation_predictions.json of {task}")
-            n, stat_a = _task_stat(spec, pa)
+            sizes, stat_a = _task_stat(spec, pa)
             _, stat_b = _task_stat(spec, pb)
-            lines.append(paired_bootstrap(f"{task} score", stat_a, stat_b, n, "validation examples", resamples,
-                                          confidence).line())
+            lines.append(paired_bootstrap(f"{task} score", stat_a, stat_b, sum(sizes), "validation examples",
+                                          resamples, confidence, strata=sizes).line())
     return lines
