@@ -1092,7 +1092,8 @@ class EvaluateConfig(EvaluateSampling):  # type: ignore[valid-type,misc]
     zero_shot: bool = True
     """Also score the pretrained model (not fine-tuned) on every task's validation split by
     log-likelihood of each label's word after lm-evaluation-harness's prompt
-    (:mod:`lmcore.eval.zeroshot`): ``<task>.zeroshot_acc``, ``zeroshot_acc_norm``,
+    (:mod:`lmcore.eval.zeroshot`): ``<task>.zeroshot_acc``, ``zeroshot_acc_norm`` (MNLI: also per split,
+    ``zeroshot_acc_matched``...),
     ``zeroshot_score``, reported beside the fine-tuned score. Tasks without a template
     (regression, local tasks) are skipped and named in the log."""
     multiple_choice: list[MultipleChoiceSet] = []

@@ -91,3 +91,24 @@ def test_a_bad_multiple_choice_line_is_named(tmp_path, line, message):
     path.write_text('{"context": "ok", "choices": ["x", "y"], "gold": 1}\n' + line + "\n")
     with pytest.raises(StageError, match=message):
         read_multiple_choice(path)
+
+
+def test_mnli_zero_shot_reports_each_split_as_the_harness_does(tmp_path, tokenizer_dir):  # noqa: F811
+    """MNLI's acc was pooled over matched and mismatched: neither of lm-evaluation-harness's two
+    numbers (mnli, mnli_mismatch)."""
+    import dataclasses
+
+    model = tiny_model(tmp_path / "m", block_size=32)
+    tok = load_tokenizer(tokenizer_dir / "tokenizer.json")
+    scorer, encode = DecoderScorer(model), (lambda s: tok.encode(s).ids)
+    pairs = [("the king is good", "he is fine", 0), ("a dull film", "it is bad", 1), ("rain", "the sun", 2)]
+    matched = [{"text_a": a, "text_b": b, "label": y} for a, b, y in pairs * 2]
+    mismatched = [{"text_a": b, "text_b": a, "label": y} for a, b, y in pairs]
+    splits = dict(zip(TASKS["mnli"].validation_splits, (matched, mismatched)))
+    z = zero_shot(scorer, encode, 0, TASKS["mnli"], splits)
+    names = [s.removeprefix("validation_") for s in TASKS["mnli"].validation_splits]
+    for split, name in zip(TASKS["mnli"].validation_splits, names):
+        one = dataclasses.replace(TASKS["mnli"], validation_splits=(split,))
+        alone = zero_shot(scorer, encode, 0, one, {split: splits[split]})
+        assert z[f"acc_{name}"] == alone["acc"] and z[f"acc_norm_{name}"] == alone["acc_norm"]
+    assert z["acc"] == pytest.approx((z[f"acc_{names[0]}"] * 6 + z[f"acc_{names[1]}"] * 3) / 9)

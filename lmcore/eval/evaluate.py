@@ -209,7 +209,7 @@ def zero_shot_results(model, tok, tasks_dir: Path, tasks: Sequence[str], eot: in
                      "a regression task" if spec.is_regression else "no prompt template for this task")
             continue
         z = zero_shot(DecoderScorer(model), encode, eot, spec, splits)
-        m |= {f"{task}.zeroshot_{k}": v for k, v in z.items() if k in ("acc", "acc_norm", "score")}
+        m |= {f"{task}.zeroshot_{k}": v for k, v in z.items() if k in ("acc", "score") or k.startswith("acc_")}
         rows.append((task, "score", finetuned.get(f"{task}.score", float("nan")), z["score"],
                      "zero-shot, pretrained model, lm-eval prompt"))
         log.info("evaluate: %s zero-shot: acc %.4f, acc_norm %.4f, score %.4f (%d examples)", task, z["acc"],

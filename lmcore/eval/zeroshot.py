@@ -109,7 +109,10 @@ def zero_shot(scorer: Any, encode: Callable[[str], list[int]], prefix: int, spec
               splits: dict[str, list[dict[str, Any]]], template: Template | None = None,
               batch_size: int = 32) -> dict[str, Any]:
     """Zero-shot metrics of a task's validation split(s): ``acc``, ``acc_norm``, the task's own
-    metrics and ``score`` (from the ``acc`` predictions), and ``examples``."""
+    metrics and ``score`` (from the ``acc`` predictions), and ``examples``. A task of several
+    validation splits (MNLI) also gets ``acc_<split>`` and ``acc_norm_<split>`` per split
+    (``acc_matched``...: what lm-evaluation-harness reports as ``mnli`` and ``mnli_mismatch``);
+    its ``acc`` is over all of its examples."""
     template = template or TEMPLATES.get(spec.name)
     if spec.is_regression:
         raise StageError(f"{spec.name}: a regression task has no multiple-choice zero-shot form")
@@ -129,11 +132,14 @@ def zero_shot(scorer: Any, encode: Callable[[str], list[int]], prefix: int, spec
         preds[split] = ll.argmax(1).tolist()
         preds_norm[split] = (ll / chars).argmax(1).tolist()
         labels[split] = [int(e["label"]) for e in examples]
-        correct += sum(p == y for p, y in zip(preds[split], labels[split]))
-        correct_norm += sum(p == y for p, y in zip(preds_norm[split], labels[split]))
-        total += len(examples)
+        hits = sum(p == y for p, y in zip(preds[split], labels[split]))
+        hits_norm = sum(p == y for p, y in zip(preds_norm[split], labels[split]))
+        if len(spec.validation_splits) > 1:
+            name = split.removeprefix("validation_")
+            out[f"acc_{name}"], out[f"acc_norm_{name}"] = hits / len(examples), hits_norm / len(examples)
+        correct, correct_norm, total = correct + hits, correct_norm + hits_norm, total + len(examples)
     metrics = glue.evaluate_splits(spec, preds, labels)
-    out = {"acc": correct / total, "acc_norm": correct_norm / total, **metrics,
+    out = {"acc": correct / total, "acc_norm": correct_norm / total, **out, **metrics,
            "score": glue.task_score(spec, metrics), "examples": total}
     return out
 
