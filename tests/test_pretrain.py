@@ -316,6 +316,18 @@ def test_changed_settings_start_afresh(straight, tmp_path):
     assert len(hashes) == 1 and hashes.isdisjoint(json.loads(t)["config_hash"] for t in before.values())
 
 
+def test_under_muon_the_logged_lr_is_adamws_and_muons_is_its_own(tmp_path):
+    """The lr column (and curve) showed Muon's rate (muon_lr) under optimizer: muon, not the
+    pretrain.lr it is documented as."""
+    root = make_project(tmp_path, optimizer="muon", lr=0.001, muon_lr=0.05, max_steps=8, warmup_steps=2,
+                        eval_interval=8, checkpoint_interval=8)
+    res = run_cli(root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(root / "metrics/plots/pretrain_train.csv") as f:
+        rates = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert len(rates) == 8 and 0 < max(rates) <= 0.001 and rates[2] == pytest.approx(0.001)  # after warm-up
+
+
 def test_an_unfinished_run_is_not_dropped_for_changed_settings(straight, tmp_path):
     """Changed settings (here lr) over an unfinished run started afresh, and the run's first
     checkpoint deleted the unfinished one's: its steps were lost without a question."""

@@ -209,7 +209,8 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
             res = train_step(model, optimizers, batches, accelerator, state, grad_clip=cfg.grad_clip,
                              max_nonfinite=cfg.max_nonfinite, hint=NONFINITE_HINT)
             loss_val = res.loss
-            lr = scheds[0].get_last_lr()[0]  # the rate this step used
+            # the rates this step used: AdamW's (the last optimizer: pretrain.lr), and Muon's if it runs
+            lr, muon_lr = scheds[-1].get_last_lr()[0], scheds[0].get_last_lr()[0] if len(scheds) > 1 else None
             for s in scheds:
                 s.step()
             done = state.step
@@ -222,6 +223,8 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
                        "mfu": mfu(tps, fpt, peak) if world == 1 else mfu(tps / world, fpt, peak),
                        "skipped_steps": state.skipped_steps}
                 row["grad_norm"] = res.grad_norm
+                if muon_lr is not None:
+                    row["muon_lr"] = muon_lr
                 tr.metrics(row, step=done)
                 bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{row['mfu']:.0%}")
                 state.history.append({"step": done, **row})
