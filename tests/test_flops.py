@@ -161,3 +161,27 @@ def test_mfu(caplog, monkeypatch):
     assert len([r for r in caplog.records if "underestimated" in r.getMessage()]) == 1  # warned once
     with pytest.raises(ValueError):
         mfu(1.0, 1.0, Peak(0.0, "measured", "cpu", "float32"))
+
+
+def test_processes_probing_at_once_measure_once_and_agree(tmp_path: Path, monkeypatch):
+    """The processes of one launch resolve mixed_precision: auto each on its own: on an empty
+    cache they probed at once, slowed each other and could read different peaks (and pick
+    different precisions). One measures, the others wait and read its result."""
+    import threading
+
+    calls = []
+
+    def slow_probe(device, dtype, size, budget):
+        calls.append(dtype)
+        time.sleep(0.5)
+        return 1e9 * len(calls)  # a second probe would read another peak
+
+    monkeypatch.setattr(flops, "measure_peak", slow_probe)
+    cache, got = tmp_path / "peak_flops.json", []
+    threads = [threading.Thread(target=lambda: got.append(peak_flops(CPU, torch.float32, threads=1, cache=cache,
+                                                                      **SMALL).flops)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [torch.float32] and got == [1e9, 1e9]

@@ -28,6 +28,7 @@ clock x FMA width) is higher and rarely reached by any library.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
@@ -35,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import filelock
 import torch
 
 from lmcore.core.io import write_json
@@ -220,6 +222,20 @@ def peak_flops(device: torch.device, dtype: torch.dtype, threads: int | None = N
 
     path = Path(cache) if cache is not None else default_cache()
     key = _cache_key(name, dtype, threads, size)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(f"{path}.lock", timeout=600)
+    except OSError:  # a cache folder that cannot be written: measure without the lock
+        lock = contextlib.nullcontext()
+    # one process measures, the others wait and read its result: the processes of one launch
+    # probing at once (mixed_precision: auto) slowed each other and could decide differently
+    with lock:
+        return _measured(device, dtype, name, threads, path, key, size, budget, refresh)
+
+
+def _measured(device: torch.device, dtype: torch.dtype, name: str, threads: int | None, path: Path, key: str,
+              size: int, budget: float, refresh: bool) -> Peak:
+    """:func:`peak_flops` of a CPU or an unlisted GPU: the cache's entry ``key``, or a measurement."""
     entries = read_cache(path, "peak FLOP/s")
     cached = _cached_flops(entries, key)
     if cached is not None and not refresh:
