@@ -243,7 +243,7 @@ def test_fsdp_on_two_cpu_processes_shards_and_resumes_from_its_sharded_checkpoin
 
 def test_a_launch_asking_for_fsdp_that_lmcore_cannot_shard_on_cpu_is_refused(tmp_path):
     """FSDP1 on CPU processes: Accelerate would train plain data parallel; lmcore stops instead."""
-    root = make_project(tmp_path, max_steps=4)
+    root = make_project(tmp_path, max_steps=4, warmup_steps=2)
     fsdp1 = yaml.safe_load((ROOT / "configs/accelerate/fsdp.yaml").read_text())
     fsdp1["fsdp_config"]["fsdp_version"] = 1
     (root / "fsdp1.yaml").write_text(yaml.safe_dump(fsdp1))

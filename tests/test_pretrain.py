@@ -427,7 +427,8 @@ def test_nonfinite_losses_skip_steps_then_stop(tmp_path, monkeypatch):
 
 def test_auto_precision_trains(tmp_path):
     """The default ``auto`` resolves to bf16 or fp32 by a measured probe, then trains."""
-    root = make_project(tmp_path, mixed_precision="auto", max_steps=4, checkpoint_interval=4, eval_interval=4)
+    root = make_project(tmp_path, mixed_precision="auto", max_steps=4, warmup_steps=2, checkpoint_interval=4,
+                        eval_interval=4)
     res = run_cli(root)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (root / "runs/pretrain/final/model.safetensors").exists()
