@@ -86,8 +86,7 @@ def read_accelerate_config(path: Path, value: str | None = None) -> dict[str, An
 
 def config_path(launch: LaunchConfig, root: Path) -> Path:
     """``launch.config`` resolved against the project folder (as DVC resolves it)."""
-    p = Path(launch.config)
-    return p if p.is_absolute() else Path(root) / p
+    return Path(Layout(Path(root)).rooted(launch.config))
 
 
 def launch_command(launch: LaunchConfig, stage: str, params_file: str | Path = "params.yaml", root: str | Path = ".",

@@ -474,20 +474,23 @@ def _param_value(v: Any) -> str:
     return s if len(s) <= 6000 else s[:5997] + "..."
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (None for a server)."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
 def resolved_uri(cfg: TrackingConfig) -> str:
     """The tracking URI with a relative sqlite path made absolute, so subprocesses agree on the
     database."""
-    uri = cfg.tracking_uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
-    return uri
+    db = sqlite_file(cfg.tracking_uri)
+    return cfg.tracking_uri if db is None or db.is_absolute() else "sqlite:///" + str(db.resolve())
 
 
 def _store_lock(uri: str) -> contextlib.AbstractContextManager:
     """A lock that serialises the first use of a sqlite store by several processes (MLflow's
     schema migration is not safe to run twice at once); a server needs none."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///") :])
+    db = sqlite_file(uri)
+    if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
         return filelock.FileLock(str(db) + ".lock", timeout=600)
     return contextlib.nullcontext()
@@ -693,8 +696,9 @@ def open_client(cfg: TrackingConfig, existing: bool = False, experiment: bool = 
     if uri.startswith(("http://", "https://")):
         http_settings(cfg)
     nothing_logged = "no stage has logged there yet (or tracking.tracking_uri / --params names another store)"
-    if existing and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise StageError(f"{uri[len('sqlite:///'):]}: no tracking database: {nothing_logged}")
+    db = sqlite_file(uri)
+    if existing and db is not None and not db.is_file():
+        raise StageError(f"{db}: no tracking database: {nothing_logged}")
     try:
         with _store_lock(uri):
             client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
