@@ -505,6 +505,14 @@ def http_settings(cfg: TrackingConfig) -> None:
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(cfg.request_timeout)
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment of a sqlite store keeps its artifacts: ``mlruns/`` beside the
+    database, wherever the process that creates it runs (MLflow's default is ``./mlruns`` of the
+    working directory). None for a server, which has its own artifact root."""
+    db = sqlite_file(uri)
+    return None if db is None else (db.parent / "mlruns").resolve().as_uri()
+
+
 def _experiment_id(client: Any, name: str) -> str:
     from mlflow.exceptions import MlflowException  # lazy: mlflow loads only when a stage tracks
 
@@ -515,7 +523,8 @@ def _experiment_id(client: Any, name: str) -> str:
         return exp.experiment_id
     try:
         # the UI's "Model training" view (runs, charts, models), not the GenAI one (traces, judges)
-        return client.create_experiment(name, tags={EXPERIMENT_KIND: "custom_model_development"})
+        return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri),
+                                        tags={EXPERIMENT_KIND: "custom_model_development"})
     except MlflowException as e:  # created by another stage in the meantime
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise

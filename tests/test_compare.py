@@ -50,9 +50,7 @@ def _pipeline(key: str, tracking: TrackingConfig, *, vocab: int | None = None, p
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("compare")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(tmp_path)  # MLflow's artifacts go to ./mlruns
-        yield from _store(tmp_path)
+    yield from _store(tmp_path)
 
 
 def _store(tmp_path):

@@ -150,8 +150,7 @@ def _utf8_bytes(texts) -> int:
     return sum(len(t.encode("utf-8")) for t in texts)
 
 
-def test_validation_and_held_out_text_metrics(project, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # MLflow's artifacts go to ./mlruns
+def test_validation_and_held_out_text_metrics(project, tmp_path):
     root = project["root"]
     held = project["held"]
     texts = [{"name": "story", "paths": [str(root / "heldout/story.txt")]},

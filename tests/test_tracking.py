@@ -3,6 +3,7 @@ store that does not answer (real MLflow, real processes)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -20,13 +21,15 @@ from lmcore.tracking import stage_run
 cfg = TrackingConfig(tracking_uri=sys.argv[1], experiment=sys.argv[2])
 with stage_run(sys.argv[3], cfg, {"which": sys.argv[3]}) as tr:
     tr.metrics({"m": 1.0})
+    tr.json({"which": sys.argv[3]}, "which.json")
 """
 
 
-def start_stages(uri: str, experiment: str, names: list[str], key: str) -> list[subprocess.CompletedProcess]:
+def start_stages(uri: str, experiment: str, names: list[str], key: str,
+                 cwd: Path | None = None) -> list[subprocess.CompletedProcess]:
     """One process per name, all started at once, each opening a stage run of pipeline ``key``."""
     env = {**run_env(), PIPELINE_ENV: key}
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, experiment, n], env=env, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, experiment, n], env=env, stdout=subprocess.PIPE, cwd=cwd,
                               stderr=subprocess.PIPE, text=True) for n in names]
     return [subprocess.CompletedProcess(p.args, p.wait(120), *p.communicate()) for p in procs]
 
@@ -43,9 +46,15 @@ def check_one_pipeline_of(runs: list, names: list[str], key: str) -> None:
 def test_four_stages_start_at_once_on_a_new_sqlite_store(tmp_path):
     db = tmp_path / "new" / "mlflow.db"
     names = ["prepare", "clean", "tokenizer", "encode"]
-    done = start_stages(f"sqlite:///{db}", "lmcore-test", names, "four-at-once")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = start_stages(f"sqlite:///{db}", "lmcore-test", names, "four-at-once", cwd=elsewhere)
     assert [d.returncode for d in done] == [0, 0, 0, 0], [d.stderr[-2000:] for d in done]
     check_one_pipeline_of(mlflow_runs(db), names, "four-at-once")
+    # the artifacts sit beside the database, not in ./mlruns of the processes' working directory
+    logged = [json.loads(p.read_text())["which"] for p in (db.parent / "mlruns").rglob("which.json")]
+    assert sorted(logged) == sorted(names)
+    assert list(elsewhere.iterdir()) == []
 
 
 def free_port() -> int:
