@@ -907,7 +907,7 @@ class FinetuneHyper(Section):
     """Hyperparameters of fine-tuning one task."""
 
     epochs: int = Field(default=2, ge=1)
-    """Passes over the training split; the epoch with the best validation score is kept."""
+    """Passes over the training split; ``select_epoch`` says which epoch is kept."""
     batch_size: int = Field(default=32, ge=1)
     """Examples per batch (per process)."""
     lr: float = Field(default=5e-4, gt=0)
@@ -942,6 +942,16 @@ class FinetuneHyper(Section):
     then the mean over seeds (each seed keeps its own best epoch), with ``<metric>_std`` (sample
     standard deviation) and ``score_seed_<seed>``; the model kept (and its test predictions) is
     the first seed's. Small tasks (RTE, MRPC, CoLA, STS-B) move by points from seed to seed."""
+    select_epoch: Literal["holdout", "last", "validation"] = "holdout"
+    """Which epoch's weights are kept and reported: ``holdout``, the best on examples held out of
+    the training split (``holdout`` of them, at most a tenth; the model, its from-scratch twin and
+    the baselines are trained without them), so the validation numbers reported chose nothing;
+    ``last``, the last epoch; ``validation``, the best on the validation split itself (what many
+    papers report; optimistic, as the reported number chose the epoch). With ``epochs: 1`` there
+    is nothing to choose and nothing is held out."""
+    holdout: int = Field(default=1000, ge=1)
+    """Training examples held out to choose the epoch on under ``select_epoch: holdout`` (at most
+    a tenth of the training split; picked by a hash of their text, the same for every seed)."""
     scratch_baseline: bool = True
     """Also fine-tune the same architecture from random initialisation, with the same settings
     and budget: what pretraining bought, reported as ``scratch_<metric>`` beside the majority

@@ -514,7 +514,8 @@ def test_finetune_one_task_at_a_time_then_evaluate_collects_score_and_zip(tmp_pa
     from lmcore.train.finetune import finetune
 
     cfg = FinetuneConfig(mixed_precision="no", defaults={"epochs": 1, "batch_size": 2, "max_length": 32},
-                         tasks={"mnli": {"epochs": 2}, "stsb": {"scratch_baseline": False}, "cola": None})
+                         tasks={"mnli": {"epochs": 2, "select_epoch": "validation"}, "stsb": {"scratch_baseline": False},
+                                "cola": None})
     out = tmp_path / "runs/finetune"
     results = {}
     for task in ("mnli", "stsb", "cola"):
@@ -554,6 +555,74 @@ def test_finetune_one_task_at_a_time_then_evaluate_collects_score_and_zip(tmp_pa
     assert ("mnli", "accuracy_matched", m["accuracy_matched"], m["scratch_accuracy_matched"], "from scratch") in rows
     names = glue.write_submission_zip(files, tmp_path / "glue_submission.zip")
     assert names == ["CoLA.tsv", "STS-B.tsv", "MNLI-m.tsv", "MNLI-mm.tsv", "AX.tsv"]
+
+
+def test_selection_split_holds_out_the_same_examples_whatever_the_order():
+    rows = [{"text_a": f"text {i}", "text_b": None if i % 3 else "b", "label": i % 2, "idx": i} for i in range(50)]
+    kept, held = glue.selection_split(rows, 5)
+    assert len(held) == 5 and len(kept) == 45 and sorted(r["idx"] for r in kept + held) == list(range(50))
+    assert [r["idx"] for r in kept] == sorted(r["idx"] for r in kept)  # the file's order kept
+    shuffled = rows[::-1]
+    assert {r["idx"] for r in glue.selection_split(shuffled, 5)[1]} == {r["idx"] for r in held}
+    assert glue.selection_split(rows, 0) == (rows, [])
+
+
+def _labelled_task(folder: Path, n_train: int, n_valid: int = 24) -> Path:
+    """A one-text binary task whose label a word decides, so a few steps learn something."""
+    rng = random.Random(1)
+
+    def rows(n, start):
+        out = []
+        for i in range(n):
+            label = i % 2
+            out.append({"text_a": ("good " if label else "bad ") + make_text(rng, 6), "text_b": None,
+                        "label": label, "idx": start + i})
+        return out
+
+    write_jsonl(folder / "train.jsonl", rows(n_train, 0))
+    write_jsonl(folder / "validation.jsonl", rows(n_valid, 10_000))
+    write_json(folder / "task.json", glue.TASKS["rotten_tomatoes"].to_dict())
+    return folder
+
+
+@pytest.mark.parametrize("select", ["holdout", "last"])
+def test_finetune_keeps_the_epoch_chosen_on_held_out_training_examples_or_the_last(tmp_path, backbone, select):
+    """The reported validation numbers must not choose the epoch (they would be optimistic): the
+    default holds a tenth of the training split out and chooses on it."""
+    from lmcore.train.finetune import PREDICTIONS, finetune
+
+    folder = _labelled_task(tmp_path / "raw/rotten_tomatoes", n_train=60)
+    cfg = FinetuneConfig(mixed_precision="no", defaults={"epochs": 3, "batch_size": 4, "max_length": 16,
+                                                         "lr": 3e-3, "scratch_baseline": False,
+                                                         "select_epoch": select, "holdout": 1000})
+    got = finetune(cfg, folder, backbone / "pretrained", backbone / "tokenizer", tmp_path / "out",
+                   tmp_path / "m.json", OFF)
+    res = json.loads((tmp_path / "out/results.json").read_text())
+    history, m = res["history"], res["metrics"]
+    assert res["select_epoch"] == select and len(history) == 3
+    if select == "holdout":
+        assert res["holdout_examples"] == 6 and m["train_examples"] == 54  # a tenth, not trained on
+        held = [h["holdout_score"] for h in history]
+        assert m["best_epoch"] == held.index(max(held)) + 1  # the first of equal bests
+    else:
+        assert res["holdout_examples"] == 0 and m["train_examples"] == 60 and m["best_epoch"] == 3
+        assert all("holdout_score" not in h for h in history)
+    chosen = history[m["best_epoch"] - 1]
+    assert got.score == m["score"] == chosen["score"] and m["accuracy"] == chosen["accuracy"]
+    # the model kept is that epoch's: its saved validation predictions score what was reported
+    preds = json.loads((tmp_path / "out" / PREDICTIONS).read_text())["splits"]["validation"]
+    assert glue.compute_metrics(glue.TASKS["rotten_tomatoes"], preds["predictions"], preds["labels"])[
+        "accuracy"] == pytest.approx(m["accuracy"])
+
+
+def test_finetune_refuses_to_hold_out_a_tenth_of_too_small_a_training_split(tmp_path, backbone):
+    from lmcore.train.finetune import finetune
+
+    folder = _labelled_task(tmp_path / "raw/rotten_tomatoes", n_train=9)
+    cfg = FinetuneConfig(mixed_precision="no", defaults={"epochs": 2, "batch_size": 4, "max_length": 16})
+    with pytest.raises(StageError, match=r"9 training examples.*select_epoch 'holdout'.*finetune.tasks.rotten_tomatoes"):
+        finetune(cfg, folder, backbone / "pretrained", backbone / "tokenizer", tmp_path / "out", tmp_path / "m.json", OFF)
+    assert not (tmp_path / "out").exists()
 
 
 def test_finetune_with_several_seeds_reports_their_mean_spread_and_each_score(tmp_path, glue_dir, backbone):

@@ -26,7 +26,7 @@ class TaskSpec:
     labels: tuple[str, ...] | None
     """Class names in id order (as the leaderboard spells them); None for a regression task."""
     metrics: tuple[str, ...]
-    """Metric names; the task score (on which the best epoch is chosen) is their mean."""
+    """Metric names; the task score (on which the epoch kept is chosen) is their mean."""
     pair: bool = False
     """Whether examples are sentence pairs."""
     glue_folder: str | None = None

@@ -19,6 +19,7 @@ mismatched accuracy); the GLUE score is the mean of the task scores of the nine 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import zipfile
 from collections import Counter
@@ -467,3 +468,16 @@ def load_task(folder: Path) -> tuple[TaskSpec, dict[str, list[dict[str, Any]]]]:
         if not splits.get(name):
             raise StageError(f"{folder}/{name}.jsonl: no validation examples")
     return spec, splits
+
+
+def selection_split(train: Sequence[dict[str, Any]], n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(kept, held)``: the ``n`` training examples whose text hashes lowest held out (to choose
+    a fine-tuning epoch on), the others kept in their order. The same examples are held out
+    whatever the order of the file or the seed."""
+    def key(i: int) -> bytes:
+        r = train[i]
+        text = r["text_a"] + ("\0" + r["text_b"] if r.get("text_b") is not None else "")
+        return hashlib.blake2b(f"lmcore-select\0{text}".encode(), digest_size=8).digest() + i.to_bytes(8, "big")
+
+    held = set(sorted(range(len(train)), key=key)[:n])
+    return [r for i, r in enumerate(train) if i not in held], [train[i] for i in sorted(held)]

@@ -12,7 +12,7 @@
 - The same numbers for a unigram model of the training tokens (add-one smoothed), the floor a
   language model must clearly beat (:mod:`lmcore.eval.unigram`).
 - Task metrics of every fine-tuned task (read from ``runs/finetune/<task>/results.json``, the
-  best epoch's validation metrics) beside its majority-class and bag-of-words baselines, the GLUE
+  kept epoch's validation metrics) beside its majority-class and bag-of-words baselines, the GLUE
   score (mean of the GLUE task scores), and ``glue_submission.zip``: the leaderboard prediction
   files of every fine-tuned GLUE task, ready to upload (:mod:`lmcore.eval.tasks`).
 - A few sampled generations, and ``report.md`` (:mod:`lmcore.eval.report`).

@@ -4,10 +4,12 @@ per run (DVC runs one stage ``finetune@<task>`` per task in ``prepare.tasks.task
 Inputs are ``text_a [<sep> text_b] <eot>``, right-padded; because attention is causal, the hidden
 state of the last real token (the end-of-text token) sees the whole input and nothing of the
 padding, so it is the pooled representation. The task is trained for ``epochs`` epochs with its
-hyperparameters (``finetune.defaults`` with ``finetune.tasks.<task>`` overrides); the epoch with
-the best validation score (the task score: the mean of its metrics, over MNLI's matched and
-mismatched splits) is kept. A majority-class and a bag-of-words (TF-IDF) logistic-regression
-baseline are scored on the same splits and logged beside the model's numbers.
+hyperparameters (``finetune.defaults`` with ``finetune.tasks.<task>`` overrides); ``select_epoch``
+says which epoch is kept: by default the best on examples held out of the training split (the
+task score: the mean of its metrics), so the reported validation numbers (over MNLI's matched and
+mismatched splits) chose nothing. A majority-class and a bag-of-words (TF-IDF) logistic-regression
+baseline, trained on the same examples, are scored on the same splits and logged beside the
+model's numbers.
 
 Outputs (``out`` = ``runs/finetune/<task>/``, written atomically as one folder):
 ``model.safetensors`` and ``config.json`` (the best epoch's classifier), ``results.json`` (metrics,
@@ -35,6 +37,7 @@ from safetensors.torch import save_model as st_save
 from tqdm import tqdm
 
 from lmcore.config import FinetuneConfig, FinetuneHyper, TrackingConfig, flatten
+from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, require, write_json
 from lmcore.core.machine import tune_malloc
 from lmcore.data import glue
@@ -212,9 +215,11 @@ NONFINITE_HINT = ("lower finetune.lr or finetune.head_lr, raise finetune.warmup_
 
 def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[str, Any]]], tok, pretrained: Path,
            accelerator, tr, from_scratch: bool = False, seed: int | None = None, attention: str = "sdpa",
-           ) -> tuple[SequenceClassifier, dict[str, Any], int]:
-    """Train, keep the best epoch's weights; return the model, the best epoch's record, and the
-    history of every epoch. A step takes ``grad_accum`` batches of ``batch_size`` examples per
+           held: list[dict[str, Any]] | None = None) -> tuple[SequenceClassifier, dict[str, Any], int]:
+    """Train, keep the weights of the epoch ``hp.select_epoch`` chooses (the best on ``held``,
+    examples kept out of ``splits["train"]``, the last, or the best on the validation split);
+    return the model, that epoch's record (its validation metrics), and the history of every
+    epoch. A step takes ``grad_accum`` batches of ``batch_size`` examples per
     process (the step of :mod:`lmcore.train.step`: the loss normalised by the examples of the
     whole step, clipping at ``grad_clip``, non-finite steps skipped). ``from_scratch``: the
     pretrained model's architecture with freshly initialised weights (its metrics are logged
@@ -238,6 +243,8 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
     labels = torch.tensor([e["label"] for e in train], dtype=torch.float if spec.is_regression else torch.long)
     valid_seqs = {s: encode_examples(tok, splits[s], max_len) for s in spec.validation_splits}
     valid_labels = {s: [e["label"] for e in splits[s]] for s in spec.validation_splits}
+    held_seqs = encode_examples(tok, held, max_len) if held else []
+    held_labels = [e["label"] for e in held or []]
 
     batches_per_epoch = math.ceil(len(train) / (hp.batch_size * accelerator.num_processes))
     total = math.ceil(batches_per_epoch / hp.grad_accum) * hp.epochs
@@ -273,15 +280,27 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
                 tr.metrics({f"{prefix}train_loss": res.loss, f"{prefix}lr": lr}, step=state.step)
                 bar.set_postfix(loss=f"{res.loss:.3f}")
         scores, score = _evaluate(raw, valid_seqs, pad, spec, valid_labels, accelerator.autocast)
-        history.append({"epoch": epoch, "step": state.step, "score": score, **scores})
-        tr.metrics({f"{prefix}val_{k}": v for k, v in scores.items()} | {f"{prefix}val_score": score}, step=state.step)
+        record = {"epoch": epoch, "step": state.step, "score": score, **scores}
+        if held:
+            preds = predict(raw, held_seqs, pad, spec.is_regression, autocast=accelerator.autocast)
+            record["holdout_score"] = glue.task_score(spec, glue.compute_metrics(spec, preds, held_labels))
+        history.append(record)
+        tr.metrics({f"{prefix}val_{k}": v for k, v in scores.items()} | {f"{prefix}val_score": score}
+                   | ({f"{prefix}holdout_score": record["holdout_score"]} if held else {}), step=state.step)
         accelerator.print(f"{spec.name}{' from scratch' if from_scratch else ''}{'' if first else f' seed {seed}'} "
-                          f"epoch {epoch}: "
-                          + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-        if "state" not in best or _better(score, best["score"]):
-            best = {"score": score, "epoch": epoch, "metrics": scores, "state": copy.deepcopy(raw.state_dict())}
+                          f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+                          + (f" (held-out score {record['holdout_score']:.4f})" if held else ""))
+        chooser = "holdout_score" if held else "score"
+        if hp.select_epoch == "last" or "state" not in best or _better(record[chooser], best["chosen_by"]):
+            # the last epoch's weights are the model's own (and "last" keeps no other): no copy
+            copied = epoch < hp.epochs and hp.select_epoch != "last"
+            best = {"score": score, "epoch": epoch, "metrics": scores, "chosen_by": record[chooser],
+                    "state": copy.deepcopy(raw.state_dict()) if copied else None}
     elapsed = time.perf_counter() - t0
-    raw.load_state_dict(best.pop("state"))
+    state_dict = best.pop("state")
+    best.pop("chosen_by")
+    if state_dict is not None:
+        raw.load_state_dict(state_dict)
     best["speed"] = {"train_examples": len(train),
                      "train_examples_per_second": len(train) * hp.epochs / max(elapsed, 1e-9),
                      "train_tokens_per_second": n_tokens * accelerator.num_processes / max(elapsed, 1e-9)}
@@ -324,6 +343,15 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
     require(Path(pretrained) / "model.safetensors", "pretrained model")
     spec, splits = glue.load_task(task_dir)
     hp = cfg.for_task(spec.name)
+    held: list[dict[str, Any]] = []
+    if hp.select_epoch == "holdout" and hp.epochs > 1:
+        n_held = min(hp.holdout, len(splits["train"]) // 10)
+        if n_held == 0:
+            raise StageError(f"task {spec.name}: {len(splits['train'])} training examples, too few to hold a tenth "
+                             f"out to choose the epoch on (select_epoch 'holdout', finetune.defaults or "
+                             f"finetune.tasks.{spec.name}): use 'last' or 'validation' for so small a task")
+        kept, held = glue.selection_split(splits["train"], n_held)
+        splits = {**splits, "train": kept}
     tok = tokmod.load(tokenizer_dir)
     accelerator = make_accelerator(cfg.mixed_precision)
     shape, model_cfg = decoder_config(pretrained)  # a language model's folder, checked before anything starts
@@ -331,19 +359,20 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
     attention = decide_attention(shape, accelerator, hp.batch_size, min(hp.max_length, shape.block_size), cfg.attention)
     params = {"task": spec.name, **flatten(hp, "finetune."), "finetune.mixed_precision": cfg.mixed_precision,
               "finetune.attention": cfg.attention, "attention_kernel": attention, "allocator": malloc,
-              "num_processes": accelerator.num_processes}
+              "num_processes": accelerator.num_processes, "holdout_examples": len(held)}
     with stage_run("finetune", tracking, params, active=accelerator.is_main_process, run_name=f"finetune {spec.name}",
                    tags={"lmcore.task": spec.name},
                    inputs=[task_dir, tokenizer_dir, pretrained], outputs=[out], system_metrics=True) as tr:
         seeds = [hp.seed + i for i in range(hp.seeds)]
-        model, best, max_len = _train(hp, spec, splits, tok, Path(pretrained), accelerator, tr, attention=attention)
+        model, best, max_len = _train(hp, spec, splits, tok, Path(pretrained), accelerator, tr, attention=attention,
+                                      held=held)
         bests = [best] + [_train(hp, spec, splits, tok, Path(pretrained), accelerator, tr, seed=s,
-                                 attention=attention)[1] for s in seeds[1:]]
+                                 attention=attention, held=held)[1] for s in seeds[1:]]
         result: dict[str, Any] = {**over_seeds(bests, seeds), "best_epoch": best["epoch"], **best["speed"]}
         result |= baselines(spec, splits)
         if hp.scratch_baseline:  # the same fine-tuning from random weights: what pretraining bought
             scratch = [_train(hp, spec, splits, tok, Path(pretrained), accelerator, tr, from_scratch=True, seed=s,
-                              attention=attention)[1]
+                              attention=attention, held=held)[1]
                        for s in seeds]
             result |= {f"scratch_{k}": v for k, v in over_seeds(scratch, seeds).items()}
             result["scratch_best_epoch"] = scratch[0]["epoch"]
@@ -371,6 +400,7 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
             config = {"model": model.backbone.cfg.model_dump(), "task": spec.to_dict(), "dropout": hp.dropout,
                       "max_length": max_len, "best_epoch": best["epoch"]}
             summary = {"task": spec.name, "glue": spec.is_glue, "metrics": result, "history": best["history"],
+                       "select_epoch": hp.select_epoch, "holdout_examples": len(held),
                        "hyperparameters": hp.model_dump(), "submissions": files,
                        "seeds": [{"seed": sd, "score": b["score"], "best_epoch": b["epoch"], "metrics": b["metrics"]}
                                  for sd, b in zip(seeds, bests)]}
