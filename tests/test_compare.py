@@ -161,7 +161,7 @@ def test_compare_other_metrics_and_limits(store, capsys):
 def test_compare_errors_name_what_is_missing(store, capsys):
     tmp_path, uri = store
     code, _, err = _compare(capsys, uri.replace("mlflow.db", "nothing.db"), "--out", str(tmp_path / "x"))
-    assert code == 2 and "nothing.db: no MLflow database" in err
+    assert code == 2 and "nothing.db: no tracking database" in err
     assert not (tmp_path / "nothing.db").exists()  # not created by asking
     code = main(["compare", "--tracking-uri", uri, "--experiment", "nope"])
     err = capsys.readouterr().err
@@ -178,17 +178,18 @@ def test_compare_errors_name_what_is_missing(store, capsys):
     assert all(any(metric_value(r, m) is not None for r in runs) for m in logged_metrics(runs))
     # a store URI with a scheme MLflow does not know: named, no traceback
     code, _, err = _compare(capsys, "foo://bar", "--out", str(tmp_path / "x"))
-    assert code == 2 and "the tracking store foo://bar did not answer" in err and "Traceback" not in err
+    assert code == 2 and "the tracking store foo://bar" in err and "did not answer" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
 
 
-def test_compare_defaults_come_from_the_params_file(store, capsys):
+def test_compare_defaults_come_from_the_params_file(store, capsys, monkeypatch):
     import yaml
 
     tmp_path, uri = store
+    monkeypatch.chdir(tmp_path)  # a relative sqlite path is relative to the working directory
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tracking": {"tracking_uri": "sqlite:///mlflow.db",
                                                                        "experiment": EXPERIMENT}}))
-    assert main(["--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path), "compare"]) == 0  # cwd: tmp_path
+    assert main(["--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path), "compare"]) == 0
     assert "run-b" in capsys.readouterr().out
     assert (tmp_path / "runs/compare/compare.md").exists() and (tmp_path / "runs/compare/val_bpb.png").exists()
 

@@ -32,11 +32,12 @@ from typing import Any
 
 import numpy as np
 
+from lmcore.config import TrackingConfig
 from lmcore.core.errors import StageError
 from lmcore.core.io import atomic_path, write_text
 from lmcore.data import glue
 from lmcore.eval.bootstrap import bits_per_byte_stat, bits_per_byte_units, paired_bootstrap, same_windows
-from lmcore.tracking import reading_store
+from lmcore.tracking import open_client, reading_store
 
 STAGE_ORDER = ["prepare", "clean", "tokenizer", "encode", "pretrain", "export", "finetune", "evaluate"]
 COMPARED = {"pretrain", "evaluate", "finetune"}  # a run shows up when one of these ran in it
@@ -101,17 +102,15 @@ class PipelineRun:
 # reading MLflow
 
 
-def resolve_uri(uri: str) -> str:
-    """A relative sqlite path made absolute (relative to the working directory, as the stages do);
-    a missing sqlite file is an error (MLflow would create an empty database)."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        if not path.exists():
-            raise StageError(f"{path}: no MLflow database there (tracking URI {uri}; run the pipeline first, "
-                             "or give --tracking-uri)")
-    return uri
+def read_client(tracking_uri: str) -> Any:
+    """An ``MlflowClient`` of the store at ``tracking_uri``, opened as the stages open it (a
+    relative sqlite path from the working directory; a server with lmcore's retry settings); a
+    missing sqlite file is an error (MLflow would create an empty database)."""
+    try:
+        cfg = TrackingConfig(tracking_uri=tracking_uri)
+    except ValueError as e:  # pydantic's ValidationError
+        raise StageError(f"--tracking-uri {tracking_uri}: {e.errors()[0]['msg'] if hasattr(e, 'errors') else e}") from e
+    return open_client(cfg, existing=True, experiment=False)[0]
 
 
 def _all_runs(client, experiment_id: str) -> list[Any]:
@@ -353,10 +352,8 @@ def compare(experiment: str, tracking_uri: str, metric: str | None = None, out: 
     """Compare the last ``limit`` pipeline runs of ``experiment``, best first by ``metric``
     (default :data:`DEFAULT_METRIC`; one that no run logged is an error, where it was asked for);
     write ``out/compare.md`` and ``out/val_bpb.png``."""
-    from mlflow import MlflowClient  # lazy: mlflow takes ~2 s to import; only reading runs needs it
-
     with reading_store(tracking_uri):
-        client = MlflowClient(tracking_uri=resolve_uri(tracking_uri))
+        client = read_client(tracking_uri)
         runs = pipeline_runs(client, experiment, limit)
     if not runs:
         raise StageError(f"experiment '{experiment}' has no run that pretrained, evaluated or fine-tuned")
@@ -431,10 +428,8 @@ def noise(experiment: str, tracking_uri: str, a: str, b: str, resamples: int = 2
     (:mod:`lmcore.eval.bootstrap`) of validation bits per byte over the evaluate stage's windows
     and of each task's score over its validation examples. One line per metric (or why it could
     not be tested)."""
-    from mlflow import MlflowClient  # lazy: as compare()
-
     with reading_store(tracking_uri), tempfile.TemporaryDirectory() as tmp:
-        client = MlflowClient(tracking_uri=resolve_uri(tracking_uri))
+        client = read_client(tracking_uri)
         runs = pipeline_runs(client, experiment)
         ra, rb = _find(runs, a), _find(runs, b)
         lines = [f"{ra.name} ({ra.run_id[:8]}) -> {rb.name} ({rb.run_id[:8]}): b - a, paired bootstrap"]
