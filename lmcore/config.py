@@ -722,6 +722,11 @@ class TokenizerConfig(Section):
             raise ValueError("tokenizer.special_tokens needs 3 distinct tokens: end of text, padding, separator")
         if "" in self.special_tokens:
             raise ValueError("tokenizer.special_tokens: a special token cannot be empty")
+        floor = 256 + len(self.special_tokens) + (self.kind == "unigram") + 1
+        if self.vocab_size < floor:
+            raise ValueError(f"tokenizer.vocab_size = {self.vocab_size} leaves no room for learned tokens beside the "
+                             f"256 byte symbols and {len(self.special_tokens)} special tokens"
+                             f"{' and the unknown token' if self.kind == 'unigram' else ''} (allowed: {floor} or more)")
         if self.kind == "unigram":
             if self.min_frequency != 2:
                 raise ValueError(f"tokenizer.min_frequency = {self.min_frequency} does not apply to "

@@ -315,6 +315,17 @@ def test_local_tsv_reads_with_quoting_off(tmp_path):
     assert _tuples(rows) == [(0, 'He said "no', "ok", 0), (1, "x", "y", 1)]
 
 
+def test_two_class_labels_written_true_and_false_in_a_csv_are_read(tmp_path):
+    """The docs promised true/false for two classes; only JSON and parquet booleans worked."""
+    _write(tmp_path / "t.csv", "text,label\ngood,true\nbad,False\nmeh, TRUE \n")
+    rows, _ = glue.read_local_split(glue.TASKS["sst2"], tmp_path / "t.csv", {"text_a": "text", "label": "label"}, "train")
+    assert [r["label"] for r in rows] == [1, 0, 1]
+    spec = glue.TASKS["mnli"]  # three classes: a boolean is no label
+    _write(tmp_path / "m.csv", "a,b,label\nx,y,true\n")
+    with pytest.raises(StageError, match=r"m.csv: line 2: column 'label' = 'true' is not a label"):
+        glue.read_local_split(spec, tmp_path / "m.csv", {"text_a": "a", "text_b": "b", "label": "label"}, "train")
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
 def test_a_bad_column_mapping_names_the_file_and_the_column(tmp_path, fmt):
     rows = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]

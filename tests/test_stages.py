@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +250,28 @@ def test_a_local_task_without_a_usable_training_example_stops_prepare_naming_its
                                          r"prepare.tasks.local.reviews.files.train = 'reviews.jsonl'"):
         prepare(cfg, tmp_path / "raw", tmp_path / "m.json", TrackingConfig(enabled=False), root=tmp_path)
     assert not (tmp_path / "raw").exists()
+
+
+@pytest.mark.parametrize("given", ["file", "held_out"])
+def test_a_local_task_without_a_validation_example_stops_prepare_naming_the_setting(tmp_path, given):
+    """prepare wrote an empty validation.jsonl and said "done"; fine-tuning failed later."""
+    (tmp_path / "a.txt").write_text("A document of the corpus, long enough to be kept by every filter.\n")
+    (tmp_path / "train.jsonl").write_text("".join(f'{{"text": "review {i}", "label": {i % 2}}}\n' for i in range(4)))
+    (tmp_path / "dev.jsonl").write_text('{"text": "", "label": 1}\n')  # no text: skipped as malformed
+    files = {"train": "train.jsonl"} | ({"validation": "dev.jsonl"} if given == "file" else {})
+    cfg = PrepareConfig(corpus=CorpusSource(kind="files", paths=[str(tmp_path / "a.txt")]),
+                        tasks=TaskSource(tasks=["reviews"], validation_fraction=0.001, local={"reviews": {
+                            "files": files, "label_names": ["neg", "pos"]}}))
+    expected = ("prepare.tasks.local.reviews.files.validation = 'dev.jsonl'" if given == "file" else
+                "the 4 training example(s) of prepare.tasks.local.reviews held out at prepare.tasks.validation_fraction")
+    with pytest.raises(StageError, match=r"task reviews: no usable validation example in " + re.escape(expected)):
+        prepare(cfg, tmp_path / "raw", tmp_path / "m.json", TrackingConfig(enabled=False), root=tmp_path)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_corpus_shards_are_cut_by_bytes_not_characters(tmp_path):
+    from lmcore.data.prepare import write_shards
+
+    docs = [{"text": "語" * 1000} for _ in range(40)]  # 3 bytes a character
+    paths = write_shards(iter(docs), tmp_path, 10_000)
+    assert all(p.stat().st_size < 10_000 + 3_100 for p in paths) and len(paths) == 10  # 4 documents each

@@ -124,10 +124,23 @@ def test_pre_tokenizer_defaults_follow_the_model():
     ({"kind": "unigram", "min_frequency": 5}, r"tokenizer\.min_frequency = 5 does not apply"),
     ({"kind": "unigram", "unk_token": "<|pad|>"}, r"tokenizer\.unk_token = '<\|pad\|>' must be"),
     ({"special_tokens": ["<a>", "<a>", "<b>"]}, r"tokenizer\.special_tokens needs 3 distinct tokens"),
+    ({"vocab_size": 300, "special_tokens": [f"<{i}>" for i in range(44)]},
+     r"tokenizer\.vocab_size = 300 leaves no room .* 44 special tokens \(allowed: 301 or more\)"),
+    ({"kind": "unigram", "vocab_size": 300, "special_tokens": [f"<{i}>" for i in range(43)]},
+     r"tokenizer\.vocab_size = 300 leaves no room .* and the unknown token \(allowed: 301 or more\)"),
 ])
 def test_bad_settings_name_the_key(section, pattern):
     with pytest.raises(ConfigError, match=pattern):
         from_dict({"tokenizer": section})
+
+
+def test_a_unigram_vocabulary_smaller_than_the_corpus_alphabet_names_the_setting():
+    """The trainer's bare Exception reached the user as a traceback."""
+    rng = random.Random(0)
+    alphabet = [chr(0x4E00 + i) for i in range(400)]  # 400 CJK characters: more than 300 - 256 - 4 pieces
+    texts = ["".join(rng.choice(alphabet) for _ in range(200)) for _ in range(50)]
+    with pytest.raises(StageError, match=r"tokenizer\.vocab_size = 300: too small for kind 'unigram'"):
+        train(TokenizerConfig(kind="unigram", vocab_size=300), texts)
 
 
 def test_whitespace_digits_puts_each_digit_in_its_own_token():

@@ -254,13 +254,16 @@ def _local_label(spec: TaskSpec, value: Any, where: str, column: str) -> int | f
             return labels.index(v)
         if v.lstrip("-").isdecimal() and 0 <= int(v) < len(labels):
             return int(v)  # class ids written as text (CSV)
+        if len(labels) == 2 and v.lower() in ("true", "false"):
+            return int(v.lower() == "true")  # booleans written as text (CSV, TSV)
     elif isinstance(value, bool):
         if len(labels) == 2:
             return int(value)
     elif isinstance(value, (int, float)) and float(value).is_integer() and 0 <= int(value) < len(labels):
         return int(value)
     raise StageError(f"{where}: column '{column}' = {value!r} is not a label of task {spec.name} "
-                     f"(allowed: {', '.join(labels)}, or their ids 0-{len(labels) - 1})")
+                     f"(allowed: {', '.join(labels)}, or their ids 0-{len(labels) - 1}"
+                     f"{', or true/false' if len(labels) == 2 else ''})")
 
 
 def read_local_split(spec: TaskSpec, path: Path, columns: Mapping[str, str | None], split: str,

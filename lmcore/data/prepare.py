@@ -143,7 +143,7 @@ def write_shards(docs: Iterator[dict[str, Any]], folder: Path, shard_bytes: int)
                 size = 0
             line = json.dumps(doc, ensure_ascii=False) + "\n"
             f.write(line)
-            size += len(line)
+            size += len(line.encode("utf-8"))  # shard_mb counts bytes, not characters
     finally:
         if f is not None:
             f.close()
@@ -315,6 +315,18 @@ def prepare(cfg: PrepareConfig, out: Path, metrics: Path, tracking: TrackingConf
                              if local is not None and "train" in local.files else f"the {cfg.tasks.kind} source")
                     raise StageError(f"task {name}: no usable training example in {where}"
                                      + (f" ({skipped} malformed row(s) skipped)" if skipped else ""))
+                for split in spec.validation_splits:
+                    if not splits.get(split):  # found at fine-tuning, it named the derived file
+                        local = cfg.tasks.local.get(name)
+                        if local is not None and split in local.files:
+                            where = f"prepare.tasks.local.{name}.files.{split} = {given.tasks.local[name].files[split]!r}"
+                        elif local is not None:
+                            where = (f"the {len(splits['train'])} training example(s) of prepare.tasks.local.{name} "
+                                     f"held out at prepare.tasks.validation_fraction = {cfg.tasks.validation_fraction}")
+                        else:
+                            where = f"the {cfg.tasks.kind} source"
+                        raise StageError(f"task {name}: no usable {split} example in {where}"
+                                         + (f" ({skipped} malformed row(s) skipped)" if skipped else ""))
                 folder = tmp / "tasks" / name
                 for split, rows in splits.items():
                     if cfg.tasks.max_examples is not None:

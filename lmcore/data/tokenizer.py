@@ -152,7 +152,15 @@ def batched(items: Iterable[T], n: int, max_chars: int | None = None,
 def train(cfg: TokenizerConfig, texts: Iterable[str]):
     """Train a tokenizer on a stream of texts; return the ``tokenizers.Tokenizer``."""
     tok, trainer = build_trainer(cfg)
-    tok.train_from_iterator(batched(texts, TRAIN_BATCH), trainer=trainer)
+    try:
+        tok.train_from_iterator(batched(texts, TRAIN_BATCH), trainer=trainer)
+    except Exception as e:  # the tokenizers library raises a bare Exception
+        if "not large enough to contain all chars" not in str(e):
+            raise
+        raise StageError(f"tokenizer.vocab_size = {cfg.vocab_size}: too small for kind 'unigram' on this corpus: "
+                         f"its trainer needs a piece for every distinct character of the text, beside the "
+                         f"{len(BYTE_TOKENS)} byte tokens and {len(cfg.special_tokens) + 1} special tokens; raise "
+                         "it (a corpus of many scripts needs thousands) or use kind 'byte_bpe'") from e
     if cfg.kind == "unigram":
         tok = _add_byte_fallback(tok)
     return tok
