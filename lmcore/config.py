@@ -338,6 +338,8 @@ SETTINGS = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True
 """The pydantic configuration of the dataclass sections (filters, MinHash)."""
 
 Ratio = Annotated[float, Field(ge=0)]
+Share = Annotated[float, Field(ge=0, le=1)]
+"""A share or a probability: 0 to 1 (65 % is 0.65)."""
 
 
 @pydantic_dataclass(config=SETTINGS)
@@ -360,6 +362,10 @@ class PerLanguageSettings:
 
     def __post_init__(self) -> None:
         own = {f.name for f in dataclasses.fields(self)} - {"thresholds", "by_language"}
+        if self.by_language and self.thresholds == "english":
+            raise ValueError(f"by_language ({', '.join(self.by_language)}) needs thresholds: per_language: under "
+                             "thresholds: english no document's language is identified and every one gets "
+                             "this section's values")
         for code, overrides in self.by_language.items():
             if code not in LANGUAGE_CODES:
                 raise ValueError(f"by_language: unknown language code {code!r}; allowed: py3langid's codes "
@@ -420,11 +426,11 @@ class GopherQualitySettings(PerLanguageSettings):
     max_symbol_word_ratio: Ratio | None = 0.1
     """``#`` per word, or ``...``/``…`` per word, above -> ``gopher_too_many_hashes`` /
     ``gopher_too_many_ellipsis`` (Gopher: 0.1)."""
-    max_bullet_lines_ratio: Ratio | None = 0.9
+    max_bullet_lines_ratio: Share | None = 0.9
     """Share of lines starting with ``•`` or ``-`` above -> ``gopher_too_many_bullets`` (Gopher: 0.9)."""
-    max_ellipsis_lines_ratio: Ratio | None = 0.3
+    max_ellipsis_lines_ratio: Share | None = 0.3
     """Share of lines ending with ``...`` or ``…`` above -> ``gopher_too_many_end_ellipsis`` (Gopher: 0.3)."""
-    max_non_alpha_words_ratio: Ratio | None = 0.8
+    max_non_alpha_words_ratio: Share | None = 0.8
     """Share of words containing a letter *below* this -> ``gopher_below_alpha_threshold`` (Gopher:
     80 % of words must contain a letter; datatrove's name for it kept)."""
     min_stop_words: int | None = Field(default=2, ge=0)
@@ -439,15 +445,15 @@ class GopherRepetitionSettings(PerLanguageSettings):
     A1), as datatrove's ``GopherRepetitionFilter``, each as a fraction of the text's characters.
     A threshold of None (or 0) is off."""
 
-    dup_line_frac: Ratio | None = 0.3
+    dup_line_frac: Share | None = 0.3
     """Share of lines that repeat an earlier line above -> ``dup_line_frac`` (Gopher: 0.30)."""
-    dup_para_frac: Ratio | None = 0.3
+    dup_para_frac: Share | None = 0.3
     """Share of paragraphs (split on blank lines) that repeat an earlier one above -> ``dup_para_frac`` (0.30)."""
-    dup_line_char_frac: Ratio | None = 0.2
+    dup_line_char_frac: Share | None = 0.2
     """Characters in repeated lines / text characters above -> ``dup_line_char_frac`` (0.20)."""
-    dup_para_char_frac: Ratio | None = 0.2
+    dup_para_char_frac: Share | None = 0.2
     """Characters in repeated paragraphs / text characters above -> ``dup_para_char_frac`` (0.20)."""
-    top_n_grams: tuple[tuple[Annotated[int, Field(ge=1)], float], ...] = ((2, 0.2), (3, 0.18), (4, 0.16))
+    top_n_grams: tuple[tuple[Annotated[int, Field(ge=1)], Share], ...] = ((2, 0.2), (3, 0.18), (4, 0.16))
     """(n, fraction): the most frequent word n-gram (joined by spaces) times its count, in characters,
     over the text's characters, above the fraction -> ``top_{n}_gram`` (Gopher: 0.20, 0.18, 0.16)."""
     dup_n_grams: tuple[tuple[Annotated[int, Field(ge=1)], float], ...] = (
@@ -462,18 +468,18 @@ class FineWebSettings(PerLanguageSettings):
     """``clean.filters.fineweb``: FineWeb's own heuristics (Penedo et al. 2024), as datatrove's
     ``FineWebQualityFilter``."""
 
-    line_punct_thr: Ratio = 0.12
+    line_punct_thr: Share = 0.12
     """Share of non-blank lines ending in ``stop_chars`` below -> ``line_punct_ratio`` (FineWeb: 0.12)."""
     line_punct_exclude_zero: bool = False
     """Do not drop documents where no line ends in punctuation (datatrove default: drop them)."""
-    stop_chars: tuple[str, ...] | None = None
+    stop_chars: tuple[Annotated[str, Field(min_length=1)], ...] | None = Field(default=None, min_length=1)
     """Line-final characters that count as punctuation (default: datatrove's ``TERMINAL_PUNCTUATION``)."""
     short_line_thr: Ratio = 0.67
     """Share of non-blank lines of at most ``short_line_length`` characters above -> ``short_line_ratio``
-    (FineWeb: 0.67)."""
+    (FineWeb: 0.67; a value above 1, as FineWeb-2's 999 for some languages, turns the check off)."""
     short_line_length: int = Field(default=30, ge=0)
     """What a short line is, in characters (FineWeb: 30)."""
-    char_duplicates_ratio: Ratio = 0.01
+    char_duplicates_ratio: Share = 0.01
     """Characters of non-blank lines repeating an earlier line / characters other than newlines above ->
     ``char_dup_ratio`` (FineWeb: 0.01)."""
     new_line_ratio: Ratio = 0.3
@@ -503,7 +509,7 @@ class LanguageSettings:
     ``ja``, ``fr``; else ISO 639-3: ``wuu``, ``yue``): one code or a list; or ``any``: keep a
     document in any language whose most likely language scores above ``threshold`` (datatrove's
     ``LanguageFilter`` without languages)."""
-    threshold: Ratio = 0.65
+    threshold: Share = 0.65
     """Minimum probability of one of ``languages`` (datatrove's and FineWeb's 0.65)."""
     max_chars: int | None = Field(default=2000, ge=1)
     """Identify on the first this many characters (py3langid is ~1.5 MB/s; a document's first 2,000

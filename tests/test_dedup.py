@@ -386,3 +386,15 @@ def test_a_document_kept_with_only_known_band_keys_still_catches_its_copies():
     assert index.add(b"B" * 16, keys, sig) is None and index.candidates_rejected == 1
     assert index.add(b"b" * 16, keys, sig) == "near_duplicate"
     assert index.counts == {"kept": 4, "near_duplicate": 1}
+
+
+def test_words_keep_their_combining_marks():
+    """\\w leaves out vowel signs and tone marks: Hindi words fell apart into consonants, and
+    words differing only in their vowels hashed the same."""
+    assert normalize_words("\u0939\u093f\u0928\u094d\u0926\u0940 \u092d\u093e\u0937\u093e") == [
+        "\u0939\u093f\u0928\u094d\u0926\u0940", "\u092d\u093e\u0937\u093e"]  # Hindi, Bhasha
+    assert normalize_words("\u0915\u093f\u0924\u093e\u092c") != normalize_words(
+        "\u0915\u094b\u0924\u0942\u092c\u0940")  # two words of the same consonants
+    assert normalize_words("\u0e17\u0e35\u0e48\u0e19\u0e35\u0e48", "chars") == [
+        "\u0e17\u0e35\u0e48", "\u0e19\u0e35\u0e48"]  # Thai: each letter with its vowel and tone marks
+    assert normalize_words("Don't  STOP!") == ["don", "t", "stop"]

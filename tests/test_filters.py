@@ -319,7 +319,8 @@ def test_language_filter_keeps_english_and_drops_french_and_german():
     assert f.detect(FRENCH)[0] == "fr"
     assert F.LanguageFilter(languages=("fr", "de"))(FRENCH) is None
     assert F.LanguageFilter(languages=("fr",))(GERMAN) == "language:de"
-    assert F.LanguageFilter(threshold=1.01)(PROSE) == "language_score"
+    with pytest.raises(ValueError, match="less than or equal to 1"):  # a threshold in per cent (65) is refused
+        F.LanguageFilter(threshold=65)
 
 
 def test_same_results_across_vocabulary_resets_and_pickling(monkeypatch):
@@ -352,3 +353,16 @@ def test_sentences_with_runs_of_spaces_and_quotes():
     assert W.count_sentences("It rained.  Then it stopped.") == 2
     assert W.count_sentences("(Really?) Yes.") == 2
     assert W.count_sentences("Dr. Who arrived at 5 p.m. and left.") == 1
+
+
+def test_threads_splitting_words_at_once_get_the_words_of_one_thread():
+    """The vocabulary and the last analysed document were shared by every thread of a process: a
+    threaded task runner (Dask's workers) got other documents' words."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = random.Random(0)
+    vocab = ["alpha", "beta,", "gamma;", "delta.", "don't", "U.S.", "e-mail", "(paren)", "x:y", "http://a.b/c"]
+    docs = [" ".join(rng.choice(vocab) + str(rng.randint(0, 50)) for _ in range(200)) for _ in range(300)]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(W.split_words, docs))
+    assert threaded == [W.split_words(d) for d in docs]

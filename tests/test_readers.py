@@ -67,7 +67,7 @@ def test_every_format_is_read_and_reported_read(tmp_path):
     (d / "g.tsv").write_text('text\tn\nhe said "no\t1\n')
     (d / "h.parquet").write_bytes(_parquet(["h1", "h2"]))
     docs, report = _read([d], unit="paragraph")
-    assert [x["text"] for x in docs] == ["one", "two\n", "# title\n", "c1", "c2", "d1", "e1", "e2",
+    assert [x["text"] for x in docs] == ["one", "two", "# title", "c1", "c2", "d1", "e1", "e2",
                                          'quoted, "cell"', 'he said "no', "h1", "h2"]
     assert report["files"] == 8 and report["documents"] == 12 and report["problems"] == {}
     assert {Path(p).name: s["status"] for p, s in report["status"].items()} == dict.fromkeys(
@@ -85,7 +85,7 @@ def test_what_review_found_in_the_readers(tmp_path):
     (d / "b.csv").write_text(f"text\nfirst\n{long}\nthird\n", encoding="utf-8")
     (d / "c.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "bad \\ud800 half"}\n{"text": "pair \\ud83d\\ude00 ok"}\n')
     docs, report = _read([d], unit="paragraph")
-    assert [x["text"] for x in docs] == ["one\ntwo", "three", "four\n", "first", long, "third", "fine", "pair \U0001f600 ok"]
+    assert [x["text"] for x in docs] == ["one\ntwo", "three", "four", "first", long, "third", "fine", "pair \U0001f600 ok"]
     assert report["problems"] == {str(d / "c.jsonl"): {"counts": {"invalid_utf8_line": 1},
                                                        "lines": {"invalid_utf8_line": [2]}}}
 
@@ -280,3 +280,22 @@ def test_random_and_truncated_files_never_raise_anything_but_stage_error(files):
                     strict_read(p)
                 except StageError:
                     pass
+
+
+def test_paragraphs_end_at_blank_lines_of_spaces_too_and_carry_their_first_line(tmp_path):
+    """A line of spaces did not end a paragraph, and a paragraph after two blank lines began with
+    a newline and was numbered one line early."""
+    from lmcore.core.readers import text_records
+
+    (tmp_path / "p.txt").write_text("para one\n\n\npara two\n \t\npara three\n  indented\n\n\n")
+    got = list(text_records(tmp_path / "p.txt", lambda *a: None, "paragraph"))
+    assert got == [(1, {"text": "para one"}), (4, {"text": "para two"}), (6, {"text": "para three\n  indented"})]
+
+
+def test_a_folder_leaves_out_hidden_files_and_hidden_folders(tmp_path):
+    from lmcore.core.readers import expand_paths
+
+    for name in ("a.txt", ".hidden.txt", ".ipynb_checkpoints/a-checkpoint.txt", ".git/x", "sub/b.txt"):
+        (tmp_path / "c" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "c" / name).write_text("x")
+    assert [p.relative_to(tmp_path / "c").as_posix() for p in expand_paths([tmp_path / "c"], "k")] == ["a.txt", "sub/b.txt"]

@@ -26,7 +26,7 @@ def test_local_formats(tmp_path):
     (d / "ignored.bin").write_bytes(b"\x00\x01")
     docs = list(corpus_documents(CorpusSource(kind="files", paths=[str(d)], text_field="body", text_unit="paragraph")))
     assert [x["text"] for x in docs] == ["from gzip jsonl", "second", "from parquet", "again",
-                                         "para one\nline two", "para two\n"]
+                                         "para one\nline two", "para two"]
     assert docs[0]["id"] == "a:1"
 
 

@@ -22,6 +22,7 @@ import glob
 import gzip
 import itertools
 import json
+import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -276,12 +277,14 @@ def text_records(path: Path, sink: Sink, unit: str = "file") -> Iterator[tuple[i
     if unit == "file":
         yield 1, {"text": text}
         return
-    line = 1
     text = text.replace("\r\n", "\n").replace("\r", "\n")  # blank lines of Windows and old Mac files too
-    for block in text.split("\n\n"):
-        if block.strip():
-            yield line, {"text": block}
-        line += block.count("\n") + 2
+    # a paragraph ends at a blank line, one holding only spaces and tabs included; each is
+    # numbered by its first line
+    line, pos = 1, 0
+    for m in _PARAGRAPH.finditer(text):
+        line += text.count("\n", pos, m.start())
+        pos = m.start()
+        yield line, {"text": m.group()}
 
 
 def _bad_utf8(value: str) -> bool:
@@ -440,6 +443,10 @@ def warning_lines(report: dict[str, Any]) -> list[str]:
     return out
 
 
+# a paragraph: consecutive lines that each hold something other than spaces and tabs
+_PARAGRAPH = re.compile(r"^[^\n]*\S[^\n]*(?:\n[^\n]*\S[^\n]*)*", re.MULTILINE)
+
+
 def read_text_file(path: Path, unit: str, stats: ReadStats) -> Iterator[dict[str, Any]]:
     """One document per file (``unit='file'``) or per blank-line-separated block."""
     for i, (_, rec) in enumerate(text_records(path, stats.sink(path), unit)):
@@ -502,7 +509,8 @@ def reader_for(path: Path, field: str, unit: str) -> Callable[[ReadStats], Itera
 
 
 def expand_paths(paths: Sequence[str | Path], what: str, empty_folder_ok: bool = False) -> list[Path]:
-    """Files named by ``paths``: files, folders (every file under them but hidden ones, sorted)
+    """Files named by ``paths``: files, folders (every file under them but hidden ones and those in
+    hidden folders, sorted)
     and glob patterns (sorted; ``**`` matches subfolders). ``what`` names the setting in errors."""
     out: list[Path] = []
     for p in map(str, paths):
@@ -512,7 +520,8 @@ def expand_paths(paths: Sequence[str | Path], what: str, empty_folder_ok: bool =
                 raise StageError(f"{what}: no file matches '{p}'")
             out += found
         elif Path(p).is_dir():
-            found = sorted(f for f in Path(p).rglob("*") if f.is_file() and not f.name.startswith("."))
+            found = sorted(f for f in Path(p).rglob("*") if f.is_file()  # not under .git, .ipynb_checkpoints...
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found and not empty_folder_ok:
                 raise StageError(f"{what}: folder '{p}' holds no files")
             out += found

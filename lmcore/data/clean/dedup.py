@@ -74,8 +74,10 @@ copy at 3-5 %. ``tests/test_multilingual.py`` checks these rates through the cle
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
+import unicodedata
 from collections import Counter
 from typing import Any, NamedTuple
 
@@ -99,7 +101,6 @@ MERSENNE_61 = (1 << 61) - 1
 EMPTY = np.uint32(0xFFFFFFFF)
 """Every value of the signature of a document without words (the minimum over an empty set)."""
 
-_WORD = re.compile(r"\w+")
 _U64 = np.uint64
 _P = _U64(MERSENNE_61)
 _MUL = _U64(0x9E3779B97F4A7C15)  # odd multiplier of the shingle polynomial (2**64 / golden ratio)
@@ -130,19 +131,37 @@ def exact_key(text: str) -> bytes:
     return hashlib.blake2b(text.strip().encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
+@functools.cache
+def _patterns() -> tuple[re.Pattern, re.Pattern]:
+    """``(word run, character)``: a run of word characters and combining marks (``\\w`` alone
+    leaves out the vowel signs of Devanagari, Arabic vowel marks, Thai tone marks... cutting words
+    into letters), and one character with the marks that follow it."""
+    ranges: list[list[int]] = []
+    for cp in range(0x30000):
+        if unicodedata.category(chr(cp))[0] == "M":
+            if ranges and ranges[-1][1] == cp - 1:
+                ranges[-1][1] = cp
+            else:
+                ranges.append([cp, cp])
+    marks = "".join(chr(a) if a == b else f"{chr(a)}-{chr(b)}" for a, b in ranges)
+    return re.compile(f"[\\w{marks}]+"), re.compile(f"[^{marks}][{marks}]*|[{marks}]+")
+
+
 def normalize_words(text: str, splitter: str = "words") -> list[str]:
     """The words MinHash sees, by the document's splitter (:mod:`lmcore.data.clean.segment`).
 
     ``words``: the maximal runs of Unicode word characters (``\\w``: letters, digits,
-    underscore) of ``text.lower()``. Punctuation, symbols and whitespace only separate words, so
-    case, punctuation and spacing never matter: ``"Don't  STOP!"`` -> ``["don", "t", "stop"]``.
-    ``jieba``: those runs segmented into Chinese words. ``chars``: every word character on its
-    own (shingles become character n-grams). The words are hashed as UTF-8."""
-    runs = _WORD.findall(text.lower())
+    underscore) and combining marks of ``text.lower()``. Punctuation, symbols and whitespace only
+    separate words, so case, punctuation and spacing never matter: ``"Don't  STOP!"`` ->
+    ``["don", "t", "stop"]``. ``jieba``: those runs segmented into Chinese words. ``chars``: every
+    word character on its own, with its marks (shingles become character n-grams). The words are
+    hashed as UTF-8."""
+    word, char = _patterns()
+    runs = word.findall(text.lower())
     if splitter == "words":
         return runs
     if splitter == "chars":
-        return list("".join(runs))
+        return char.findall("".join(runs))
     split = chunk_splitter(splitter)
     return [w for run in runs for w in split(run)]
 

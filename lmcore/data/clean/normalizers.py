@@ -7,6 +7,7 @@ Counter that the pipeline adds to the stage's metrics.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import unicodedata
 from collections import Counter
@@ -45,8 +46,9 @@ class MojibakeFixer:
         return fixed
 
 
-# C0/C1 controls except tab and newline, zero-width characters, and the byte-order mark
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]")
+# C0/C1 controls except tab and newline, the zero-width space and word joiner, and the byte-order
+# mark; not the zero-width (non-)joiners, which are part of Persian and Indic spelling and of emoji
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u2060\ufeff]")
 
 
 @dataclasses.dataclass
@@ -75,9 +77,22 @@ class WhitespaceNormalizer:
         return _BLANKS.sub("\n\n", _TRAILING.sub("\n", text)).strip()
 
 
-_EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}\b")
+# the local part starts where a run of its characters starts (not at every word boundary inside
+# it): each run is tried once, so a long run of such characters costs linear time, not quadratic
+_EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}\b")
 _IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\b")
-_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])")
+# IPv6 candidates, full or compressed ("2001:db8::1"), checked by the ipaddress module
+_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+
+
+def _is_ipv6(candidate: str) -> bool:
+    """An IPv6 address worth redacting: valid, with at least three groups written (``::1`` and a
+    slice like ``a[1::2]`` are not someone's address)."""
+    try:
+        ipaddress.IPv6Address(candidate)
+    except ValueError:
+        return False
+    return sum(1 for g in candidate.split(":") if g) >= 3
 
 
 @dataclasses.dataclass
@@ -101,6 +116,15 @@ class PIIRedactor:
             text, n = _IPV4.subn(self.ip_placeholder, text)
             self.counts["ipv4_replaced"] += n
         if ":" in text:
-            text, n = _IPV6.subn(self.ip_placeholder, text)
+            n = 0
+
+            def redact(m: re.Match) -> str:
+                nonlocal n
+                if not _is_ipv6(m.group()):
+                    return m.group()
+                n += 1
+                return self.ip_placeholder
+
+            text = _IPV6.sub(redact, text)
             self.counts["ipv6_replaced"] += n
         return text

@@ -66,7 +66,15 @@ class MinLengthFilter:
     name: ClassVar[str] = "min_length"
 
     def __call__(self, text: str, lang: Language | None = None) -> str | None:
-        return "too_short" if len(text) < self.min_chars else None
+        return "too_short" if len(text) < max(self.min_chars, 1) else None  # an empty document never stays
+
+
+@dataclasses.dataclass
+class MinLengthAfterFilter(MinLengthFilter):
+    """``min_chars`` again after the filters that remove lines (C4's): a document they cut below
+    it, or to nothing, is dropped as the setting says ("shorter than this after clean-up")."""
+
+    name: ClassVar[str] = "min_length_after_lines"
 
 
 @dataclasses.dataclass
@@ -87,20 +95,29 @@ def build_steps(cfg: CleanConfig) -> list[tuple[str, Any]]:
     steps: list[tuple[str, Any]] = []
     if cfg.fix_mojibake:
         steps.append(("normalizer", MojibakeFixer()))
+    # zero-width and control characters go before Unicode normalisation: removing one between a
+    # letter and its combining mark would leave the text out of NFC
+    steps.append(("normalizer", ControlCharRemover()))
     if cfg.normalization != "none":
         steps.append(("normalizer", UnicodeNormalizer(cfg.normalization)))
-    steps += [("normalizer", ControlCharRemover()), ("normalizer", WhitespaceNormalizer())]
+    steps.append(("normalizer", WhitespaceNormalizer()))
     if cfg.redact_pii:
         steps.append(("normalizer", PIIRedactor()))
     language = cfg.filters.get("language")
     filters = [step for name, settings in cfg.filters.items() for step in make_filters(name, settings)]
-    # py3langid runs when a step reads the language (the language filter, a filter with
-    # per-language thresholds); else only the script is found (MinHash's shingles need no more)
-    needed = language is not None or any(isinstance(s, PerLanguage) and s.thresholds == "per_language"
-                                         for _, s in filters)
-    steps.append(("identify", LanguageIdentifier(language.max_chars if language is not None else 2000, needed)))
+    steps.append(("identify", LanguageIdentifier(language.max_chars if language is not None else 2000,
+                                                 identifies_language(cfg))))
     steps += [("filter", MinLengthFilter(cfg.min_chars)), ("filter", MaxLengthFilter(cfg.max_chars))]
-    return steps + filters
+    cutting = any(kind == "normalizer" for kind, _ in filters)  # C4's line removal shortens documents
+    return steps + filters + ([("filter", MinLengthAfterFilter(cfg.min_chars))] if cutting else [])
+
+
+def identifies_language(cfg: CleanConfig) -> bool:
+    """Whether the stage identifies each document's language (and tags the record with it): when a
+    step reads it (the language filter, a filter with per-language thresholds); else only the
+    script is found (MinHash's shingles need no more)."""
+    return "language" in cfg.filters or any(
+        getattr(settings, "thresholds", None) == "per_language" for settings in cfg.filters.values())
 
 
 def minhash_config(cfg: CleanConfig) -> MinHashConfig | None:
@@ -261,14 +278,17 @@ class CleanResult:
     report: Path
 
 
-def finalize(cfg: CleanConfig, results: list[ShardResult], out: Path, metrics: Path, tracker=None) -> CleanResult:
-    """Decide duplicates over all shards in order, split, write outputs, stats and report."""
+def finalize(cfg: CleanConfig, results: list[ShardResult], out: Path, metrics: Path, tracker=None,
+             started: float | None = None) -> CleanResult:
+    """Decide duplicates over all shards in order, split, write outputs, stats and report.
+    ``started``: the ``time.perf_counter()`` the stage started at (for ``mb_per_second``)."""
 
     out = Path(out)
     results = sorted(results, key=lambda r: r.index)
     kept_docs = sum(len(np.load(r.signatures.with_suffix(".exact.npy"), mmap_mode="r")) for r in results)
     index = DedupIndex(minhash_config(cfg) or MinHashConfig(verify_threshold=None), expected=kept_docs)
     dedup_drops: Counter = Counter()
+    identified = identifies_language(cfg)
     dedup_chars: Counter = Counter()
     counts: Counter = Counter()
     chars: Counter = Counter()
@@ -304,7 +324,7 @@ def finalize(cfg: CleanConfig, results: list[ShardResult], out: Path, metrics: P
                         split = split_of(doc["text"], cfg.validation_fraction, cfg.split_salt)
                         counts[split] += 1
                         chars[split] += n
-                        if "language" in doc:
+                        if identified and "language" in doc:  # not a language the raw record brought
                             languages[f"docs.{doc['language']}"] += 1
                             languages[f"chars.{doc['language']}"] += n
                         hist_out[_bin(n)] += 1
@@ -320,6 +340,9 @@ def finalize(cfg: CleanConfig, results: list[ShardResult], out: Path, metrics: P
         stats = _stats(results, dedup_drops, dedup_chars, counts, chars, docs_in)
         stats.update({f"kept.{k}": v for k, v in sorted(languages.items())})
         hist_in = sum((r.hist_in for r in results), np.zeros(len(HIST_BINS) - 1, dtype=np.int64))
+        if started is not None:
+            stats["seconds"] = time.perf_counter() - started
+            stats["mb_per_second"] = stats["mb_in"] / max(stats["seconds"], 1e-9)
         write_json(tmp / "stats.json", stats)
         _report(tmp / "report.png", hist_in, hist_out, stats)
     write_json(metrics, headline(stats))
@@ -480,11 +503,8 @@ def _clean(cfg: CleanConfig, raw: Path, shards: list[Path], work: Path, out: Pat
             with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
                 futures = [pool.submit(clean_shard, i, s, work, cfg) for i, s in enumerate(shards)]
                 results = [f.result() for f in tqdm(futures, desc="clean", unit="shard")]
-        result = finalize(cfg, results, out, metrics, tr)
-        seconds = time.perf_counter() - t0
-        result.stats["mb_per_second"] = result.stats["mb_in"] / max(seconds, 1e-9)
-        tr.metrics({"mb_per_second": result.stats["mb_per_second"], "seconds": seconds})
-        write_json(metrics, headline(result.stats))
-        log.info("clean: %.1f MB in %.1f s (%.2f MB/s), kept %d of %d documents", result.stats["mb_in"], seconds,
+        result = finalize(cfg, results, out, metrics, tr, started=t0)
+        log.info("clean: %.1f MB in %.1f s (%.2f MB/s), kept %d of %d documents", result.stats["mb_in"],
+                 result.stats["seconds"],
                  result.stats["mb_per_second"], result.stats["documents_kept"], result.stats["documents_in"])
         return result

@@ -40,6 +40,7 @@ Speed
 from __future__ import annotations
 
 import re
+import threading
 import unicodedata
 from collections.abc import Iterable
 
@@ -327,7 +328,9 @@ class _Tokenizer:
         self._suffix_span = max(len(x) for x in punct + quotes + split(_CURRENCY) + split(_UNITS)) + 1
         self.infix = re.compile("|".join(p for p in infixes if p.strip())).finditer
         self.url = re.compile(
-            r"(?u)^(?:(?:[\w\+\-\.]{2,})://)?(?:\S+(?::\S*)?@)?(?:"
+            # spaCy's URL_MATCH, with its user-info part "\S+(?::\S*)?@" written "\S+@": the same
+            # strings (\S+ takes colons too), without a backtracking branch per colon of a long token
+            r"(?u)^(?:(?:[\w\+\-\.]{2,})://)?(?:\S+@)?(?:"
             r"(?!(?:10|127)(?:\.\d{1,3}){3})(?!(?:169\.254|192\.168)(?:\.\d{1,3}){2})"
             r"(?!172\.(?:1[6-9]|2\d|3[0-1])(?:\.\d{1,3}){2})(?:[1-9]\d?|1\d\d|2[01]\d|22[0-3])"
             r"(?:\.(?:1?\d{1,2}|2[0-4]\d|25[0-5])){2}(?:\.(?:[1-9]\d?|1\d\d|2[0-4]\d|25[0-4]))|"
@@ -541,21 +544,31 @@ class Vocab:
         return flat[np.repeat(starts - (ends - counts), counts) + np.arange(int(ends[-1]))]
 
 
-_STATE: dict[str, object] = {}
+_LOCAL = threading.local()
+
+
+def _state() -> dict[str, object]:
+    """This thread's caches: the vocabularies (they grow as words are met; threads sharing one
+    gave wrong words), the tokenizer, the last analysed document, the hash powers. A thread of
+    a threaded task runner (Dask's workers) gets its own."""
+    state = getattr(_LOCAL, "state", None)
+    if state is None:
+        state = _LOCAL.state = {}
+    return state
 
 
 def current_vocab(splitter: str = "words") -> Vocab:
     """This process's vocabulary of ``splitter`` (:mod:`lmcore.data.clean.segment`): ``words``
     (spaCy's English rules, every script written with spaces), ``jieba``, ``thai`` or ``chars``."""
-    vocabs: dict[str, Vocab] = _STATE.setdefault("vocabs", {})  # type: ignore[assignment]
+    vocabs: dict[str, Vocab] = _state().setdefault("vocabs", {})  # type: ignore[assignment]
     v = vocabs.get(splitter)
     if v is None or len(v.chunks) > Vocab.MAX_CHUNKS:
         if splitter == "words":
-            tok = _STATE.get("tokenizer") or _STATE.setdefault("tokenizer", _Tokenizer())
+            tok = _state().get("tokenizer") or _state().setdefault("tokenizer", _Tokenizer())
         else:
             tok = chunk_splitter(splitter)
         v = vocabs[splitter] = Vocab(tok)
-        _STATE.pop("doc", None)
+        _state().pop("doc", None)
     return v
 
 
@@ -670,10 +683,10 @@ class Doc:
 def analyse(text: str, splitter: str = "words") -> Doc:
     """The shared analysis of ``text`` split by ``splitter`` (the last one is cached)."""
     v = current_vocab(splitter)
-    d = _STATE.get("doc")
+    d = _state().get("doc")
     if d is not None and d.vocab is v and (d.text is text or d.text == text):
         return d
-    d = _STATE["doc"] = Doc(text, v)
+    d = _state()["doc"] = Doc(text, v)
     return d
 
 
@@ -683,7 +696,7 @@ _HASH_BASE = 0x9E3779B97F4A7C15 | 1  # odd, so invertible modulo 2**64
 
 def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
     """``base**i`` and ``base**-i`` modulo 2**64 for i < n (at least), cached and grown."""
-    p = _STATE.get("powers")
+    p = _state().get("powers")
     if p is None or len(p[0]) < n:
         size = max(n, 2 * len(p[0]) if p else 1 << 16)
         pw = np.empty(size, dtype=np.uint64)
@@ -696,7 +709,7 @@ def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
         np.cumprod(inv, out=inv)
         p = (pw, inv)
         if size <= 1 << 22:  # kept for the next texts unless a huge text asked for them
-            _STATE["powers"] = p
+            _state()["powers"] = p
     return p  # type: ignore[return-value]
 
 
