@@ -140,12 +140,17 @@ LAUNCH_PARAMS = ("launch.config", "launch.num_processes", "launch.num_machines",
 """The ``launch`` keys a training result depends on (the number of processes sets the global
 batch; CPU or GPU the arithmetic). The rank, address and port of a machine do not."""
 
+CLEAN_SPLITS = ("data/clean/train", "data/clean/validation")
+"""What the stages after ``clean`` read of its output."""
+
 STAGE_IO: dict[str, StageIO] = {
     "prepare": StageIO(("prepare",), (), ("data/raw",)),
     # fineweb2.json: FineWeb-2's per-language thresholds, data the clean stage's filters read
     "clean": StageIO(("clean",), ("lmcore/data/clean/fineweb2.json", "data/raw/corpus"), ("data/clean",)),
-    "tokenizer": StageIO(("tokenizer",), ("data/clean",), ("data/tokenizer",)),
-    "encode": StageIO(("encode",), ("data/clean", "data/tokenizer"), ("data/tokens",)),
+    # the clean splits, not data/clean: its stats.json holds the run's timings, which would rerun
+    # every stage after a clean that wrote the same text
+    "tokenizer": StageIO(("tokenizer",), CLEAN_SPLITS, ("data/tokenizer",)),
+    "encode": StageIO(("encode",), (*CLEAN_SPLITS, "data/tokenizer"), ("data/tokens",)),
     "pretrain": StageIO(("pretrain", *LAUNCH_PARAMS), (LAUNCH_CONFIG, "data/tokens"), ("runs/pretrain/final",),
                         persist=("runs/pretrain/checkpoints",), plots=("metrics/plots",), launched=True),
     "export": StageIO(("export",), ("runs/pretrain/final", "data/tokenizer"), ("runs/export",)),
@@ -157,7 +162,7 @@ STAGE_IO: dict[str, StageIO] = {
                         metrics=(f"metrics/finetune/{ITEM}.json",), launched=True),
     # reads every task's results and prediction files (GLUE score, submission zip) for the listed tasks
     "evaluate": StageIO(("evaluate", "prepare.tasks.tasks"),
-                        ("data/clean", "data/raw/tasks", "data/tokens", "data/tokenizer", "runs/pretrain/final",
+                        (*CLEAN_SPLITS, "data/raw/tasks", "data/tokens", "data/tokenizer", "runs/pretrain/final",
                          "runs/finetune"),
                         ("runs/evaluate",)),
 }
