@@ -253,14 +253,17 @@ def run_here(launch: Launch) -> int:
     def to_terminal(line: str) -> None:
         print(line, file=sys.stderr if USER_MESSAGE.match(line) else sys.stdout, flush=True)
 
+    received = [signal.SIGINT]  # a KeyboardInterrupt without SIGTERM is Ctrl-C
+
     def on_term(signum, _frame):
+        received[0] = signal.SIGTERM
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
         return run_launched(launch, to_terminal).returncode
     except KeyboardInterrupt:
-        return 128 + signal.SIGTERM
+        return 128 + received[0]  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -230,6 +230,7 @@ def report_execution(params: Params, layout: Layout, key: str | None, summary: s
     artifact folder ``report``. Returns the page's path."""
     lineage = None
     parent = None
+    older = False
     if params.tracking.enabled:
         try:
             with reading_store(params.tracking.tracking_uri):
@@ -240,10 +241,13 @@ def report_execution(params: Params, layout: Layout, key: str | None, summary: s
                 parent = find_parent(client, experiment_id, key) if key else None
                 if parent is not None and not is_newest_execution(client, experiment_id, parent.info.run_id):
                     parent = None  # an older execution's record keeps the report it had
+                    older = True
         except StageError as e:
             lineage = f"the lineage could not be read: {e}"
-    page = write_report(layout, f"lmcore pipeline {key}" if key else "lmcore pipeline outputs", summary, lineage,
-                        list(params.prepare.tasks.tasks))
+    # the page shows the files as they are now: an older execution's key would mislabel them
+    title = ("lmcore pipeline outputs" if not key else
+             f"lmcore pipeline outputs as of now (execution {key} is not the newest)" if older else f"lmcore pipeline {key}")
+    page = write_report(layout, title, summary, lineage, list(params.prepare.tasks.tasks))
     if parent is not None:
         try:  # the pipeline has run: a store that fails now costs the copy in MLflow, not the run
             with reading_store(params.tracking.tracking_uri):

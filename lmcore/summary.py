@@ -18,7 +18,7 @@ from typing import Any
 from lmcore.config import Params
 from lmcore.core.layout import Layout
 from lmcore.stages import pipeline_outputs
-from lmcore.tracking import Execution, dataset_name, link_execution, open_client, record_dvc_lock
+from lmcore.tracking import Execution, dataset_name, link_execution, open_client, reading_store, record_dvc_lock
 
 REPORT = "runs/evaluate/report.md"
 
@@ -83,11 +83,12 @@ def summarize(params: Params, layout: Layout, key: str | None) -> str:
     if params.tracking.enabled and key:
         execution = link_execution(params.tracking, key, [p for ps in outputs.values() for p in ps])
         client, experiment_id, uri = open_client(params.tracking)
-        parent = client.get_run(execution.parent_id)
-        children = client.search_runs([experiment_id], max_results=1000,
-                                      filter_string=f"tags.`mlflow.parentRunId` = '{execution.parent_id}'")
-        if execution.current:  # today's dvc.lock is not an older execution's
-            record_dvc_lock(client, parent, children, layout / "dvc.lock")
+        with reading_store(uri):  # a store failing now: named, no traceback
+            parent = client.get_run(execution.parent_id)
+            children = client.search_runs([experiment_id], max_results=1000,
+                                          filter_string=f"tags.`mlflow.parentRunId` = '{execution.parent_id}'")
+            if execution.current:  # today's dvc.lock is not an older execution's
+                record_dvc_lock(client, parent, children, layout / "dvc.lock")
         took = _seconds(parent)
         state = "every stage reused" if execution.created else (
             f"{parent.info.status.lower()}" + (f", {took:.0f} s" if took is not None else ""))

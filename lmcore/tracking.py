@@ -298,6 +298,9 @@ class Tracker:
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
+            # the metric promotion compares on is the one of the latest settings (tracking.registry)
+            c.set_registered_model_tag(name, "lmcore.metric", metric)
+            c.set_registered_model_tag(name, "lmcore.goal", goal)
         mv = c.create_model_version(name, source=lm.artifact_location, run_id=self.run_id, model_id=lm.model_id,
                                     # the sql registry keeps no model_id of its own: a tag holds it
                                     tags={metric: str(metrics.get(metric)), "lmcore.model_id": lm.model_id})
@@ -481,9 +484,13 @@ def sqlite_file(uri: str) -> Path | None:
 
 def resolved_uri(cfg: TrackingConfig) -> str:
     """The tracking URI with a relative sqlite path made absolute, so subprocesses agree on the
-    database."""
+    database: from the DVC repository's root under DVC (``$DVC_ROOT``: ``dvc exp run --temp`` and
+    queued experiments run their stages in a copy DVC deletes afterwards, with their database),
+    else from the working directory."""
     db = sqlite_file(cfg.tracking_uri)
-    return cfg.tracking_uri if db is None or db.is_absolute() else "sqlite:///" + str(db.resolve())
+    if db is None or db.is_absolute():
+        return cfg.tracking_uri
+    return "sqlite:///" + str((Path(os.environ.get("DVC_ROOT") or ".") / db).resolve())
 
 
 def _store_lock(uri: str) -> contextlib.AbstractContextManager:
@@ -672,9 +679,29 @@ def stage_run(
     finally:
         if monitor is not None:
             monitor.finish()
+        if tracker.lost is not None:
+            _close_after_loss(client, [tracker.run_id, parent], status)
         tracker._call(client.set_terminated, tracker.run_id, status)
         if parent:  # the execution's status and end time follow its stages
             tracker._call(client.set_terminated, parent, status)
+
+
+def _close_after_loss(client: Any, run_ids: list[str | None], status: str) -> None:
+    """One more try, without retries, to close the runs of a stage whose tracking failed midway
+    (the store may answer again): else they stayed RUNNING, to be closed as KILLED by a later stage
+    on this machine, or never on a server used from elsewhere."""
+    saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        for run_id in filter(None, run_ids):
+            client.set_terminated(run_id, status)
+    except _errors():
+        pass  # still down: a later stage closes them (close_stale_runs)
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
 
 
 @dataclasses.dataclass
@@ -791,8 +818,11 @@ def promote(cfg: TrackingConfig, name: str, version: str | None = None) -> tuple
 
     def value(v: Any) -> float:
         model_id = v.model_id or v.tags.get("lmcore.model_id")
-        linked = {m.key: m.value for m in (client.get_logged_model(model_id).metrics or [])} if model_id else {}
-        got = linked.get(metric, client.get_run(v.run_id).data.metrics.get(metric))
+        try:
+            linked = {m.key: m.value for m in (client.get_logged_model(model_id).metrics or [])} if model_id else {}
+            got = linked[metric] if metric in linked else client.get_run(v.run_id).data.metrics.get(metric)
+        except MlflowException as e:  # its run deleted (mlflow gc), say
+            raise StageError(f"{name} version {v.version}: its run {v.run_id} cannot be read ({_short(e)})") from None
         if got is None:
             raise StageError(f"{name} version {v.version}: its run {v.run_id} has no metric {metric}")
         return float(got)

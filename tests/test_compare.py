@@ -162,6 +162,11 @@ def test_compare_errors_name_what_is_missing(store, capsys):
     tmp_path, uri = store
     code, _, err = _compare(capsys, uri.replace("mlflow.db", "nothing.db"), "--out", str(tmp_path / "x"))
     assert code == 2 and "nothing.db: no tracking database" in err
+    (tmp_path / "afile").write_text("")
+    code, _, err = _compare(capsys, uri, "--out", str(tmp_path / "afile/sub"))  # a file where a folder goes
+    assert code == 2 and f"--out {tmp_path / 'afile/sub'}: cannot write there" in err and "Traceback" not in err
+    code, _, err = _compare(capsys, f"sqlite:///{tmp_path}/", "--out", str(tmp_path / "x"))  # a folder, not a file
+    assert code == 2 and "a sqlite URI names a database file" in err
     assert not (tmp_path / "nothing.db").exists()  # not created by asking
     code = main(["compare", "--tracking-uri", uri, "--experiment", "nope"])
     err = capsys.readouterr().err

@@ -308,15 +308,17 @@ def test_dvc_repro_end_to_end(tiny_project, tmp_path):
     noop = [r for r in mlflow_runs(proj / "mlflow.db") if r.data.tags.get("lmcore.pipeline_key") == "noop-execution"]
     assert len(noop) == 1 and noop[0].data.tags["lmcore.cached"] == "true" and noop[0].info.status == "FINISHED"
     assert noop[0].data.tags["lmcore.produced_by.runs/pretrain/final"] == by_stage["pretrain"].info.run_id
+    runs = mlflow_runs(proj / "mlflow.db")
+
+    # shared through a DVC remote: pushed, pulled into a second clone, nothing to reproduce there
+    check_push_and_pull(proj)
+
     # a clean that writes the same text again (its stats.json holds this run's timings) leaves every
     # later stage fresh: they depend on the clean splits, not on the whole folder
     forced = dvc(proj, "repro", "-f", "-s", "clean")
     assert ran(forced.stdout) == ["clean"], forced.stdout
     assert json.loads(dvc(proj, "status", "--json").stdout) == {}
     runs = mlflow_runs(proj / "mlflow.db")
-
-    # shared through a DVC remote: pushed, pulled into a second clone, nothing to reproduce there
-    check_push_and_pull(proj)
 
     # an edit to a function of the sampling code makes evaluate stale (its code deps are the import
     # closure of its entry module), and not the stages that never run that code

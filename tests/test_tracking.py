@@ -110,6 +110,72 @@ def test_promote_ranks_a_nan_metric_below_every_number(tmp_path):
     assert client.get_model_version_by_alias("m", "champion").version != first
 
 
+def test_promote_compares_on_the_metric_of_the_latest_registration(tmp_path):
+    """Changing tracking.registry.base_metric was ignored: the registered model kept the metric
+    of its first version, and a version worse on the new metric was promoted."""
+    from mlflow import MlflowClient
+
+    from lmcore.config import TrackingConfig
+    from lmcore.tracking import promote, stage_run
+
+    cfg = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment="e")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    for metrics, metric in (({"val_bpb": 2.0, "val_loss": 1.0}, "val_bpb"), ({"val_bpb": 1.9, "val_loss": 1.5}, "val_loss")):
+        with stage_run("pretrain", cfg, {}) as tr:
+            tr.model(folder, "m-base", metrics, metric, "minimize")
+        assert tr.lost is None
+    client = MlflowClient(cfg.tracking_uri)
+    assert client.get_registered_model("m-base").tags["lmcore.metric"] == "val_loss"
+    assert promote(cfg, "m-base", "1")[0]  # the first becomes champion
+    moved, why = promote(cfg, "m-base", "2")
+    assert not moved and "val_loss" in why  # worse on val_loss, though better on val_bpb
+
+
+def test_runs_whose_tracking_failed_midway_are_closed_when_the_store_answers_again(tmp_path, monkeypatch):
+    """After one failed call the stage went on untracked and left its run and the parent RUNNING."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from lmcore.config import TrackingConfig
+    from lmcore.tracking import stage_run
+
+    monkeypatch.setenv(PIPELINE_ENV, "k1")
+    cfg = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment="e")
+    with stage_run("prepare", cfg, {}) as tr:
+        real = tr.client.log_batch
+        calls = []
+
+        def fails_once(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise MlflowException("the store went away for a moment")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(tr.client, "log_batch", fails_once)
+        tr.metrics({"m": 1.0})
+        assert tr.lost is not None and not tr.active
+    runs = MlflowClient(cfg.tracking_uri).search_runs([tr.experiment_id])
+    assert sorted((r.data.tags["lmcore.kind"], r.info.status) for r in runs) == [
+        ("pipeline", "FINISHED"), ("stage", "FINISHED")]
+
+
+def test_a_relative_sqlite_store_under_dvc_is_the_repository_s(tmp_path, monkeypatch):
+    """dvc exp run --temp (and queued experiments) run stages in a copy DVC deletes afterwards:
+    their runs went to a database deleted with it."""
+    from lmcore.config import TrackingConfig
+    from lmcore.tracking import resolved_uri
+
+    temp = tmp_path / "repo/.dvc/tmp/exps/standalone/tmp1"
+    temp.mkdir(parents=True)
+    monkeypatch.chdir(temp)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    assert resolved_uri(TrackingConfig()) == f"sqlite:///{tmp_path / 'repo/mlflow.db'}"
+    monkeypatch.delenv("DVC_ROOT")
+    assert resolved_uri(TrackingConfig()) == f"sqlite:///{temp / 'mlflow.db'}"
+
+
 def test_an_older_execution_is_read_not_rewritten(tmp_path):
     """`lmcore summary --pipeline <older key>` tagged the older execution with the producers of
     today's outputs (and attached today's dvc.lock and report to it)."""

@@ -61,7 +61,10 @@ def main(args: argparse.Namespace) -> int:
                 raise StageError(f"give two runs to test against each other, not {len(args.pair)}")
             print("\n".join(noise(experiment, uri, *args.pair, args.resamples, args.confidence)))
             return 0
-        res = compare(experiment, uri, args.metric, out, args.runs or None)
+        try:
+            res = compare(experiment, uri, args.metric, out, args.runs or None)
+        except OSError as e:  # the store's own failures are StageErrors: this is writing --out
+            raise StageError(f"--out {out}: cannot write there ({e.strerror or e}: {e.filename or out})") from e
     except (ConfigError, StageError) as e:
         print(f"lmcore compare: error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ def add_parser(sub: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from lmcore.lineage import render, trace  # lazy: the CLI loads a command's code only when it runs
-    from lmcore.tracking import open_client  # lazy: as above
+    from lmcore.tracking import open_client, reading_store  # lazy: as above
 
     try:
         if not args.what.strip():
@@ -32,8 +32,9 @@ def main(args: argparse.Namespace) -> int:
         tracking = config.load(args.params).tracking
         if not tracking.enabled:
             raise StageError("tracking.enabled is false: there are no MLflow runs to follow")
-        client, experiment_id, _ = open_client(tracking, existing=True)
-        text = render(trace(client, experiment_id, args.what))
+        client, experiment_id, uri = open_client(tracking, existing=True)
+        with reading_store(uri):  # a store failing now, or a run gone (mlflow gc): named, no traceback
+            text = render(trace(client, experiment_id, args.what))
     except (ConfigError, StageError) as e:
         print(f"lmcore lineage: error: {e}", file=sys.stderr)
         return 2
