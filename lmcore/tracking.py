@@ -524,6 +524,10 @@ def _experiment_id(client: Any, name: str) -> str:
     from mlflow.exceptions import MlflowException  # lazy: mlflow loads only when a stage tracks
 
     exp = client.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage == "deleted":
+        raise StageError(f"experiment '{name}' (tracking.experiment) is deleted in the tracking store: restore it "
+                         f"(mlflow experiments restore --experiment-id {exp.experiment_id}, or the UI's trash) or "
+                         "name another")
     if exp is not None:
         if EXPERIMENT_KIND not in exp.tags:  # made before lmcore set it (or by hand): a user's own choice stays
             client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")

@@ -36,6 +36,12 @@ VOCAB = 64
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [60, 61, 62, 63, 0, 1]]
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test draws its random inputs from the same seed, whatever ran before it on the worker."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models: threads only add waiting on a shared machine."""

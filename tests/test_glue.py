@@ -579,19 +579,22 @@ def test_selection_split_holds_out_the_same_examples_whatever_the_order():
 
 
 def _labelled_task(folder: Path, n_train: int, n_valid: int = 24) -> Path:
-    """A one-text binary task whose label a word decides, so a few steps learn something."""
+    """A one-text binary task whose label a word decides, so a few steps learn something; its
+    validation split says the opposite ("good" is 0), so the better the model learns the training
+    rule, the worse it scores there: choosing the epoch on validation and on held-out training
+    examples pick different epochs."""
     rng = random.Random(1)
 
-    def rows(n, start):
+    def rows(n, start, inverted=False):
         out = []
         for i in range(n):
             label = i % 2
             out.append({"text_a": ("good " if label else "bad ") + make_text(rng, 6), "text_b": None,
-                        "label": label, "idx": start + i})
+                        "label": 1 - label if inverted else label, "idx": start + i})
         return out
 
     write_jsonl(folder / "train.jsonl", rows(n_train, 0))
-    write_jsonl(folder / "validation.jsonl", rows(n_valid, 10_000))
+    write_jsonl(folder / "validation.jsonl", rows(n_valid, 10_000, inverted=True))
     write_json(folder / "task.json", glue.TASKS["rotten_tomatoes"].to_dict())
     return folder
 
@@ -615,6 +618,8 @@ def test_finetune_keeps_the_epoch_chosen_on_held_out_training_examples_or_the_la
         assert res["holdout_examples"] == 6 and m["train_examples"] == 54  # a tenth, not trained on
         held = [h["holdout_score"] for h in history]
         assert m["best_epoch"] == held.index(max(held)) + 1  # the first of equal bests
+        valid = [h["score"] for h in history]
+        assert valid.index(max(valid)) != held.index(max(held))  # validation would have chosen another
     else:
         assert res["holdout_examples"] == 0 and m["train_examples"] == 60 and m["best_epoch"] == 3
         assert all("holdout_score" not in h for h in history)

@@ -10,6 +10,12 @@ from lmcore.model.llama import hf_name
 from lmcore.model.reference import reference_forward
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test draws its random inputs from the same seed, whatever ran before it on the worker."""
+    torch.manual_seed(0)
+
+
 def tiny(**kw) -> Decoder:
     torch.manual_seed(0)
     return Decoder(DecoderConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=16, **kw))

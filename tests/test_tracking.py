@@ -161,6 +161,23 @@ def test_runs_whose_tracking_failed_midway_are_closed_when_the_store_answers_aga
         ("pipeline", "FINISHED"), ("stage", "FINISHED")]
 
 
+def test_a_deleted_experiment_is_named_with_how_to_restore_it(tmp_path):
+    """Every stage failed with "the tracking store did not answer: ... must be in the 'active' state"."""
+    import pytest
+    from mlflow import MlflowClient
+
+    from lmcore.config import TrackingConfig
+    from lmcore.core.errors import StageError
+    from lmcore.tracking import stage_run
+
+    cfg = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment="gone")
+    client = MlflowClient(cfg.tracking_uri)
+    client.delete_experiment(client.create_experiment("gone"))
+    with pytest.raises(StageError, match=r"experiment 'gone' \(tracking.experiment\) is deleted .* experiments restore"):
+        with stage_run("prepare", cfg, {}):
+            pass
+
+
 def test_a_relative_sqlite_store_under_dvc_is_the_repository_s(tmp_path, monkeypatch):
     """dvc exp run --temp (and queued experiments) run stages in a copy DVC deletes afterwards:
     their runs went to a database deleted with it."""

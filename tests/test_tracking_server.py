@@ -151,7 +151,9 @@ def test_two_stages_writing_at_once_lose_nothing(server, tmp_path):
     assert [p.wait(300) for p in procs] == [0, 0], [p.stderr.read()[-2000:] for p in procs]
     c = client(server.url)
     exp = c.get_experiment_by_name("writers")
-    for r in [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("lmcore.kind") == "stage"]:
+    stages = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("lmcore.kind") == "stage"]
+    assert sorted(r.data.tags["lmcore.stage"] for r in stages) == ["left", "right"]
+    for r in stages:
         name = r.data.tags["lmcore.stage"]
         assert len(r.data.params) == 150
         for key in ("loss", "lr"):

@@ -132,9 +132,10 @@ def _newer(a: Any, b: Any | None) -> bool:
     return rank > (b.info.status == "FINISHED", b.info.start_time or 0)
 
 
-def pipeline_runs(client, experiment: str, limit: int | None = None) -> list[PipelineRun]:
+def pipeline_runs(client, experiment: str, limit: int | None = None, cached: bool = False) -> list[PipelineRun]:
     """The pipeline executions of ``experiment`` that pretrained, evaluated or fine-tuned, newest
-    first, at most ``limit``."""
+    first, at most ``limit``; with ``cached``, also those that reused every output (no stage run
+    of their own: their parent names the runs that made the outputs)."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
@@ -160,7 +161,8 @@ def pipeline_runs(client, experiment: str, limit: int | None = None) -> list[Pip
         if _newer(r, group.stages.get(key)):
             group.stages[key] = r
         group.commit = group.commit or tags.get("lmcore.git_commit")
-    found = [g for g in groups.values() if any(s.split(":")[0] in COMPARED for s in g.stages)]
+    found = [g for g in groups.values() if any(s.split(":")[0] in COMPARED for s in g.stages)
+             or cached and not g.stages]
     found.sort(key=lambda g: g.start, reverse=True)
     return found[:limit] if limit else found
 
@@ -430,7 +432,7 @@ def noise(experiment: str, tracking_uri: str, a: str, b: str, resamples: int = 2
     not be tested)."""
     with reading_store(tracking_uri), tempfile.TemporaryDirectory() as tmp:
         client = read_client(tracking_uri)
-        runs = pipeline_runs(client, experiment)
+        runs = pipeline_runs(client, experiment, cached=True)  # a no-op execution's outputs came from a cache
         ra, rb = _find(runs, a), _find(runs, b)
         lines = [f"{ra.name} ({ra.run_id[:8]}) -> {rb.name} ({rb.run_id[:8]}): b - a, paired bootstrap"]
         ea, eb = (_stage(client, r, "evaluate", "runs/evaluate") for r in (ra, rb))
