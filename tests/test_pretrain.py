@@ -287,8 +287,12 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(straight,
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
     assert "stopped by SIGTERM" in out and "run again to resume" in out
-    stopped_at = list_checkpoints(root / "runs/pretrain/checkpoints")[-1][0]
-    assert 10 < stopped_at < 40 or stopped_at == 10
+    said = re.search(r"stopped by SIGTERM at step (\d+); checkpoint saved in \S*step-(\d+)", out)
+    assert said and said.group(1) == str(int(said.group(2))), out[-2000:]
+    stopped_at = int(said.group(1))  # the step it stopped at is the newest checkpoint, saved then
+    assert list_checkpoints(root / "runs/pretrain/checkpoints")[-1][0] == stopped_at and 10 <= stopped_at < 40
+    trainer = json.loads((root / f"runs/pretrain/checkpoints/step-{stopped_at:06d}/trainer.json").read_text())
+    assert trainer["step"] == stopped_at
     res = run_cli(root)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resuming from step {stopped_at}" in res.stdout + res.stderr

@@ -51,7 +51,17 @@ def test_zero_shot_scores_a_task_and_refuses_what_it_cannot(tmp_path, tokenizer_
     examples = [{"text_a": t, "text_b": None, "label": y} for t, y in
                 [("a fine film", 1), ("a dull film", 0), ("the king is good", 1), ("bad", 0)] * 3]
     z = zero_shot(DecoderScorer(model), lambda s: tok.encode(s).ids, 0, TASKS["sst2"], {"validation": examples})
-    assert z["examples"] == 12 and 0 <= z["acc"] <= 1 and 0 <= z["acc_norm"] <= 1
+    assert z["examples"] == 12
+    encode = lambda s: tok.encode(s).ids  # noqa: E731
+    right = right_norm = 0
+    sst2 = TEMPLATES["sst2"]
+    for ex in examples:  # by hand: the harness's prompt, label i's choice is choices[i]
+        ll = [loglikelihoods(DecoderScorer(model), [request(encode, sst2.context(ex), " " + c)], 0)[0]
+              for c in sst2.choices]
+        right += max(range(2), key=ll.__getitem__) == ex["label"]
+        right_norm += max(range(2), key=lambda i: ll[i] / len(sst2.choices[i])) == ex["label"]
+    assert z["acc"] == right / 12 and z["acc_norm"] == right_norm / 12
+    assert sst2.choices == ("negative", "positive")  # SST-2's label 1 is positive
     assert z["score"] == z["accuracy"] == z["acc"]  # SST-2's metric is accuracy, from the acc predictions
     with pytest.raises(StageError, match="regression"):
         zero_shot(DecoderScorer(model), lambda s: tok.encode(s).ids, 0, TASKS["stsb"], {"validation": examples})
