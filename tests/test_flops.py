@@ -47,11 +47,9 @@ def test_cpu_probe_is_plausible_and_cached(tmp_path: Path):
     def no_probe(*args, **kwargs):
         raise AssertionError("the second call should read the cache, not probe")
 
-    t0 = time.perf_counter()
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp:  # read from the cache: no probe at all (no timing needed)
         mp.setattr(flops, "measure_peak", no_probe)
         second = peak_flops(CPU, torch.float32, threads=1, cache=cache, **SMALL)
-    assert time.perf_counter() - t0 < 0.5
     assert second == first
 
 
