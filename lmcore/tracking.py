@@ -687,7 +687,24 @@ def stage_run(
             _close_after_loss(client, [tracker.run_id, parent], status)
         tracker._call(client.set_terminated, tracker.run_id, status)
         if parent:  # the execution's status and end time follow its stages
-            tracker._call(client.set_terminated, parent, status)
+            tracker._call(lambda: client.set_terminated(parent, _execution_status(client, experiment_id, parent,
+                                                                                  status)))
+
+
+def _execution_status(client: Any, experiment_id: str, parent: str, status: str) -> str:
+    """The status of execution ``parent`` as a stage ends with ``status``: FAILED while the last
+    try of any of its stages failed or was killed (``dvc repro --keep-going`` goes on after a
+    failed stage: the one after it finishing must not make the execution FINISHED), else
+    ``status``."""
+    if status != "FINISHED":
+        return status
+    last: dict[tuple[str, str], Any] = {}
+    for r in client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
+                                max_results=1000):
+        key = (r.data.tags.get("lmcore.stage", ""), r.data.tags.get("lmcore.task", ""))
+        if key not in last or (r.info.start_time or 0) > (last[key].info.start_time or 0):
+            last[key] = r
+    return "FAILED" if any(r.info.status in ("FAILED", "KILLED") for r in last.values()) else status
 
 
 def _close_after_loss(client: Any, run_ids: list[str | None], status: str) -> None:

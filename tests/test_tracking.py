@@ -161,6 +161,34 @@ def test_runs_whose_tracking_failed_midway_are_closed_when_the_store_answers_aga
         ("pipeline", "FINISHED"), ("stage", "FINISHED")]
 
 
+def test_an_execution_stays_failed_while_the_last_try_of_a_stage_failed(tmp_path, monkeypatch):
+    """Under dvc repro --keep-going a stage after a failed one finishing set the execution
+    FINISHED; a successful retry of the failed stage does make it FINISHED."""
+    import pytest
+    from mlflow import MlflowClient
+
+    from lmcore.config import TrackingConfig
+    from lmcore.tracking import find_parent, stage_run
+
+    monkeypatch.setenv(PIPELINE_ENV, "keep-going")
+    cfg = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment="e")
+    client = MlflowClient(cfg.tracking_uri)
+
+    def parent_status() -> str:
+        exp = client.get_experiment_by_name("e").experiment_id
+        return client.get_run(find_parent(client, exp, "keep-going").info.run_id).info.status
+
+    with pytest.raises(RuntimeError), stage_run("clean", cfg, {}):
+        raise RuntimeError("a bad document")
+    assert parent_status() == "FAILED"
+    with stage_run("export", cfg, {}):  # another branch of the pipeline goes on
+        pass
+    assert parent_status() == "FAILED"
+    with stage_run("clean", cfg, {}):  # the failed stage again, fixed
+        pass
+    assert parent_status() == "FINISHED"
+
+
 def test_a_deleted_experiment_is_named_with_how_to_restore_it(tmp_path):
     """Every stage failed with "the tracking store did not answer: ... must be in the 'active' state"."""
     import pytest
