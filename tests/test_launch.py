@@ -169,6 +169,26 @@ def _kill_after_checkpoint(proc: subprocess.Popen, root: Path, step: int = 10) -
     return steps[-1]
 
 
+def test_ctrl_c_stops_the_training_at_a_checkpoint_and_exits_130(tmp_path):
+    """Ctrl-C (SIGINT to the launcher's process group, as a terminal sends it) was reported as
+    143, SIGTERM's status; the training processes still stop at a checkpoint."""
+    import os
+
+    root = make_project(tmp_path, max_steps=5000, checkpoint_interval=10, eval_interval=5000, warmup_steps=4)
+    set_launch(root)
+    proc = lmcore_launch(root, wait=False)
+    ckpt = root / "runs/pretrain/checkpoints/step-000010/trainer.json"
+    t0 = time.time()
+    while not ckpt.exists():
+        assert proc.poll() is None and time.time() - t0 < 300, proc.stdout.read()[-3000:]
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-3000:]
+    assert "stopping the training processes" in out and "stopped by SIGTERM" in out, out[-3000:]
+    assert "Traceback" not in out
+
+
 def test_two_processes_resume_on_one_and_a_changed_global_batch_is_refused(reference, tmp_path):
     root = make_project(tmp_path, grad_accum=1, **ELASTIC)
     set_launch(root, num_processes=2)
