@@ -1223,8 +1223,8 @@ class TrackingServerConfig(Section):
     """An existing database instead of one started here, e.g.
     ``postgresql://mlflow:secret@db.example.org:5432/mlflow``; null: start PostgreSQL in ``data``."""
     artifacts_destination: str | None = None
-    """Where the server keeps artifacts: a folder, ``s3://bucket/prefix``, ``gs://bucket/prefix``;
-    null: ``<data>/artifacts``."""
+    """Where the server keeps artifacts: a folder (relative to the project folder, ``lmcore --root``),
+    ``s3://bucket/prefix``, ``gs://bucket/prefix``; null: ``<data>/artifacts``."""
     workers: int = Field(default=1, ge=1)
     """MLflow server worker processes."""
     allowed_hosts: list[str] = []

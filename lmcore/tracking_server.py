@@ -265,6 +265,8 @@ def serve(cfg: TrackingServerConfig, root: Path, say: Callable[[str], None] = pr
         raise StageError(f"port {cfg.port} on {cfg.host} is in use (tracking.server.port): another server runs "
                          f"there, or choose another port")
     artifacts = cfg.artifacts_destination or str(folder / "artifacts")
+    if "://" not in artifacts:  # a folder: relative to the project folder, as tracking.server.data
+        artifacts = str((root / artifacts).resolve())
     log = folder / "mlflow.log"
     with _stop_on_signals() as stop:
         postgres = None
