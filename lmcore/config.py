@@ -132,6 +132,14 @@ class CorpusSource(Section):
     """Size of the raw shards written by ``prepare`` in MB of JSONL; each shard is one unit of
     parallel work for ``clean``."""
 
+    @model_validator(mode="after")
+    def _source_named(self) -> "CorpusSource":
+        if self.kind == "files" and not self.paths:
+            raise ValueError("paths is empty: kind 'files' needs files or folders")
+        if self.kind == "hub" and not self.hub_dataset.strip():
+            raise ValueError("hub_dataset is empty: kind 'hub' needs a dataset name (e.g. roneneldan/TinyStories)")
+        return self
+
 
 SplitName = Literal["train", "validation", "test", "validation_matched", "validation_mismatched", "test_matched",
                    "test_mismatched", "test_ax"]
@@ -375,6 +383,7 @@ class PerLanguageSettings:
             unknown = sorted(set(overrides) - own)
             if unknown:
                 raise ValueError(f"by_language.{code}: unknown field(s) {unknown}; allowed: {sorted(own)}")
+            no_booleans_for_numbers(type(self), overrides, f"by_language.{code}")
             try:
                 dataclasses.replace(self, by_language={}, **overrides)
             except ValidationError as e:
@@ -396,7 +405,8 @@ class C4Settings(PerLanguageSettings):
     min_words_per_line: int = Field(default=3, ge=-1)
     """Drop lines with fewer whitespace-separated words (C4: 3; -1 is off)."""
     max_word_length: int = Field(default=1000, ge=-1)
-    """Drop lines with a word longer than this (C4 code: 1000; -1 is off)."""
+    """Drop lines with a word longer than this (C4 code: 1000; -1 is off; 0 would drop every line
+    and is refused)."""
     filter_javascript: bool = True
     """Drop lines containing "javascript", any case (C4)."""
     filter_policy: bool = True
@@ -408,6 +418,11 @@ class C4Settings(PerLanguageSettings):
     min_num_sentences: int = Field(default=5, ge=-1)
     """Fewer sentences (spaCy's sentencizer, per line, as datatrove counts them) ->
     ``too_few_sentences`` (C4: 5; -1 is off)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_word_length == 0:
+            raise ValueError("max_word_length = 0 would drop every line; -1 turns the rule off")
 
 
 @pydantic_dataclass(config=SETTINGS)
@@ -438,6 +453,13 @@ class GopherQualitySettings(PerLanguageSettings):
     stop_words: tuple[str, ...] = ("the", "be", "to", "of", "and", "that", "have", "with")
     """The stop words (Gopher's eight; case-sensitive, as in datatrove)."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for low, high in (("min_doc_words", "max_doc_words"), ("min_avg_word_length", "max_avg_word_length")):
+            a, b = getattr(self, low), getattr(self, high)
+            if a and b and a > b:  # None or 0 is off
+                raise ValueError(f"{low} ({a}) must be <= {high} ({b}): no document could pass")
+
 
 @pydantic_dataclass(config=SETTINGS)
 class GopherRepetitionSettings(PerLanguageSettings):
@@ -456,7 +478,7 @@ class GopherRepetitionSettings(PerLanguageSettings):
     top_n_grams: tuple[tuple[Annotated[int, Field(ge=1)], Share], ...] = ((2, 0.2), (3, 0.18), (4, 0.16))
     """(n, fraction): the most frequent word n-gram (joined by spaces) times its count, in characters,
     over the text's characters, above the fraction -> ``top_{n}_gram`` (Gopher: 0.20, 0.18, 0.16)."""
-    dup_n_grams: tuple[tuple[Annotated[int, Field(ge=1)], float], ...] = (
+    dup_n_grams: tuple[tuple[Annotated[int, Field(ge=1)], Share], ...] = (
         (5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))
     """(n, fraction): characters of word n-grams (joined without separator) that repeat an earlier one,
     scanning greedily as datatrove does, over the text's characters, above the fraction ->
@@ -589,6 +611,16 @@ class MinHashConfig:
         return (1.0 / self.bands) ** (1.0 / self.rows)
 
 
+def no_booleans_for_numbers(cls: type, values: dict[str, Any], where: str) -> None:
+    """What :class:`Section` refuses, for a dataclass section: YAML's true/false given for a
+    number (pydantic reads them as 1/0: ``threshold: true`` kept nothing)."""
+    fields = getattr(cls, "__pydantic_fields__", {})
+    for key, v in values.items():
+        members = _members(fields[key].annotation) if key in fields else []
+        if isinstance(v, bool) and members and all(m in (int, float) for m in members):
+            raise ValueError(f"{where}: {key} = {str(v).lower()} is a boolean; give a number")
+
+
 def settings_from(cls: type, overrides: Any, where: str) -> Any:
     """A dataclass section (``cls``) from a mapping of overrides (None or ``{}``: the defaults).
     Raises ValueError naming ``where``, the unknown fields or the bad values, and what is allowed."""
@@ -602,6 +634,7 @@ def settings_from(cls: type, overrides: Any, where: str) -> Any:
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {unknown}; allowed: {allowed}")
+    no_booleans_for_numbers(cls, overrides, where)
     try:
         return cls(**overrides)
     except ValidationError as e:
@@ -813,7 +846,9 @@ class ModelShape(Section):
 class ModelConfig(ModelShape):
     """Shape of the decoder (Llama style: RoPE, RMSNorm, SwiGLU, no biases).
 
-    ``preset`` fills in the shape fields; any field given beside it overrides the preset."""
+    ``preset`` fills in the shape fields; any field given beside it (not null) overrides the
+    preset: after ``-S pretrain.model.preset=<name>``, the fields params.yaml sets beside it still
+    apply (the default file sets ``n_layer: 2``)."""
 
     preset: Literal["tiny", "small", "mini", "gpt2-124m", "llama-350m"] | None = None
     """A named shape (see ``MODEL_PRESETS``): tiny 2x64, small 4x256, mini 6x384 (6 heads,
@@ -823,7 +858,9 @@ class ModelConfig(ModelShape):
     @classmethod
     def _preset(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("preset") in MODEL_PRESETS:
-            return {**MODEL_PRESETS[data["preset"]], **data}
+            # a field left null keeps the preset's value (params.yaml's n_kv_heads: null under
+            # llama-350m kept 16 key/value heads, not its 4)
+            return {**MODEL_PRESETS[data["preset"]], **{k: v for k, v in data.items() if v is not None}}
         return data
 
     def shape(self) -> dict[str, Any]:
@@ -902,6 +939,10 @@ class PretrainConfig(Section):
     def _warmup(self) -> "PretrainConfig":
         if self.warmup_steps >= self.max_steps:  # equal: the rate would never reach its peak nor decay
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps})")
+        decay = round(self.decay_fraction * self.max_steps)
+        if self.schedule == "wsd" and self.warmup_steps + decay > self.max_steps:  # the decay was cut short
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) + decay_fraction x max_steps ({decay}) must be <= "
+                             f"max_steps ({self.max_steps}) under schedule 'wsd'")
         if self.optimizer == "muon" and self.mixed_precision == "fp16":
             # Accelerate's fp16 scaler steps and updates per optimizer: the second optimizer's
             # gradients (AdamW's: embeddings, norms) would be unscaled twice, ~2^-32 of their size
@@ -1128,14 +1169,15 @@ class EvaluateConfig(EvaluateSampling):  # type: ignore[valid-type,misc]
     prompts: list[str] = ["ROMEO.\n", "To be, or not to be", "The king"]
     """Prompts for the sample generations."""
 
-    @field_validator("texts")
+    @field_validator("texts", "multiple_choice")
     @classmethod
-    def _unique_names(cls, texts: list[HeldOutText]) -> list[HeldOutText]:
-        names = [t.name for t in texts]
+    def _unique_names(cls, items: list[Any], info: Any) -> list[Any]:
+        names = [t.name for t in items]
         twice = sorted({n for n in names if names.count(n) > 1})
+        what = "text" if info.field_name == "texts" else "multiple-choice file"
         if twice:
-            raise ValueError(f"name(s) {', '.join(twice)} given to more than one text (each needs its own)")
-        return texts
+            raise ValueError(f"name(s) {', '.join(twice)} given to more than one {what} (each needs its own)")
+        return items
 
     def rooted(self, layout: Layout) -> EvaluateConfig:
         """These settings with the files of ``texts`` and ``multiple_choice`` relative to the
@@ -1231,6 +1273,13 @@ class TrackingServerConfig(Section):
     """Host names clients may use to reach the server beyond localhost and private addresses
     (MLflow's ``--allowed-hosts``, a guard against DNS rebinding), e.g. ``[mlflow.example.org]``."""
 
+    @model_validator(mode="after")
+    def _two_ports(self) -> "TrackingServerConfig":
+        if self.backend_store_uri is None and self.port == self.postgres_port:
+            raise ValueError(f"port ({self.port}) must differ from postgres_port: the PostgreSQL started here "
+                             "takes that one")
+        return self
+
 
 class RegistryConfig(Section):
     enabled: bool = True
@@ -1256,6 +1305,8 @@ class TrackingConfig(Section):
     @field_validator("tracking_uri")
     @classmethod
     def _a_database_file(cls, uri: str) -> str:
+        if "://" not in uri and uri != "databricks":  # empty, a bare path: MLflow would pick a store itself
+            raise ValueError("a URI with a scheme: sqlite:///mlflow.db, http://host:5000, postgresql://...")
         # an empty sqlite path or a folder: SQLAlchemy retried it for minutes before its error
         if uri.startswith("sqlite:///"):
             path = uri.removeprefix("sqlite:///")

@@ -103,6 +103,13 @@ def launch_command(launch: LaunchConfig, stage: str, params_file: str | Path = "
     if processes < machines:
         raise StageError(f"launch: {processes} process(es) on {machines} machines: num_processes counts the processes "
                          "of all machines (set launch.num_processes)")
+    if processes % machines:  # accelerate starts num_processes // num_machines per machine, silently fewer
+        raise StageError(f"launch.num_processes ({processes}) must be a multiple of num_machines ({machines}): each "
+                         "machine runs the same number of processes")
+    rank = launch.machine_rank if launch.machine_rank is not None else int(file.get("machine_rank") or 0)
+    if not 0 <= rank < machines:
+        raise StageError(f"launch.machine_rank ({rank}) must be below num_machines ({machines}"
+                         f"{'' if launch.num_machines else f', from {path}'})")
     argv = [python, "-m", "accelerate.commands.launch", "--config_file", str(path)]
     if dtype not in _MULTI and processes == 1 and machines == 1 and bool(file.get("use_cpu")) != cpu:
         # one process: accelerate's simple launcher sets ACCELERATE_USE_CPU from the file's use_cpu

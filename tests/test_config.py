@@ -59,6 +59,9 @@ def test_model_preset_fills_the_shape_and_explicit_fields_win(tmp_path):
     p = _write(tmp_path, {"pretrain": {"model": {"preset": "huge"}}})
     with pytest.raises(ConfigError, match="pretrain.model.preset = 'huge'.*'tiny'"):
         config.load(p)
+    # a field left null keeps the preset's value (params.yaml's n_kv_heads: null)
+    p = _write(tmp_path, {"pretrain": {"model": {"preset": "llama-350m", "n_kv_heads": None}}})
+    assert config.load(p).pretrain.model.n_kv_heads == 4
     p = _write(tmp_path, {"pretrain": {"model": {"n_head": 4, "n_kv_heads": 3}}})
     with pytest.raises(ConfigError, match="n_kv_heads"):
         config.load(p)
@@ -205,6 +208,23 @@ def test_a_params_file_that_is_not_utf8_names_the_line(tmp_path):
      "prepare.tasks.local.x.metrics = []", "at least 1 item"),  # a task with nothing to score
     ({"clean": {"filters": {"language": {"languages": ["en", False]}}}}, "languages.1 = False",
      "YAML reads a bare no, off, false as false: quote the word, e.g. 'no'"),
+    # the filter sections (dataclasses) too: threshold true kept nothing after the whole clean ran
+    ({"clean": {"filters": {"language": {"threshold": True}}}}, "filters.language: threshold = true",
+     "a boolean; give a number"),
+    ({"clean": {"filters": {"gopher_quality": {"by_language": {"fr": {"min_doc_words": True}}}}}},
+     "by_language.fr: min_doc_words = true", "a boolean; give a number"),
+    ({"clean": {"filters": {"gopher_quality": {"min_doc_words": 1000, "max_doc_words": 10}}}},
+     "min_doc_words (1000) must be <= max_doc_words (10)", "no document could pass"),
+    ({"clean": {"filters": {"gopher_repetition": {"dup_n_grams": [[5, -1.0]]}}}}, "dup_n_grams.0.1 = -1.0",
+     "greater than or equal to 0"),
+    ({"clean": {"filters": {"c4": {"max_word_length": 0}}}}, "max_word_length = 0 would drop every line", "-1"),
+    ({"evaluate": {"multiple_choice": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}},
+     "name(s) a given to more than one multiple-choice file", "each needs its own"),
+    ({"pretrain": {"schedule": "wsd", "max_steps": 100, "warmup_steps": 90, "decay_fraction": 0.5}},
+     "warmup_steps (90) + decay_fraction x max_steps (50) must be <= max_steps (100)", "wsd"),
+    ({"tracking": {"tracking_uri": ""}}, "tracking.tracking_uri = ''", "a URI with a scheme"),
+    ({"tracking": {"server": {"port": 5433}}}, "port (5433) must differ from postgres_port", "PostgreSQL"),
+    ({"prepare": {"corpus": {"kind": "files"}}}, "prepare.corpus: paths is empty", "kind 'files'"),
 ])
 def test_values_that_would_fail_deep_inside_a_stage_are_refused_at_load(tmp_path, section, value, why):
     """A seed out of what NumPy and torch accept, an infinite or NaN float, a task name that is a

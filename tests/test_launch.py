@@ -127,6 +127,12 @@ def test_bad_launch_values_name_the_key(tmp_path):
         launch_command(LaunchConfig(config=CPU, num_processes=2, num_machines=2), "pretrain")
     with pytest.raises(ConfigError, match="launch.num_processes = 0"):
         config.from_dict({"launch": {"num_processes": 0}})
+    # accelerate would start 3 // 2 = 1 process on each of the 2 machines, silently
+    with pytest.raises(StageError, match=r"launch.num_processes \(3\) must be a multiple of num_machines \(2\)"):
+        launch_command(LaunchConfig(config=CPU, num_processes=3, num_machines=2, main_process_ip="10.0.0.1"), "pretrain")
+    multi_node = str(ROOT / "configs/accelerate/multi-node.yaml")  # num_machines: 2 in the file
+    with pytest.raises(StageError, match=r"launch.machine_rank \(2\) must be below num_machines \(2, from .*multi-node"):
+        launch_command(LaunchConfig(config=multi_node, machine_rank=2, main_process_ip="10.0.0.1"), "pretrain")
     with pytest.raises(ConfigError, match="machine_rank .2. must be below num_machines .2."):
         config.from_dict({"launch": {"num_machines": 2, "machine_rank": 2}})
     (tmp_path / "params.yaml").write_text("launch:\n  config: nowhere.yaml\n")

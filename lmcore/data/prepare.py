@@ -114,14 +114,10 @@ def corpus_documents(src: CorpusSource, stats: ReadStats | None = None) -> Itera
     stats = stats if stats is not None else ReadStats()
     if src.kind == "shakespeare":
         docs = _shakespeare_docs(src)
-    elif src.kind == "files":
-        if not src.paths:
-            raise StageError("prepare.corpus.paths is empty: list files or folders for kind 'files'")
+    elif src.kind == "files":  # the settings hold paths for it, and a hub_dataset for hub
         yield from read_files(src.paths, src.text_field, src.text_unit, stats, src.max_documents)
         return
     else:
-        if not src.hub_dataset:
-            raise StageError("prepare.corpus.hub_dataset is empty: name a hub dataset for kind 'hub'")
         docs = read_hub(src.hub_dataset, src.hub_config, src.hub_split, src.text_field, stats)
     # islice: a document past max_documents is not even read (nor counted in the read report)
     yield from docs if src.max_documents is None else itertools.islice(docs, src.max_documents)
