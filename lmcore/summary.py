@@ -80,7 +80,11 @@ def summarize(params: Params, layout: Layout, key: str | None) -> str:
     """The summary text of execution ``key`` (None: the outputs only, no MLflow)."""
     outputs = pipeline_outputs(params, layout)
     lines: list[str] = []
-    if params.tracking.enabled and key:
+    if key and not any(p.exists() for ps in outputs.values() for p in ps):
+        # nothing ran here (or --pipeline in the wrong folder): no execution to record, and none
+        # made up ("every stage reused") to become the newest
+        lines.append(f"pipeline {key}: no stage output in {layout.root}, nothing recorded")
+    elif params.tracking.enabled and key:
         execution = link_execution(params.tracking, key, [p for ps in outputs.values() for p in ps])
         client, experiment_id, uri = open_client(params.tracking)
         with reading_store(uri):  # a store failing now: named, no traceback

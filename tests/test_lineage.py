@@ -205,3 +205,16 @@ def test_the_report_shows_the_pipeline_tasks_not_every_metrics_file_left_behind(
     assert "<td>sst2</td>" in page and "cola" not in page and "<td>rte</td>" not in page
     everything = write_report(Layout(tmp_path), "t", "summary", None).read_text()
     assert "<td>sst2</td>" in everything and "<td>cola</td>" in everything
+
+
+def test_a_summary_where_nothing_ran_records_no_execution(tmp_path):
+    """`lmcore summary --pipeline <typo>` (or in the wrong folder) made up an execution, "every
+    stage reused", which then counted as the newest and stopped the real one's records."""
+    from lmcore import config
+    from lmcore.core.layout import Layout
+    from lmcore.summary import summarize
+
+    params = config.from_dict({"tracking": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}})
+    text = summarize(params, Layout(tmp_path), "no-such-key")
+    assert text.startswith(f"pipeline no-such-key: no stage output in {tmp_path}, nothing recorded")
+    assert not (tmp_path / "m.db").exists()  # no store opened, no parent run made up
