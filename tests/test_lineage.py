@@ -218,3 +218,43 @@ def test_a_summary_where_nothing_ran_records_no_execution(tmp_path):
     text = summarize(params, Layout(tmp_path), "no-such-key")
     assert text.startswith(f"pipeline no-such-key: no stage output in {tmp_path}, nothing recorded")
     assert not (tmp_path / "m.db").exists()  # no store opened, no parent run made up
+
+
+def test_the_report_colours_a_score_by_which_way_is_better(tmp_path):
+    """Bits per byte and perplexity: lower beats the baseline; accuracy: higher."""
+    import re
+
+    from lmcore.core.layout import Layout
+    from lmcore.report import _scores_section
+
+    (tmp_path / "runs/evaluate").mkdir(parents=True)
+    (tmp_path / "runs/evaluate/report.md").write_text(
+        "| what | metric | model | baseline | kind |\n|---|---|---|---|---|\n"
+        "| language model | validation bits per byte | 2.1 | 3.1 | unigram |\n"
+        "| language model | validation perplexity | 40.0 | 30.0 | unigram |\n"
+        "| sst2 | accuracy | 0.8 | 0.5 | majority class |\n"
+        "| sst2 | f1 | 0.6 | 0.7 | TF-IDF logistic regression |\n")
+    html = _scores_section(Layout(tmp_path))
+    rows = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td class=\"num ([a-z]+)\">", html)
+    assert [(metric, cls) for _, metric, cls in rows] == [
+        ("validation bits per byte", "better"), ("validation perplexity", "worse"), ("accuracy", "better"),
+        ("f1", "worse")]
+
+
+def test_git_dirty_ignores_the_dvc_lock_the_pipeline_rewrites(tmp_path, monkeypatch):
+    from lmcore.tracking import git_tags
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "dvc.lock").write_text("a\n")
+    (tmp_path / "params.yaml").write_text("a: 1\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "i")
+    monkeypatch.chdir(tmp_path)
+    assert git_tags()["lmcore.git_dirty"] == "false"
+    (tmp_path / "dvc.lock").write_text("b\n")
+    assert git_tags()["lmcore.git_dirty"] == "false"  # the pipeline's own rewrite
+    (tmp_path / "params.yaml").write_text("a: 2\n")
+    assert git_tags()["lmcore.git_dirty"] == "true"
