@@ -241,6 +241,13 @@ class TaskSource(Section):
     max_examples: int | None = Field(default=None, ge=1)
     """Keep at most this many examples per split (None: all)."""
 
+    @model_validator(mode="after")
+    def _local_tasks(self) -> "TaskSource":
+        for name in self.tasks:
+            if name in self.local:
+                _check_local(name, self.local[name])
+        return self
+
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, tasks: list[str], info: ValidationInfo) -> list[str]:
@@ -253,7 +260,7 @@ class TaskSource(Section):
         kind, local = info.data["kind"], info.data["local"]
         for name in tasks:
             if name in local:
-                _check_local(name, local[name])
+                continue  # checked with the section (_local_tasks): its errors name local.<name>
             elif name == "ax":
                 raise ValueError("ax (the GLUE diagnostic) is predicted with the MNLI model: list mnli "
                                  "(prepare.tasks.ax: true adds AX to it)")
@@ -1392,7 +1399,7 @@ def _describe(err: dict[str, Any], source: str) -> str:
     if kind == "extra_forbidden":
         return f"{source}: unknown key '{key}'"
     value = err.get("input")
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")  # pydantic's wording around lmcore's own messages
     if kind == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == TEXT_NAME:
         msg = "a name is letters, digits, _ and -, starting with a letter or digit"
     if kind in ("literal_error",):
@@ -1402,7 +1409,7 @@ def _describe(err: dict[str, Any], source: str) -> str:
         words = "yes, on, true" if value else "no, off, false"
         msg += f"; YAML reads a bare {words} as {str(value).lower()}: quote the word, e.g. '{words.split(',')[0]}'"
     if kind == "value_error" and (isinstance(value, dict) or not err["loc"]):  # a rule across the fields of a section
-        return f"{source}: {key + ': ' if err['loc'] else ''}{msg.removeprefix('Value error, ')}"
+        return f"{source}: {key + ': ' if err['loc'] else ''}{msg}"
     return f"{source}: {key} = {value!r} is invalid ({msg})"
 
 
