@@ -276,3 +276,20 @@ def test_pretrain_and_evaluate_read_token_shards_like_an_array(synthetic):
     b = sliding_window_nll(model, flat, 8, 5, batch_size=3, max_tokens=60)
     assert a[1] == b[1] and math.isclose(a[0], b[0], rel_tol=1e-6)
     assert unigram_nll(view, view[:40], 50) == unigram_nll(flat, flat[:40], 50)
+
+
+def test_a_uint32_split_reads_back_ids_above_65535(tmp_path):
+    """A vocabulary above 65,536 tokens is stored as uint32: the reader must take the manifest's
+    dtype (as uint16 these ids would wrap)."""
+    ids = np.array([65_535, 65_536, 70_259, 0, 1, 0], dtype=np.uint32)  # two documents, each ending in 0
+    ids.tofile(tmp_path / "train.bin")
+    np.array([0, 4, 6], dtype="<u8").tofile(tmp_path / "train.idx")
+    shard = {"file": "train.bin", "index": "train.idx", "source": "s", "source_sha256": "0", "tokens": 6,
+             "documents": 2, "bytes": 12}
+    manifest = {"format": 1, "dtype": "uint32", "index_dtype": "uint64", "vocab_size": 70_260, "eot_id": 0,
+                "tokenizer_sha256": "x",
+                "splits": {"train": {"tokens": 6, "documents": 2, "bytes": 12, "sources": {}, "shards": [shard]}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    tokens = load_tokens(tmp_path, "train")
+    assert np.asarray(tokens).dtype == np.uint32 and np.asarray(tokens).tolist() == ids.tolist()
+    assert tokens.document(0).tolist() == [65_535, 65_536, 70_259] and tokens[1:5].tolist() == [65_536, 70_259, 0, 1]
