@@ -89,3 +89,23 @@ def test_score_refuses_counts_below_one(flag, value, capsys):
     with pytest.raises(SystemExit) as e:
         main(["score", "runs/pretrain/final", flag, value])
     assert e.value.code == 2 and f"argument {flag}: '{value}' is not a whole number >= 1" in capsys.readouterr().err
+
+
+def test_text_without_spaces_reports_an_infinite_word_perplexity_not_a_crash():
+    """A Japanese paragraph is one whitespace "word": its NLL passes the 709 nats where exp
+    overflowed, after the whole scoring had run."""
+    from lmcore.eval.harness import DocumentScores
+
+    text = "吾輩は猫である。名前はまだ無い。" * 20
+    s = DocumentScores([-900.0], [len(text.encode("utf-8"))], [count_words(text)], [300])
+    m = s.metrics("lm.")
+    assert m["lm.word_perplexity"] == math.inf and math.isfinite(m["lm.byte_perplexity"])
+    assert m["lm.doc_bpb"] == pytest.approx(900 / (len(text.encode("utf-8")) * math.log(2)))
+
+
+def test_documents_without_text_are_refused_by_name(tmp_path):
+    from lmcore.core.errors import StageError
+
+    model = tiny_model(tmp_path / "m")
+    with pytest.raises(StageError, match="no text among them"):
+        score_documents(DecoderScorer(model), [[], []], ["", ""], prefix=0)

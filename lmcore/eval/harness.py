@@ -120,16 +120,22 @@ class DocumentScores:
 
     @property
     def byte_perplexity(self) -> float:
-        return math.exp(-sum(self.loglikelihoods) / sum(self.bytes))
+        return _exp(-sum(self.loglikelihoods) / sum(self.bytes))
 
     @property
     def word_perplexity(self) -> float:
-        return math.exp(-sum(self.loglikelihoods) / sum(self.words))
+        # text without spaces (Chinese, Japanese) is one "word" per run: its NLL can pass the
+        # 709 nats where exp overflows; the perplexity is then reported as inf, not a crash
+        return _exp(-sum(self.loglikelihoods) / sum(self.words))
 
     def metrics(self, prefix: str) -> dict[str, float | int]:
         """``<prefix>doc_bpb``, ``byte_perplexity``, ``word_perplexity``, ``doc_documents``."""
         return {f"{prefix}doc_bpb": self.bits_per_byte, f"{prefix}byte_perplexity": self.byte_perplexity,
                 f"{prefix}word_perplexity": self.word_perplexity, f"{prefix}doc_documents": len(self.bytes)}
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 709.0 else math.inf
 
 
 def score_documents(scorer: Any, token_lists: Iterable[Sequence[int]], texts: Sequence[str], prefix: int,
@@ -140,6 +146,8 @@ def score_documents(scorer: Any, token_lists: Iterable[Sequence[int]], texts: Se
     token_lists = [list(t) for t in token_lists]
     if len(token_lists) != len(texts):
         raise StageError(f"{len(token_lists)} token lists for {len(texts)} texts")
+    if not any(texts):
+        raise StageError(f"{len(texts)} document(s) and no text among them (0 bytes): nothing to score")
     jobs = [(d, w, ctx, cont) for d, toks in enumerate(token_lists)
             for w, (ctx, cont) in enumerate(rolling_windows(toks, prefix, scorer.max_len))]
     jobs.sort(key=lambda j: -(len(j[2]) + len(j[3])))  # similar lengths together: less padding

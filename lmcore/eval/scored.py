@@ -125,7 +125,11 @@ def score_split(model, tok, split: Any, info: dict[str, Any], eot: int, stride: 
                 max_tokens: int | None, logp: np.ndarray | None = None, desc: str | None = None) -> Scored:
     """Score the first whole documents of an encoded ``split`` (its manifest entry ``info``) within
     ``max_tokens`` (:func:`split_selection`); ``logp``: unigram log-probabilities for the baseline."""
+    if len(split) == 0:
+        raise StageError("the split holds no tokens to score (data/tokens: encode wrote it empty)")
     n_tok, n_bytes, n_docs, cut = split_selection(split, info, max_tokens, tok)
+    if n_bytes == 0:  # empty documents: each a lone end-of-text token
+        raise StageError(f"the {n_tok} tokens scored hold no text (0 bytes): bits per byte has no meaning")
     nll = score_stream(model, split, n_tok, eot, stride, batch_size, desc=desc)
     uni = float("nan") if logp is None else unigram_scored_nll(split if n_tok == len(split) else split[:n_tok], logp)
     return Scored(nll, n_tok, n_bytes, n_docs, cut, uni)
