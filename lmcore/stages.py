@@ -234,7 +234,8 @@ def named_inputs(name: str, params: Params, layout: Layout) -> list[Path]:
     key; ``dvc.yaml`` cannot list them (README: after editing one in place, ``dvc repro -f -s``)."""
     sections = {"prepare": params.prepare, "evaluate": params.evaluate}
     paths = [layout.rooted(p) for p in sections[name].input_files()] if name in sections else []
-    return sorted({Path(m) for p in paths for m in (glob.glob(p) or [p])})
+    # recursive, as the stages expand them (readers.expand_paths): "**" spans any depth
+    return sorted({Path(m) for p in paths for m in (glob.glob(p, recursive=True) or [p])})
 
 
 def cache_key(name: str, params: Params, layout: Layout, item: str | None = None) -> str:

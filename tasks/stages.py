@@ -43,7 +43,9 @@ def _shard_mapper():
     ctx = FlowRunContext.get()
     if ctx is None or isinstance(ctx.task_runner, ThreadPoolTaskRunner):
         return None
-    return lambda jobs: [f.result() for f in clean_shard_task.map(*map(list, zip(*jobs)))]
+    # absolute paths: a worker of an external cluster resolves relative ones against its own folder
+    return lambda jobs: [f.result() for f in clean_shard_task.map(
+        *map(list, zip(*[(i, Path(src).resolve(), Path(work).resolve(), cfg) for i, src, work, cfg in jobs])))]
 
 
 def launch_overrides(launch: dict[str, Any] | None) -> dict[str, Any]:

@@ -196,10 +196,13 @@ def test_a_file_the_params_name_is_part_of_the_prefect_cache_key(tmp_path):
     (proj / "texts").mkdir(parents=True)
     (proj / "texts/a.txt").write_text("first text", encoding="utf-8")
     (proj / "held.txt").write_text("held out", encoding="utf-8")
-    params = Params.model_validate({"prepare": {"corpus": {"kind": "files", "paths": ["texts/*.txt"]}},
+    (proj / "texts/deep/er").mkdir(parents=True)
+    (proj / "texts/deep/er/b.txt").write_text("a text two folders down", encoding="utf-8")
+    params = Params.model_validate({"prepare": {"corpus": {"kind": "files", "paths": ["texts/**/*.txt"]}},
                                     "evaluate": {"texts": [{"name": "h", "paths": [str(proj / "held.txt")]}]}})
     layout = Layout(proj)
-    assert named_inputs("prepare", params, layout) == [proj / "texts/a.txt"]
+    # "**" at any depth, as prepare reads it (it matched one folder level only)
+    assert named_inputs("prepare", params, layout) == [proj / "texts/a.txt", proj / "texts/deep/er/b.txt"]
     assert named_inputs("evaluate", params, layout) == [proj / "held.txt"]
     keys = {s: cache_key(s, params, layout) for s in ("prepare", "evaluate")}
     (proj / "texts/a.txt").write_text("edited text", encoding="utf-8")
@@ -275,3 +278,28 @@ def test_corpus_shards_are_cut_by_bytes_not_characters(tmp_path):
     docs = [{"text": "語" * 1000} for _ in range(40)]  # 3 bytes a character
     paths = write_shards(iter(docs), tmp_path, 10_000)
     assert all(p.stat().st_size < 10_000 + 3_100 for p in paths) and len(paths) == 10  # 4 documents each
+
+
+def test_a_folder_replacement_interrupted_between_its_renames_keeps_the_old_folder(tmp_path, monkeypatch):
+    """The old folder was moved aside, then a signal before the new one's rename deleted both."""
+    import os
+
+    from lmcore.core import io
+
+    out = tmp_path / "runs/final"
+    out.mkdir(parents=True)
+    (out / "model.bin").write_text("old")
+    real = os.replace
+
+    def interrupted(src, dst):
+        if Path(dst) == out and Path(src).name == "final":  # the new folder's rename: Ctrl-C arrives just then
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with io.atomic_path(out) as tmp:
+            tmp.mkdir()
+            (tmp / "model.bin").write_text("new")
+    assert (out / "model.bin").read_text() == "old"
+    assert [p.name for p in out.parent.iterdir()] == ["final"]  # no leftovers

@@ -36,10 +36,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield target
         if not target.exists():
             raise RuntimeError(f"nothing was written to {path}")
+        old = tmp / (path.name + ".old")
         if path.is_dir() and not path.is_symlink():
-            old = tmp / (path.name + ".old")
-            os.replace(path, old)
-        os.replace(target, path)
+            os.replace(path, old)  # a folder cannot be renamed over another
+        try:
+            os.replace(target, path)
+        except BaseException:  # interrupted (a signal, Ctrl-C) between the two renames: the old one back
+            if old.exists() and not path.exists():
+                os.replace(old, path)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
