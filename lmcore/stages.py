@@ -19,7 +19,7 @@ from typing import Any
 
 from lmcore.config import Params
 from lmcore.core.errors import StageError
-from lmcore.core.imports import PACKAGE_DIR, closure_files, closure_fingerprint
+from lmcore.core.imports import PACKAGE_DIR, closure_files
 from lmcore.core.io import fingerprint, write_json
 from lmcore.core.layout import Layout
 
@@ -170,15 +170,26 @@ STAGE_IO: dict[str, StageIO] = {
 the stage's :func:`code_deps` before the data dependencies (a test keeps them equal)."""
 
 
+WIRING = ("lmcore/stages.py", "lmcore/cli/main.py", "lmcore/cli/__main__.py")
+"""What runs every stage beside its own code: this wiring (the folders and settings a stage is
+given) and the command line that calls it (``lmcore <stage>``, and ``python -m lmcore.cli`` in a
+launched process)."""
+LAUNCH_WIRING = ("lmcore/launch.py",)
+"""What starts a launched stage's processes (their number, CPU or GPU: the arithmetic)."""
+
+
 def code_deps(name: str, package_dir: Path = PACKAGE_DIR) -> list[str]:
-    """The lmcore source files stage ``name`` runs: the import closure of its entry module, as
-    paths relative to the project folder (``package_dir``: the ``lmcore`` folder read)."""
-    return closure_files(ENTRY_MODULES[name], package_dir)
+    """The lmcore source files stage ``name`` runs: the import closure of its entry module, then
+    :data:`WIRING` (and :data:`LAUNCH_WIRING` for a launched stage), as paths relative to the
+    project folder (``package_dir``: the ``lmcore`` folder read)."""
+    own = closure_files(ENTRY_MODULES[name], package_dir)
+    wiring = [*WIRING, *(LAUNCH_WIRING if STAGE_IO[name].launched else ())]
+    return own + [f for f in wiring if f not in own]
 
 
 def code_fingerprint(name: str, package_dir: Path = PACKAGE_DIR) -> str:
     """A hash of the contents of :func:`code_deps`: the code part of the Prefect cache key."""
-    return closure_fingerprint(ENTRY_MODULES[name], package_dir)
+    return fingerprint(*(package_dir.parent / f for f in code_deps(name, package_dir)))
 
 
 def deps(name: str, item: str | None = None) -> list[str]:

@@ -107,7 +107,13 @@ def test_code_deps_are_the_import_closure_of_the_entry_module():
               "lmcore/model/folder.py", "lmcore/data/shards.py", "lmcore/data/encode.py", "lmcore/data/tokenizer.py",
               "lmcore/data/glue.py", "lmcore/config.py"):
         assert f in evaluate, f
-    assert "lmcore/train/pretrain.py" not in evaluate and "lmcore/cli/main.py" not in evaluate
+    # the lazy imports of the wiring and the CLI are not followed (no stage runs every command)
+    assert "lmcore/train/pretrain.py" not in evaluate and "lmcore/cli/generate.py" not in evaluate
+    # what runs every stage (its wiring, the command line) is a dependency of each; what starts
+    # launched processes, of the launched stages only
+    for name in ORDER:
+        assert {"lmcore/stages.py", "lmcore/cli/main.py", "lmcore/cli/__main__.py"} <= set(code_deps(name)), name
+        assert ("lmcore/launch.py" in code_deps(name)) == (name in ("pretrain", "finetune")), name
     pretrain = code_deps("pretrain")
     for f in ("lmcore/train/accel.py", "lmcore/train/flops.py", "lmcore/model/folder.py", "lmcore/data/shards.py"):
         assert f in pretrain, f
