@@ -289,9 +289,13 @@ def _outputs_hash(name: str, layout: Layout, item: str | None) -> str:
     return fingerprint(*(layout / o for o in stage_io(name, item).outs))
 
 
-def record_produced(name: str, params: Params, layout: Layout, item: str | None = None) -> None:
-    """After the flow ran stage ``name``: the outputs now on disk are those of this cache key."""
-    write_json(_produced(name, layout, item), {"key": cache_key(name, params, layout, item),
+def record_produced(name: str, params: Params, layout: Layout, item: str | None = None,
+                    key: str | None = None) -> None:
+    """After the flow ran stage ``name``: the outputs now on disk are those of cache key ``key``,
+    the one computed when the stage started (None: computed now). A key computed at the end would
+    stand for inputs or code changed while the stage ran (a checkout during a long training), and
+    a later run with those would take outputs made from the earlier ones."""
+    write_json(_produced(name, layout, item), {"key": key or cache_key(name, params, layout, item),
                                                "outputs": _outputs_hash(name, layout, item)})
 
 

@@ -89,6 +89,7 @@ def stage_task(stage: str):
     def run(params_file: str = "params.yaml", root: str = ".", item: str | None = None,
             launch: dict[str, Any] | None = None) -> Any:
         params = config.load(params_file, launch_overrides(launch))
+        key = cache_key(stage, params, Layout(Path(root)), item)  # the inputs and code this run starts from
         if STAGE_IO[stage].launched:
             result = run_stage_launched(stage, params, params_file, root, item, get_run_logger().info)
         else:
@@ -96,7 +97,7 @@ def stage_task(stage: str):
             if item is not None:
                 extra["task"] = item
             result = run_stage(stage, params, Layout(Path(root)), **extra)
-        record_produced(stage, params, Layout(Path(root)), item)  # what the flow's cache may stand for
+        record_produced(stage, params, Layout(Path(root)), item, key)  # what the flow's cache may stand for
         return result
 
     run.__name__ = run.__qualname__ = stage

@@ -303,3 +303,24 @@ def test_a_folder_replacement_interrupted_between_its_renames_keeps_the_old_fold
             (tmp / "model.bin").write_text("new")
     assert (out / "model.bin").read_text() == "old"
     assert [p.name for p in out.parent.iterdir()] == ["final"]  # no leftovers
+
+
+def test_the_flow_records_the_key_its_stage_started_from(tmp_path):
+    """The record was keyed on the inputs at the end of the stage: a file changed while it ran
+    made the old outputs stand for the new inputs, and the next run took them from the cache."""
+    from lmcore.core.layout import Layout
+    from lmcore.stages import cache_key, outputs_current, record_produced
+
+    proj = tmp_path / "proj"
+    (proj / "texts").mkdir(parents=True)
+    (proj / "texts/a.txt").write_text("first text", encoding="utf-8")
+    params = Params.model_validate({"prepare": {"corpus": {"kind": "files", "paths": ["texts/a.txt"]}}})
+    layout = Layout(proj)
+    started = cache_key("prepare", params, layout)
+    (proj / "data/raw/corpus").mkdir(parents=True)  # the outputs the stage wrote from "first text"
+    (proj / "data/raw/corpus/00000.jsonl").write_text('{"text": "first text"}\n', encoding="utf-8")
+    (proj / "texts/a.txt").write_text("edited while it ran", encoding="utf-8")
+    record_produced("prepare", params, layout, key=started)
+    assert not outputs_current("prepare", params, layout)  # the edited text is not what they hold
+    (proj / "texts/a.txt").write_text("first text", encoding="utf-8")
+    assert outputs_current("prepare", params, layout)
