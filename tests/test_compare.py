@@ -127,7 +127,7 @@ def test_compare_plot_has_one_line_per_pretrained_run(store):
     from lmcore.eval.compare import compare
 
     tmp_path, uri = store
-    res = compare(EXPERIMENT, uri, out=tmp_path / "out")
+    res = compare(TrackingConfig(tracking_uri=uri, experiment=EXPERIMENT), out=tmp_path / "out")
     assert res.plotted == 3  # A, B and D pretrained; C did not
     assert [r.name for r in res.runs][:2] == ["pipeline run-b", "pipeline run-c"]
 
@@ -199,6 +199,31 @@ def test_compare_defaults_come_from_the_params_file(store, capsys, monkeypatch):
     assert main(["--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path), "compare"]) == 0
     assert "run-b" in capsys.readouterr().out
     assert (tmp_path / "runs/compare/compare.md").exists() and (tmp_path / "runs/compare/val_bpb.png").exists()
+
+
+def test_compare_uses_the_params_files_retry_settings_with_a_store_named_on_the_command_line(tmp_path, capsys,
+                                                                                             monkeypatch):
+    """The store named by --tracking-uri was opened with default settings (4 retries, 30 s), not
+    the params file's: a server that does not answer held the command for ~15 s of waits."""
+    import socket
+
+    import yaml
+
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tracking": {"request_retries": 0, "request_timeout": 3}}))
+    code = main(["--params", str(tmp_path / "params.yaml"), "compare", "--tracking-uri", f"http://127.0.0.1:{port}",
+                 "--experiment", EXPERIMENT, "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"http://127.0.0.1:{port}" in err and "did not answer" in err, err
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "3"
+    # a bad value on the command line is named as the flag
+    code = main(["--params", str(tmp_path / "params.yaml"), "compare", "--tracking-uri", "mlflow.db"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--tracking-uri 'mlflow.db': a URI with a scheme" in err, err
 
 
 def test_accuracies_sort_highest_first_and_a_nan_goes_with_the_runs_without_the_metric():

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcore import config
-from lmcore.config import ConfigError, TrackingConfig
+from lmcore.config import ConfigError
 from lmcore.core.errors import StageError
 
 
@@ -37,13 +37,12 @@ def add_parser(sub: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run ``lmcore compare`` from parsed arguments (also reads ``args.params`` and ``args.root``)."""
     # lazy: the CLI loads a command's code (MLflow, matplotlib) only when that command runs
-    from lmcore.eval.compare import compare, noise
-    from lmcore.tracking import http_settings
+    from lmcore.eval.compare import compare, noise, store_settings
 
     try:
-        tracking = TrackingConfig()
-        if not (args.experiment and args.tracking_uri):
-            tracking = config.load_present(args.params, args.params_given).tracking
+        # the params file's settings (a server's retries and timeout) with the store named here
+        tracking = store_settings(config.load_present(args.params, args.params_given).tracking,
+                                  args.experiment, args.tracking_uri)
         out = Path(args.out) if args.out else Path(args.root) / "runs/compare"
         if args.runs < 0:
             raise StageError(f"--runs = {args.runs}: give a number of runs, or 0 for all")
@@ -54,15 +53,13 @@ def main(args: argparse.Namespace) -> int:
             raise StageError(f"--confidence = {args.confidence}: a fraction between 0 and 1 (e.g. 0.95)")
         if out.exists() and not out.is_dir():
             raise StageError(f"--out {out}: a file, not a folder")
-        experiment, uri = args.experiment or tracking.experiment, args.tracking_uri or tracking.tracking_uri
-        http_settings(tracking)  # a server that does not answer is given up on as tracking.request_retries says
         if args.pair:
             if len(args.pair) != 2:
                 raise StageError(f"give two runs to test against each other, not {len(args.pair)}")
-            print("\n".join(noise(experiment, uri, *args.pair, args.resamples, args.confidence)))
+            print("\n".join(noise(tracking, *args.pair, args.resamples, args.confidence)))
             return 0
         try:
-            res = compare(experiment, uri, args.metric, out, args.runs or None)
+            res = compare(tracking, args.metric, out, args.runs or None)
         except OSError as e:  # the store's own failures are StageErrors: this is writing --out
             raise StageError(f"--out {out}: cannot write there ({e.strerror or e}: {e.filename or out})") from e
     except (ConfigError, StageError) as e:

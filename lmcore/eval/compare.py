@@ -102,15 +102,25 @@ class PipelineRun:
 # reading MLflow
 
 
-def read_client(tracking_uri: str) -> Any:
-    """An ``MlflowClient`` of the store at ``tracking_uri``, opened as the stages open it (a
-    relative sqlite path from the working directory; a server with lmcore's retry settings); a
-    missing sqlite file is an error (MLflow would create an empty database)."""
+def store_settings(tracking: TrackingConfig, experiment: str | None = None,
+                   tracking_uri: str | None = None) -> TrackingConfig:
+    """``tracking`` (the params file's settings: a server's retries and timeout) pointed at the
+    experiment and store given on the command line, checked as the params file's would be."""
+    given = {k: v for k, v in (("experiment", experiment), ("tracking_uri", tracking_uri)) if v is not None}
     try:
-        cfg = TrackingConfig(tracking_uri=tracking_uri)
-    except ValueError as e:  # pydantic's ValidationError
-        raise StageError(f"--tracking-uri {tracking_uri}: {e.errors()[0]['msg'] if hasattr(e, 'errors') else e}") from e
-    return open_client(cfg, existing=True, experiment=False)[0]
+        return TrackingConfig(**{**tracking.model_dump(), **given})
+    except ValueError as e:  # pydantic's ValidationError: only a value given here can be wrong
+        err = e.errors()[0]
+        key = str(err["loc"][0]) if err["loc"] else ""
+        flag = "--" + key.replace("_", "-")
+        raise StageError(f"{flag} {given.get(key)!r}: {err['msg'].removeprefix('Value error, ')}") from e
+
+
+def read_client(tracking: TrackingConfig) -> Any:
+    """An ``MlflowClient`` of ``tracking``'s store, opened as the stages open it (a relative
+    sqlite path from the working directory; a server with ``tracking``'s retry settings); a
+    missing sqlite file is an error (MLflow would create an empty database)."""
+    return open_client(tracking, existing=True, experiment=False)[0]
 
 
 def _all_runs(client, experiment_id: str) -> list[Any]:
@@ -349,13 +359,14 @@ class CompareResult:
     """Runs drawn in the plot (those whose pretrain run logged ``val_bpb``)."""
 
 
-def compare(experiment: str, tracking_uri: str, metric: str | None = None, out: Path = Path("runs/compare"),
+def compare(tracking: TrackingConfig, metric: str | None = None, out: Path = Path("runs/compare"),
             limit: int | None = 20) -> CompareResult:
-    """Compare the last ``limit`` pipeline runs of ``experiment``, best first by ``metric``
+    """Compare the last ``limit`` pipeline runs of ``tracking.experiment``, best first by ``metric``
     (default :data:`DEFAULT_METRIC`; one that no run logged is an error, where it was asked for);
     write ``out/compare.md`` and ``out/val_bpb.png``."""
-    with reading_store(tracking_uri):
-        client = read_client(tracking_uri)
+    experiment = tracking.experiment
+    with reading_store(tracking.tracking_uri):
+        client = read_client(tracking)
         runs = pipeline_runs(client, experiment, limit)
     if not runs:
         raise StageError(f"experiment '{experiment}' has no run that pretrained, evaluated or fine-tuned")
@@ -424,15 +435,15 @@ def _task_stat(spec: Any, table: dict[str, Any]) -> tuple[list[int], Any]:
     return sizes, stat
 
 
-def noise(experiment: str, tracking_uri: str, a: str, b: str, resamples: int = 2000,
+def noise(tracking: TrackingConfig, a: str, b: str, resamples: int = 2000,
           confidence: float = 0.95) -> list[str]:
     """Whether run ``b`` differs from run ``a`` beyond noise: a paired bootstrap
     (:mod:`lmcore.eval.bootstrap`) of validation bits per byte over the evaluate stage's windows
     and of each task's score over its validation examples. One line per metric (or why it could
     not be tested)."""
-    with reading_store(tracking_uri), tempfile.TemporaryDirectory() as tmp:
-        client = read_client(tracking_uri)
-        runs = pipeline_runs(client, experiment, cached=True)  # a no-op execution's outputs came from a cache
+    with reading_store(tracking.tracking_uri), tempfile.TemporaryDirectory() as tmp:
+        client = read_client(tracking)
+        runs = pipeline_runs(client, tracking.experiment, cached=True)  # a no-op execution's outputs came from a cache
         ra, rb = _find(runs, a), _find(runs, b)
         lines = [f"{ra.name} ({ra.run_id[:8]}) -> {rb.name} ({rb.run_id[:8]}): b - a, paired bootstrap"]
         ea, eb = (_stage(client, r, "evaluate", "runs/evaluate") for r in (ra, rb))
