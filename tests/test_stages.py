@@ -324,3 +324,32 @@ def test_the_flow_records_the_key_its_stage_started_from(tmp_path):
     assert not outputs_current("prepare", params, layout)  # the edited text is not what they hold
     (proj / "texts/a.txt").write_text("first text", encoding="utf-8")
     assert outputs_current("prepare", params, layout)
+
+
+def test_a_write_removes_what_a_killed_writer_of_the_same_output_left(tmp_path):
+    """A stage killed inside atomic_path (SIGKILL, out of memory) left its temporary folder, a
+    whole checkpoint beside the output, for ever. The next write of that output removes it; a
+    live writer's folder and another machine's (a shared file system) are left alone."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from lmcore.core import io
+
+    out = tmp_path / "runs/final"
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f"runs/.final.{host}-{killed.pid}.abc_123.tmp"
+    live = tmp_path / f"runs/.final.{host}-{os.getppid()}.def456.tmp"
+    elsewhere = tmp_path / f"runs/.final.{host}x-{killed.pid}.ghi789.tmp"
+    other_output = tmp_path / f"runs/.final2.{host}-{killed.pid}.jkl012.tmp"
+    for d in (stale, live, elsewhere, other_output):
+        (d / "final").mkdir(parents=True)
+        (d / "final/model.bin").write_text("partial")
+    io.write_text(out, "done")
+    assert out.read_text() == "done"
+    assert not stale.exists()
+    assert live.exists() and elsewhere.exists() and other_output.exists()
