@@ -947,6 +947,9 @@ class PretrainConfig(Section):
         if self.warmup_steps >= self.max_steps:  # equal: the rate would never reach its peak nor decay
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps})")
         decay = round(self.decay_fraction * self.max_steps)
+        if self.schedule == "wsd" and decay == 0:  # the rate stayed at its peak, min_lr_ratio ignored
+            raise ValueError(f"decay_fraction ({self.decay_fraction}) x max_steps ({self.max_steps}) rounds to 0 decay "
+                             "steps under schedule 'wsd': give a larger decay_fraction")
         if self.schedule == "wsd" and self.warmup_steps + decay > self.max_steps:  # the decay was cut short
             raise ValueError(f"warmup_steps ({self.warmup_steps}) + decay_fraction x max_steps ({decay}) must be <= "
                              f"max_steps ({self.max_steps}) under schedule 'wsd'")

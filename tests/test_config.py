@@ -222,6 +222,8 @@ def test_a_params_file_that_is_not_utf8_names_the_line(tmp_path):
      "name(s) a given to more than one multiple-choice file", "each needs its own"),
     ({"pretrain": {"schedule": "wsd", "max_steps": 100, "warmup_steps": 90, "decay_fraction": 0.5}},
      "warmup_steps (90) + decay_fraction x max_steps (50) must be <= max_steps (100)", "wsd"),
+    ({"pretrain": {"schedule": "wsd", "max_steps": 20, "warmup_steps": 2, "decay_fraction": 0.02}},
+     "decay_fraction (0.02) x max_steps (20) rounds to 0 decay steps", "wsd"),
     ({"tracking": {"tracking_uri": ""}}, "tracking.tracking_uri = ''", "a URI with a scheme"),
     ({"tracking": {"server": {"port": 5433}}}, "port (5433) must differ from postgres_port", "PostgreSQL"),
     ({"prepare": {"corpus": {"kind": "files"}}}, "prepare.corpus: paths is empty", "kind 'files'"),

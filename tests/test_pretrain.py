@@ -291,11 +291,17 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(straight,
     assert said and said.group(1) == str(int(said.group(2))), out[-2000:]
     stopped_at = int(said.group(1))  # the step it stopped at is the newest checkpoint, saved then
     assert list_checkpoints(root / "runs/pretrain/checkpoints")[-1][0] == stopped_at and 10 <= stopped_at < 40
-    trainer = json.loads((root / f"runs/pretrain/checkpoints/step-{stopped_at:06d}/trainer.json").read_text())
+    saved = root / f"runs/pretrain/checkpoints/step-{stopped_at:06d}/trainer.json"
+    trainer = json.loads(saved.read_text())
     assert trainer["step"] == stopped_at
+    # what `auto` resolved to is recorded; a resume where it resolves otherwise (another machine
+    # kind) is said, not silent (here the record is changed: the run itself goes on as before)
+    assert trainer["resolved"]["mixed_precision"] == "no" and trainer["resolved"]["attention"] in ("sdpa", "matmul")
+    saved.write_text(json.dumps({**trainer, "resolved": {"mixed_precision": "bf16", "attention": "matmul"}}))
     res = run_cli(root)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resuming from step {stopped_at}" in res.stdout + res.stderr
+    assert "resuming a run that trained with {'mixed_precision': 'bf16'" in res.stdout + res.stderr
     _assert_same_run(straight, root)
 
 

@@ -383,8 +383,74 @@ def test_prune_keeps_the_last_and_the_best(tmp_path):
         (tmp_path / f"step-{s:06d}").mkdir()
         (tmp_path / f"step-{s:06d}/trainer.json").write_text("{}")
     (tmp_path / "step-000060").mkdir()  # incomplete: no trainer.json
+    # a save interrupted at a step never saved again (a signal's): a whole checkpoint left for ever
+    (tmp_path / ".step-000017.tmp").mkdir()
+    (tmp_path / ".step-000017.tmp/model.safetensors").write_text("partial")
     prune(tmp_path, 2, best_step=20)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [20, 40, 50]
+    assert not (tmp_path / ".step-000017.tmp").exists()
+
+
+def test_an_untied_output_head_is_decayed_like_the_other_matrices():
+    """An untied lm_head went to the no-decay group with the embedding: weight decay on 2-D
+    weights, as documented, missed the largest matrix of a small model."""
+    from lmcore.train.optim import param_groups
+
+    for tied in (True, False):
+        model = Decoder(DecoderConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, block_size=16,
+                                      tie_embeddings=tied))
+        names = {id(p): n for n, p in model.named_parameters()}
+        decayed, spared = ([names[id(p)] for p in g["params"]] for g in param_groups(list(model.named_parameters()), 0.1))
+        assert "embed.weight" in spared and ("lm_head.weight" in decayed) is not tied
+        assert "lm_head.weight" not in spared
+
+
+def test_the_peak_probe_leaves_the_seeded_random_numbers_alone():
+    """The probe ran only when nothing was cached, drawing from the global generator: the first
+    run on a machine (or after a torch upgrade) drew other dropout masks than the next."""
+    from lmcore.train.flops import measure_peak
+
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    measure_peak(torch.device("cpu"), torch.float32, size=64, budget=0.01)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_each_model_trained_on_one_accelerator_starts_at_the_initial_loss_scale():
+    """Accelerate's free_memory keeps the fp16 scaler: fine-tuning's second seed and the
+    from-scratch twin started at the scale the model before them ended with."""
+    import types
+
+    from lmcore.train.accel import loss_scale_restarter
+
+    assert loss_scale_restarter(types.SimpleNamespace(scaler=None))() is None
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    restart = loss_scale_restarter(types.SimpleNamespace(scaler=scaler))
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=1.0)
+    scaler.scale(p.sum() * float("inf")).backward()  # an overflow halves the scale
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 512.0
+    restart()
+    assert scaler.get_scale() == 1024.0 and scaler.state_dict()["_growth_tracker"] == 0
+
+
+def test_sync_tree_flushes_every_file_and_folder(tmp_path, monkeypatch):
+    from lmcore.core import io
+
+    (tmp_path / "ckpt/sub").mkdir(parents=True)
+    for name in ("a.bin", "sub/b.bin"):
+        (tmp_path / "ckpt" / name).write_bytes(b"x")
+    flushed = []
+    real = os.fsync
+    monkeypatch.setattr(io.os, "fsync", lambda fd: (flushed.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    io.sync_tree(tmp_path / "ckpt")
+    assert sorted(flushed) == sorted(str(tmp_path / "ckpt" / n) for n in ("", "a.bin", "sub", "sub/b.bin"))
+    flushed.clear()
+    io.sync_tree(tmp_path / "ckpt", files=False)
+    assert flushed == [str(tmp_path / "ckpt")]
 
 
 def test_a_run_started_afresh_over_a_finished_run_of_the_same_settings_keeps_its_own_checkpoints(tmp_path):

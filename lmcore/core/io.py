@@ -76,6 +76,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def sync_tree(path: str | Path, files: bool = True) -> None:
+    """Flush a folder to the disk: with ``files``, every file under it (and the folders'
+    entries), else only the folder's own entries (after a rename into it)."""
+    path = Path(path)
+    folders = [path]
+    if files:
+        for p in sorted(path.rglob("*")):
+            if p.is_dir():
+                folders.append(p)
+            elif p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+    for d in folders:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

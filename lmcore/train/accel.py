@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator, FullyShardedDataParallelPlugin
@@ -71,6 +72,18 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
                 f"{acc.num_processes} process(es): it would train without sharding. On CPU processes lmcore "
                 "shards with FSDP2 only: set fsdp_version: 2 under fsdp_config in the launch.config file")
     return acc
+
+
+def loss_scale_restarter(accelerator: Accelerator) -> Callable[[], None]:
+    """A function that puts fp16's dynamic loss scale (CUDA) back to where it starts, for each
+    model trained on one accelerator (fine-tuning's seeds and from-scratch twin): Accelerate's
+    ``free_memory`` forgets models and optimizers but keeps the scaler, so a seed's result
+    depended on the scale the one before it ended with. Does nothing without a scaler."""
+    scaler = accelerator.scaler
+    if scaler is None:
+        return lambda: None
+    initial = scaler.state_dict()  # before any step: the initial scale and growth tracker
+    return lambda: scaler.load_state_dict(initial)
 
 
 def decide_attention(cfg: DecoderConfig, accelerator: Accelerator, batch_size: int, seq_len: int,

@@ -25,6 +25,7 @@ import torch
 
 from lmcore.config import PretrainConfig
 from lmcore.core.errors import StageError
+from lmcore.core.io import sync_tree
 
 _CKPT = re.compile(r"^step-(\d{6,})$")
 # settings that change what is computed; the others (logging, checkpointing, threads) may
@@ -83,9 +84,11 @@ def save_checkpoint(accelerator, folder: Path, step: int, trainer: dict[str, Any
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
+        sync_tree(tmp)  # on disk before older checkpoints are pruned: a power cut leaves a whole one
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
+        sync_tree(folder, files=False)  # the rename itself
         prune(folder, keep, trainer.get("best_checkpoint_step"), _run_of(trainer))
     accelerator.wait_for_everyone()
     return target
@@ -111,7 +114,10 @@ def _other_run(path: Path, run: tuple[Any, Any, Any]) -> bool:
 
 def prune(folder: Path, keep: int, best_step: int | None, run: tuple[Any, Any, Any] | None = None) -> None:
     """Remove all checkpoints but the last ``keep`` and the one of ``best_step``; with ``run``
-    (:func:`_run_of` the newest), also every checkpoint of another run."""
+    (:func:`_run_of` the newest), also every checkpoint of another run; and the temporary folders
+    of saves that were interrupted."""
+    for tmp in folder.glob(".step-*.tmp"):  # a save interrupted at a step never saved again (a signal's)
+        shutil.rmtree(tmp, ignore_errors=True)
     ckpts = list_checkpoints(folder)
     if run is not None:
         for s, p in [c for c in ckpts if _other_run(c[1], run)]:

@@ -46,7 +46,7 @@ from lmcore.data.tokenizer import special_ids
 from lmcore.model.decoder import Decoder, DecoderConfig
 from lmcore.model.folder import check_tokenizer, decoder_config, load_decoder, load_weights, read_config
 from lmcore.tracking import stage_run
-from lmcore.train.accel import decide_attention, make_accelerator
+from lmcore.train.accel import decide_attention, loss_scale_restarter, make_accelerator
 from lmcore.train.optim import finetune_optimizer
 from lmcore.train.sampler import epoch_batches, process_share, step_groups
 from lmcore.train.schedule import linear_warmup_decay, schedulers
@@ -236,6 +236,8 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
         backbone = Decoder(backbone.cfg)  # the initialisation pretraining starts from
     prefix = ("scratch_" if from_scratch else "") + ("" if first else f"seed{seed}_")
     model = SequenceClassifier(backbone, spec.num_labels, hp.dropout)
+    if accelerator.num_processes > 1:  # the same initial head everywhere, then dropout masks of each its own
+        torch.manual_seed(seed + accelerator.process_index)
     backbone.use_attention(attention)
     train = splits["train"]
     train_seqs = encode_examples(tok, train, max_len)
@@ -259,7 +261,7 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
     history: list[dict[str, Any]] = []
     state = TrainState()
     rng = np.random.default_rng(seed)
-    t0 = time.perf_counter()
+    train_seconds = 0.0  # the training steps only (not each epoch's validation and held-out predictions)
     n_tokens = 0
     for epoch in range(1, hp.epochs + 1):
         model.train()
@@ -269,6 +271,7 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
                    desc=f"finetune {spec.name}{' from scratch' if from_scratch else ''}"
                         f"{'' if first else f' seed {seed}'} epoch {epoch}",
                    disable=not accelerator.is_local_main_process, mininterval=2)
+        t0 = time.perf_counter()
         for group in bar:
             micro = [(*collate([train_seqs[i] for i in b], pad), labels[b]) for b in group]
             res = train_step(model, [optimizer], micro, accelerator, state, grad_clip=hp.grad_clip,
@@ -279,6 +282,7 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
             if state.step % 20 == 0:
                 tr.metrics({f"{prefix}train_loss": res.loss, f"{prefix}lr": lr}, step=state.step)
                 bar.set_postfix(loss=f"{res.loss:.3f}")
+        train_seconds += time.perf_counter() - t0
         scores, score = _evaluate(raw, valid_seqs, pad, spec, valid_labels, accelerator.autocast)
         record = {"epoch": epoch, "step": state.step, "score": score, **scores}
         if held:
@@ -296,14 +300,15 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
             copied = epoch < hp.epochs and hp.select_epoch != "last"
             best = {"score": score, "epoch": epoch, "metrics": scores, "chosen_by": record[chooser],
                     "state": copy.deepcopy(raw.state_dict()) if copied else None}
-    elapsed = time.perf_counter() - t0
+    # every process's own tokens (the padding batches that even out the processes' shares included)
+    n_tokens = int(accelerator.reduce(torch.tensor([n_tokens], device=accelerator.device), "sum").item())
     state_dict = best.pop("state")
     best.pop("chosen_by")
     if state_dict is not None:
         raw.load_state_dict(state_dict)
     best["speed"] = {"train_examples": len(train),
-                     "train_examples_per_second": len(train) * hp.epochs / max(elapsed, 1e-9),
-                     "train_tokens_per_second": n_tokens * accelerator.num_processes / max(elapsed, 1e-9)}
+                     "train_examples_per_second": len(train) * hp.epochs / max(train_seconds, 1e-9),
+                     "train_tokens_per_second": n_tokens / max(train_seconds, 1e-9)}
     best["history"] = history
     # each seed and the from-scratch twin prepare a model and an optimizer of their own: without
     # this, the accelerator kept every one of them (and its optimizer state) until the stage ended
@@ -364,16 +369,18 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
                    tags={"lmcore.task": spec.name},
                    inputs=[task_dir, tokenizer_dir, pretrained], outputs=[out], system_metrics=True) as tr:
         seeds = [hp.seed + i for i in range(hp.seeds)]
-        model, best, max_len = _train(hp, spec, splits, tok, Path(pretrained), accelerator, tr, attention=attention,
-                                      held=held)
-        bests = [best] + [_train(hp, spec, splits, tok, Path(pretrained), accelerator, tr, seed=s,
-                                 attention=attention, held=held)[1] for s in seeds[1:]]
+        restart_loss_scale = loss_scale_restarter(accelerator)
+
+        def train(**kw: Any) -> tuple[SequenceClassifier, dict[str, Any], int]:
+            restart_loss_scale()
+            return _train(hp, spec, splits, tok, Path(pretrained), accelerator, tr, attention=attention, held=held, **kw)
+
+        model, best, max_len = train()
+        bests = [best] + [train(seed=s)[1] for s in seeds[1:]]
         result: dict[str, Any] = {**over_seeds(bests, seeds), "best_epoch": best["epoch"], **best["speed"]}
         result |= baselines(spec, splits)
         if hp.scratch_baseline:  # the same fine-tuning from random weights: what pretraining bought
-            scratch = [_train(hp, spec, splits, tok, Path(pretrained), accelerator, tr, from_scratch=True, seed=s,
-                              attention=attention, held=held)[1]
-                       for s in seeds]
+            scratch = [train(from_scratch=True, seed=s)[1] for s in seeds]
             result |= {f"scratch_{k}": v for k, v in over_seeds(scratch, seeds).items()}
             result["scratch_best_epoch"] = scratch[0]["epoch"]
 

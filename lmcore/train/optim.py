@@ -19,13 +19,15 @@ def _is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
 
 def param_groups(named: Sequence[tuple[str, torch.nn.Parameter]], weight_decay: float,
                  decay_embeddings: bool = False) -> list[dict[str, Any]]:
-    """Weight decay on 2-D matrices, none on norms; the (tied) embedding only by option."""
+    """Weight decay on 2-D matrices, none on norms; the token embedding (and the output head tied
+    to it, which ``named_parameters`` lists once, as the embedding) only by option. An untied
+    output head is a matrix like the others: decayed."""
     decay, no_decay, seen = [], [], set()
     for name, p in named:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        is_embedding = "embed" in name or "lm_head" in name
+        is_embedding = "embed" in name
         (decay if p.dim() >= 2 and (decay_embeddings or not is_embedding) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]

@@ -140,6 +140,8 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
     torch.manual_seed(cfg.seed)
     gcfg = decoder_config(cfg.model, manifest["vocab_size"])
     model = build_model(gcfg)
+    if world > 1:  # the same initial weights on every process, then dropout masks of each its own
+        torch.manual_seed(cfg.seed + rank)
     kernel = choose_attention(model, accelerator, cfg.batch_size, gcfg.block_size, cfg.attention)
     n_params, fpt = model.num_params(), model.flops_per_token()
     optimizers = build_optimizers(model, cfg, accelerator.device)
@@ -163,8 +165,15 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
     state = TrainState()
     code = closure_fingerprint(__name__)  # the code of this stage (dvc.yaml's code deps of pretrain)
     saved = resume(accelerator, ckpt_dir, chash, sampler, scheds, step_layout, cfg.max_steps, code)
+    # what `auto` chose on this machine: the settings hash holds "auto", and a run resumed on another
+    # machine kind may continue in another precision or attention kernel (not bitwise the same)
+    resolved = {"mixed_precision": accelerator.mixed_precision, "attention": kernel}
     if saved is not None:
         state.load(saved)
+        if saved.get("resolved") not in (None, resolved):
+            accelerator.print(f"resuming a run that trained with {saved['resolved']} as {resolved} on this machine "
+                              "(pretrain.mixed_precision / pretrain.attention 'auto' chose differently): it goes on, "
+                              "but not bitwise as the run would have; set them explicitly to keep them")
     start_step = state.step
     # a run keeps its id and its validation windows when it resumes (batch_size may change on a
     # resume that keeps the global batch: the best checkpoint compares losses on the same windows)
@@ -184,7 +193,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
 
     def trainer_state() -> dict[str, Any]:
         return {**state.to_dict(), "sampler": sampler.state_dict(), "config_hash": chash, "code": code,
-                "run": run_id, "val_windows": n_val, "max_steps": cfg.max_steps,
+                "run": run_id, "val_windows": n_val, "max_steps": cfg.max_steps, "resolved": resolved,
                 "mlflow_run_id": tr.run_id,
                 "layout": dataclasses.asdict(step_layout), "schedulers": [sched.state_dict() for sched in scheds]}
 
