@@ -28,7 +28,8 @@ from tasks import STAGE_TASKS, launch_overrides
 
 @flow(name="lmcore-pipeline", log_prints=True)
 def pipeline(params_file: str = "params.yaml", root: str = ".", force: bool = False,
-             launch: dict[str, Any] | None = None, until: str | None = None) -> dict[str, Any]:
+             launch: dict[str, Any] | None = None, until: str | None = None,
+             launch_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every stage; a stage whose inputs, params and code are unchanged and whose outputs are
     still the ones this flow wrote for them is taken from Prefect's cache
     (:func:`lmcore.stages.outputs_current`). ``finetune`` runs as one task run per task of
@@ -42,12 +43,18 @@ def pipeline(params_file: str = "params.yaml", root: str = ".", force: bool = Fa
     pretrain and finetune run under ``accelerate launch`` as it says, in child processes.
 
     ``until``: stop after this stage (the stages before it run or come from the cache), e.g.
-    ``"encode"`` to prepare the token shards only."""
+    ``"encode"`` to prepare the token shards only.
+
+    ``launch_defaults``: a deployment's own ``launch`` values for its machines (``prefect.yaml``'s
+    ``gpu`` deployment: the multi-GPU config, not the CPU); ``launch`` goes over them key by key.
+    Prefect replaces a parameter given on a run whole, so a run's ``-p launch='{"num_processes":
+    4}'`` would otherwise drop the deployment's GPU settings and train on the CPU."""
     previous = os.environ.get(PIPELINE_ENV)
     os.environ[PIPELINE_ENV] = previous or f"prefect-{flow_run.get_id()}"
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     results: dict[str, Any] = {}
     layout = Layout(Path(root))
+    launch = {**(launch_defaults or {}), **(launch or {})} or None
     try:
         params = config.load(params_file, launch_overrides(launch))  # a bad value fails before any stage runs
         if until is not None and until not in ORDER:
@@ -104,8 +111,15 @@ def main() -> None:
         key, sep, value = item.partition("=")
         if not sep:
             ap.error(f"--launch {item}: expected KEY=VALUE")
-        launch[key.removeprefix("launch.")] = yaml.safe_load(value)
+        try:
+            launch[key.removeprefix("launch.")] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            ap.error(f"--launch {item}: the value is not valid YAML ({str(e).splitlines()[0]})")
+    if args.until is not None and args.until not in ORDER:
+        ap.error(f"--until {args.until}: no such stage ({', '.join(ORDER)})")
     try:
+        # checked before the flow starts: Prefect logs a failing flow's exception with its traceback
+        config.load(args.params, launch_overrides(launch or None))
         flow(args.params, args.root, args.force, launch or None, args.until)
     except (ConfigError, StageError) as e:  # a problem in the user's input: one line, no traceback
         raise SystemExit(f"lmcore flow: error: {e}") from None

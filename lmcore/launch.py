@@ -39,7 +39,7 @@ from lmcore.core.errors import MayPass, StageError
 from lmcore.core.io import read_json
 from lmcore.core.machine import find_tcmalloc
 from lmcore.core.layout import Layout
-from lmcore.stages import metrics_path
+from lmcore.stages import launch_config_file, metrics_path
 
 _MULTI = {"MULTI_GPU", "MULTI_CPU", "FSDP", "DEEPSPEED", "MEGATRON_LM"}
 """Accelerate ``distributed_type`` values that already start several processes."""
@@ -85,8 +85,9 @@ def read_accelerate_config(path: Path, value: str | None = None) -> dict[str, An
 
 
 def config_path(launch: LaunchConfig, root: Path) -> Path:
-    """``launch.config`` resolved against the project folder (as DVC resolves it)."""
-    return Path(Layout(Path(root)).rooted(launch.config))
+    """``launch.config`` resolved against the project folder (as DVC resolves it), or the checkout
+    where the project folder has no such file (:func:`lmcore.stages.launch_config_file`)."""
+    return launch_config_file(launch.config, Layout(Path(root)))
 
 
 def launch_command(launch: LaunchConfig, stage: str, params_file: str | Path = "params.yaml", root: str | Path = ".",

@@ -222,11 +222,25 @@ def stage_io(name: str, item: str | None = None) -> StageIO:
     return io.expand(item)
 
 
+def launch_config_file(config: str, layout: Layout) -> Path:
+    """``launch.config`` as a file: an absolute path as it is; a relative one in the project
+    folder (as DVC resolves it), or, where the project folder has none, in the checkout that holds
+    the ``lmcore`` package (``configs/accelerate/`` ships there: a flow run with ``root`` elsewhere
+    still finds it)."""
+    if Path(config).is_absolute():
+        return Path(config)
+    own, shipped = layout / config, PACKAGE_DIR.parent / config
+    return shipped if not own.exists() and shipped.exists() else own
+
+
 def data_deps(name: str, params: Params, layout: Layout, item: str | None = None) -> list[Path]:
-    """The data files and folders stage ``name`` reads, as paths (``${launch.config}`` resolved
-    from ``params`` like DVC's templating, relative to the project folder)."""
+    """The data files and folders stage ``name`` reads, as paths: ``${launch.config}`` resolved
+    from ``params`` like DVC's templating (:func:`launch_config_file`), the data files of the
+    package (``lmcore/...``) in the checkout, the rest relative to the project folder."""
     def path(dep: str) -> Path:
-        return layout / (params.launch.config if dep == LAUNCH_CONFIG else dep)
+        if dep == LAUNCH_CONFIG:
+            return launch_config_file(params.launch.config, layout)
+        return PACKAGE_DIR.parent / dep if dep.startswith(f"{PACKAGE_DIR.name}/") else layout / dep
 
     return [path(d) for d in stage_io(name, item).deps]
 

@@ -231,3 +231,28 @@ def test_a_problem_in_the_input_is_not_retried_a_crash_or_a_download_is():
     assert retried(MayPass("pretrain: the launched processes exited with status 1"))
     assert retried(RuntimeError("connection reset"))
     assert all(t.retry_condition_fn is _may_pass for t in STAGE_TASKS.values())
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--until", "nope"], "--until nope: no such stage"),
+    (["--launch", "num_processes=0"], "lmcore flow: error: "),
+    (["--launch", "config=["], "--launch config=[: the value is not valid YAML"),
+])
+def test_bad_flow_input_is_one_line_before_the_flow_starts(tmp_path, args, said):
+    """Checked inside the flow, a bad --until or --launch value printed Prefect's log of the
+    failing flow with its traceback before the one-line error (and --launch config=[ was a bare
+    YAML traceback)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import run_env
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "params.yaml").write_text((root / "params.yaml").read_text())
+    res = subprocess.run([sys.executable, "-m", "flows.pipeline", "--params", str(tmp_path / "params.yaml"),
+                          "--root", str(tmp_path), *args], cwd=root, env=run_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode != 0 and said in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr + res.stdout and "Encountered exception" not in res.stderr + res.stdout
+    assert not (tmp_path / "data").exists()  # no stage ran

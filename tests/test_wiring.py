@@ -108,8 +108,47 @@ def test_prefect_yaml_deploys_the_pipeline_flow_on_a_cpu_and_a_gpu_pool():
         flow = load_flow_from_entrypoint(str(ROOT / dep["entrypoint"]))
         assert flow.name == "lmcore-pipeline"
         assert set(dep["parameters"]) <= set(flow.parameters.properties)
-        config.from_dict({"launch": dep["parameters"]["launch"] or {}})  # valid launch values
+        for key in ("launch", "launch_defaults"):
+            config.from_dict({"launch": dep["parameters"].get(key) or {}})  # valid launch values
     assert deps["cpu"]["work_pool"]["name"] == "lmcore-process" and deps["gpu"]["work_pool"]["name"] == "lmcore-gpu"
-    gpu = read_accelerate_config(ROOT / deps["gpu"]["parameters"]["launch"]["config"])
+    gpu = read_accelerate_config(ROOT / deps["gpu"]["parameters"]["launch_defaults"]["config"])
     assert gpu["distributed_type"] == "MULTI_GPU" and gpu["use_cpu"] is False
     assert deps["cpu"]["schedules"][0]["cron"] and deps["cpu"]["schedules"][0]["active"] is False
+
+
+def test_a_runs_launch_override_on_the_gpu_deployment_keeps_its_gpu_settings():
+    """Prefect replaces a parameter given on a run whole: the documented
+    `-p launch='{"num_processes": 4}'` dropped the gpu deployment's multi-GPU config and
+    cpu: false, and trained 4 CPU processes on the GPU machine, silently."""
+    from lmcore.launch import launch_command
+    from tasks import launch_overrides
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    gpu = next(d for d in spec["deployments"] if d["name"] == "gpu")["parameters"]
+    # what Prefect gives the flow: the deployment's parameters updated by the run's, top-level keys only
+    given = {**gpu, "launch": {"num_processes": 4}}
+    merged = {**(given["launch_defaults"] or {}), **given["launch"]}  # what the flow runs with
+    params = config.load(ROOT / "params.yaml", launch_overrides(merged))
+    built = launch_command(params.launch, "pretrain", ROOT / "params.yaml", ROOT)
+    assert built.distributed_type == "MULTI_GPU" and built.num_processes == 4 and not built.cpu
+    assert "ACCELERATE_USE_CPU" not in built.env and "--cpu" not in built.argv
+    assert built.config_file.name == "multi-gpu.yaml"
+
+
+def test_a_relative_launch_config_is_found_in_the_checkout_when_the_project_folder_is_elsewhere(tmp_path):
+    """A flow run with root= elsewhere (README: -p root=/abs/out) looked for
+    configs/accelerate/cpu.yaml under that root and failed at pretrain, after four stages; the
+    clean stage's data file lmcore/data/clean/fineweb2.json was hashed as missing."""
+    from lmcore.core.layout import Layout
+    from lmcore.launch import launch_command
+    from lmcore.stages import data_deps
+
+    params = config.load(ROOT / "params.yaml")
+    built = launch_command(params.launch, "pretrain", ROOT / "params.yaml", tmp_path)
+    assert built.config_file == ROOT / params.launch.config
+    (tmp_path / "configs/accelerate").mkdir(parents=True)  # the project folder's own file comes first
+    (tmp_path / params.launch.config).write_text((ROOT / params.launch.config).read_text())
+    assert launch_command(params.launch, "pretrain", ROOT / "params.yaml", tmp_path).config_file == \
+        tmp_path / params.launch.config
+    assert all(p.exists() for p in data_deps("clean", params, Layout(tmp_path)) if "lmcore" in p.parts)
+    assert ROOT / "lmcore/data/clean/fineweb2.json" in data_deps("clean", params, Layout(tmp_path))
