@@ -41,8 +41,10 @@ from lmcore.core.machine import find_tcmalloc
 from lmcore.core.layout import Layout
 from lmcore.stages import launch_config_file, metrics_path
 
-_MULTI = {"MULTI_GPU", "MULTI_CPU", "FSDP", "DEEPSPEED", "MEGATRON_LM"}
-"""Accelerate ``distributed_type`` values that already start several processes."""
+_MULTI = {"MULTI_GPU", "FSDP", "DEEPSPEED", "MEGATRON_LM"}
+"""Accelerate ``distributed_type`` values that already start several processes. ``MULTI_CPU``
+(what ``accelerate config`` writes for CPU processes) does only with an ``mpirun_hostfile``:
+without one, Accelerate starts a single process."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +102,10 @@ def launch_command(launch: LaunchConfig, stage: str, params_file: str | Path = "
     dtype = str(file["distributed_type"]).upper()
     processes = launch.num_processes or int(file.get("num_processes") or 1)
     machines = launch.num_machines or int(file.get("num_machines") or 1)
-    cpu = bool(file.get("use_cpu")) if launch.cpu is None else launch.cpu
+    multi = dtype in _MULTI or (dtype == "MULTI_CPU" and bool(file.get("mpirun_hostfile")))
+    cpu = (bool(file.get("use_cpu")) or dtype == "MULTI_CPU") if launch.cpu is None else launch.cpu
+    if dtype == "MULTI_CPU" and not cpu:
+        raise StageError(f"launch.cpu = false, but {path} is a MULTI_CPU config: name a GPU config (launch.config)")
     if processes < machines:
         raise StageError(f"launch: {processes} process(es) on {machines} machines: num_processes counts the processes "
                          "of all machines (set launch.num_processes)")
@@ -112,14 +117,15 @@ def launch_command(launch: LaunchConfig, stage: str, params_file: str | Path = "
         raise StageError(f"launch.machine_rank ({rank}) must be below num_machines ({machines}"
                          f"{'' if launch.num_machines else f', from {path}'})")
     argv = [python, "-m", "accelerate.commands.launch", "--config_file", str(path)]
-    if dtype not in _MULTI and processes == 1 and machines == 1 and bool(file.get("use_cpu")) != cpu:
+    if not multi and processes == 1 and machines == 1 and bool(file.get("use_cpu")) != cpu:
         # one process: accelerate's simple launcher sets ACCELERATE_USE_CPU from the file's use_cpu
         if not cpu:
             raise StageError(f"launch.cpu = false, but {path} sets use_cpu: true, which a one-process launch obeys: "
                              "set use_cpu: false there, or name another launch.config")
         argv.append("--cpu")
-    if dtype not in _MULTI and (processes > 1 or machines > 1):
-        argv.append("--multi_gpu")  # a single-process file asked for more: data parallel
+    if not multi and (processes > 1 or machines > 1):
+        # a single-process file asked for more (or MULTI_CPU, which starts one): data parallel
+        argv.append("--multi_gpu")
         dtype = "MULTI_CPU" if cpu else "MULTI_GPU"
     elif dtype == "MULTI_GPU" and cpu:
         dtype = "MULTI_CPU"
@@ -277,12 +283,13 @@ def run_here(launch: Launch) -> int:
 
 
 def run_stage_launched(stage: str, params: Params, params_file: str | Path, root: str | Path,
-                       item: str | None = None, log: Callable[[str], None] = print) -> Any:
+                       item: str | None = None, log: Callable[[str], None] = print, grace: float = 120.0) -> Any:
     """Run a training stage as ``dvc.yaml`` does (:func:`launch_command`, then
-    :func:`run_launched`, output to ``log``); return its metrics, or raise :class:`StageError`
+    :func:`run_launched`, output to ``log``; ``grace``: the seconds a stop waits for the
+    processes' checkpoint); return its metrics, or raise :class:`StageError`
     with the last lines of output when the processes fail (:class:`MayPass` unless they named a
     problem in the input: exit status 2)."""
-    result = run_launched(launch_command(params.launch, stage, params_file, root, item), log)
+    result = run_launched(launch_command(params.launch, stage, params_file, root, item), log, grace=grace)
     if result.returncode != 0:
         tail = "\n".join(result.tail[-15:])
         # status 2: lmcore named a problem in the input (the same again on a retry); else a crash or a kill

@@ -35,6 +35,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
+
 from lmcore.config import TrackingServerConfig
 from lmcore.core.errors import StageError
 
@@ -200,6 +202,24 @@ class Postgres:
             self._run("pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "stop", check=False)
 
 
+def ui_origins(cfg: TrackingServerConfig) -> list[str]:
+    """The pages beyond localhost a team's browsers load the MLflow UI from: the machine's own
+    addresses where the server listens on them, and each of ``allowed_hosts`` (directly, or
+    behind a proxy on 80 or 443). MLflow refuses the UI's state-changing requests (its run
+    search is a POST) from any other origin than localhost unless ``--cors-allowed-origins``
+    names it, so a colleague at http://10.0.0.5:5000 saw no runs. No wildcard: a pattern like
+    ``http://10.*`` also matches a site named 10.evil.example."""
+    if cfg.host in ("0.0.0.0", "::"):
+        addresses = sorted({a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                            if a.family == socket.AF_INET and not a.address.startswith("127.")})
+    else:
+        addresses = [] if cfg.host in ("127.0.0.1", "localhost", "::1") else [cfg.host]
+    origins = [f"http://{a}:{cfg.port}" for a in addresses]
+    for name in cfg.allowed_hosts:
+        origins += [f"http://{name}:{cfg.port}", f"http://{name}", f"https://{name}"]
+    return list(dict.fromkeys(origins))
+
+
 def mlflow_command(cfg: TrackingServerConfig, backend_uri: str, artifacts: str) -> list[str]:
     hosts = []
     if cfg.allowed_hosts:  # MLflow's list replaces its defaults (localhost, private IPs): keep them
@@ -207,22 +227,30 @@ def mlflow_command(cfg: TrackingServerConfig, backend_uri: str, artifacts: str) 
 
         names = [h for name in cfg.allowed_hosts for h in (name, f"{name}:*")]
         hosts = ["--allowed-hosts", ",".join([*get_default_allowed_hosts(), *names])]
+    origins = ui_origins(cfg)
+    if origins:
+        hosts += ["--cors-allowed-origins", ",".join(origins)]
     return [sys.executable, "-m", "mlflow", "server", "--host", cfg.host, "--port", str(cfg.port),
             "--workers", str(cfg.workers), "--backend-store-uri", backend_uri,
             "--serve-artifacts", "--artifacts-destination", artifacts, *hosts]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log: Path,
+                 stop: threading.Event | None = None) -> bool:
+    """Wait until the server at ``url`` answers its health check (True), or ``stop`` is set
+    (False: a SIGTERM or Ctrl-C during the start)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
         if proc.poll() is not None:
             raise StageError(f"mlflow server exited with status {proc.returncode} (log: {log}): "
                              f"{log.read_text()[-800:].strip()}")
         with contextlib.suppress(OSError, urllib.error.URLError):
             with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
                 if r.status == 200:
-                    return
+                    return True
         time.sleep(0.3)
+    if stop is not None and stop.is_set():
+        return False
     raise StageError(f"mlflow server did not answer at {url}/health within {timeout:.0f} s (log: {log})")
 
 
@@ -279,11 +307,14 @@ def serve(cfg: TrackingServerConfig, root: Path, say: Callable[[str], None] = pr
             say(f"PostgreSQL at 127.0.0.1:{cfg.postgres_port} (data {postgres.pgdata}, log {postgres.log})")
         proc = None
         try:
+            if stop.is_set():  # a signal while PostgreSQL started
+                return 0
             env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
             with open(log, "ab") as out:
                 proc = subprocess.Popen(mlflow_command(cfg, backend, artifacts), stdout=out, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-            wait_healthy(url, proc, 120, log)
+            if not wait_healthy(url, proc, 120, log, stop):  # stopped while it started
+                return 0
             say(f"MLflow tracking server at {url} (backend {backend}, artifacts {artifacts}, log {log})")
             say(f"log to it with tracking.tracking_uri: {url}; one SIGTERM or Ctrl-C stops both servers")
             while not stop.is_set() and proc.poll() is None:

@@ -29,6 +29,10 @@ from lmcore.stages import ORDER, STAGE_IO, cache_key, record_produced, run_stage
 # downloads can fail for passing reasons; pretrain's retry resumes from its last checkpoint; a
 # problem in the user's input is not retried (_may_pass)
 RETRIES = {"prepare": 2, "pretrain": 1}
+# a cancelled flow run's process is killed 30 s after Prefect's SIGTERM (its runner's fixed grace):
+# the training processes get 15 s to save their checkpoint, then SIGTERM and 10 s, then SIGKILL,
+# so that none is left running unsupervised beside the next run
+STOP_GRACE = 15.0
 
 
 @task(name="clean-shard", retries=1, cache_policy=NO_CACHE, persist_result=False)
@@ -91,7 +95,8 @@ def stage_task(stage: str):
         params = config.load(params_file, launch_overrides(launch))
         key = cache_key(stage, params, Layout(Path(root)), item)  # the inputs and code this run starts from
         if STAGE_IO[stage].launched:
-            result = run_stage_launched(stage, params, params_file, root, item, get_run_logger().info)
+            result = run_stage_launched(stage, params, params_file, root, item, get_run_logger().info,
+                                        grace=STOP_GRACE)
         else:
             extra: dict[str, Any] = {"map_shards": _shard_mapper()} if stage == "clean" else {}
             if item is not None:

@@ -101,6 +101,29 @@ def test_launch_cpu_is_obeyed_by_a_one_process_launch(tmp_path):
         launch_command(LaunchConfig(config=CPU, cpu=False), "pretrain")
 
 
+def test_a_multi_cpu_config_of_accelerate_config_starts_every_process(tmp_path):
+    """`accelerate config` writes distributed_type MULTI_CPU for CPU processes, which Accelerate
+    launches as one process without an mpirun hostfile: lmcore reported 2 processes and trained
+    one on half the global batch. Run for real, with a script printing each process's rank."""
+    import subprocess
+    import sys
+
+    from conftest import run_env
+
+    file = tmp_path / "multi-cpu.yaml"
+    file.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\n"
+                    "num_machines: 1\nmachine_rank: 0\nuse_cpu: false\nmixed_precision: 'no'\n")
+    built = launch_command(LaunchConfig(config=str(file), allocator="system"), "pretrain")
+    assert built.cpu and built.distributed_type == "MULTI_CPU" and built.num_processes == 2
+    (tmp_path / "ranks.py").write_text("import os; print('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'])")
+    argv = built.argv[: built.argv.index("-m", 2)] + [str(tmp_path / "ranks.py")]
+    res = subprocess.run(argv, env={**run_env(), **built.env}, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(line for line in res.stdout.splitlines() if line.startswith("rank")) == ["rank 0 of 2", "rank 1 of 2"]
+    with pytest.raises(StageError, match="is a MULTI_CPU config"):
+        launch_command(LaunchConfig(config=str(file), cpu=False), "pretrain")
+
+
 def test_the_allocator_is_preloaded_where_asked(tmp_path, monkeypatch):
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     assert "LD_PRELOAD" not in launch_command(LaunchConfig(config=CPU, allocator="system"), "pretrain").env

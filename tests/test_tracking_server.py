@@ -42,7 +42,8 @@ class Server:
         self.folder.chmod(0o755)
         self.port, self.pg_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        params = {"tracking": {"server": {"port": self.port, "postgres_port": self.pg_port, "data": "server"}}}
+        params = {"tracking": {"server": {"port": self.port, "postgres_port": self.pg_port, "data": "server",
+                                          "allowed_hosts": ["mlflow.example.org"]}}}
         (self.folder / "params.yaml").write_text(yaml.safe_dump(params))
         self.proc = subprocess.Popen([str(BIN / "lmcore"), "tracking-server"], cwd=self.folder, env=run_env(),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -219,3 +220,68 @@ def test_allowed_hosts_add_to_mlflows_defaults():
     cmd = mlflow_command(TrackingServerConfig(host="0.0.0.0", allowed_hosts=["mlflow.example.org"]), "postgresql://x", "/a")
     hosts = cmd[cmd.index("--allowed-hosts") + 1].split(",")
     assert {"mlflow.example.org", "mlflow.example.org:*", "localhost:*", "10.*"} <= set(hosts)
+
+
+def test_the_ui_of_a_named_host_may_search_runs_and_another_site_may_not(server):
+    """MLflow refuses state-changing requests (the UI's run search is a POST) from any origin but
+    localhost unless told: a colleague's browser at the team's name saw no runs (403)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    def search(origin: str) -> int:
+        body = json.dumps({"experiment_ids": ["0"], "max_results": 1}).encode()
+        req = urllib.request.Request(f"{server.url}/ajax-api/2.0/mlflow/runs/search", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", "Origin": origin})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert search(f"http://mlflow.example.org:{server.port}") == 200
+    assert search("https://mlflow.example.org") == 200
+    assert search("http://10.mlflow.example.org.evil.example") == 403
+
+
+def test_ui_origins_are_the_machines_addresses_and_the_named_hosts_without_wildcards():
+    from lmcore.config import TrackingServerConfig
+    from lmcore.tracking_server import ui_origins
+
+    assert ui_origins(TrackingServerConfig()) == []  # localhost only: MLflow allows it itself
+    team = ui_origins(TrackingServerConfig(host="0.0.0.0", port=5000, allowed_hosts=["mlflow.example.org"]))
+    assert {"http://mlflow.example.org:5000", "https://mlflow.example.org"} <= set(team)
+    assert not any("*" in o or "127.0.0.1" in o for o in team)
+    assert ui_origins(TrackingServerConfig(host="10.0.0.5", port=5001)) == ["http://10.0.0.5:5001"]
+
+
+def test_a_sigterm_while_the_servers_start_stops_them_without_waiting_for_mlflow():
+    """The stop request only set a flag that the start did not look at: the command went on
+    waiting (up to minutes) for MLflow to answer, then served, and only then stopped."""
+    folder = Path(tempfile.mkdtemp(prefix="lmcore-ts-", dir="/tmp"))
+    folder.chmod(0o755)
+    port, pg_port = free_port(), free_port()
+    (folder / "params.yaml").write_text(yaml.safe_dump(
+        {"tracking": {"server": {"port": port, "postgres_port": pg_port, "data": "server"}}}))
+    proc = subprocess.Popen([str(BIN / "lmcore"), "tracking-server"], cwd=folder, env=run_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    watchdog = threading.Timer(180, lambda: os.killpg(proc.pid, signal.SIGKILL))  # the line never came
+    watchdog.start()
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "PostgreSQL at" in line:  # MLflow starts next (seconds)
+                os.kill(proc.pid, signal.SIGTERM)
+                break
+        rest, _ = proc.communicate(timeout=120)
+        out = "".join(lines) + rest
+        assert proc.returncode == 0, out
+        assert "MLflow tracking server at" not in out and "tracking server stopped" in out, out
+        assert not Postgres(folder / "server", pg_port).running()
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        Postgres(folder / "server", pg_port).stop()
+        shutil.rmtree(folder, ignore_errors=True)
