@@ -191,9 +191,10 @@ def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = Gene
         raise ValueError(f"pad_id {pad_id} is outside the model's vocabulary 0 .. {vocab - 1}")
     device = next(model.parameters()).device
     B, W = len(rows), max(map(len, rows))
-    # the tokens and their realness in buffers allocated once (no copy of the sequence per token);
-    # seq and real below are views of the filled columns
-    width = W + cfg.max_new_tokens
+    # the tokens and their realness in buffers, not copied per token (seq and real below are views
+    # of the filled columns); room for the context's worth of new tokens at first, doubled when a
+    # long generation fills it (allocated up front, a max_new_tokens of 10^11 asked for 800 GB)
+    width = W + min(cfg.max_new_tokens, max(block, 64))
     tokens = torch.full((B, width), pad_id, dtype=torch.long)
     reals = torch.zeros((B, width), dtype=torch.bool)
     for i, p in enumerate(rows):
@@ -213,7 +214,7 @@ def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = Gene
     else:
         generator.manual_seed(cfg.seed)
 
-    cache = KVCache(cache_length(width, block)) if cfg.use_cache else None
+    cache = KVCache(cache_length(W + cfg.max_new_tokens, block)) if cfg.use_cache else None
     step = compiled_decode_step(model) if cache is not None and cfg.compile else None
     key_mask = at = None  # the compiled step's (B, block) keys to attend to and write position
     live = torch.ones(B, dtype=torch.bool, device=device)  # the rows still generating,
@@ -267,6 +268,9 @@ def stream(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig = Gene
                 if padded:
                     nxt = nxt.masked_fill(~live, pad_id)
             out = [t if a else None for t, a in zip(nxt.tolist(), alive)]
+            if filled == tokens.shape[1]:
+                tokens = torch.cat([tokens, torch.full_like(tokens, pad_id)], dim=1)
+                reals = torch.cat([reals, torch.zeros_like(reals)], dim=1)
             tokens[:, filled] = nxt
             reals[:, filled] = live
             filled += 1
@@ -338,11 +342,11 @@ def generate_ids(model, idx: torch.Tensor, max_new_tokens: int, temperature: flo
 # text
 
 
-def encode_prompts(tok, prompts: Sequence[str]) -> list[list[int]]:
+def encode_prompts(tok, prompts: Sequence[str], eot: int | None = None) -> list[list[int]]:
     """Token ids of each prompt; an empty prompt becomes the end-of-text token alone (what starts
-    a document in training)."""
+    a document in training; ``eot``: the model folder's, default the tokenizer's)."""
 
-    eot = special_ids(tok).eot
+    eot = special_ids(tok).eot if eot is None else eot
     return [e.ids or [eot] for e in tok.encode_batch(list(prompts))] if prompts else []
 
 

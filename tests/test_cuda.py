@@ -158,3 +158,11 @@ def test_generation_on_cuda_through_the_cuda_graph_gives_the_eager_tokens():
     compiled = GenerationConfig(max_new_tokens=12, temperature=0, compile=True)
     for _ in range(2):
         assert [c.tokens for c in generate(model, prompts, compiled)] == eager
+
+
+def test_lmcore_generate_runs_on_the_gpu_by_default():
+    """The CLI loaded the model on the CPU and never moved it: generation ran on the CPU of a GPU
+    machine, --compile's CUDA graph included."""
+    from lmcore.cli.generate import run_device
+
+    assert run_device("auto") == "cuda" and run_device("cpu") == "cpu"

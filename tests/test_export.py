@@ -247,3 +247,29 @@ def test_a_llama_folder_with_a_value_lmcore_cannot_read_is_an_error_naming_it(ch
     (tmp_path / "export/config.json").write_text(json.dumps({**cfg, **change}))
     with pytest.raises(StageError, match=r"config.json: not a Llama configuration lmcore can hold \(.+\)"):
         load_lm(tmp_path / "export")
+
+
+def test_llama_folders_of_other_writers_load_or_are_refused_by_name(tmp_path, tokenizer_dir):
+    """Older conversions store RoPE's inv_freq buffers (refused as 'no lmcore counterpart'); a
+    tied folder without the embedding and a rope_parameters that is not a mapping were a
+    KeyError and an AttributeError traceback."""
+    from safetensors.torch import load_file, save_file
+
+    from lmcore.model.folder import load_lm
+
+    model = tiny_model(tmp_path / "model")
+    export(ExportConfig(), tmp_path / "model", tokenizer_dir, tmp_path / "export", tmp_path / "m.json", OFF)
+    weights = tmp_path / "export/model.safetensors"
+    tensors = load_file(weights)
+    save_file({**tensors, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}, weights)
+    back, cfg = load_lm(tmp_path / "export")
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids)[0], model(ids)[0], atol=1e-5, rtol=0)
+    assert cfg["tie_word_embeddings"] is True
+    save_file({k: v for k, v in tensors.items() if k != "model.embed_tokens.weight"}, weights)
+    with pytest.raises(StageError, match="no model.embed_tokens.weight, which tie_word_embeddings: true"):
+        load_lm(tmp_path / "export")
+    (tmp_path / "export/config.json").write_text(json.dumps({**cfg, "rope_parameters": "default"}))
+    with pytest.raises(StageError, match="rope_parameters = 'default': a mapping"):
+        load_lm(tmp_path / "export")

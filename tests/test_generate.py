@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -247,6 +248,17 @@ def test_past_the_context_both_paths_slide_the_same_window(caplog):
     assert cached == tokens(model, PROMPTS, greedy(30, use_cache=False))
     long_prompt = [list(range(1, 21))]  # longer than the context from the start
     assert tokens(model, long_prompt, greedy(5)) == tokens(model, long_prompt, greedy(5, use_cache=False))
+
+
+def test_a_long_generation_grows_its_buffers_and_a_huge_limit_allocates_nothing_up_front():
+    """The token buffers were allocated for prompt + max_new_tokens at the start: a limit of 10^11
+    asked for 800 GB before the first token (a traceback in the CLI)."""
+    model = randomised(block=16)
+    long = tokens(model, PROMPTS, greedy(150))  # past the first buffer (64 columns): doubled twice
+    assert [len(t) for t in long] == [150] * len(PROMPTS)
+    assert long == tokens(model, PROMPTS, greedy(150, use_cache=False))
+    first = next(stream(model, PROMPTS, greedy(10**11)))  # one step of a practically endless generation
+    assert len(first) == len(PROMPTS) and all(t is not None for t in first)
 
 
 def test_a_left_padded_batch_gives_each_prompt_its_own_tokens():
@@ -548,6 +560,9 @@ def test_cli_errors_name_what_is_wrong(folder, tmp_path, capsys):
     assert code == 2 and "nothing: no model folder here" in err
     code, err = run("--prompt", "x", "--top-p", "1.5")
     assert code == 2 and "--top-p = 1.5" in err
+    if not torch.cuda.is_available():
+        code, err = run("--prompt", "x", "--device", "cuda")
+        assert code == 2 and "--device cuda: no CUDA device here" in err
     import torch._inductor.config as inductor_config
 
     with inductor_config.patch({"cpp.cxx": (None, str(tmp_path / "no-g++"))}):
@@ -592,3 +607,35 @@ def test_cli_jsonl_prompts_may_hold_newlines_and_params_give_the_defaults(folder
     code = main(["--params", str(tmp_path / "params.yaml"), "--root", str(folder), "generate"])
     out2, _ = capsys.readouterr()
     assert code == 0 and out2.startswith("The king")
+
+
+def test_a_llama_folders_own_end_of_text_stops_generation_not_its_first_special_token():
+    """The first three special tokens were taken as end of text, padding and separator, true of
+    lmcore's tokenizers only: a Llama tokenizer lists <unk>, <s>, </s>, so generation stopped at
+    <unk> and never at </s>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from lmcore.data.tokenizer import SpecialIds, special_ids
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["a few words of text"] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    llama = {"model_type": "llama", "bos_token_id": 1, "eos_token_id": 2}
+    assert special_ids(tok, llama).eot == tok.token_to_id("</s>") == 2
+    assert special_ids(tok, llama).pad == 2  # no pad_token_id: the end of text
+    assert special_ids(tok, {**llama, "eos_token_id": [2, 1], "pad_token_id": 0}) == SpecialIds(2, 0, 2)
+    assert special_ids(tok).eot == 0  # lmcore's convention, for its own folders
+    assert special_ids(tok, {"model": {"n_layer": 1}, "eos_token_id": 2}).eot == 0
+
+
+def test_cli_sampling_without_a_seed_prints_the_seed_that_repeats_it(folder, capsys):
+    from lmcore.cli import main
+
+    args = ["--root", str(folder), "generate", "--prompt", "Once", "--max-new-tokens", "12", "--temperature", "1"]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    seed = re.search(r"seed (\d+)\)", first.err)
+    assert seed, first.err
+    assert main([*args, "--seed", seed.group(1)]) == 0
+    assert capsys.readouterr().out == first.out

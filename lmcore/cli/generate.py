@@ -9,6 +9,7 @@ import argparse
 import atexit
 import json
 import logging
+import secrets
 import shutil
 import sys
 import tempfile
@@ -49,6 +50,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile (a CUDA "
                                                            "graph on CUDA): the first tokens wait for the compilation "
                                                            "(seconds to a minute), the rest come faster")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the model runs (default auto: the GPU where there is one)")
     p.add_argument("--no-stream", action="store_true", help="print each text once complete, not token by token")
     p.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="prompts decoded together (default 32); more prompts run in batches of N, one after the "
@@ -122,11 +125,22 @@ def settings(args: argparse.Namespace, defaults: Sampling) -> Any:
         values["top_k"] = None
     if args.compile and args.no_cache:
         raise StageError("--compile and --no-cache do not go together: what is compiled is the cached decode step")
+    if values["seed"] is None and values["temperature"] != 0:  # drawn here, and printed: a run to repeat with --seed
+        values["seed"] = secrets.randbelow(2**31)
     try:
         return GenerationConfig(**values, use_cache=not args.no_cache, compile=args.compile)
     except ValidationError as e:  # name the command-line option (params.yaml's values were checked on loading)
         raise StageError("; ".join(f"{flag(str(err['loc'][0]))} = {err['input']!r} is invalid ({err['msg']})"
                                    if err["loc"] else err["msg"] for err in e.errors())) from None
+
+
+def run_device(choice: str) -> str:
+    """``--device``: ``auto`` is the GPU where there is one."""
+    import torch  # lazy: the CLI loads torch only when a command runs
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise StageError("--device cuda: no CUDA device here (auto runs on the CPU then)")
+    return "cuda" if choice == "auto" and torch.cuda.is_available() else ("cpu" if choice == "auto" else choice)
 
 
 def registered(uri: str, params: str) -> Path:
@@ -162,10 +176,11 @@ def main(args: argparse.Namespace, stdin=None, stdout=None) -> int:
         tok_file = tok_path / "tokenizer.json" if tok_path.is_dir() else tok_path
         prompts = list(args.prompt) if args.prompt else read_prompts(args.file, stdin)
         model, model_cfg = load_lm(model_dir)
+        model = model.to(run_device(args.device))
         tok = tokmod.load(tok_file)
         check_tokenizer(model_cfg, model.cfg.vocab_size, tok, tok_file, model_dir)
-        sp = tokmod.special_ids(tok)
-        ids = encode_prompts(tok, prompts)
+        sp = tokmod.special_ids(tok, model_cfg)
+        ids = encode_prompts(tok, prompts, sp.eot)
         if args.batch_size < 1:
             raise StageError(f"--batch-size = {args.batch_size}: at least 1")
         if cfg.compile:  # refused before the prompt is printed, not at the first step

@@ -183,9 +183,20 @@ class SpecialIds:
     sep: int
 
 
-def special_ids(tok) -> SpecialIds:
+def special_ids(tok, model_cfg: dict[str, Any] | None = None) -> SpecialIds:
     """Ids of the end-of-text, padding and separator tokens: the first three special tokens,
-    which the trainer placed first in the vocabulary in the order of ``params.yaml``."""
+    which the trainer placed first in the vocabulary in the order of ``params.yaml``. With
+    ``model_cfg`` (a Hugging Face model folder's ``config.json``), the folder's own
+    ``eos_token_id`` (the first of a list) and ``pad_token_id`` (else the end of text) instead:
+    a Llama tokenizer not trained by lmcore lists ``<unk>``, ``<s>``, ``</s>`` first, and
+    generation stopped at ``<unk>`` and never at ``</s>``."""
+    eos = (model_cfg or {}).get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    if "model" not in (model_cfg or {}) and isinstance(eos, int) and not isinstance(eos, bool):
+        pad = model_cfg.get("pad_token_id")
+        pad = pad if isinstance(pad, int) and not isinstance(pad, bool) else eos
+        return SpecialIds(eos, pad, eos)
     added = tok.get_added_tokens_decoder()
     ids = sorted(i for i, t in added.items() if t.special)
     if len(ids) < 3:

@@ -165,7 +165,7 @@ def load_scorer(model_dir: str | Path, tokenizer_dir: str | Path | None = None,
     model, model_cfg = load_lm(model_dir)
     tok = tokmod.load(require(tok_file, "tokenizer"))
     check_tokenizer(model_cfg, model.cfg.vocab_size, tok, tok_file, model_dir)
-    return Loaded(DecoderScorer(model), text_encoder(tok), special_ids(tok).eot, backend)
+    return Loaded(DecoderScorer(model), text_encoder(tok), special_ids(tok, model_cfg).eot, backend)
 
 
 def score_model_documents(model_dir: str | Path, texts: Sequence[str], tokenizer_dir: str | Path | None = None,

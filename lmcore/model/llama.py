@@ -58,6 +58,8 @@ def load_llama(folder: Path, c: dict[str, Any]) -> Decoder:
     unsupported = {k: c.get(k) for k, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
                                              ("rope_scaling", None)) if c.get(k, ok) != ok}
     rope = c.get("rope_parameters") or {}  # transformers 5 writes the RoPE settings here, scaling included
+    if not isinstance(rope, dict):
+        raise StageError(f"{where}: rope_parameters = {rope!r}: a mapping (rope_type, rope_theta) or null")
     if rope.get("rope_type", "default") != "default":
         unsupported["rope_parameters.rope_type"] = rope["rope_type"]
     try:
@@ -94,10 +96,15 @@ def load_llama(folder: Path, c: dict[str, Any]) -> Decoder:
     except (SafetensorError, OSError) as e:
         raise StageError(f"{weights}: not readable safetensors ({' '.join(str(e).split())[:300]})") from None
     for name, t in tensors.items():
+        if name.endswith(".rotary_emb.inv_freq"):  # older conversions saved RoPE's buffer: computed here
+            continue
         if name not in ours:
             raise StageError(f"{weights}: tensor '{name}' has no lmcore counterpart")
         state[ours[name]] = t.float()
     if gcfg.tie_embeddings:
+        if "embed.weight" not in state:
+            raise StageError(f"{weights}: no model.embed_tokens.weight, which tie_word_embeddings: true in "
+                             f"{where} shares with the output head")
         state["lm_head.weight"] = state["embed.weight"]
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
