@@ -92,6 +92,19 @@ def test_function_level_imports_give_a_reason():
     assert bad == []
 
 
+def test_a_function_level_import_without_a_reason_is_caught(tmp_path):
+    pkg = tmp_path / "lmcore"
+    shutil.copytree(imports.PACKAGE_DIR, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(pkg / "generate.py", "a", encoding="utf-8") as f:
+        f.write("\n\ndef _planted():\n    import json\n\n\ndef _given():\n    import csv  # lazy: a reason\n")
+    try:
+        found = {mod: reason for _, mod, reason in imports.function_level_imports("lmcore.generate", pkg)}
+        assert "json" in found and found["json"] is None
+        assert found["csv"] and "a reason" in found["csv"]
+    finally:
+        imports.clear_cache()
+
+
 def test_the_stage_wiring_loads_each_stage_from_its_entry_module():
     lazy = {i.target for i in imports.imports_of("lmcore.stages") if not i.top_level}
     assert lazy == set(ENTRY_MODULES.values())

@@ -131,6 +131,12 @@ def test_the_allocator_is_preloaded_where_asked(tmp_path, monkeypatch):
     assert auto.get("LD_PRELOAD") == find_tcmalloc()  # None (absent) on a machine without tcmalloc
     with pytest.raises(StageError, match="launch.allocator = '/no/such/libmalloc.so': no such file"):
         launch_command(LaunchConfig(config=CPU, allocator="/no/such/libmalloc.so"), "pretrain")
+    with monkeypatch.context() as m:  # how the preload is composed, on any machine
+        m.setattr("lmcore.launch.find_tcmalloc", lambda: "/lib/libtcmalloc_minimal.so.4")
+        m.setenv("LD_PRELOAD", "libm.so.6")  # a preload of the user's own is kept
+        assert launch_command(LaunchConfig(config=CPU), "pretrain").env["LD_PRELOAD"] == \
+            "/lib/libtcmalloc_minimal.so.4 libm.so.6"
+        assert "LD_PRELOAD" not in launch_command(LaunchConfig(config=CPU, allocator="system"), "pretrain").env
     if find_tcmalloc() is None:
         pytest.skip("no tcmalloc on this machine (Debian: apt-get install libtcmalloc-minimal4)")
     monkeypatch.setenv("LD_PRELOAD", "libm.so.6")  # a preload of the user's own is kept

@@ -116,14 +116,15 @@ def test_fsdp_config_wraps_lmcore_blocks(monkeypatch):
 @pytest.mark.parametrize("in_code, from_launcher", [("no", "bf16"), ("bf16", "no")])
 def test_mixed_precision_in_code_wins_over_launcher(monkeypatch, in_code, from_launcher):
     """`accelerate launch` passes the config's / --mixed_precision value as ACCELERATE_MIXED_PRECISION;
-    Accelerator(mixed_precision=...) (what lmcore.train.accel does with params.yaml's value) wins."""
-    from accelerate import Accelerator
+    the Accelerator lmcore builds with params.yaml's value (make_accelerator) wins."""
     from accelerate.state import AcceleratorState
+
+    from lmcore.train.accel import make_accelerator
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", from_launcher)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     AcceleratorState._reset_state(True)
     try:
-        assert Accelerator(mixed_precision=in_code).mixed_precision == in_code
+        assert make_accelerator(in_code).mixed_precision == in_code
     finally:
         AcceleratorState._reset_state(True)

@@ -354,7 +354,7 @@ def test_processes_get_equal_shares_of_an_epoch_and_so_take_the_same_steps(n_bat
     assert process_share(batches, 0, 1) == batches and process_share([], 1, 3) == []
 
 
-def test_throughput_counts_the_seconds_of_steps_only():
+def test_throughput_is_tokens_over_the_seconds_it_is_given():
     """A validation between two log lines adds no time and no tokens: 30 tokens in 3 s of steps."""
     speed = Throughput()
     for _ in range(3):
@@ -577,11 +577,8 @@ def test_finetune_keeps_no_trained_model_in_the_accelerator(ft_inputs, tmp_path,
 
 
 def test_finetune_clipping_comes_from_the_settings(ft_inputs, tmp_path):
-    default = _finetune(ft_inputs, tmp_path / "default", "sst2", batch_size=8)
-    one = _finetune(ft_inputs, tmp_path / "one", "sst2", batch_size=8, grad_clip=1.0)
     off = _finetune(ft_inputs, tmp_path / "off", "sst2", batch_size=8, grad_clip=0.0, lr=0.05, head_lr=0.05)
     tight = _finetune(ft_inputs, tmp_path / "tight", "sst2", batch_size=8, grad_clip=1e-3, lr=0.05, head_lr=0.05)
-    assert all(torch.equal(default[k], one[k]) for k in default)
     assert any(not torch.allclose(off[k], tight[k]) for k in off)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 
+import pytest
 import yaml
 from conftest import ROOT
 
@@ -120,16 +121,26 @@ def test_a_runs_launch_override_on_the_gpu_deployment_keeps_its_gpu_settings():
     """Prefect replaces a parameter given on a run whole: the documented
     `-p launch='{"num_processes": 4}'` dropped the gpu deployment's multi-GPU config and
     cpu: false, and trained 4 CPU processes on the GPU machine, silently."""
+    from flows.pipeline import pipeline
+    from lmcore.config import ConfigError
+    from lmcore.core.errors import StageError
     from lmcore.launch import launch_command
     from tasks import launch_overrides
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     gpu = next(d for d in spec["deployments"] if d["name"] == "gpu")["parameters"]
-    # what Prefect gives the flow: the deployment's parameters updated by the run's, top-level keys only
-    given = {**gpu, "launch": {"num_processes": 4}}
-    merged = {**(given["launch_defaults"] or {}), **given["launch"]}  # what the flow runs with
-    params = config.load(ROOT / "params.yaml", launch_overrides(merged))
-    built = launch_command(params.launch, "pretrain", ROOT / "params.yaml", ROOT)
+    assert gpu["launch"] is None and gpu["launch_defaults"]["cpu"] is False
+    # the flow itself merges them (its body fails on until='nope' before any stage runs, after the
+    # merged settings were loaded): the deployment's values count, and the run's win key by key
+    params_file = str(ROOT / "params.yaml")
+    with pytest.raises(ConfigError, match="launch.num_processes = 0"):
+        pipeline.fn(params_file, str(ROOT), launch={}, launch_defaults={"num_processes": 0}, until="nope")
+    with pytest.raises(StageError, match="until = 'nope'"):
+        pipeline.fn(params_file, str(ROOT), launch={"num_processes": 2}, launch_defaults={"num_processes": 0},
+                    until="nope")
+    # what the documented run gets: the deployment's GPU settings with 4 processes
+    merged = {**gpu["launch_defaults"], "num_processes": 4}
+    built = launch_command(config.load(params_file, launch_overrides(merged)).launch, "pretrain", params_file, ROOT)
     assert built.distributed_type == "MULTI_GPU" and built.num_processes == 4 and not built.cpu
     assert "ACCELERATE_USE_CPU" not in built.env and "--cpu" not in built.argv
     assert built.config_file.name == "multi-gpu.yaml"
