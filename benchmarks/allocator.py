@@ -1,4 +1,6 @@
-"""Training throughput under the system's malloc against tcmalloc (``launch.allocator``).
+"""Training throughput under glibc's malloc, tuned as lmcore's training processes tune it
+(``lmcore.core.machine.tune_malloc``), against tcmalloc (``launch.allocator``). Entries before
+this header said "system malloc" were measured before train_throughput.py tuned glibc by default.
 
 The allocator is chosen when a process starts (``LD_PRELOAD``), so the two cannot share one
 process: this script runs ``benchmarks/train_throughput.py`` (same arguments, its own interleaved
@@ -14,6 +16,7 @@ Arguments after ``--`` go to train_throughput.py unchanged.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import re
 import statistics
@@ -58,8 +61,10 @@ def main() -> None:
     tcmalloc = find_tcmalloc()
     if tcmalloc is None:
         raise SystemExit("no tcmalloc on this machine (Debian: apt-get install libtcmalloc-minimal4)")
+    # --malloc tuned: without tcmalloc, lmcore's training processes tune glibc (tune_malloc), and that,
+    # not glibc's defaults, is what tcmalloc replaces
     tt_args = ["--shapes", args.shapes, "--models", args.models, "--rounds", "3", "--steps", "3", "--batch", "8",
-               *args.rest]
+               "--malloc", "tuned", *args.rest]
     runs: dict[str, list[dict[tuple[str, str], float]]] = {"system": [], "tcmalloc": []}
     rss: dict[str, list[float]] = {"system": [], "tcmalloc": []}
     header = ""
@@ -71,10 +76,11 @@ def main() -> None:
             rss[name].append(mb)
             print(f"# {name} run {len(runs[name])}: " + ", ".join(f"{s} {m} {v:,.0f}" for (s, m), v in rates.items()),
                   file=sys.stderr, flush=True)
-    print(f"machine: {cpu_name()} ({cpu_flags()}); commit {git_commit(HERE.parent)}; tcmalloc {tcmalloc}")
+    print(f"machine: {cpu_name()} ({cpu_flags()}); commit {git_commit(HERE.parent)}; tcmalloc {tcmalloc}; "
+          f"date {datetime.date.today().isoformat()}; command: python benchmarks/allocator.py {' '.join(sys.argv[1:])}")
     print(header)
     print(f"train_throughput.py {' '.join(tt_args)}; {args.repeats} runs per allocator, alternating\n")
-    print("| shape | model | system malloc tokens/s | tcmalloc tokens/s | tcmalloc / system |")
+    print("| shape | model | glibc malloc (tuned) tokens/s | tcmalloc tokens/s | tcmalloc / glibc |")
     print("|---|---|---|---|---|")
     for key in runs["system"][0]:
         a = statistics.median(r[key] for r in runs["system"])

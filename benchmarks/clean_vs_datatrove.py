@@ -15,9 +15,9 @@ datatrove lives in a venv of its own, never in the project's:
    -> FineWebQualityFilter``, one process) and datatrove 0.10.1 (``JsonlReader -> C4QualityFilter ->
    GopherQualityFilter -> GopherRepetitionFilter -> FineWebQualityFilter -> JsonlWriter`` in a
    ``LocalPipelineExecutor(tasks=1, workers=1)``, each filter with an exclusion writer so that its
-   drop reasons are known) over that file, each in a child process, one after the other: lmcore,
-   datatrove, lmcore again (``--lmcore-runs``; the faster lmcore run is reported), so that both
-   meet the same load on a shared machine. Both read the JSONL and write the kept documents and
+   drop reasons are known) over that file, each in a child process, alternating, ``--runs`` times
+   each (the first in turn: lmcore, datatrove, then datatrove, lmcore...; each tool's run of median
+   time is reported), so that both meet the same load on a shared machine. Both read the JSONL and write the kept documents and
    the dropped ones with their reason as uncompressed JSONL.
 3. Reports MB/s (input bytes over the read-filter-write loop's seconds, and over the whole child
    process's wall and CPU seconds: CPU seconds are the fairer measure when other work shares the
@@ -372,9 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--edit-rate", type=float, default=0.03)
     p.add_argument("--datatrove-python", default="/tmp/dt-venv/bin/python")
     p.add_argument("--skip-datatrove", action="store_true", help="time lmcore only")
-    p.add_argument("--lmcore-runs", type=int, default=2,
-                   help="lmcore runs (the 2nd after datatrove's, so that both see the machine's load; the fastest "
-                        "is reported)")
+    p.add_argument("--runs", type=int, default=3,
+                   help="runs of each tool, alternating (lmcore first in odd rounds, datatrove in even ones); the "
+                        "run of median time of each is reported (a best run against a single run flattered lmcore)")
     p.add_argument("--extra-step", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="a factory of extra lmcore steps, e.g. de-duplication (repeatable)")
     p.add_argument("--work", type=Path, default=None, help="folder for outputs (a temporary one by default)")
@@ -407,23 +407,34 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"input": str(inp), "input_mb": mb}
 
     extra = [arg for x in a.extra_step for arg in ("--extra-step", x)]
-    runs = []
-    for k in range(a.lmcore_runs):
-        if k == 1 and not a.skip_datatrove:
-            report["datatrove"] = dt = _child(a.datatrove_python, ["--worker", "datatrove", "--input", str(inp), "--out",
-                                                                   str(work / "datatrove")], mb, work / "datatrove.log")
-            print(_line("datatrove:", dt))
+    runs: list[dict] = []
+    dt_runs: list[dict] = []
+
+    def run_lm(k: int) -> None:
         runs.append(_child(sys.executable, ["--worker", "lmcore", "--input", str(inp), "--out", str(work / "lmcore"),
                                             *extra], mb, work / f"lmcore{k + 1}.log"))
         print(_line(f"lmcore #{k + 1}:", runs[-1]))
-    if a.lmcore_runs == 1 and not a.skip_datatrove:
-        report["datatrove"] = dt = _child(a.datatrove_python, ["--worker", "datatrove", "--input", str(inp), "--out",
-                                                               str(work / "datatrove")], mb, work / "datatrove.log")
-        print(_line("datatrove:", dt))
-    lm = report["lmcore"] = min(runs, key=lambda r: r["seconds"])
+
+    def run_dt(k: int) -> None:
+        dt_runs.append(_child(a.datatrove_python, ["--worker", "datatrove", "--input", str(inp), "--out",
+                                                   str(work / "datatrove")], mb, work / f"datatrove{k + 1}.log"))
+        print(_line(f"datatrove #{k + 1}:", dt_runs[-1]))
+
+    for k in range(a.runs):
+        order = [run_lm] if a.skip_datatrove else ([run_lm, run_dt] if k % 2 == 0 else [run_dt, run_lm])
+        for run in order:
+            run(k)
+
+    def median_run(rs: list[dict]) -> dict:
+        return sorted(rs, key=lambda r: r["seconds"])[(len(rs) - 1) // 2]
+
+    lm = report["lmcore"] = median_run(runs)
     report["lmcore_runs"] = runs
+    if not a.skip_datatrove:
+        dt = report["datatrove"] = median_run(dt_runs)
+        report["datatrove_runs"] = dt_runs
     total = sum(lm["step_seconds"].values())
-    print(f"  lmcore steps (fastest run, {lm['kept']} of {lm['documents']} documents kept):")
+    print(f"  lmcore steps (the median run, {lm['kept']} of {lm['documents']} documents kept):")
     for name, sec in lm["step_seconds"].items():
         print(f"    {name:20s} {sec:6.2f} s  {100 * sec / total:3.0f} %")
     if not a.skip_datatrove:

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lmcore.config import MODEL_PRESETS  # noqa: E402
-from lmcore.core.machine import cpu_name  # noqa: E402
+from lmcore.core.machine import cpu_flags, cpu_name  # noqa: E402
 from lmcore.generate import GenerationConfig, generate  # noqa: E402
 from lmcore.model.decoder import Decoder, DecoderConfig  # noqa: E402
 
@@ -96,7 +96,7 @@ def main() -> None:
                   file=sys.stderr, flush=True)
         load.append(os.getloadavg()[0])
 
-    print(f"Machine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
+    print(f"Machine: {cpu_name()} ({cpu_flags()}), {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
           f"torch {torch.__version__}; load average {min(load):.1f}-{max(load):.1f} during the rounds")
     print(f"Commit: {commit()}; date: {dt.date.today().isoformat()}")
     print(f"Command: python benchmarks/generate_bench.py {' '.join(sys.argv[1:])}".rstrip())

@@ -99,7 +99,8 @@ def main() -> None:
                 times[(name, b)].append(secs)
                 tokens[(name, b)] = toks
     print(f"machine: {cpu_name()} ({cpu_flags()}), {torch.get_num_threads()} threads; torch {torch.__version__}; "
-          f"commit {git_commit(Path(__file__).resolve().parents[1])}; {dt.date.today()}")
+          f"commit {git_commit(Path(__file__).resolve().parents[1])}; {dt.date.today()}; "
+          f"command: python benchmarks/generate_vs_hf.py {' '.join(sys.argv[1:])}")
     print(f"model {args.model} ({ours.num_params() / 1e6:.2f}M parameters), greedy, float32, prompt "
           f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens, {args.rounds} rounds\n")
     pairs = [("lmcore", "transformers")] + ([("lmcore compiled", "transformers compiled"),

@@ -33,6 +33,7 @@ from gpt2_baseline import GPT2  # noqa: E402
 from lmcore.core.machine import cpu_flags, cpu_name, git_commit, tune_malloc  # noqa: E402
 from lmcore.model.decoder import Decoder, DecoderConfig  # noqa: E402
 from lmcore.model.kernels import attention_dtype, attention_kernel  # noqa: E402
+from lmcore.train.flops import cpu_precision  # noqa: E402
 
 GROUPS = {
     "matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear"),
@@ -57,7 +58,9 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto (default): what pretrain's mixed_precision: auto picks on this CPU (bf16 elsewhere is "
+                        "emulated for the plain GPT-2 while lmcore runs fp32: two kinds of arithmetic, not two models)")
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after 2 untimed)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top", type=int, default=14, help="operators listed per model")
@@ -66,6 +69,8 @@ def main() -> None:
 
     malloc = tune_malloc()
     torch.set_num_threads(args.threads)
+    if args.precision == "auto":
+        args.precision = "bf16" if cpu_precision(args.threads) == "bf16" else "fp32"
     L, H, C = (int(v) for v in args.shape.lower().split("x"))
     T, B = args.context, args.batch
     cfg = DecoderConfig(vocab_size=args.vocab, n_layer=L, n_head=H, n_embd=C, block_size=T, dropout=0.0)

@@ -458,7 +458,8 @@ def main() -> None:
         base = merge(base, SWEEP_FROM)  # the sweep's starting point, whatever params.yaml says now
         specs = [make_spec(f"{i}: {n}", "lmcore", base, {"val_windows": 128, **o}) for i, n, o in chosen]
     else:
-        lrs = args.lr_baseline or [base["lr"], base["lr"] / 3]
+        # the GPT-2's best rate was the top of [lr, lr/3] in every recorded run: a grid that brackets it
+        lrs = args.lr_baseline or [3 * base["lr"], base["lr"], base["lr"] / 3]
         gpt2 = merge(base, {"optimizer": "adamw"})
         # the warm-up keeps its share of params.yaml's steps at the budget's step count
         share = {"warmup_fraction": base["warmup_steps"] / base["max_steps"]}

@@ -5,13 +5,16 @@ server on PostgreSQL (``lmcore tracking-server``), interleaved, same data and se
 
 ``--project`` is a folder where the data stages have run (``data/tokens``, ``data/tokenizer``),
 e.g. after ``make pipeline``. Each run is ``lmcore launch pretrain`` from scratch in a scratch
-folder that links that data; the stage's own ``tokens_per_second`` (training time only) and its
-wall time are compared. Prints a Markdown table.
+folder that links that data; the stage's own ``tokens_per_second`` and its wall time are compared.
+The stage times its steps without the logging calls between them (``tr.metrics`` comes after a
+step's clock stops), so its tokens/s cannot show what logging costs: the wall time, start-up
+included, is the measure of the overhead. Prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import shutil
 import signal
@@ -95,17 +98,19 @@ def main() -> None:
         os.kill(server.pid, signal.SIGTERM)
         server.wait(60)
         shutil.rmtree(work, ignore_errors=True)
-    print(f"machine: {cpu_name()} ({cpu_flags()}); commit {git_commit(HERE.parent)}; {os.cpu_count()} CPUs")
+    print(f"machine: {cpu_name()} ({cpu_flags()}); commit {git_commit(HERE.parent)}; {os.cpu_count()} CPUs; "
+          f"date {datetime.date.today().isoformat()}; command: python benchmarks/tracking_overhead.py "
+          f"{' '.join(sys.argv[1:])}")
     m = params["pretrain"]
     print(f"pretrain {args.steps} steps, log_interval {m.get('log_interval')}, eval_interval {m.get('eval_interval')}; "
           f"{args.rounds} rounds, order rotated; medians\n")
-    print("| tracking | tokens/s (training) | stage wall s | tokens/s against off |")
+    print("| tracking | stage wall s | wall against off | tokens/s (steps only, logging outside) |")
     print("|---|---|---|---|")
-    base = statistics.median(t for t, _ in results["off"])
+    base = statistics.median(w for _, w in results["off"])
     for mode, rows in results.items():
         tps = statistics.median(t for t, _ in rows)
         wall = statistics.median(w for _, w in rows)
-        print(f"| {mode} | {tps:,.0f} | {wall:.1f} | {tps / base - 1:+.1%} |")
+        print(f"| {mode} | {wall:.1f} | {wall / base - 1:+.1%} | {tps:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ transformers is a benchmark-only dependency (installed with the ``dev`` extra).
 from __future__ import annotations
 
 import argparse
+import datetime
 import contextlib
 import gc
 import statistics
@@ -45,7 +46,7 @@ from lmcore.config import ATTENTION_KERNELS  # noqa: E402
 from lmcore.core.machine import cpu_flags, cpu_name, git_commit, tune_malloc  # noqa: E402
 from lmcore.model.decoder import Decoder, DecoderConfig  # noqa: E402
 from lmcore.model.kernels import attention_dtype, attention_kernel  # noqa: E402
-from lmcore.train.flops import resolve_precision  # noqa: E402
+from lmcore.train.flops import cpu_precision  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # the models
@@ -205,11 +206,10 @@ def main() -> None:
                         "(lmcore.core.machine.tune_malloc; every model of the run benefits alike)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    if args.precision == "auto":
-        args.precision = "bf16" if resolve_precision("auto") == "bf16" else "fp32"
-
     malloc = tune_malloc() if args.malloc == "tuned" else "system"
     torch.set_num_threads(args.threads)
+    if args.precision == "auto":  # the CPU's choice at the threads measured (every model here runs on the CPU)
+        args.precision = "bf16" if cpu_precision(args.threads) == "bf16" else "fp32"
     T, B = args.context, args.batch
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     commit = git_commit(Path(__file__).resolve().parents[1])  # of the code measured (read now: a commit may land during the run)
@@ -289,6 +289,7 @@ def main() -> None:
     print(f"\nmachine: {cpu_name()} ({cpu_flags()}), {args.threads} threads; torch {torch.__version__}; "
           f"commit {commit}; allocator {malloc}; lmcore attention: "
           + ", ".join(f"{k} {v}" for k, v in kernels.items()))
+    print(f"date {datetime.date.today().isoformat()}; command: python benchmarks/train_throughput.py {' '.join(sys.argv[1:])}")
     print(f"batch {B} x context {T} = {tokens} tokens/step, vocab {args.vocab}, {args.precision}"
           f"{' autocast' if args.precision == 'bf16' else ''}, fused AdamW, clip 1.0"
           f"{', torch.compile' if args.compile else ''}; {args.rounds} rounds x {args.steps} steps "

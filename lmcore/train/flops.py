@@ -306,8 +306,15 @@ def resolve_precision(mixed_precision: str) -> str:
         return mixed_precision
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return cpu_precision()
+
+
+def cpu_precision(threads: int | None = None) -> str:
+    """What ``auto`` picks for training on this machine's CPU (``bf16`` or ``no``), whatever
+    GPUs it has (the benchmarks that run on the CPU ask this), at ``threads`` (default: the
+    current setting)."""
     cpu = torch.device("cpu")
-    bf16, fp32 = peak_flops(cpu, torch.bfloat16), peak_flops(cpu, torch.float32)
+    bf16, fp32 = peak_flops(cpu, torch.bfloat16, threads), peak_flops(cpu, torch.float32, threads)
     choice = "bf16" if bf16.flops > 1.2 * fp32.flops else "no"
     log.info("mixed_precision auto -> %s (bf16 %.0f vs fp32 %.0f GFLOP/s measured on %s)",
              choice, bf16.flops / 1e9, fp32.flops / 1e9, bf16.device_name)
