@@ -43,8 +43,8 @@ from lmcore.stages import launch_config_file, metrics_path
 
 _MULTI = {"MULTI_GPU", "FSDP", "DEEPSPEED", "MEGATRON_LM"}
 """Accelerate ``distributed_type`` values that already start several processes. ``MULTI_CPU``
-(what ``accelerate config`` writes for CPU processes) does only with an ``mpirun_hostfile``:
-without one, Accelerate starts a single process."""
+(what ``accelerate config`` writes for CPU processes) does only with an ``mpirun_hostfile``
+(under ``mpirun_config``): without one, Accelerate starts a single process."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +102,8 @@ def launch_command(launch: LaunchConfig, stage: str, params_file: str | Path = "
     dtype = str(file["distributed_type"]).upper()
     processes = launch.num_processes or int(file.get("num_processes") or 1)
     machines = launch.num_machines or int(file.get("num_machines") or 1)
-    multi = dtype in _MULTI or (dtype == "MULTI_CPU" and bool(file.get("mpirun_hostfile")))
+    mpirun = file.get("mpirun_config") if isinstance(file.get("mpirun_config"), dict) else {}
+    multi = dtype in _MULTI or (dtype == "MULTI_CPU" and bool(mpirun.get("mpirun_hostfile")))
     cpu = (bool(file.get("use_cpu")) or dtype == "MULTI_CPU") if launch.cpu is None else launch.cpu
     if dtype == "MULTI_CPU" and not cpu:
         raise StageError(f"launch.cpu = false, but {path} is a MULTI_CPU config: name a GPU config (launch.config)")
@@ -242,7 +243,8 @@ def run_launched(launch: Launch, log: Callable[[str], None] = print, cwd: str | 
     try:
         rc = proc.wait()
     except BaseException:
-        log(f"launch: stopping the training processes (SIGTERM, then SIGKILL after {grace:.0f} s)")
+        log(f"launch: stopping the training processes (SIGTERM; the process group's SIGTERM after {grace:.0f} s, "
+            f"SIGKILL after {grace + 10:.0f} s)")
         try:
             stop_launch(proc, grace)
         except BaseException:  # a second signal while they stop: no more waiting, and none left behind

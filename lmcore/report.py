@@ -234,7 +234,7 @@ def report_execution(params: Params, layout: Layout, key: str | None, summary: s
     if params.tracking.enabled:
         try:
             with reading_store(params.tracking.tracking_uri):
-                client, experiment_id, _ = open_client(params.tracking)
+                client, experiment_id, _ = open_client(params.tracking, existing=True)  # reads: creates no store
                 evaluated = layout / "runs/evaluate"
                 lineage = (render(trace(client, experiment_id, str(evaluated))) if evaluated.exists()
                            else "no evaluation yet: runs/evaluate is missing")

@@ -891,13 +891,25 @@ def download_model(cfg: TrackingConfig, uri: str, dst: Path, hf: bool = False) -
     mlflow = _mlflow()
     client, _, store = open_client(cfg, existing=True, experiment=False)
     try:
+        # the version's files are found through this store's registry here: MLflow's models:/ download
+        # asks the process's default registry (./mlflow.db), whatever registry_uri it is given
+        mv = client.get_model_version_by_alias(name, ref) if alias else client.get_model_version(name, ref)
         if hf:
-            mv = client.get_model_version_by_alias(name, ref) if alias else client.get_model_version(name, ref)
             model_id = mv.tags.get("lmcore.hf_model_id")
             if not model_id:
                 raise StageError(f"{uri} (version {mv.version}) has no Hugging Face export: run the export stage on "
                                  f"that model (lmcore export) with tracking on")
-            uri = f"models:/{model_id}"
-        return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst), tracking_uri=store, registry_uri=store))
+            source = client.get_logged_model(model_id).artifact_location
+        else:
+            source = client.get_model_version_download_uri(name, mv.version)
     except _errors() as e:
         raise StageError(f"{uri}: not found in the model registry at {store} ({_short(e)})") from None
+    try:
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=store))
+        if not any(p.is_file() for p in got.rglob("*")):  # MLflow only logs "No artifacts found" and returns
+            raise StageError(f"{uri}: registered, but its files are missing from the store's artifacts "
+                             f"(nothing downloaded): was the artifact folder deleted or garbage-collected?")
+        return got
+    except _errors() as e:
+        raise StageError(f"{uri}: version {mv.version}'s files could not be downloaded from {source} "
+                         f"({_short(e)})") from None

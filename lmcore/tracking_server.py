@@ -209,12 +209,14 @@ def ui_origins(cfg: TrackingServerConfig) -> list[str]:
     search is a POST) from any other origin than localhost unless ``--cors-allowed-origins``
     names it, so a colleague at http://10.0.0.5:5000 saw no runs. No wildcard: a pattern like
     ``http://10.*`` also matches a site named 10.evil.example."""
-    if cfg.host in ("0.0.0.0", "::"):
-        addresses = sorted({a.address for addrs in psutil.net_if_addrs().values() for a in addrs
-                            if a.family == socket.AF_INET and not a.address.startswith("127.")})
+    families = {"0.0.0.0": (socket.AF_INET,), "::": (socket.AF_INET, socket.AF_INET6)}.get(cfg.host)
+    if families:
+        addresses = sorted({a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs
+                            if a.family in families and not a.address.startswith(("127.", "::1", "fe80:"))})
     else:
         addresses = [] if cfg.host in ("127.0.0.1", "localhost", "::1") else [cfg.host]
-    origins = [f"http://{a}:{cfg.port}" for a in addresses]
+    # an IPv6 address is written in brackets in a URL (the browser's Origin: http://[fd00::2]:5000)
+    origins = [f"http://{f'[{a}]' if ':' in a else a}:{cfg.port}" for a in addresses]
     for name in cfg.allowed_hosts:
         origins += [f"http://{name}:{cfg.port}", f"http://{name}", f"https://{name}"]
     return list(dict.fromkeys(origins))
@@ -288,7 +290,8 @@ def serve(cfg: TrackingServerConfig, root: Path, say: Callable[[str], None] = pr
     except OSError as e:  # a file where the folder should be, no permission
         raise StageError(f"tracking.server.data = {cfg.data!r}: {folder} cannot be the server's folder "
                          f"({e.strerror or e})") from None
-    url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
+    reach = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    url = f"http://{f'[{reach}]' if ':' in reach else reach}:{cfg.port}"  # an IPv6 address in brackets
     if not port_is_free(cfg.host, cfg.port):
         raise StageError(f"port {cfg.port} on {cfg.host} is in use (tracking.server.port): another server runs "
                          f"there, or choose another port")

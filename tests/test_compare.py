@@ -213,7 +213,8 @@ def test_compare_uses_the_params_files_retry_settings_with_a_store_named_on_the_
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "x")  # recorded, so that the test's end restores the variable (or its absence)
+        monkeypatch.delenv(var)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tracking": {"request_retries": 0, "request_timeout": 3}}))
     code = main(["--params", str(tmp_path / "params.yaml"), "compare", "--tracking-uri", f"http://127.0.0.1:{port}",
                  "--experiment", EXPERIMENT, "--out", str(tmp_path / "x")])
@@ -224,6 +225,13 @@ def test_compare_uses_the_params_files_retry_settings_with_a_store_named_on_the_
     code = main(["--params", str(tmp_path / "params.yaml"), "compare", "--tracking-uri", "mlflow.db"])
     err = capsys.readouterr().err
     assert code == 2 and "--tracking-uri 'mlflow.db': a URI with a scheme" in err, err
+    # a broken params file in the folder it runs in does not stop a compare that names its store whole
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("tracking: {request_retries: many}\n")
+    code = main(["compare", "--tracking-uri", f"http://127.0.0.1:{port}", "--experiment", EXPERIMENT,
+                 "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "params.yaml not read" in err and "did not answer" in err, err
 
 
 def test_accuracies_sort_highest_first_and_a_nan_goes_with_the_runs_without_the_metric():

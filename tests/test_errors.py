@@ -170,3 +170,39 @@ def test_reading_commands_name_a_missing_store_or_experiment_and_create_nothing(
         assert main(command) == 2, command
         err = capsys.readouterr().err
         assert "lmcore-base" in err and "in the model registry" in err, (command, err)
+
+
+def test_download_of_a_version_whose_files_are_gone_is_an_error_not_an_empty_folder(tmp_path, monkeypatch, capsys):
+    """MLflow only logs "No artifacts found" when a registered version's files were deleted (the
+    artifact folder removed, `mlflow gc`): lmcore download moved the empty folder into place and
+    said it had downloaded 0 files, exit 0."""
+    import shutil
+
+    import mlflow
+
+    from lmcore.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tracking": {"tracking_uri": uri, "experiment": "e"}}))
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(exp)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model/config.json").write_text("{}")
+    client.log_artifacts(run.info.run_id, str(tmp_path / "model"), artifact_path="model")
+    client.create_registered_model("lmcore-base")
+    # registered as lmcore registers: the source is where the files are
+    client.create_model_version("lmcore-base", f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    assert main(["download", "models:/lmcore-base/1", str(tmp_path / "ok")]) == 0
+    assert (tmp_path / "ok/config.json").exists()
+    capsys.readouterr()
+    model_files = next((tmp_path / "artifacts").rglob("config.json")).parent
+    shutil.rmtree(model_files)
+    model_files.mkdir()  # the folder there, its files gone: MLflow downloads nothing and says so in its log only
+    assert main(["download", "models:/lmcore-base/1", str(tmp_path / "dl")]) == 2
+    assert "registered, but its files are missing" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "artifacts")  # the folder gone too
+    assert main(["download", "models:/lmcore-base/1", str(tmp_path / "dl")]) == 2
+    assert "version 1's files could not be downloaded from" in capsys.readouterr().err
+    assert not (tmp_path / "dl").exists()

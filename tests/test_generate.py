@@ -625,6 +625,7 @@ def test_a_llama_folders_own_end_of_text_stops_generation_not_its_first_special_
     assert special_ids(tok, llama).eot == tok.token_to_id("</s>") == 2
     assert special_ids(tok, llama).pad == 2  # no pad_token_id: the end of text
     assert special_ids(tok, {**llama, "eos_token_id": [2, 1], "pad_token_id": 0}) == SpecialIds(2, 0, 2)
+    assert special_ids(tok, {**llama, "pad_token_id": -1}).pad == 2  # "none" in some conversions: not an id
     assert special_ids(tok).eot == 0  # lmcore's convention, for its own folders
     assert special_ids(tok, {"model": {"n_layer": 1}, "eos_token_id": 2}).eot == 0
 

@@ -109,3 +109,30 @@ def test_documents_without_text_are_refused_by_name(tmp_path):
     model = tiny_model(tmp_path / "m")
     with pytest.raises(StageError, match="no text among them"):
         score_documents(DecoderScorer(model), [[], []], ["", ""], prefix=0)
+
+
+def test_score_json_is_strict_json_and_task_scoring_refuses_text_options(tmp_path, tokenizer_dir, capsys):  # noqa: F811
+    """--json printed `Infinity` for the word perplexity of text without spaces (not JSON); --limit,
+    --texts and --text-field were silently ignored with --task / --multiple-choice (a quick
+    --limit 50 ran the whole task)."""
+    import json
+
+    from lmcore.cli import main
+
+    tiny_model(tmp_path / "final", block_size=32)
+    (tmp_path / "cjk.txt").write_text("吾輩は猫である。名前はまだ無い。" * 40, encoding="utf-8")
+    code = main(["score", str(tmp_path / "final"), "--tokenizer", str(tokenizer_dir), "--texts",
+                 str(tmp_path / "cjk.txt"), "--json"])
+    out = capsys.readouterr().out
+
+    def refuse(constant: str):
+        raise ValueError(f"not JSON: {constant}")
+
+    got = json.loads(out, parse_constant=refuse)
+    assert code == 0 and got["word_perplexity"] is None and got["bits_per_byte"] > 0
+    (tmp_path / "mc.jsonl").write_text(json.dumps({"context": "a", "choices": ["b", "c"], "gold": 0}) + "\n")
+    code = main(["score", str(tmp_path / "final"), "--tokenizer", str(tokenizer_dir), "--multiple-choice",
+                 str(tmp_path / "mc.jsonl"), "--limit", "1"])
+    assert code == 2 and "--limit: for text scoring, not with --multiple-choice" in capsys.readouterr().err
+    code = main(["score", str(tmp_path / "final"), "--task", "sst2", "--multiple-choice", str(tmp_path / "mc.jsonl")])
+    assert code == 2 and "give one" in capsys.readouterr().err

@@ -122,6 +122,12 @@ def test_a_multi_cpu_config_of_accelerate_config_starts_every_process(tmp_path):
     assert sorted(line for line in res.stdout.splitlines() if line.startswith("rank")) == ["rank 0 of 2", "rank 1 of 2"]
     with pytest.raises(StageError, match="is a MULTI_CPU config"):
         launch_command(LaunchConfig(config=str(file), cpu=False), "pretrain")
+    # with an mpirun hostfile (accelerate config writes it under mpirun_config) Accelerate's mpirun
+    # starts them all: no torchrun flag
+    mpi = tmp_path / "mpi.yaml"
+    mpi.write_text(file.read_text().replace("num_machines: 1", "num_machines: 2").replace("num_processes: 2",
+                   "num_processes: 4") + "mpirun_config:\n  mpirun_hostfile: /etc/hosts\nmain_process_ip: 10.0.0.1\n")
+    assert "--multi_gpu" not in launch_command(LaunchConfig(config=str(mpi)), "pretrain").argv
 
 
 def test_the_allocator_is_preloaded_where_asked(tmp_path, monkeypatch):

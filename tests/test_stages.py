@@ -331,7 +331,6 @@ def test_a_write_removes_what_a_killed_writer_of_the_same_output_left(tmp_path):
     whole checkpoint beside the output, for ever. The next write of that output removes it; a
     live writer's folder and another machine's (a shared file system) are left alone."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -341,15 +340,17 @@ def test_a_write_removes_what_a_killed_writer_of_the_same_output_left(tmp_path):
     killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     killed.kill()
     killed.wait()
-    host = socket.gethostname()
-    stale = tmp_path / f"runs/.final.{host}-{killed.pid}.abc_123.tmp"
-    live = tmp_path / f"runs/.final.{host}-{os.getppid()}.def456.tmp"
-    elsewhere = tmp_path / f"runs/.final.{host}x-{killed.pid}.ghi789.tmp"
-    other_output = tmp_path / f"runs/.final2.{host}-{killed.pid}.jkl012.tmp"
-    for d in (stale, live, elsewhere, other_output):
+    here = io._writer().rsplit("-", 1)[0]  # host and process-id namespace
+    host, namespace = here.rsplit("-", 1)
+    stale = tmp_path / f"runs/.final.{here}-{killed.pid}.abc_123.tmp"
+    live = tmp_path / f"runs/.final.{here}-{os.getppid()}.def456.tmp"
+    elsewhere = tmp_path / f"runs/.final.{host}x-{namespace}-{killed.pid}.ghi789.tmp"
+    other_container = tmp_path / f"runs/.final.{host}-{int(namespace) + 1}-{killed.pid}.mno345.tmp"
+    other_output = tmp_path / f"runs/.final2.{here}-{killed.pid}.jkl012.tmp"
+    for d in (stale, live, elsewhere, other_container, other_output):
         (d / "final").mkdir(parents=True)
         (d / "final/model.bin").write_text("partial")
     io.write_text(out, "done")
     assert out.read_text() == "done"
     assert not stale.exists()
-    assert live.exists() and elsewhere.exists() and other_output.exists()
+    assert live.exists() and elsewhere.exists() and other_container.exists() and other_output.exists()

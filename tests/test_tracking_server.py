@@ -253,6 +253,10 @@ def test_ui_origins_are_the_machines_addresses_and_the_named_hosts_without_wildc
     assert {"http://mlflow.example.org:5000", "https://mlflow.example.org"} <= set(team)
     assert not any("*" in o or "127.0.0.1" in o for o in team)
     assert ui_origins(TrackingServerConfig(host="10.0.0.5", port=5001)) == ["http://10.0.0.5:5001"]
+    assert ui_origins(TrackingServerConfig(host="fd00::5", port=5001)) == ["http://[fd00::5]:5001"]
+    both = ui_origins(TrackingServerConfig(host="::", port=5000))
+    assert all(o.startswith("http://") and not o.startswith(("http://127.", "http://[::1]", "http://[fe80"))
+               for o in both)
 
 
 def test_a_sigterm_while_the_servers_start_stops_them_without_waiting_for_mlflow():

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcore import config
-from lmcore.config import ConfigError
+from lmcore.config import ConfigError, TrackingConfig
 from lmcore.core.errors import StageError
 
 
@@ -41,8 +41,17 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         # the params file's settings (a server's retries and timeout) with the store named here
-        tracking = store_settings(config.load_present(args.params, args.params_given).tracking,
-                                  args.experiment, args.tracking_uri)
+        try:
+            own = config.load_present(args.params, args.params_given).tracking
+        except ConfigError as e:
+            if args.params_given or not (args.experiment and args.tracking_uri):
+                raise
+            # the store is named whole on the command line: a broken params file of the folder it runs
+            # in does not stop the command, it only loses that file's retry settings
+            print(f"lmcore compare: note: {args.params} not read ({e}); the store's default retry settings apply",
+                  file=sys.stderr)
+            own = TrackingConfig()
+        tracking = store_settings(own, args.experiment, args.tracking_uri)
         out = Path(args.out) if args.out else Path(args.root) / "runs/compare"
         if args.runs < 0:
             raise StageError(f"--runs = {args.runs}: give a number of runs, or 0 for all")

@@ -42,9 +42,12 @@ def main(args: argparse.Namespace) -> int:
         except OSError as e:  # a file where a folder should be, no permission
             raise StageError(f"{dest}: cannot be the folder to download into ({e.strerror or e})") from None
         # downloaded beside the destination, then renamed: an interrupted download leaves no half folder
-        with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as tmp:
-            got = download_model(cfg, args.uri, Path(tmp) / "model", hf=args.hf)
-            shutil.move(str(got), dest)
+        try:
+            with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as tmp:
+                got = download_model(cfg, args.uri, Path(tmp) / "model", hf=args.hf)
+                shutil.move(str(got), dest)
+        except OSError as e:  # the folder beside the destination cannot be written
+            raise StageError(f"{dest}: cannot download there ({e.strerror or e})") from None
     except (ConfigError, StageError) as e:
         print(f"lmcore download: error: {e}", file=sys.stderr)
         return 2

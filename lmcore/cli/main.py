@@ -70,24 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("mlflow", "alembic", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    if args.stage == "compare":
-        return compare.main(args)
-    if args.stage == "generate":
-        return generate.main(args)
-    if args.stage == "tracking-server":
-        return tracking_server.main(args)
-    if args.stage == "summary":
-        return summary.main(args)
-    if args.stage == "lineage":
-        return lineage.main(args)
-    if args.stage == "promote":
-        return promote.main(args)
-    if args.stage == "download":
-        return download.main(args)
-    if args.stage == "offline-plots":
-        return offline_plots.main(args)
-    if args.stage == "score":
-        return score.main(args)
+    commands = {"compare": compare.main, "generate": generate.main, "tracking-server": tracking_server.main,
+                "summary": summary.main, "lineage": lineage.main, "promote": promote.main, "download": download.main,
+                "offline-plots": offline_plots.main, "score": score.main}
+    if args.stage in commands:
+        try:
+            return commands[args.stage](args)
+        except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status, as for the stages
+            print(f"lmcore {args.stage}: interrupted", file=sys.stderr)
+            return 130
     if args.stage == "launch":
         return _launch(args)
     try:

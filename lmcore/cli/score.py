@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,14 @@ def main(args: argparse.Namespace) -> int:
     root = Path(args.root)
     try:
         model = Path(args.model)
+        if args.task and args.multiple_choice:
+            raise StageError("--task and --multiple-choice: give one (each scores zero-shot examples of its own)")
         if args.task or args.multiple_choice:
+            given = [f for f, v in (("--texts", args.texts), ("--limit", args.limit),
+                                    ("--text-field", args.text_field != "text")) if v]
+            if given:  # they select documents to score: silently ignored, a quick --limit 50 ran the whole task
+                raise StageError(f"{', '.join(given)}: for text scoring, not with "
+                                 f"{'--task' if args.task else '--multiple-choice'}")
             tok = args.tokenizer or (None if (model / "tokenizer.json").exists() else root / "data/tokenizer")
             if args.task:
                 z, backend = zero_shot_model(model, args.task, tok, args.backend)
@@ -80,8 +88,9 @@ def main(args: argparse.Namespace) -> int:
            "bytes": sum(scores.bytes), "words": sum(scores.words), "loglikelihood": sum(scores.loglikelihoods),
            "bits_per_byte": scores.bits_per_byte, "byte_perplexity": scores.byte_perplexity,
            "word_perplexity": scores.word_perplexity}
-    if args.json:
-        print(json.dumps(out))
+    if args.json:  # strict JSON: a non-finite value (word perplexity of text without spaces: inf) is null
+        print(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in out.items()},
+                         allow_nan=False))
     else:
         print(f"{model} ({backend}): {out['documents']} documents, {out['tokens']:,} tokens, {out['bytes']:,} bytes, "
               f"{out['words']:,} words\n  bits per byte {out['bits_per_byte']:.6f}  byte perplexity "

@@ -35,12 +35,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _writer() -> str:
+    """Who writes: the host, the process-id namespace (containers sharing a host name and a volume
+    do not see each other's processes) and the process id."""
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:  # no /proc (macOS)
+        namespace = "0"
+    return f"{socket.gethostname()}-{namespace}-{os.getpid()}"
+
+
 def _remove_stale(path: Path) -> None:
     """Remove the temporary folders that writes of ``path`` by processes of this machine left
     when they died without cleaning up (SIGKILL, the out-of-memory killer): a killed pretraining
     left a whole checkpoint beside its output. A live writer's folder, and those of other machines
-    sharing the file system, are left alone (the folder's name holds the host and process id)."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.{re.escape(socket.gethostname())}-(\d+)\.\w+\.tmp")
+    sharing the file system, are left alone (the folder's name holds the host, the process-id
+    namespace and the process id: :func:`_writer`)."""
+    here = _writer().rsplit("-", 1)[0]
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{re.escape(here)}-(\d+)\.\w+\.tmp")
     for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         m = pattern.fullmatch(p.name)
         if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
@@ -56,8 +68,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{socket.gethostname()}-{os.getpid()}.", suffix=".tmp",
-                                dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_writer()}.", suffix=".tmp", dir=path.parent))
     target = tmp / path.name
     try:
         yield target

@@ -190,13 +190,15 @@ def special_ids(tok, model_cfg: dict[str, Any] | None = None) -> SpecialIds:
     ``eos_token_id`` (the first of a list) and ``pad_token_id`` (else the end of text) instead:
     a Llama tokenizer not trained by lmcore lists ``<unk>``, ``<s>``, ``</s>`` first, and
     generation stopped at ``<unk>`` and never at ``</s>``."""
+    def token_id(v: Any) -> int | None:  # some conversions write -1 or null for "none"
+        return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
     eos = (model_cfg or {}).get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0] if eos else None
-    if "model" not in (model_cfg or {}) and isinstance(eos, int) and not isinstance(eos, bool):
-        pad = model_cfg.get("pad_token_id")
-        pad = pad if isinstance(pad, int) and not isinstance(pad, bool) else eos
-        return SpecialIds(eos, pad, eos)
+    if "model" not in (model_cfg or {}) and token_id(eos) is not None:
+        pad = token_id(model_cfg.get("pad_token_id"))
+        return SpecialIds(eos, eos if pad is None else pad, eos)
     added = tok.get_added_tokens_decoder()
     ids = sorted(i for i, t in added.items() if t.special)
     if len(ids) < 3:

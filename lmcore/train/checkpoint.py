@@ -185,6 +185,11 @@ def resume(accelerator, folder: Path, chash: str, sampler, schedulers: Sequence[
                     sched.load_state_dict(sd)
             except Exception as e:  # noqa: BLE001 (safetensors, torch.load, a missing file: all mean the same here)
                 first = str(e).splitlines()[0] if str(e) else ""
+                if "parameter group" in first and other_code:  # whole, but grouped by older code
+                    raise StageError(
+                        f"{path}: the optimizer state of a run of older code, whose parameter groups differ from "
+                        f"this code's (since 2026-12-08 an untied output head is weight-decayed): finish the run "
+                        f"with the code that started it, or remove {folder} to start afresh") from None
                 raise _corrupt(path, f", cannot be loaded ({type(e).__name__}: {first})", path, folder) from None
             moved = "" if was == layout else f"; written as {was.describe()}, continued as {layout.describe()}"
             changed = ("; the training code changed since it was written (remove the folder to start afresh "

@@ -237,7 +237,7 @@ def _train(hp: FinetuneHyper, spec: glue.TaskSpec, splits: dict[str, list[dict[s
     prefix = ("scratch_" if from_scratch else "") + ("" if first else f"seed{seed}_")
     model = SequenceClassifier(backbone, spec.num_labels, hp.dropout)
     if accelerator.num_processes > 1:  # the same initial head everywhere, then dropout masks of each its own
-        torch.manual_seed(seed + accelerator.process_index)
+        torch.manual_seed(seed * 1_000_003 + accelerator.process_index)  # seed s's rank 1 is not seed s+1's rank 0
     backbone.use_attention(attention)
     train = splits["train"]
     train_seqs = encode_examples(tok, train, max_len)

@@ -141,7 +141,7 @@ def pretrain(cfg: PretrainConfig, tokens_dir: Path, out: Path, metrics: Path, pl
     gcfg = decoder_config(cfg.model, manifest["vocab_size"])
     model = build_model(gcfg)
     if world > 1:  # the same initial weights on every process, then dropout masks of each its own
-        torch.manual_seed(cfg.seed + rank)
+        torch.manual_seed(cfg.seed * 1_000_003 + rank)  # not seed + rank: seed s's rank 1 would be seed s+1's rank 0
     kernel = choose_attention(model, accelerator, cfg.batch_size, gcfg.block_size, cfg.attention)
     n_params, fpt = model.num_params(), model.flops_per_token()
     optimizers = build_optimizers(model, cfg, accelerator.device)
