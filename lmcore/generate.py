@@ -389,11 +389,13 @@ class TextStream:
         return new
 
 
-def generate_text(model, tok, prompts: Sequence[str], cfg: GenerationConfig = GenerationConfig()) -> list[str]:
+def generate_text(model, tok, prompts: Sequence[str], cfg: GenerationConfig = GenerationConfig(),
+                  model_cfg: dict[str, Any] | None = None) -> list[str]:
     """Each prompt followed by its completion, decoded, from prompt strings; stops at the
-    tokenizer's end-of-text token."""
+    tokenizer's end-of-text token, or at a Hugging Face folder's own with ``model_cfg`` (its
+    ``config.json``, as :func:`lmcore.model.folder.load_lm` returns it)."""
 
-    sp = special_ids(tok)
-    ids = encode_prompts(tok, prompts)
+    sp = special_ids(tok, model_cfg)
+    ids = encode_prompts(tok, prompts, sp.eot)
     done = generate(model, ids, cfg, stop_id=sp.eot, pad_id=sp.pad)
     return [tok.decode(p + c.tokens, skip_special_tokens=True) for p, c in zip(ids, done)]

@@ -252,6 +252,7 @@ def report_execution(params: Params, layout: Layout, key: str | None, summary: s
         try:  # the pipeline has run: a store that fails now costs the copy in MLflow, not the run
             with reading_store(params.tracking.tracking_uri):
                 client.log_artifacts(parent.info.run_id, str(page.parent), artifact_path="report")
+            print(f"report: also in the artifacts of the MLflow parent run {parent.info.run_id} (report/)", flush=True)
         except StageError as e:
             log.warning("report: %s; the report stays in %s only", e, page)
     return page

@@ -212,6 +212,7 @@ def test_dvc_repro_end_to_end(tiny_project, tmp_path):
     assert "sst2, accuracy: " in summary and "majority " in summary
     # short lines, but for the store's address (a path under pytest's temporary folder)
     assert max(len(line) for line in summary.splitlines()[:-1] if "sqlite:" not in line) < 160
+    assert f"report: also in the artifacts of the MLflow parent run {parent.info.run_id}" in summary
     # ... and its report: one page, offline, with the figures inline, logged to the parent run
     assert summary.splitlines()[-1].startswith("report: runs/report/index.html")
     page = (proj / "runs/report/index.html").read_text(encoding="utf-8")

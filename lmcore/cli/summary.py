@@ -39,5 +39,5 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, StageError) as e:
         print(f"lmcore summary: error: {e}", file=sys.stderr)
         return 2
-    print(f"report: {page} (open it in a browser; also in the MLflow parent run's artifacts)")
+    print(f"report: {page} (open it in a browser)")
     return 0
