@@ -114,21 +114,27 @@ def trace(client: Any, experiment_id: str, what: str) -> Chain:
     runs: dict[str, Any] = {}
     inputs: dict[str, list[Link]] = {}
     outputs: dict[str, list[Link]] = {}
+    walked: dict[str, set[str]] = {}  # the directions already followed from each run
     start = resolve(client, experiment_id, what)
     todo = [(r, "both") for r in start]
     while todo:
         run, way = todo.pop()
         rid = run.info.run_id
-        if rid in runs:
+        # a run reached upward from another start run is still walked down when it is a start run
+        # itself (skipping every run seen once made the result depend on the order of run ids)
+        new = ({"up", "down"} if way == "both" else {way}) - walked.setdefault(rid, set())
+        if not new:
             continue
-        runs[rid] = run
-        inputs[rid] = _datasets(run, "input")
-        outputs[rid] = _datasets(run, "output")
-        for link in inputs[rid]:
-            link.producer = producer_of(client, experiment_id, link.name, link.digest)
-            if link.producer is not None and way in ("both", "up"):
-                todo.append((link.producer, "up"))
-        if way in ("both", "down"):
+        walked[rid] |= new
+        if rid not in runs:
+            runs[rid] = run
+            inputs[rid] = _datasets(run, "input")
+            outputs[rid] = _datasets(run, "output")
+            for link in inputs[rid]:
+                link.producer = producer_of(client, experiment_id, link.name, link.digest)
+        if "up" in new:
+            todo += [(link.producer, "up") for link in inputs[rid] if link.producer is not None]
+        if "down" in new:
             for link in outputs[rid]:
                 todo += [(c, "down") for c in _consumers(client, experiment_id, link)]
     return Chain(what, runs, inputs, outputs)

@@ -258,3 +258,27 @@ def test_git_dirty_ignores_the_dvc_lock_the_pipeline_rewrites(tmp_path, monkeypa
     assert git_tags()["lmcore.git_dirty"] == "false"  # the pipeline's own rewrite
     (tmp_path / "params.yaml").write_text("a: 2\n")
     assert git_tags()["lmcore.git_dirty"] == "true"
+
+
+def test_a_pipelines_start_runs_are_each_walked_down_whatever_the_order_of_their_ids(monkeypatch):
+    """A start run first reached upward from another start run (prepare, from clean) was marked
+    seen and never walked down: the runs of other executions that read its outputs appeared or not
+    by the order of the run ids. Walked in the store's own terms, with the store's answers stubbed."""
+    import types
+
+    from lmcore import lineage
+
+    def run(rid: str) -> types.SimpleNamespace:
+        return types.SimpleNamespace(info=types.SimpleNamespace(run_id=rid))
+
+    a, b, c = run("a1"), run("b1"), run("c1")  # prepare A; clean B (this execution) and C (another) read A's output
+    corpus = lineage.Link("corpus", "d-corpus", {})
+    links = {("a1", "output"): [corpus], ("b1", "input"): [lineage.Link("corpus", "d-corpus", {})],
+             ("c1", "input"): [lineage.Link("corpus", "d-corpus", {})]}
+    monkeypatch.setattr(lineage, "_datasets", lambda r, context: [
+        lineage.Link(x.name, x.digest, x.profile) for x in links.get((r.info.run_id, context), [])])
+    monkeypatch.setattr(lineage, "producer_of", lambda client, eid, name, digest: a)
+    monkeypatch.setattr(lineage, "_consumers", lambda client, eid, link: [b, c] if link.digest == "d-corpus" else [])
+    for order in ([a, b], [b, a]):
+        monkeypatch.setattr(lineage, "resolve", lambda client, eid, what, order=order: order)
+        assert sorted(lineage.trace(None, "0", "pipeline-key").runs) == ["a1", "b1", "c1"], order
