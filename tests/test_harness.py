@@ -136,3 +136,5 @@ def test_score_json_is_strict_json_and_task_scoring_refuses_text_options(tmp_pat
     assert code == 2 and "--limit: for text scoring, not with --multiple-choice" in capsys.readouterr().err
     code = main(["score", str(tmp_path / "final"), "--task", "sst2", "--multiple-choice", str(tmp_path / "mc.jsonl")])
     assert code == 2 and "give one" in capsys.readouterr().err
+    code = main(["score", str(tmp_path / "final"), "--backend", "transformers", "--tokenizer", str(tokenizer_dir)])
+    assert code == 2 and "--tokenizer is for lmcore model folders" in capsys.readouterr().err

@@ -51,10 +51,15 @@ def add_parser(sub: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     # lazy: loads torch
     from lmcore.eval.evaluate import multiple_choice_model, read_documents, score_model_documents, zero_shot_model
+    from lmcore.model.folder import read_config
 
     root = Path(args.root)
     try:
         model = Path(args.model)
+        hf = args.backend == "transformers" or (args.backend == "auto" and "model" not in read_config(model))
+        if args.tokenizer and hf:  # transformers reads the folder's own tokenizer: a --tokenizer was ignored
+            raise StageError(f"--tokenizer {args.tokenizer}: the transformers backend scores {model} with its own "
+                             "tokenizer (the folder's); --tokenizer is for lmcore model folders")
         if args.task and args.multiple_choice:
             raise StageError("--task and --multiple-choice: give one (each scores zero-shot examples of its own)")
         if args.task or args.multiple_choice:
