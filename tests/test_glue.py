@@ -746,3 +746,45 @@ def test_a_task_description_or_results_file_of_the_wrong_shape_is_named(tmp_path
     write_json(run / "results.json", {"metrics": {"score": 0.5, "accuracy": 0.5}})
     with pytest.raises(StageError, match=r"results.json: no number for metrics.majority_accuracy"):
         task_results(tmp_path / "runs", ["rotten_tomatoes"])
+
+
+def test_no_test_row_goes_missing_from_a_submission(tmp_path):
+    """A malformed or empty test row was skipped like a training row: the leaderboard file lacked
+    its index, and only a total count of skipped rows said so. A diverged STS-B model's NaN went
+    into the file as 'nan'."""
+    rte = glue.TASKS["rte"]
+    _write(tmp_path / "RTE/test.tsv", _tsv(["index", "sentence1", "sentence2"], ["0", "a", "b"], ["1", "c"],
+                                           ["2", "d", "e"]))
+    with pytest.raises(StageError, match=r"RTE/test.tsv: line 3: 2 fields where the header has 3"):
+        glue.read_glue_split(rte, tmp_path, "test")
+    _write(tmp_path / "t.jsonl", "\n".join(json.dumps(r) for r in (
+        {"i": 0, "a": "x", "b": "y"}, {"i": 1, "a": "", "b": "z"}, {"i": 2, "a": "p", "b": "q"})) + "\n")
+    rows, skipped = glue.read_local_split(rte, tmp_path / "t.jsonl", {"text_a": "a", "text_b": "b", "idx": "i"}, "test")
+    assert [r["idx"] for r in rows] == [0, 1, 2] and rows[1]["text_a"] == "" and skipped == 0
+    assert glue.submission_tsv(rte, [r["idx"] for r in rows], [0, 1, 0]).splitlines()[1:] == [
+        "0\tentailment", "1\tnot_entailment", "2\tentailment"]
+    with pytest.raises(StageError, match="a prediction is nan"):
+        glue.submission_tsv(glue.TASKS["stsb"], [0, 1], [2.5, math.nan])
+    assert all(math.isnan(v) for v in glue.compute_metrics(glue.TASKS["stsb"], [], []).values())
+
+
+def test_max_examples_keeps_the_test_splits_whole(tmp_path):
+    """prepare.tasks.max_examples cut the test splits too: the leaderboard files lacked rows."""
+    from lmcore.config import PrepareConfig
+    from lmcore.data.prepare import prepare
+
+    def rows(n: int, label: bool) -> str:
+        return "\n".join(json.dumps({"s": f"text {i}", **({"y": i % 2} if label else {})}) for i in range(n)) + "\n"
+
+    for split, n in (("train", 40), ("validation", 20), ("test", 30)):
+        _write(tmp_path / f"{split}.jsonl", rows(n, split != "test"))
+    _write(tmp_path / "corpus.txt", make_text(random.Random(0), 200))
+    cfg = PrepareConfig.model_validate({
+        "corpus": {"kind": "files", "paths": [str(tmp_path / "corpus.txt")]},
+        "tasks": {"kind": "rotten_tomatoes", "tasks": ["mine"], "max_examples": 10, "local": {"mine": {
+            "label_names": ["neg", "pos"], "metrics": ["accuracy"],
+            "files": {s: str(tmp_path / f"{s}.jsonl") for s in ("train", "validation", "test")},
+            "columns": {"text_a": "s", "label": "y"}}}}})
+    prepare(cfg, tmp_path / "raw", tmp_path / "prepare.json", TrackingConfig(enabled=False))
+    counted = {p.stem: len(p.read_text().splitlines()) for p in (tmp_path / "raw/tasks/mine").glob("*.jsonl")}
+    assert counted == {"train": 10, "validation": 10, "test": 30}

@@ -118,8 +118,11 @@ def read_glue_split(spec: TaskSpec, folder: Path, split: str) -> tuple[list[dict
     id_col = col.get("index", col.get("id"))
     out: list[dict[str, Any]] = []
     skipped = 0
-    for n, (_, row) in enumerate(rows):
+    for n, (lineno, row) in enumerate(rows):
         if len(row) != len(header):
+            if is_test:  # the leaderboard wants a prediction for every test index: none may go missing
+                raise StageError(f"{path}: line {lineno}: {len(row)} fields where the header has {len(header)}; a "
+                                 "test row cannot be skipped (the submission would lack its index)")
             skipped += 1
             continue
         raw_id = row[id_col].strip() if id_col is not None else ""
@@ -308,8 +311,11 @@ def read_local_split(spec: TaskSpec, path: Path, columns: Mapping[str, str | Non
             check(list(rec), where)
         texts = [rec.get(wanted["text_a"])] + ([rec.get(wanted["text_b"])] if spec.pair else [])
         if any(_missing(t) for t in texts):
-            skipped += 1
-            continue
+            if is_test:  # kept, with its empty text: the submission needs a prediction for every index
+                texts = ["" if _missing(t) else t for t in texts]
+            else:
+                skipped += 1
+                continue
         label = None
         if not is_test:
             label = _local_label(spec, rec.get(wanted["label"]), where, wanted["label"])
@@ -339,7 +345,7 @@ def compute_metrics(spec: TaskSpec, preds: Sequence[float], labels: Sequence[flo
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
     out: dict[str, float] = {}
-    if not all(math.isfinite(float(p)) for p in preds):  # a diverged model: NaN, not a constant's 0
+    if not len(labels) or not all(math.isfinite(float(p)) for p in preds):  # nothing to score, or a diverged model
         return {m: math.nan for m in spec.metrics}
     for m in spec.metrics:
         if m == "accuracy":
@@ -401,6 +407,8 @@ def format_prediction(spec: TaskSpec, pred: float) -> str:
     for the binary GLUE tasks), or a score with 3 decimals, clipped to the task's range."""
     if spec.is_regression:
         v = float(pred)
+        if not math.isfinite(v):  # a diverged model: the server would reject the file
+            raise StageError(f"task {spec.name}: a prediction is {v}; no submission file from a diverged model")
         if spec.score_range:
             v = min(max(v, spec.score_range[0]), spec.score_range[1])
         return f"{v:.3f}"

@@ -325,7 +325,8 @@ def prepare(cfg: PrepareConfig, out: Path, metrics: Path, tracking: TrackingConf
                                          + (f" ({skipped} malformed row(s) skipped)" if skipped else ""))
                 folder = tmp / "tasks" / name
                 for split, rows in splits.items():
-                    if cfg.tasks.max_examples is not None:
+                    # the test splits whole: a leaderboard file needs a prediction for every index
+                    if cfg.tasks.max_examples is not None and split not in spec.test_splits:
                         rows = rows[: cfg.tasks.max_examples]
                     write_jsonl(folder / f"{split}.jsonl", rows)
                     task_counts.setdefault(name, {})[split] = len(rows)

@@ -398,7 +398,11 @@ def finetune(cfg: FinetuneConfig, task_dir: Path, pretrained: Path, tokenizer_di
             if splits.get(split):
                 seqs = encode_examples(tok, splits[split], max_len)
                 preds = predict(model, seqs, pad, spec.is_regression, autocast=accelerator.autocast)
-                tables[f"{stem}.tsv"] = glue.submission_tsv(spec, [e["idx"] for e in splits[split]], preds)
+                try:
+                    tables[f"{stem}.tsv"] = glue.submission_tsv(spec, [e["idx"] for e in splits[split]], preds)
+                except StageError as e:  # a diverged model's NaN: no file the leaderboard would reject
+                    accelerator.print(f"{spec.name}: no submission file for {split}: {e}")
+                    continue
                 files[split] = f"submission/{stem}.tsv"
                 result[f"{split}_predictions"] = len(preds)
 
